@@ -1,0 +1,82 @@
+"""Batcher: which sequences run in the next step, and with how many tokens each.
+
+Continuous batching under a per-step token budget (`max_num_batched_tokens`) and a
+sequence cap (`max_num_seqs`), first come first served. Running sequences go first: a
+decode costs one token, an unfinished prefill takes the next chunk that fits the budget,
+so long prompts are split (chunked prefill) and share steps with decodes. Waiting
+sequences are admitted while budget, blocks and the cap allow, starting from their cached
+prefix in the RTC. When the KV pool runs out, the newest running sequence is preempted:
+its blocks are freed and it is recomputed later (its prefix is often still cached).
+"""
+from collections import deque
+
+from flowserve.config import EngineConfig
+from flowserve.rtc import RTC
+from flowserve.sequence import Sequence, SeqStatus
+
+
+class Batcher:
+    def __init__(self, cfg: EngineConfig, rtc: RTC):
+        self.cfg = cfg
+        self.rtc = rtc
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # oldest first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The step's work: (sequence, number of new tokens to compute)."""
+        budget = self.cfg.max_num_batched_tokens
+        step: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted below by an older sequence in this same loop
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:
+                continue
+            while not self.rtc.alloc_blocks(seq, n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                step.append((seq, n))
+                budget -= n
+        # Admitting new work right after preempting would only thrash.
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            self.rtc.attach_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.rtc.alloc_blocks(seq, n):
+                self.rtc.free(seq)
+                break
+            if seq.num_cached is None:  # first admission: what the prefix cache saved
+                seq.num_cached = seq.num_computed
+                self.rtc.prefix_queries += seq.num_prompt
+                self.rtc.prefix_hits += seq.num_computed
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            step.append((seq, n))
+            budget -= n
+        return step
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute later: free the blocks, requeue at the front."""
+        self.running.remove(seq)
+        self.rtc.free(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.rtc.free(seq)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason

@@ -1,0 +1,137 @@
+"""FlowServe engine: the microkernel step loop of one TE.
+
+The engine wires independent modules and calls them in order, once per step:
+batcher (what runs) -> RTC (blocks) -> model runner (forward) -> sampler (next tokens) ->
+finish checks -> RTC (index full blocks, free finished ones). It sees token ids only;
+tokenization and detokenization live with the caller (the JE in the main process, or
+`deepflow.py generate`). Its API: `add_request`, `abort`, `step`, `generate`, `stats`.
+"""
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from flowserve.batcher import Batcher
+from flowserve.config import EngineConfig, ModelConfig
+from flowserve.device import compute_dtype, pick_device
+from flowserve.model_runner import ModelRunner
+from flowserve.rtc import RTC
+from flowserve.sampler import sample
+from flowserve.sequence import SamplingParams, Sequence, SeqStatus
+from flowserve.weights import load_weights
+
+log = logging.getLogger("flowserve.engine")
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]      # the stop/EOS token that ended a sequence is not included
+    finish_reason: str | None     # None while running; stop | length | abort
+    num_prompt: int
+    num_cached: int
+    num_output: int
+
+
+class Engine:
+    def __init__(self, model_path: str, cfg: EngineConfig | None = None,
+                 weights: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None):
+        self.cfg = cfg = cfg or EngineConfig()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.device = pick_device(cfg.device)
+        self.dtype = compute_dtype(self.device)
+        t0 = time.perf_counter()
+        self.model_cfg, tensors = weights or load_weights(model_path, self.dtype)
+        self.load_seconds = time.perf_counter() - t0
+        self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
+        self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype)
+        self.rtc = RTC(self.runner.num_blocks, cfg.block_size)
+        self.batcher = Batcher(cfg, self.rtc)
+        self.seqs: dict[str, Sequence] = {}
+
+    # ------------------------------------------------------------------ API
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request {request_id!r} already exists")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {self.max_model_len}")
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if -(-longest // self.cfg.block_size) > self.rtc.num_blocks_total:
+            raise ValueError(f"{longest} tokens do not fit in the KV cache ({self.rtc.num_blocks_total} blocks)")
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.seqs[request_id] = seq
+        self.batcher.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks. False if it is unknown or already finished."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.batcher.finish(seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.batcher.waiting or self.batcher.running)
+
+    def step(self) -> list[StepOutput]:
+        """Run one batch. Returns an output for every sequence that got a token or finished."""
+        work = self.batcher.schedule()
+        if not work:
+            return []
+        logits, sampled = self.runner.run(work)
+        for seq, n in work:
+            seq.num_computed += n
+        new_tokens = sample(logits, sampled) if sampled else []
+        outputs = []
+        for seq, token in zip(sampled, new_tokens):
+            seq.token_ids.append(token)
+            reason = self.finish_reason(seq, token)
+            emitted = [] if reason == "stop" else [token]
+            if reason:
+                self.batcher.finish(seq, reason)
+                del self.seqs[seq.request_id]
+            outputs.append(StepOutput(seq.request_id, emitted, reason, seq.num_prompt,
+                                      seq.num_cached or 0, len(seq.output_ids)))
+        for seq, _ in work:
+            if seq.status is SeqStatus.RUNNING:
+                self.rtc.cache_full_blocks(seq)
+        return outputs
+
+    def finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_cfg.eos_token_ids):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion together; returns each one's generated token ids."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, params):
+            self.add_request(rid, prompt, p)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for o in self.step():
+                out[o.request_id] += o.new_token_ids
+        return [out[rid] for rid in ids]
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.batcher.running),
+            "waiting": len(self.batcher.waiting),
+            "kv_usage": self.rtc.usage,
+            "kv_blocks_total": self.rtc.num_blocks_total,
+            "kv_blocks_free": self.rtc.num_free,
+            "prefix_queries": self.rtc.prefix_queries,
+            "prefix_hits": self.rtc.prefix_hits,
+            "preemptions": self.batcher.num_preemptions,
+        }

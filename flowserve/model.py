@@ -1,0 +1,127 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM2, ...) in plain torch, over a paged KV cache.
+
+Input is one flat step of tokens from many sequences (`StepInput`, built by
+`flowserve.model_runner`): decode tokens first, then prefill chunks. Every matmul runs on
+all tokens at once; only attention looks at sequences: all decodes in one batched gather
+over their block tables, each prefill chunk on its own with a causal mask offset by the
+tokens already in the cache. Output is the final hidden state of the rows that need a
+next token, projected to logits.
+
+Weights come from `flowserve.weights` already fused (wqkv, w_gate_up) and in the HF
+(half-split) RoPE layout.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flowserve.config import ModelConfig
+
+
+@dataclass
+class PrefillChunk:
+    start: int              # first row of this chunk in the flat step
+    num_tokens: int
+    context_len: int        # tokens in the cache for this sequence once the chunk is written
+    block_ids: torch.Tensor  # [num_blocks] the sequence's block table
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor      # [T]
+    positions: torch.Tensor      # [T]
+    slot_mapping: torch.Tensor   # [T] flat KV slot (block * block_size + offset) per token
+    num_decodes: int             # rows 0..num_decodes-1 are decode tokens, one per sequence
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with 0
+    decode_mask: torch.Tensor | None          # [num_decodes, max_blocks * block_size] bool
+    prefills: list[PrefillChunk]
+    logits_rows: torch.Tensor    # [R] rows whose next token is sampled
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.max_position, dtype=torch.float64), inv_freq)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim/2]. Half-split (HF) layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention with a boolean keep-mask. Plain matmuls: for a handful of query
+    rows per KV head they beat SDPA on CPU, and they run on every backend."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+class Llama:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device):
+        self.cfg = cfg
+        self.w = {k: v.to(device) for k, v in weights.items()}
+        self.lm_head = self.w.get("lm_head", self.w["embed"])
+        self.cos, self.sin = rope_tables(cfg, device)
+        self.scale = cfg.head_dim ** -0.5
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Logits [R, vocab] for `step.logits_rows`; writes this step's K/V into kv_cache."""
+        cfg, w = self.cfg, self.w
+        h = F.embedding(step.input_ids, w["embed"])
+        cos, sin = self.cos[step.positions], self.sin[step.positions]
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            x = F.rms_norm(h, (cfg.hidden_size,), w[p + "attn_norm"], cfg.rms_norm_eps)
+            q, k, v = F.linear(x, w[p + "wqkv"]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+            k_cache, v_cache = kv_cache[i]
+            # cache layout [kv_heads, num_blocks, block_size, head_dim]: a gather by block id
+            # yields each sequence's keys contiguous per head, ready for a batched matmul.
+            k_cache.flatten(1, 2).index_copy_(1, step.slot_mapping, k.transpose(0, 1))
+            v_cache.flatten(1, 2).index_copy_(1, step.slot_mapping, v.transpose(0, 1))
+            o = self.attention(q, k_cache, v_cache, step)
+            h = h + F.linear(o, w[p + "wo"])
+            x = F.rms_norm(h, (cfg.hidden_size,), w[p + "ffn_norm"], cfg.rms_norm_eps)
+            gate, up = F.linear(x, w[p + "w_gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, w[p + "w_down"])
+        h = F.rms_norm(h[step.logits_rows], (cfg.hidden_size,), w["norm"], cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  step: StepInput) -> torch.Tensor:
+        cfg = self.cfg
+        kvh, group, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        out = torch.empty_like(q)
+        n = step.num_decodes
+        if n:
+            bt = step.decode_block_tables
+            k = gather_blocks(k_cache, bt)           # [kvh, B, L, d]
+            v = gather_blocks(v_cache, bt)
+            qd = q[:n].view(n, kvh, group, d).transpose(0, 1)  # the group's query heads share K/V
+            o = attend(qd, k, v, step.decode_mask[None, :, None, :], self.scale)
+            out[:n] = o.transpose(0, 1).reshape(n, cfg.num_heads, d)
+        for c in step.prefills:
+            k = gather_blocks(k_cache, c.block_ids[None])[:, 0, :c.context_len]  # [kvh, L, d]
+            v = gather_blocks(v_cache, c.block_ids[None])[:, 0, :c.context_len]
+            qp = q[c.start:c.start + c.num_tokens].view(c.num_tokens, kvh, group, d).permute(1, 2, 0, 3)
+            first = c.context_len - c.num_tokens
+            rows = torch.arange(first, c.context_len, device=q.device)[:, None]
+            mask = torch.arange(c.context_len, device=q.device)[None, :] <= rows
+            o = attend(qp, k[:, None], v[:, None], mask, self.scale)  # [kvh, group, n, d]
+            out[c.start:c.start + c.num_tokens] = o.permute(2, 0, 1, 3).reshape(c.num_tokens, cfg.num_heads, d)
+        return out.view(-1, self.q_size)
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[kvh, num_blocks, block_size, d] cache, [B, nb] block ids -> [kvh, B, nb * block_size, d]."""
+    kvh, _, block_size, d = cache.shape
+    b, nb = block_tables.shape
+    return cache.index_select(1, block_tables.reshape(-1)).view(kvh, b, nb * block_size, d)

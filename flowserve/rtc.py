@@ -1,0 +1,124 @@
+"""RTC, the Relational Tensor Cache: the engine's KV-cache manager (PAPER.md section 2).
+
+The KV cache is a pool of fixed-size blocks (`flowserve.model_runner` owns the tensors;
+this module owns only their bookkeeping). Each sequence has a block table. Full blocks
+whose K/V have been computed are indexed by a chain hash of their tokens (the hash of a
+block covers every token before it too), so a new prompt can reuse the longest cached
+prefix: MatchByPrefixToken. Blocks nobody references stay cached and are evicted least
+recently used first when a new block is needed.
+
+API, in the paper's words: `match_by_prefix_token`, `alloc_blocks` (AllocBlocks for a
+prefill chunk, AppendBlock for a decode step: both grow a block table), `cache_full_blocks`
+(index what was just computed), `free`.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from flowserve.sequence import Sequence
+
+
+@dataclass
+class Block:
+    id: int
+    ref_count: int = 0
+    hash: int | None = None       # set while the block is in the prefix index
+    token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class RTC:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Unreferenced blocks, least recently used first. Cached ones keep their hash until
+        # they are reused for something else.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.prefix_index: dict[int, int] = {}   # chain hash -> block id
+        self.prefix_queries = 0                  # prompt tokens looked up
+        self.prefix_hits = 0                     # of which served from the cache
+
+    @property
+    def num_blocks_total(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by a sequence (cached-but-idle blocks count as free)."""
+        return 1.0 - len(self.free_blocks) / len(self.blocks)
+
+    def match_by_prefix_token(self, token_ids: list[int]) -> list[int]:
+        """Block ids holding the longest cached prefix of `token_ids`, in full blocks."""
+        matched, parent, bs = [], None, self.block_size
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            tokens = tuple(token_ids[start:start + bs])
+            parent = chain_hash(parent, tokens)
+            block_id = self.prefix_index.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break  # verified against the tokens: a hash collision is a miss, not a wrong answer
+            matched.append(block_id)
+        return matched
+
+    def attach_prefix(self, seq: Sequence) -> None:
+        """Start a sequence from its cached prefix. At least one token is left to compute:
+        its logits are what the next token is sampled from."""
+        matched = self.match_by_prefix_token(seq.token_ids[:-1])
+        for block_id in matched:
+            self._ref(block_id)
+        seq.block_ids = list(matched)
+        seq.block_hashes = [self.blocks[b].hash for b in matched]
+        seq.num_computed = len(matched) * self.block_size
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_ids))
+
+    def alloc_blocks(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow the block table to hold `num_new_tokens` more tokens; False if the pool is short."""
+        need = self.blocks_needed(seq, num_new_tokens)
+        if need > len(self.free_blocks):
+            return False
+        for _ in range(need):
+            block_id, _ = self.free_blocks.popitem(last=False)  # least recently used
+            block = self.blocks[block_id]
+            if block.hash is not None:  # evict it from the prefix index
+                del self.prefix_index[block.hash]
+                block.hash, block.token_ids = None, ()
+            block.ref_count = 1
+            seq.block_ids.append(block_id)
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Index every block that is now full of computed tokens."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_ids[i]]
+            if h not in self.prefix_index:  # an identical block computed elsewhere stays the indexed one
+                self.prefix_index[h] = block.id
+                block.hash, block.token_ids = h, tokens
+
+    def free(self, seq: Sequence) -> None:
+        """Drop the sequence's references; cached blocks go to the LRU tail, others to the head."""
+        for block_id in reversed(seq.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+                if block.hash is None:
+                    self.free_blocks.move_to_end(block_id, last=False)
+        seq.block_ids, seq.block_hashes, seq.num_computed = [], [], 0
+
+    def _ref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_blocks[block_id]
+        block.ref_count += 1

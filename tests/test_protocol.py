@@ -1,0 +1,235 @@
+"""Unit tests for scheduler/protocol.py: OpenAI request parsing and validation (no server)."""
+import pytest
+
+from scheduler.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingOptions,
+    invalid,
+    model_not_found,
+    parse_chat,
+    parse_completion,
+    parse_json,
+)
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def chat(**kw) -> dict:
+    return {"model": "m", "messages": HI, **kw}
+
+
+# (endpoint parser, body, expected param). Every one must be a 400 with a message.
+BAD = [
+    (parse_chat, [1, 2], None),
+    (parse_chat, "hello", None),
+    (parse_chat, {"model": "m"}, "messages"),
+    (parse_chat, {"messages": []}, "messages"),
+    (parse_chat, {"messages": "hi"}, "messages"),
+    (parse_chat, {"messages": HI * 257}, "messages"),
+    (parse_chat, {"messages": ["hi"]}, "messages[0]"),
+    (parse_chat, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    (parse_chat, {"messages": [{"content": "x"}]}, "messages[0].role"),
+    (parse_chat, {"messages": [{"role": "user"}]}, "messages[0].content"),
+    (parse_chat, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    (parse_chat, {"messages": [*HI, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[1].content[0]"),
+    (parse_chat, {"messages": [{"role": "assistant", "content": None,
+                                "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
+    (parse_chat, chat(model=3), "model"),
+    (parse_chat, chat(max_tokens=0), "max_tokens"),
+    (parse_chat, chat(max_tokens=True), "max_tokens"),
+    (parse_chat, chat(max_tokens=2.5), "max_tokens"),
+    (parse_chat, chat(max_tokens=1_000_001), "max_tokens"),
+    (parse_chat, chat(max_tokens=10, max_completion_tokens=-1), "max_completion_tokens"),
+    (parse_chat, chat(temperature=2.5), "temperature"),
+    (parse_chat, chat(temperature=-0.1), "temperature"),
+    (parse_chat, chat(temperature="1"), "temperature"),
+    (parse_chat, chat(temperature=False), "temperature"),
+    (parse_chat, chat(temperature=float("nan")), "temperature"),
+    (parse_chat, chat(top_p=0), "top_p"),
+    (parse_chat, chat(top_p=1.01), "top_p"),
+    (parse_chat, chat(top_k=-2), "top_k"),
+    (parse_chat, chat(top_k=1.5), "top_k"),
+    (parse_chat, chat(n=0), "n"),
+    (parse_chat, chat(n=17), "n"),
+    (parse_chat, chat(seed=True), "seed"),
+    (parse_chat, chat(seed=2**63), "seed"),
+    (parse_chat, chat(stop=5), "stop"),
+    (parse_chat, chat(stop=""), "stop"),
+    (parse_chat, chat(stop=["a", ""]), "stop"),
+    (parse_chat, chat(stop=["a", 1]), "stop"),
+    (parse_chat, chat(stop=["s"] * 17), "stop"),
+    (parse_chat, chat(stream="true"), "stream"),
+    (parse_chat, chat(stream_options={"include_usage": True}), "stream_options"),
+    (parse_chat, chat(stream=False, stream_options={}), "stream_options"),
+    (parse_chat, chat(stream=True, stream_options=[]), "stream_options"),
+    (parse_chat, chat(stream=True, stream_options={"include_usage": 1}),
+     "stream_options.include_usage"),
+    (parse_chat, chat(user=7), "user"),
+    (parse_chat, chat(ignore_eos="yes"), "ignore_eos"),
+    (parse_chat, chat(stop_token_ids=[1, -1]), "stop_token_ids"),
+    (parse_chat, chat(stop_token_ids=[True]), "stop_token_ids"),
+    (parse_chat, chat(stop_token_ids=3), "stop_token_ids"),
+    (parse_chat, chat(presence_penalty=0.5), "presence_penalty"),
+    (parse_chat, chat(frequency_penalty=-1), "frequency_penalty"),
+    (parse_chat, chat(logprobs=True), "logprobs"),
+    (parse_chat, chat(top_logprobs=2), "top_logprobs"),
+    (parse_chat, chat(logit_bias={"50256": -100}), "logit_bias"),
+    (parse_chat, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (parse_chat, chat(tool_choice="auto"), "tool_choice"),
+    (parse_chat, chat(response_format={"type": "json_object"}), "response_format"),
+    (parse_chat, chat(functions=[{"name": "f"}]), "functions"),
+    (parse_completion, {"model": "m"}, "prompt"),
+    (parse_completion, {"prompt": ""}, "prompt"),
+    (parse_completion, {"prompt": []}, "prompt"),
+    (parse_completion, {"prompt": [[]]}, "prompt"),
+    (parse_completion, {"prompt": 42}, "prompt"),
+    (parse_completion, {"prompt": ["a", "b"]}, "prompt"),
+    (parse_completion, {"prompt": [[1, 2], [3]]}, "prompt"),
+    (parse_completion, {"prompt": [1, "a"]}, "prompt"),
+    (parse_completion, {"prompt": [1, -2]}, "prompt"),
+    (parse_completion, {"prompt": [1, True]}, "prompt"),
+    (parse_completion, {"prompt": "x", "echo": True}, "echo"),
+    (parse_completion, {"prompt": "x", "best_of": 2}, "best_of"),
+    (parse_completion, {"prompt": "x", "suffix": "end"}, "suffix"),
+    (parse_completion, {"prompt": "x", "logprobs": 1}, "logprobs"),
+    (parse_completion, {"prompt": "x", "max_tokens": -5}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("parse,body,param", BAD,
+                         ids=[f"{i}-{p or 'body'}" for i, (_, _, p) in enumerate(BAD)])
+def test_bad_bodies_are_400(parse, body, param):
+    with pytest.raises(APIError) as e:
+        parse(body)
+    err = e.value
+    assert err.status == 400
+    assert err.param == param
+    assert err.message and isinstance(err.message, str)
+    assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error",
+                                    "param": param, "code": None}}
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xff\xfe{}", b"{\"a\": ", b"[1, 2]", b"\"s\"", b"null",
+                                 b"{\"a\": NaN}"])
+def test_parse_json_rejects(raw):
+    with pytest.raises(APIError) as e:
+        parse_json(raw)
+    assert e.value.status == 400 and e.value.message
+
+
+def test_parse_json_messages_say_what_is_wrong():
+    with pytest.raises(APIError, match="UTF-8"):
+        parse_json(b"{\"a\": \"\xff\"}")
+    with pytest.raises(APIError, match="JSON"):
+        parse_json(b"{oops}")
+    assert parse_json(b"{\"a\": [1, \"\xc3\xa9\"]}") == {"a": [1, "\u00e9"]}
+
+
+def test_chat_minimal_defaults():
+    req = parse_chat({"messages": HI})
+    assert req == ChatRequest(model=None, messages=HI, options=SamplingOptions())
+    assert req.options.max_tokens is None and req.options.temperature == 1.0
+    assert req.options.top_k == -1 and req.options.stop == [] and not req.stream
+
+
+def test_chat_full_body():
+    body = {
+        "model": "smollm2",
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"},
+                                         {"type": "text", "text": "b"}], "name": "bob"},
+            {"role": "assistant", "content": None},
+            {"role": "assistant"},
+            {"role": "user", "content": ""},
+        ],
+        "max_tokens": 100, "max_completion_tokens": 7,
+        "temperature": 0, "top_p": 0.5, "top_k": 0, "n": 2, "seed": -3,
+        "stop": "\n\n", "stop_token_ids": [2, 0], "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": 1},
+        "user": "u1",
+        "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False, "logit_bias": {},
+        "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+        "top_logprobs": None, "metadata": {"k": "v"}, "store": False,
+    }
+    req = parse_chat(body)
+    assert req.model == "smollm2"
+    assert req.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": ""},
+    ]
+    assert req.options == SamplingOptions(max_tokens=7, temperature=0.0, top_p=0.5, top_k=-1,
+                                          n=2, seed=-3, stop=["\n\n"], stop_token_ids=[2, 0],
+                                          ignore_eos=True)
+    assert isinstance(req.options.temperature, float)
+    assert req.stream and req.include_usage and req.user == "u1"
+    assert req.ignored_fields == ["metadata", "store"]
+
+
+def test_max_tokens_alone_and_nulls_mean_default():
+    req = parse_chat(chat(max_tokens=5, max_completion_tokens=None, temperature=None,
+                          stop=None, stream_options=None, seed=None))
+    assert req.options.max_tokens == 5 and req.options.temperature == 1.0
+    assert req.options.stop == [] and req.options.seed is None and not req.include_usage
+
+
+def test_streaming_without_usage_option():
+    req = parse_chat(chat(stream=True))
+    assert req.stream and not req.include_usage
+
+
+def test_chat_lists_prompt_as_ignored():
+    assert parse_chat(chat(prompt="x", min_tokens=3)).ignored_fields == ["prompt", "min_tokens"]
+
+
+def test_completion_text_and_defaults():
+    req = parse_completion({"model": "m", "prompt": "Once upon", "echo": False, "best_of": 1})
+    assert req == CompletionRequest(model="m", prompt="Once upon",
+                                    options=SamplingOptions(max_tokens=16))
+    assert req.ignored_fields == []
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ([1, 2, 3], [1, 2, 3]),
+    (["one prompt"], "one prompt"),
+    ([[5, 6]], [5, 6]),
+])
+def test_completion_prompt_forms(prompt, expected):
+    req = parse_completion({"prompt": prompt, "max_tokens": 3, "stop": ["x", "y"]})
+    assert req.prompt == expected
+    assert req.options.max_tokens == 3 and req.options.stop == ["x", "y"]
+
+
+def test_completion_lists_messages_as_ignored():
+    req = parse_completion({"prompt": "p", "messages": HI, "stream": True,
+                            "stream_options": {"include_usage": False}})
+    assert req.ignored_fields == ["messages"] and req.stream and not req.include_usage
+
+
+def test_parsing_does_not_share_mutable_defaults():
+    a = parse_chat(chat())
+    a.options.stop.append("zzz")
+    a.options.stop_token_ids.append(1)
+    b = parse_chat(chat())
+    assert b.options.stop == [] and b.options.stop_token_ids == []
+
+
+def test_error_kinds():
+    assert invalid("bad", "x").body() == {"error": {
+        "message": "bad", "type": "invalid_request_error", "param": "x", "code": None}}
+    e = model_not_found("gpt-9")
+    assert (e.status, e.type, e.param, e.code) == (404, "invalid_request_error", "model",
+                                                   "model_not_found")
+    assert "gpt-9" in e.message
+    kinds = {s: (APIError(s, "m").type, APIError(s, "m").code) for s in (401, 413, 429, 503)}
+    assert kinds == {401: ("authentication_error", "invalid_api_key"),
+                     413: ("invalid_request_error", "request_too_large"),
+                     429: ("rate_limit_error", "rate_limit_exceeded"),
+                     503: ("server_error", "service_unavailable")}
+    assert str(APIError(500, "boom")) == "boom"
