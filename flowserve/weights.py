@@ -182,18 +182,19 @@ def fuse(cfg: ModelConfig, raw: dict, dtype: torch.dtype) -> dict[str, torch.Ten
     return out
 
 
-def cache_path(model_path: str, dtype: torch.dtype) -> Path:
+def cache_path(model_path: str, variant: str) -> Path:
+    """Where the loading-optimized copy of `model_path` (one `variant` of it) lives."""
     st = os.stat(model_path)
-    key = f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}|{dtype}|{CACHE_FORMAT}"
+    key = f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}|{variant}|{CACHE_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / f"{Path(model_path).stem}-{digest}.safetensors"
+    return cache_dir() / f"{Path(model_path).stem}-{digest}.{variant}"
 
 
 def load_weights(model_path: str, dtype: torch.dtype = torch.float32,
                  use_cache: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and CPU tensors for `model_path`; from the mmap'ed cache when there is one."""
     t0 = time.perf_counter()
-    cached = cache_path(model_path, dtype)
+    cached = cache_path(model_path, f"{str(dtype).removeprefix('torch.')}.safetensors")
     if use_cache and cached.exists():
         with safe_open(str(cached), "pt") as f:  # mmap: pages come from the page cache on demand
             cfg = ModelConfig(**json.loads(f.metadata()["deepflow.config"]))
