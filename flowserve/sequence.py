@@ -7,8 +7,10 @@ queues by `flowserve.batcher`, given blocks by `flowserve.rtc`, and read by
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the main process imports this module without loading torch
+    import torch
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
     finish_reason: str | None = None  # stop | length | abort
-    generator: torch.Generator | None = None
+    generator: "torch.Generator | None" = None
     arrival: float = field(default_factory=time.monotonic)
 
     @property

@@ -50,7 +50,7 @@ class Tokenizer:
         (parsing GGUF metadata takes seconds; reading tokenizer.json, milliseconds)."""
         if Path(model_path).is_dir():
             return cls.from_hf_dir(model_path)
-        from flowserve.weights import cache_path
+        from flowserve.config import cache_path
         cached = cache_path(model_path, "tokenizer")
         if not (cached / "tokenizer_config.json").exists():
             cls.from_gguf(model_path).save(cached)

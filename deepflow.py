@@ -1,0 +1,287 @@
+"""DeepFlow-py command line and HTTP frontend.
+
+  python deepflow.py serve [flags]             the OpenAI-compatible server
+  python deepflow.py generate --prompt "..."   one chat answer from an in-process engine
+
+`serve` runs one asyncio process: the aiohttp routes below (validation, SSE), the job
+executors (`scheduler/je.py`) and the cluster (`scheduler/cluster.py`) that places tasks on
+TE processes (`flowserve/te_shell.py`). One chat request: `chat_completions` -> `JobExecutor.
+chat_job` (template, tokenize) -> `JobExecutor.start` -> `Cluster.dist_sched` -> `TEHandle.
+submit` -> the TE's engine step loop -> `TEHandle._on_step` -> `JobExecutor._choice`
+(detokenize, stop strings) -> `respond` (SSE chunk or JSON body). docs/WALKTHROUGH.md
+follows it in detail.
+"""
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import aclosing
+
+import orjson
+from aiohttp import web
+
+from flowserve.config import EngineConfig
+from flowserve.sequence import SamplingParams
+from flowserve.tokenizer import Tokenizer
+from flowserve.config import default_model_path
+from scheduler import responses
+from scheduler.cluster import Cluster
+from scheduler.je import JobExecutor
+from scheduler.metrics import Metrics
+from scheduler.protocol import APIError, model_not_found, parse_chat, parse_completion, parse_json
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from flowserve.engine import Engine
+    from flowserve.tokenizer import Detokenizer
+
+    model = args.model or default_model_path()
+    tok = Tokenizer.load(model)
+    engine = Engine(model, EngineConfig(device=args.device, num_threads=args.threads))
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    engine.add_request("cli", prompt, params)
+    detok = Detokenizer(tok, prompt)
+    t0, n = time.perf_counter(), 0
+    while engine.has_work():
+        for out in engine.step():
+            n += len(out.new_token_ids)
+            sys.stdout.write(detok.push(out.new_token_ids))
+            sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    print(f"\n[{len(prompt)} prompt tokens, {n} generated in {dt:.2f} s, {n / dt:.1f} tokens/s]", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- serve
+
+log = logging.getLogger("deepflow")
+
+
+def error_response(e: APIError) -> web.Response:
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    return web.json_response(e.body(), status=e.status, headers=headers, dumps=lambda o: orjson.dumps(o).decode())
+
+
+def json_response(obj: dict) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    """Every failure leaves as OpenAI's error JSON with the right status, never a traceback."""
+    app = request.app
+    try:
+        if request.path.startswith("/v1/"):
+            if app["draining"]:
+                raise APIError(503, "server is shutting down")
+            if app["api_key"]:
+                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(given.encode(), app["api_key"].encode()):
+                    raise APIError(401, "Incorrect or missing API key")
+        return await handler(request)
+    except APIError as e:
+        return error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(APIError(413, f"request body exceeds {app['max_body']} bytes"))
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(APIError(e.status, e.reason))
+    except Exception:
+        log.exception("unhandled error on %s", request.path)
+        return error_response(APIError(500, "internal server error"))
+
+
+async def read_json(request: web.Request) -> dict:
+    return parse_json(await request.read())
+
+
+def check_model(request: web.Request, model: str | None) -> None:
+    if model not in (None, request.app["model_name"]):
+        raise model_not_found(model)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = parse_chat(await read_json(request))
+    check_model(request, req.model)
+    job = request.app["je"].chat_job(req)
+    return await respond(request, job, req.options.stop, req.stream, req.include_usage)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = parse_completion(await read_json(request))
+    check_model(request, req.model)
+    job = request.app["je"].completion_job(req)
+    return await respond(request, job, req.options.stop, req.stream, req.include_usage)
+
+
+async def respond(request: web.Request, job, stop: list[str], stream: bool, include_usage: bool) -> web.StreamResponse:
+    je: JobExecutor = request.app["je"]
+    je.start(job, stop)  # 429 here, before any byte is sent
+    if not stream:
+        texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
+        async with aclosing(je.stream(job)) as deltas:
+            async for d in deltas:
+                texts[d.index] += d.text
+                finishes[d.index] = d.finish_reason or finishes[d.index]
+        return json_response(responses.full_response(job, texts, finishes, je.usage(job)))
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(obj: dict) -> None:
+        await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+    try:
+        async with aclosing(je.stream(job)) as deltas:
+            for c in responses.first_chunks(job):
+                await send(c)
+            async for d in deltas:
+                await send(responses.chunk(job, d.index, d.text, d.finish_reason))
+        if include_usage:
+            await send(responses.usage_chunk(job, je.usage(job)))
+    except APIError as e:  # headers are gone: the error travels as an event
+        await send(e.body())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def models(request: web.Request) -> web.Response:
+    app = request.app
+    return json_response({"object": "list", "data": [{
+        "id": app["model_name"], "object": "model", "created": app["started"], "owned_by": "deepflow",
+        "max_model_len": app["cluster"].max_model_len}]})
+
+
+async def health(request: web.Request) -> web.Response:
+    cluster: Cluster = request.app["cluster"]
+    ok = cluster.healthy() and not request.app["draining"]
+    return json_response({"status": "ok" if ok else "degraded", "tes_ready": len(cluster.ready_tes())}) \
+        if ok else web.json_response({"status": "degraded", "tes_ready": len(cluster.ready_tes())}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app["metrics"].render(), content_type="text/plain", charset="utf-8")
+
+
+async def admin_cluster(request: web.Request) -> web.Response:
+    return json_response({**request.app["cluster"].to_dict(), **request.app["je"].to_dict()})
+
+
+def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: str,
+              api_key: str | None, max_body: int) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
+    app.update(cluster=cluster, je=je, metrics=metrics_, model_name=model_name, api_key=api_key,
+               max_body=max_body, draining=False, started=int(time.time()))
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/cluster", admin_cluster)
+    return app
+
+
+async def serve(args: argparse.Namespace) -> None:
+    model = args.model or default_model_path()
+    name = args.served_model_name or os.path.basename(model.rstrip("/")).removesuffix(".gguf")
+    threads = args.threads_per_te or max(1, (os.cpu_count() or 1) // args.num_tes)
+    engine_cfg = EngineConfig(device=args.device, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens,
+                              max_model_len=args.max_model_len, num_threads=threads)
+    tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
+    cluster = Cluster(model, engine_cfg, num_tes=args.num_tes, max_queued=args.max_queued,
+                      te_env={"OMP_NUM_THREADS": str(threads)})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal():
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:  # a second signal: no more waiting
+            je.fail_all("server is shutting down")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await cluster.start()
+    except BaseException:
+        await cluster.shutdown()
+        raise
+    metrics_ = Metrics(cluster, name)
+    je = JobExecutor(cluster, tokenizer, name, metrics_)
+    app = build_app(cluster, je, metrics_, name, args.api_key, args.max_body_bytes)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    url = f"http://{args.host}:{args.port}"
+    auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+    print(f"DeepFlow serving {name} on {url} with {args.num_tes} TE(s)\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+          flush=True)
+
+    await stop.wait()
+    log.warning("draining %d job(s) for up to %.0f s", len(je.active), args.drain_timeout)
+    app["draining"] = True
+    deadline = time.monotonic() + args.drain_timeout
+    while je.active and time.monotonic() < deadline and signals < 2:
+        await asyncio.sleep(0.05)
+    je.fail_all("server is shutting down")
+    await asyncio.sleep(0.1)  # let the failed streams write their error event
+    await runner.cleanup()
+    await cluster.shutdown()
+    log.warning("stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="deepflow", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="warning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer one chat prompt in-process, streaming to the terminal")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", help="GGUF file or HF directory (default: packaged SmolLM2-135M-Instruct)")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    gen.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over TE processes")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model", help="GGUF file or HF directory (default: packaged SmolLM2-135M-Instruct)")
+    srv.add_argument("--served-model-name", help="the name clients send as `model`")
+    srv.add_argument("--api-key", default=os.environ.get("DEEPFLOW_API_KEY"),
+                     help="require `Authorization: Bearer KEY` on /v1 routes")
+    srv.add_argument("--num-tes", type=int, default=1, help="colocated TE processes")
+    srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
+    srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")
+    srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
+    srv.add_argument("--max-model-len", type=int, default=0, help="context length (0: the model's)")
+    srv.add_argument("--max-queued", type=int, default=256, help="tasks waiting beyond running ones, then 429")
+    srv.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs")
+    srv.set_defaults(func=lambda a: asyncio.run(serve(a)))
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

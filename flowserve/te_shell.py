@@ -1,0 +1,112 @@
+"""TE-shell: the process main around one FlowServe engine (one TE).
+
+The main process starts it with one end of a unix socketpair (`--fd`). The shell loads the
+engine, says `ready` (with its start-up timings), then loops: read commands (`add`, `abort`,
+`stop`) without blocking while the engine has work, run one engine step, and send that
+step's new tokens plus the engine's stats back in one `step` frame. Single-threaded: the
+socket is only touched between steps, so the engine needs no locks.
+
+    python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}'
+"""
+import argparse
+import json
+import logging
+import os
+import select
+import socket
+import sys
+import time
+
+T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
+
+from flowserve.config import EngineConfig  # noqa: E402
+from flowserve.engine import Engine  # noqa: E402
+from flowserve.sequence import SamplingParams  # noqa: E402
+from flowserve.wire import pack, unpack_frames  # noqa: E402
+
+log = logging.getLogger("flowserve.te_shell")
+
+
+class TEShell:
+    def __init__(self, sock: socket.socket, engine: Engine):
+        self.sock, self.engine = sock, engine
+        self.buf = bytearray()
+
+    def send(self, msg: dict) -> None:
+        self.sock.sendall(pack(msg))
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def handle(self, msg: dict) -> bool:
+        """Apply one command; False means stop."""
+        op = msg["op"]
+        if op == "add":
+            try:
+                self.engine.add_request(msg["rid"], msg["prompt"], SamplingParams(**msg["params"]))
+            except (ValueError, TypeError) as e:
+                self.send({"op": "step", "outs": [[msg["rid"], [], "error", 0, 0]], "error": str(e),
+                           "stats": self.stats()})
+        elif op == "abort":
+            for rid in msg["rids"]:
+                self.engine.abort(rid)
+            self.send({"op": "step", "outs": [], "stats": self.stats()})
+        elif op == "stop":
+            return False
+        return True
+
+    def poll(self, block: bool) -> bool:
+        """Read whatever commands have arrived; wait for one if `block`. False means stop."""
+        while True:
+            ready, _, _ = select.select([self.sock], [], [], None if block else 0)
+            if not ready:
+                return True
+            data = self.sock.recv(1 << 20)
+            if not data:
+                return False  # the main process is gone: nothing left to serve
+            self.buf += data
+            for msg in unpack_frames(self.buf):
+                if not self.handle(msg):
+                    return False
+            block = False
+
+    def run(self) -> None:
+        while self.poll(block=not self.engine.has_work()):
+            if not self.engine.has_work():
+                continue
+            outs = self.engine.step()
+            if outs:
+                self.send({"op": "step", "stats": self.stats(), "outs": [
+                    [o.request_id, o.new_token_ids, o.finish_reason, o.num_prompt, o.num_cached] for o in outs]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--engine-config", default="{}")
+    ap.add_argument("--log-level", default="warning")
+    args = ap.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s te[{os.getpid()}] %(name)s %(levelname)s %(message)s")
+    sock = socket.socket(fileno=args.fd)
+    t_imported = time.perf_counter()
+    engine = Engine(args.model, EngineConfig(**json.loads(args.engine_config)))
+    t_loaded = time.perf_counter()
+    engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))  # warm-up request
+    t_warm = time.perf_counter()
+    shell = TEShell(sock, engine)
+    shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),
+                "max_model_len": engine.max_model_len,
+                "timings_ms": {"te_pre_load": 1e3 * (t_imported - T_START),
+                               "te_load": 1e3 * (t_loaded - t_imported),
+                               "te_post_load": 1e3 * (t_warm - t_loaded)}})
+    try:
+        shell.run()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    log.info("TE %d exiting", os.getpid())
+
+
+if __name__ == "__main__":
+    main()

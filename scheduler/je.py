@@ -1,0 +1,169 @@
+"""Job executors (JEs): from a validated OpenAI request to a stream of text deltas.
+
+The chat JE applies the chat template, the completion JE takes the prompt as is; both
+tokenize here in the main process (TEs see token ids only), check the prompt against the
+context, and turn the request into a Job of `n` Tasks, one per choice. `run` submits the
+tasks through the cluster's `dist_sched`, then for each task turns the TE's token events
+into text with an incremental detokenizer, applies stop strings (holding back text that
+could be the start of one), and yields `Delta`s for the frontend to format. Whatever ends
+the run (finish, error, a client that went away), unfinished tasks are aborted in their TE.
+"""
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from flowserve.sequence import SamplingParams
+from flowserve.tokenizer import Detokenizer, Tokenizer
+from scheduler.cluster import Cluster, Overloaded
+from scheduler.job import Job, State, Task
+from scheduler.metrics import Metrics
+from scheduler.protocol import APIError, ChatRequest, CompletionRequest, SamplingOptions, invalid
+
+log = logging.getLogger("deepflow.je")
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+class JobExecutor:
+    def __init__(self, cluster: Cluster, tokenizer: Tokenizer, model_name: str, metrics: Metrics):
+        self.cluster, self.tok, self.model_name, self.metrics = cluster, tokenizer, model_name, metrics
+        self.active: dict[str, Job] = {}
+        self.recent: deque[Job] = deque(maxlen=64)
+
+    # ---------------------------------------------------------------- request -> job
+
+    def chat_job(self, req: ChatRequest) -> Job:
+        try:
+            text = self.tok.apply_chat_template(req.messages)
+        except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
+            raise invalid(f"chat template rejected the messages: {e}", "messages") from e
+        return self._job("chat", self.tok.encode(text), req.options, "messages")
+
+    def completion_job(self, req: CompletionRequest) -> Job:
+        if isinstance(req.prompt, str):
+            prompt = self.tok.encode(req.prompt)
+        else:
+            prompt = req.prompt
+            if max(prompt) >= self.tok.vocab_size:
+                raise invalid(f"token id {max(prompt)} is outside the vocabulary ({self.tok.vocab_size})", "prompt")
+        return self._job("completion", prompt, req.options, "prompt")
+
+    def _job(self, kind: str, prompt: list[int], o: SamplingOptions, param: str) -> Job:
+        limit = self.cluster.max_model_len
+        if not prompt:
+            raise invalid("the prompt is empty", param)
+        if len(prompt) >= limit:
+            raise invalid(f"This model's maximum context length is {limit} tokens. However, your "
+                          f"request has {len(prompt)} prompt tokens.", param)
+        max_tokens = o.max_tokens or limit - len(prompt)
+        if len(prompt) + max_tokens > limit:
+            raise invalid(f"max_tokens={max_tokens} plus {len(prompt)} prompt tokens exceeds the "
+                          f"context length of {limit}", "max_tokens")
+        job = Job(kind, self.model_name)
+        for i in range(o.n):
+            seed = None if o.seed is None else o.seed + i  # n choices from one seed must differ
+            params = SamplingParams(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, seed=seed,
+                                    max_tokens=max_tokens, stop_token_ids=o.stop_token_ids,
+                                    ignore_eos=o.ignore_eos)
+            job.tasks.append(Task(job.id, i, prompt, params))
+        return job
+
+    # ---------------------------------------------------------------- run
+
+    def start(self, job: Job, stop: list[str]) -> None:
+        """Admit the job and place its tasks on TEs; raises APIError 429 when at capacity."""
+        try:
+            self.cluster.admit(len(job.tasks))
+        except Overloaded as e:
+            raise APIError(429, f"{e}; retry shortly") from e
+        self.active[job.id] = job
+        self.recent.append(job)
+        job.state = State.RUNNING
+        job.out = asyncio.Queue()
+        for task in job.tasks:
+            self.cluster.submit(task)
+        job.workers = [asyncio.create_task(self._choice(job, t, stop, job.out)) for t in job.tasks]
+
+    async def stream(self, job: Job) -> AsyncIterator[Delta]:
+        """The job's deltas until every choice has finished. Closing it early (a client
+        that went away) aborts what is still running."""
+        try:
+            done = 0
+            while done < len(job.tasks):
+                item = await job.out.get()
+                if isinstance(item, APIError):
+                    raise item
+                done += item.finish_reason is not None
+                yield item
+            job.state = State.FINISHED
+            self.metrics.job_done(job)
+        except APIError as e:
+            job.state, job.error = State.FAILED, e.message
+            raise
+        finally:
+            self.close(job)
+
+    def close(self, job: Job) -> None:
+        for w in job.workers:
+            w.cancel()
+        unfinished = [t for t in job.tasks if t.state in (State.QUEUED, State.RUNNING)]
+        for t in unfinished:
+            t.state = State.ABORTED
+        self.cluster.abort(unfinished)
+        if job.state is State.RUNNING:
+            job.state = State.ABORTED
+        self.active.pop(job.id, None)
+
+    def fail_all(self, message: str) -> None:
+        """End every active job with an error (used when a drain times out)."""
+        for job in self.active.values():
+            job.out.put_nowait(APIError(503, message))
+
+    async def _choice(self, job: Job, task: Task, stop: list[str], out: asyncio.Queue) -> None:
+        detok = Detokenizer(self.tok, task.prompt_ids)
+        hold = max(map(len, stop), default=1) - 1  # a stop string may still be forming
+        text, sent = "", 0
+        while True:
+            ev = await task.events.get()
+            if ev.finish_reason == "error":
+                task.state = State.FAILED
+                out.put_nowait(APIError(503 if ev.error and "stopped" in ev.error else 400,
+                                        ev.error or "engine error"))
+                return
+            if ev.token_ids and task.t_first_token is None:
+                task.t_first_token = time.monotonic()
+            task.num_output += len(ev.token_ids)
+            task.num_cached = ev.num_cached
+            text += detok.push(ev.token_ids)
+            finish = ev.finish_reason
+            if stop:
+                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+            end = len(text) if finish else max(sent, len(text) - hold)
+            if end > sent:
+                out.put_nowait(Delta(task.index, text[sent:end]))
+                sent = end
+            if finish:
+                task.state, task.finish_reason, task.t_done = State.FINISHED, finish, time.monotonic()
+                if not ev.finish_reason:  # ended by a stop string: the TE is still generating
+                    self.cluster.abort([task])
+                out.put_nowait(Delta(task.index, "", finish))
+                return
+
+    def usage(self, job: Job) -> dict:
+        prompt = len(job.tasks[0].prompt_ids)
+        completion = sum(t.num_output for t in job.tasks)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": job.tasks[0].num_cached}}
+
+    def to_dict(self) -> dict:
+        return {"active": len(self.active), "recent_jobs": [j.to_dict() for j in reversed(self.recent)]}

@@ -1,0 +1,73 @@
+"""Request -> job -> task (PAPER.md section 1).
+
+An HTTP request triggers one Job (chat or completion). A Job is made of Tasks, one per
+choice (`n`), each run on one TE. On a PD-colocated TE a task is the whole generation; the
+states are explicit so `/admin/cluster` can show where every job is and where it ran.
+"""
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from flowserve.sequence import SamplingParams
+
+
+class State(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class TaskEvent:
+    """What a TE reported for one task in one step."""
+    token_ids: list[int]
+    finish_reason: str | None  # stop | length | abort | error
+    num_cached: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Task:
+    job_id: str
+    index: int                     # the choice index this task produces
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: f"task-{next(_ids)}")
+    state: State = State.QUEUED
+    te_id: str | None = None
+    num_output: int = 0
+    num_cached: int = 0
+    finish_reason: str | None = None
+    t_first_token: float | None = None
+    t_done: float | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
+                "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
+                "output_tokens": self.num_output, "finish_reason": self.finish_reason}
+
+
+@dataclass
+class Job:
+    kind: str                      # chat | completion
+    model: str
+    tasks: list[Task] = field(default_factory=list)
+    id: str = field(default_factory=lambda: f"job-{next(_ids)}")
+    state: State = State.QUEUED
+    created: float = field(default_factory=time.time)
+    t_arrival: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    out: asyncio.Queue | None = field(default=None, repr=False)      # deltas from the JE's workers
+    workers: list[asyncio.Task] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "state": self.state.value, "created": self.created,
+                "error": self.error, "tasks": [t.to_dict() for t in self.tasks]}

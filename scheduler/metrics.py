@@ -1,0 +1,72 @@
+"""Prometheus metrics at `/metrics`, named like vLLM's under a `deepflow:` prefix.
+
+Latency histograms and token counters are recorded by the JE when a job finishes; the
+engine-side figures (running, waiting, KV usage, prefix-cache queries and hits) are read
+from the TEs' latest stats at scrape time, so they are never stale copies.
+"""
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+P = "deepflow:"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class Metrics:
+    def __init__(self, cluster, model_name: str):
+        self.registry = CollectorRegistry()
+        self.cluster, self.model_name = cluster, model_name
+        labels = ["model_name"]
+        r = self.registry
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token", labels,
+                              buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.tpot = Histogram(P + "time_per_output_token_seconds", "Time per output token after the first",
+                              labels, buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "End-to-end request latency", labels,
+                             buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed", labels,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", labels,
+                                         registry=r).labels(model_name)
+        self.requests = Counter(P + "request_success", "Finished requests", labels + ["finished_reason"],
+                                registry=r)
+        r.register(self)  # collect() below: engine-side figures
+
+    def job_done(self, job) -> None:
+        for t in job.tasks:
+            if t.t_first_token is None:
+                continue
+            self.ttft.observe(t.t_first_token - job.t_arrival)
+            if t.num_output > 1 and t.t_done:
+                self.tpot.observe((t.t_done - t.t_first_token) / (t.num_output - 1))
+            self.requests.labels(self.model_name, t.finish_reason or "unknown").inc()
+            self.generation_tokens.inc(t.num_output)
+        self.prompt_tokens.inc(len(job.tasks[0].prompt_ids))
+        self.e2e.observe(max(t.t_done or 0 for t in job.tasks) - job.t_arrival)
+
+    def collect(self):
+        tes = self.cluster.tes
+        stats = [te.stats for te in tes]
+
+        def gauge(name, doc, value):
+            g = GaugeMetricFamily(P + name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], value)
+            return g
+
+        def counter(name, doc, value):
+            c = CounterMetricFamily(P + name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], value)
+            return c
+
+        yield gauge("num_requests_running", "Sequences running in TEs", sum(s.get("running", 0) for s in stats))
+        yield gauge("num_requests_waiting", "Sequences waiting in TEs", sum(s.get("waiting", 0) for s in stats))
+        yield gauge("kv_cache_usage_perc", "KV-cache blocks in use (mean over TEs), 0..1",
+                    sum(s.get("kv_usage", 0.0) for s in stats) / max(len(stats), 1))
+        yield gauge("num_tes_ready", "TEs ready", sum(te.state.value == "ready" for te in tes))
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                      sum(s.get("prefix_queries", 0) for s in stats))
+        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                      sum(s.get("prefix_hits", 0) for s in stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,154 @@
+"""The main process's handle on one TE process: start it, talk to it, notice its death.
+
+A TE is a `flowserve.te_shell` process holding one end of a unix socketpair; this side
+wraps the other end in asyncio streams. Commands go out as frames (`add`, `abort`, `stop`);
+a reader task takes `step` frames back, updates the TE's stats and routes each task's new
+tokens to that task's event queue. EOF on the socket means the process died: every task
+still on it gets a clean error event at once.
+"""
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict
+from enum import Enum
+
+from flowserve.config import EngineConfig
+from flowserve.wire import pack, unpack_frames
+from scheduler.job import State, Task, TaskEvent
+
+log = logging.getLogger("deepflow.te")
+
+
+class TEState(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+class TEHandle:
+    def __init__(self, te_id: str, group: str, role: str, model_path: str, engine_cfg: EngineConfig):
+        self.id, self.group, self.role = te_id, group, role
+        self.model_path, self.engine_cfg = model_path, engine_cfg
+        self.state = TEState.STARTING
+        self.pid: int | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stats: dict = {}
+        self.timings_ms: dict = {}
+        self.max_model_len = 0
+        self.tasks: dict[str, Task] = {}
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task | None = None
+        self.on_death = None           # callback(TEHandle), set by the cluster
+
+    @property
+    def load(self) -> int:
+        """Tasks on this TE, counted here (not from its stats), so it is current at once."""
+        return len(self.tasks)
+
+    async def start(self, env: dict | None = None, timeout: float = 300) -> None:
+        t0 = time.perf_counter()
+        parent, child = socket.socketpair()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()),
+            "--model", self.model_path, "--engine-config", json.dumps(asdict(self.engine_cfg)),
+            "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
+            pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        child.close()
+        self.pid = self.proc.pid
+        reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        buf = bytearray()
+        ready = await asyncio.wait_for(self._next_frame(reader, buf), timeout)
+        if ready is None or ready["op"] != "ready":
+            self.state = TEState.DEAD
+            raise RuntimeError(f"TE {self.id} exited during start-up (exit code {await self.proc.wait()})")
+        self.stats, self.max_model_len = ready["stats"], ready["max_model_len"]
+        self.timings_ms = {"scaler_pre": 0.0, **ready["timings_ms"],
+                           "total": 1e3 * (time.perf_counter() - t0)}
+        self.state = TEState.READY
+        self.reader_task = asyncio.create_task(self._read_loop(reader, buf))
+        log.info("TE %s ready (pid %d) in %.0f ms: %s", self.id, self.pid, self.timings_ms["total"], self.timings_ms)
+
+    @staticmethod
+    async def _next_frame(reader: asyncio.StreamReader, buf: bytearray) -> dict | None:
+        while True:
+            msgs = unpack_frames(buf)
+            if msgs:  # a TE sends nothing after `ready` until it is given work
+                return msgs[0]
+            data = await reader.read(1 << 20)
+            if not data:
+                return None
+            buf += data
+
+    async def _read_loop(self, reader: asyncio.StreamReader, buf: bytearray) -> None:
+        try:
+            while data := await reader.read(1 << 20):
+                buf += data
+                for msg in unpack_frames(buf):
+                    self._on_step(msg)
+        except (ConnectionError, ValueError) as e:
+            log.error("TE %s: bad stream: %s", self.id, e)
+        self._on_exit()
+
+    def _on_step(self, msg: dict) -> None:
+        self.stats = msg["stats"]
+        for rid, tokens, finish, _num_prompt, num_cached in msg["outs"]:
+            task = self.tasks.get(rid)
+            if task is None:
+                continue  # aborted here while the TE was still running it
+            if finish:
+                del self.tasks[rid]
+            task.events.put_nowait(TaskEvent(tokens, finish, num_cached, msg.get("error")))
+
+    def _on_exit(self) -> None:
+        was = self.state
+        self.state = TEState.DEAD
+        for task in self.tasks.values():
+            task.events.put_nowait(TaskEvent([], "error", error=f"engine {self.id} stopped"))
+        self.tasks.clear()
+        if was is not TEState.DRAINING:
+            log.error("TE %s (pid %s) died", self.id, self.pid)
+        if self.on_death:
+            self.on_death(self)
+
+    def submit(self, task: Task) -> None:
+        p = task.params
+        self.tasks[task.id] = task
+        task.te_id, task.state = self.id, State.RUNNING
+        self._send({"op": "add", "rid": task.id, "prompt": task.prompt_ids, "params": asdict(p)})
+
+    def abort(self, task_ids: list[str]) -> None:
+        ids = [t for t in task_ids if self.tasks.pop(t, None) is not None]
+        if ids:
+            self._send({"op": "abort", "rids": ids})
+
+    def _send(self, msg: dict) -> None:
+        if self.state in (TEState.READY, TEState.DRAINING) and not self.writer.is_closing():
+            self.writer.write(pack(msg))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the TE to exit; kill it if it does not. Returns once the process is reaped."""
+        if self.proc is None:
+            return
+        self._send({"op": "stop"})
+        self.state = TEState.DRAINING if self.state is not TEState.DEAD else self.state
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        if self.reader_task:
+            await self.reader_task
+
+    def to_dict(self) -> dict:
+        s = self.stats
+        return {"id": self.id, "group": self.group, "role": self.role, "pid": self.pid,
+                "state": self.state.value, "running": s.get("running", 0), "waiting": s.get("waiting", 0),
+                "tasks": self.load, "kv_usage": s.get("kv_usage", 0.0),
+                "prefix_queries": s.get("prefix_queries", 0), "prefix_hits": s.get("prefix_hits", 0),
+                "timeline_ms": self.timings_ms}
