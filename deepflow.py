@@ -77,7 +77,7 @@ async def errors_and_auth(request: web.Request, handler):
     app = request.app
     try:
         if request.path.startswith("/v1/"):
-            if app["draining"]:
+            if app["draining"].is_set():
                 raise APIError(503, "server is shutting down")
             if app["api_key"]:
                 given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
@@ -161,7 +161,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     cluster: Cluster = request.app["cluster"]
-    ok = cluster.healthy() and not request.app["draining"]
+    ok = cluster.healthy() and not request.app["draining"].is_set()
     return json_response({"status": "ok" if ok else "degraded", "tes_ready": len(cluster.ready_tes())}) \
         if ok else web.json_response({"status": "degraded", "tes_ready": len(cluster.ready_tes())}, status=503)
 
@@ -178,7 +178,7 @@ def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: 
               api_key: str | None, max_body: int) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
     app.update(cluster=cluster, je=je, metrics=metrics_, model_name=model_name, api_key=api_key,
-               max_body=max_body, draining=False, started=int(time.time()))
+               max_body=max_body, draining=asyncio.Event(), started=int(time.time()))
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -232,7 +232,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     await stop.wait()
     log.warning("draining %d job(s) for up to %.0f s", len(je.active), args.drain_timeout)
-    app["draining"] = True
+    app["draining"].set()
     deadline = time.monotonic() + args.drain_timeout
     while je.active and time.monotonic() < deadline and signals < 2:
         await asyncio.sleep(0.05)

@@ -120,7 +120,7 @@ def read_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             name = _GGUF_NAMES[parts[0]]
         else:
             continue  # e.g. rope_freqs: recomputed from the config
-        w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a writable copy: F32 data is the read-only mmap
         w = w.reshape(tuple(reversed([int(d) for d in t.shape])))
         if name.endswith(".wq"):
             w = _unpermute(w, cfg.num_heads)

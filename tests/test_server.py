@@ -1,0 +1,189 @@
+"""The real server, end to end over HTTP: the official openai client, the SSE wire format,
+bad input, client disconnects, concurrency, and shutdown."""
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.server_util import Server, pid_alive
+
+MODEL = "smollm2"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--served-model-name", MODEL, "--max-model-len", "2048", "--api-key", "sekrit")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sekrit", max_retries=0)
+
+
+def ask(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def test_openai_client_chat_stream_and_completion(client):
+    r = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
+                                       temperature=0, max_tokens=30)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
+                                                 temperature=0, max_tokens=30, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # the same prompt again: its prefix is in the TE's cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert c.object == "text_completion" and len(c.choices[0].text) > 0
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 8
+
+
+def test_n_choices_and_seed(client):
+    r = client.chat.completions.create(model=MODEL, messages=ask("Tell me a story."), n=2, max_tokens=12,
+                                       temperature=0.8, seed=7)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    again = client.chat.completions.create(model=MODEL, messages=ask("Tell me a story."), max_tokens=12,
+                                           temperature=0.8, seed=7)
+    assert again.choices[0].message.content == r.choices[0].message.content
+
+
+def test_stop_string(client):
+    full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
+    stop = full.choices[0].text.strip()[:2]
+    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].text and full.choices[0].text.startswith(cut.choices[0].text)
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+AUTH = {"Authorization": "Bearer sekrit", "Content-Type": "application/json"}
+BAD = [  # (name, path, raw body or dict, headers, status, param)
+    ("malformed json", "/v1/chat/completions", b"{not json", AUTH, 400, None),
+    ("invalid utf-8", "/v1/chat/completions", b'{"messages": "\xff\xfe"}', AUTH, 400, None),
+    ("top level array", "/v1/chat/completions", b"[1, 2]", AUTH, 400, None),
+    ("empty body", "/v1/chat/completions", b"", AUTH, 400, None),
+    ("messages missing", "/v1/chat/completions", {"model": MODEL}, AUTH, 400, "messages"),
+    ("messages empty", "/v1/chat/completions", {**GOOD, "messages": []}, AUTH, 400, "messages"),
+    ("messages wrong type", "/v1/chat/completions", {**GOOD, "messages": "hi"}, AUTH, 400, "messages"),
+    ("unknown role", "/v1/chat/completions", {**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, AUTH, 400, None),
+    ("content wrong type", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": 5}]}, AUTH, 400, None),
+    ("negative max_tokens", "/v1/chat/completions", {**GOOD, "max_tokens": -1}, AUTH, 400, "max_tokens"),
+    ("max_tokens string", "/v1/chat/completions", {**GOOD, "max_tokens": "10"}, AUTH, 400, "max_tokens"),
+    ("max_tokens over context", "/v1/chat/completions", {**GOOD, "max_tokens": 5000}, AUTH, 400, "max_tokens"),
+    ("temperature 5", "/v1/chat/completions", {**GOOD, "temperature": 5}, AUTH, 400, "temperature"),
+    ("top_p 0", "/v1/chat/completions", {**GOOD, "top_p": 0}, AUTH, 400, "top_p"),
+    ("n 0", "/v1/chat/completions", {**GOOD, "n": 0}, AUTH, 400, "n"),
+    ("n too large", "/v1/chat/completions", {**GOOD, "n": 1000}, AUTH, 400, "n"),
+    ("stream not bool", "/v1/chat/completions", {**GOOD, "stream": "yes"}, AUTH, 400, "stream"),
+    ("stop wrong type", "/v1/chat/completions", {**GOOD, "stop": 3}, AUTH, 400, "stop"),
+    ("logprobs", "/v1/chat/completions", {**GOOD, "logprobs": True}, AUTH, 400, "logprobs"),
+    ("presence penalty", "/v1/chat/completions", {**GOOD, "presence_penalty": 1.0}, AUTH, 400, "presence_penalty"),
+    ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-9"}, AUTH, 404, "model"),
+    ("missing auth", "/v1/chat/completions", GOOD, {"Content-Type": "application/json"}, 401, None),
+    ("wrong auth", "/v1/chat/completions", GOOD, {**AUTH, "Authorization": "Bearer nope"}, 401, None),
+    ("oversized body", "/v1/chat/completions", b"{" + b" " * (5 << 20) + b"}", AUTH, 413, None),
+    ("prompt over context", "/v1/chat/completions",
+     {**GOOD, "messages": [{"role": "user", "content": "hello " * 3000}]}, AUTH, 400, "messages"),
+    ("completion prompt missing", "/v1/completions", {"model": MODEL}, AUTH, 400, "prompt"),
+    ("completion token out of vocab", "/v1/completions", {"model": MODEL, "prompt": [10**9]}, AUTH, 400, "prompt"),
+    ("unknown route", "/v1/nothing", GOOD, AUTH, 404, None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,param", BAD, ids=[b[0] for b in BAD])
+async def test_bad_input_gets_openai_error(server, name, path, body, headers, status, param):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(server.url + path, data=raw, headers=headers) as r:
+            assert r.status == status, await r.text()
+            assert r.content_type == "application/json"
+            err = (await r.json())["error"]
+            assert err["message"] and err["type"] and "Traceback" not in err["message"]
+            if param:
+                assert err["param"] == param
+        async with s.post(server.url + "/v1/chat/completions", json=GOOD, headers=AUTH) as r:
+            assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
+
+
+async def stream_text(session, url, body) -> tuple[str, str]:
+    text, finish = "", None
+    async with session.post(url + "/v1/chat/completions", json={**body, "stream": True}, headers=AUTH) as r:
+        assert r.status == 200
+        async for line in r.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for c in chunk["choices"]:
+                text += c["delta"].get("content", "")
+                finish = c["finish_reason"] or finish
+    return text, finish
+
+
+async def test_client_disconnect_frees_blocks(server):
+    base = server.get("/admin/cluster")["tes"][0]["kv_usage"]
+    async with aiohttp.ClientSession() as s:
+        body = {**GOOD, "max_tokens": 500, "stream": True, "ignore_eos": True}
+        async with s.post(server.url + "/v1/chat/completions", json=body, headers=AUTH) as r:
+            for _ in range(4):
+                await r.content.readline()
+            assert server.get("/admin/cluster")["tes"][0]["running"] == 1
+        # leaving the block closed the connection mid-stream
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        te = server.get("/admin/cluster")["tes"][0]
+        if te["running"] == 0 and te["kv_usage"] <= base:
+            break
+        await asyncio.sleep(0.05)
+    assert te["running"] == 0 and te["kv_usage"] <= base, te
+
+
+async def test_32_concurrent_streams_match_alone(server):
+    prompts = [f"Write one sentence about the number {i}." for i in range(32)]
+    bodies = [{**GOOD, "messages": ask(p), "max_tokens": 16, "temperature": 0} for p in prompts]
+    async with aiohttp.ClientSession() as s:
+        alone = [await stream_text(s, server.url, b) for b in bodies]
+        together = await asyncio.gather(*(stream_text(s, server.url, b) for b in bodies))
+    assert together == alone
+
+
+async def test_sigterm_drains_streams_and_leaves_no_process():
+    srv = Server("--served-model-name", MODEL, "--drain-timeout", "3")
+    pids = srv.te_pids()
+    body = {"model": MODEL, "messages": ask("Count to a thousand."), "max_tokens": 400, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        streams = [asyncio.create_task(read_all(s, srv.url, body)) for _ in range(3)]
+        await asyncio.sleep(1.5)
+        srv.proc.send_signal(signal.SIGTERM)
+        ends = await asyncio.wait_for(asyncio.gather(*streams), 30)
+    for last_events in ends:  # each ended cleanly: finished, or an error event, then [DONE]
+        assert last_events[-1] == "[DONE]"
+        assert "error" in last_events[-2] or '"finish_reason":"length"' in last_events[-2]
+    assert srv.proc.wait(30) == 0
+    time.sleep(0.5)
+    assert not any(pid_alive(p) for p in pids)
+
+
+async def read_all(session, url, body) -> list[str]:
+    events = []
+    async with session.post(url + "/v1/chat/completions", json={**body, "stream": True}) as r:
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip().decode())
+    return events
