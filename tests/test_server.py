@@ -4,6 +4,7 @@ import asyncio
 import json
 import signal
 import time
+import urllib.request
 
 import aiohttp
 import openai
@@ -187,3 +188,20 @@ async def read_all(session, url, body) -> list[str]:
             if line.startswith(b"data: "):
                 events.append(line[6:].strip().decode())
     return events
+
+
+def test_models_health_metrics(server, client):
+    for _ in range(2):  # the second one hits the prefix cache
+        client.completions.create(model=MODEL, prompt="Once upon a time " * 20, max_tokens=1)
+    models = server.get("/v1/models")
+    assert models["data"][0]["id"] == MODEL
+    assert server.get("/health")["status"] == "ok"
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    for name in ("time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
+                 "e2e_request_latency_seconds_count", "num_requests_running", "num_requests_waiting",
+                 "kv_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total",
+                 "prompt_tokens_total", "generation_tokens_total"):
+        assert f"deepflow:{name}" in text, name
+    hits = float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("deepflow:prefix_cache_hits_total")))
+    assert hits > 0
