@@ -24,14 +24,14 @@ from contextlib import aclosing
 import orjson
 from aiohttp import web
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, default_model_path
 from flowserve.sequence import SamplingParams
 from flowserve.tokenizer import Tokenizer
-from flowserve.config import default_model_path
 from scheduler import responses
 from scheduler.cluster import Cluster
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
+from scheduler.openapi import openapi
 from scheduler.protocol import APIError, model_not_found, parse_chat, parse_completion, parse_json
 
 
@@ -170,6 +170,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app["metrics"].render(), content_type="text/plain", charset="utf-8")
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    app = request.app
+    return json_response(openapi(app["model_name"], app["cluster"].max_model_len))
+
+
 async def admin_cluster(request: web.Request) -> web.Response:
     return json_response({**request.app["cluster"].to_dict(), **request.app["je"].to_dict()})
 
@@ -185,6 +190,7 @@ def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/cluster", admin_cluster)
+    app.router.add_get("/openapi.json", openapi_json)
     return app
 
 

@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flowserve.config import EngineConfig  # noqa: E402
-from flowserve.engine import Engine  # noqa: E402
-from flowserve.sequence import SamplingParams  # noqa: E402
-from flowserve.config import default_model_path
-from flowserve.weights import load_weights  # noqa: E402
+from flowserve.config import EngineConfig, default_model_path
+from flowserve.engine import Engine
+from flowserve.sequence import SamplingParams
+from flowserve.weights import load_weights
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -36,6 +35,18 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def read_gbps(mb: int = 1024, reps: int = 5) -> float:
+    """DRAM read bandwidth: a sum over a buffer far larger than the caches."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
 
 
 def flops_per_token(cfg) -> float:
@@ -86,8 +97,9 @@ def main() -> None:
         cfg, weights = load_weights(model)
         cached_s = time.perf_counter() - t
 
-        gflops = matmul_gflops()
+        gflops, gbps = matmul_gflops(), read_gbps()
         roofline = gflops * 1e9 / flops_per_token(cfg)
+        weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         max_batch = max(int(b) for b in args.batches.split(","))
         engine = Engine(model, EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=2048,
                                             kv_cache_gb=2.0), weights=(cfg, weights))
@@ -96,16 +108,23 @@ def main() -> None:
 
     print(f"float32 matmul: {gflops:.1f} GFLOP/s -> roofline {roofline:.0f} tokens/s "
           f"({flops_per_token(cfg) / 1e9:.3f} GFLOP/token), torch threads {torch.get_num_threads()}")
+    print(f"DRAM read: {gbps:.1f} GB/s; a decode step streams all {weight_bytes / 1e6:.0f} MB of weights, "
+          f"so batch B is also capped at B x {gbps * 1e9 / weight_bytes:.1f} tokens/s")
     print(f"weight load: GGUF {gguf_s:.2f} s, cached safetensors (mmap) {cached_s:.3f} s "
           f"({gguf_s / cached_s:.0f}x faster)")
-    print("| batch | output tok/s (incl. prefill) | decode step ms | decode tok/s | % of roofline |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | output tok/s (incl. prefill) | decode step ms | decode tok/s | % of matmul roofline "
+          "| % of min(matmul, bandwidth) roofline |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        bound = min(roofline, r["batch"] * gbps * 1e9 / weight_bytes)
         r["roofline_fraction"] = r["decode_tokens_per_s"] / roofline
+        r["bound_fraction"] = r["decode_tokens_per_s"] / bound
         print(f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['decode_step_ms']:.1f} | "
-              f"{r['decode_tokens_per_s']:.1f} | {100 * r['roofline_fraction']:.0f}% |")
+              f"{r['decode_tokens_per_s']:.1f} | {100 * r['roofline_fraction']:.0f}% | "
+              f"{100 * r['bound_fraction']:.0f}% |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"matmul_gflops": gflops, "roofline_tokens_per_s": roofline,
+                                          "dram_read_gbps": gbps, "weight_bytes": weight_bytes,
                                           "load_gguf_s": gguf_s, "load_cached_s": cached_s,
                                           "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 

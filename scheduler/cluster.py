@@ -4,11 +4,13 @@ A TE group is the TEs of one model in one mode (here: colocated). `dist_sched` p
 TE for a task; today it is load-aware (fewest tasks, ties broken round-robin), the policy
 of Algorithm 1 when loads are imbalanced. Admission control bounds the queued tasks per
 group so an overload gets a fast 429 instead of an ever-growing queue. A TE that dies is
-replaced while the server runs.
+replaced while the server runs, and its tasks that had produced no token yet are placed
+again (`resubmit`), so their clients never notice.
 """
 import asyncio
 import itertools
 import logging
+import time
 
 from flowserve.config import EngineConfig
 from scheduler.job import Task
@@ -85,6 +87,16 @@ class Cluster:
 
     def submit(self, task: Task) -> None:
         self.dist_sched(task).submit(task)
+
+    async def resubmit(self, task: Task, timeout: float = 60.0, group: str = "colocated") -> None:
+        """Place a task again after its TE died, waiting for the group's refill if no TE is left."""
+        deadline = time.monotonic() + timeout
+        while not self.ready_tes(group):
+            if self.closing or time.monotonic() > deadline:
+                raise Overloaded("no engine is ready")
+            await asyncio.sleep(0.05)
+        task.retries += 1
+        self.submit(task)
 
     def abort(self, tasks: list[Task]) -> None:
         for te in self.tes:

@@ -24,6 +24,8 @@ from scheduler.protocol import APIError, ChatRequest, CompletionRequest, Samplin
 
 log = logging.getLogger("deepflow.je")
 
+MAX_RETRIES = 2  # placements after a TE death, for a task that has sent no token yet
+
 
 @dataclass
 class Delta:
@@ -133,10 +135,15 @@ class JobExecutor:
         text, sent = "", 0
         while True:
             ev = await task.events.get()
+            if ev.engine_lost and task.num_output == 0 and task.retries < MAX_RETRIES:
+                try:  # nothing reached the client yet: run it elsewhere, invisibly
+                    await self.cluster.resubmit(task)
+                    continue
+                except Overloaded:
+                    pass
             if ev.finish_reason == "error":
                 task.state = State.FAILED
-                out.put_nowait(APIError(503 if ev.error and "stopped" in ev.error else 400,
-                                        ev.error or "engine error"))
+                out.put_nowait(APIError(503 if ev.engine_lost else 400, ev.error or "engine error"))
                 return
             if ev.token_ids and task.t_first_token is None:
                 task.t_first_token = time.monotonic()

@@ -31,6 +31,7 @@ class TaskEvent:
     finish_reason: str | None  # stop | length | abort | error
     num_cached: int = 0
     error: str | None = None
+    engine_lost: bool = False  # the TE died: the task may be placed again if it sent nothing yet
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Task:
     id: str = field(default_factory=lambda: f"task-{next(_ids)}")
     state: State = State.QUEUED
     te_id: str | None = None
+    retries: int = 0               # times it was placed again after its TE died
     num_output: int = 0
     num_cached: int = 0
     finish_reason: str | None = None
@@ -51,6 +53,7 @@ class Task:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
+                "retries": self.retries,
                 "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
                 "output_tokens": self.num_output, "finish_reason": self.finish_reason}
 

@@ -109,7 +109,7 @@ class TEHandle:
         was = self.state
         self.state = TEState.DEAD
         for task in self.tasks.values():
-            task.events.put_nowait(TaskEvent([], "error", error=f"engine {self.id} stopped"))
+            task.events.put_nowait(TaskEvent([], "error", error=f"engine {self.id} stopped", engine_lost=True))
         self.tasks.clear()
         if was is not TEState.DRAINING:
             log.error("TE %s (pid %s) died", self.id, self.pid)
@@ -139,7 +139,7 @@ class TEHandle:
         self.state = TEState.DRAINING if self.state is not TEState.DEAD else self.state
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
         if self.reader_task:
