@@ -60,6 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- serve
 
 log = logging.getLogger("deepflow")
+BODY_TIMEOUT_S = 30
 
 
 def error_response(e: APIError) -> web.Response:
@@ -98,7 +99,12 @@ async def errors_and_auth(request: web.Request, handler):
 
 
 async def read_json(request: web.Request) -> dict:
-    return parse_json(await request.read())
+    try:  # a client that trickles its body (slowloris) does not hold a handler forever
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            raw = await request.read()
+    except TimeoutError:
+        raise APIError(408, f"request body not received within {BODY_TIMEOUT_S} s") from None
+    return parse_json(raw)
 
 
 def check_model(request: web.Request, model: str | None) -> None:
