@@ -164,8 +164,8 @@ def test_openapi_fuzzing_finds_no_server_error():
         assert spec["openapi"].startswith("3.") and "/v1/chat/completions" in spec["paths"]
         run = subprocess.run(
             [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", s.url + "/openapi.json",
-             "--checks", "not_a_server_error", "--max-examples", "15", "--request-timeout", "60",
-             "--phases", "examples,coverage,fuzzing", "--seed", "1", "--workers", "1",
+             "--checks", "not_a_server_error", "--max-examples", "10", "--request-timeout", "60",
+             "--phases", "coverage,fuzzing", "--workers", "1",
              "--generation-deterministic", "--suppress-health-check", "all", "--no-color"],
             check=False, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
