@@ -27,6 +27,7 @@ from aiohttp import web
 from flowserve.config import EngineConfig, default_model_path
 from flowserve.sequence import SamplingParams
 from flowserve.tokenizer import Tokenizer
+from scaling.autoscaler import ScalePolicy, autoscale
 from scheduler import responses
 from scheduler.cluster import Cluster
 from scheduler.je import JobExecutor
@@ -61,6 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 log = logging.getLogger("deepflow")
 BODY_TIMEOUT_S = 30
+MAX_TES = 256  # per group, a bound on /admin/scale
 
 
 def error_response(e: APIError) -> web.Response:
@@ -77,7 +79,7 @@ async def errors_and_auth(request: web.Request, handler):
     """Every failure leaves as OpenAI's error JSON with the right status, never a traceback."""
     app = request.app
     try:
-        if request.path.startswith("/v1/"):
+        if request.path.startswith("/v1/") or (request.path.startswith("/admin/") and request.method == "POST"):
             if app["draining"].is_set():
                 raise APIError(503, "server is shutting down")
             if app["api_key"]:
@@ -185,6 +187,22 @@ async def admin_cluster(request: web.Request) -> web.Response:
     return json_response({**request.app["cluster"].to_dict(), **request.app["je"].to_dict()})
 
 
+async def admin_scale(request: web.Request) -> web.Response:
+    """`{"group": "colocated", "instances": N}`: set a group's size by hand (0 allowed); the
+    autoscaler keeps it there (its min and max become N)."""
+    body = await read_json(request)
+    cluster: Cluster = request.app["cluster"]
+    group, n = body.get("group", "colocated"), body.get("instances")
+    if group not in cluster.groups:
+        raise APIError(400, f"unknown group {group!r}; groups: {sorted(cluster.groups)}", "group")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_TES:
+        raise APIError(400, f"'instances' must be an integer between 0 and {MAX_TES}", "instances")
+    policy: ScalePolicy = request.app["policies"][group]
+    policy.min_tes = policy.max_tes = n  # a size set by hand holds until the next one
+    cluster.scale_to(group, n)
+    return json_response({"group": group, "instances": n})
+
+
 def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: str,
               api_key: str | None, max_body: int) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
@@ -197,6 +215,7 @@ def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/cluster", admin_cluster)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_post("/admin/scale", admin_scale)
     return app
 
 
@@ -209,7 +228,7 @@ async def serve(args: argparse.Namespace) -> None:
                               max_model_len=args.max_model_len, num_threads=threads)
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
     cluster = Cluster(model, engine_cfg, num_tes=args.num_tes, max_queued=args.max_queued,
-                      te_env={"OMP_NUM_THREADS": str(threads)})
+                      te_env={"OMP_NUM_THREADS": str(threads)}, start_mode=args.start_mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -228,9 +247,14 @@ async def serve(args: argparse.Namespace) -> None:
     except BaseException:
         await cluster.shutdown()
         raise
+    policy = ScalePolicy(min_tes=args.num_tes if args.min_tes is None else args.min_tes,
+                         max_tes=max(args.num_tes, args.max_tes or 0), waiting_per_te=args.scale_out_waiting,
+                         idle_s=args.scale_in_idle_s)
+    autoscaler = asyncio.create_task(autoscale(cluster, "colocated", policy))
     metrics_ = Metrics(cluster, name)
     je = JobExecutor(cluster, tokenizer, name, metrics_)
     app = build_app(cluster, je, metrics_, name, args.api_key, args.max_body_bytes)
+    app["policies"] = {"colocated": policy}
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
@@ -251,6 +275,7 @@ async def serve(args: argparse.Namespace) -> None:
     je.fail_all("server is shutting down")
     await asyncio.sleep(0.1)  # let the failed streams write their error event
     await runner.cleanup()
+    autoscaler.cancel()
     await cluster.shutdown()
     log.warning("stopped")
 
@@ -278,7 +303,14 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--served-model-name", help="the name clients send as `model`")
     srv.add_argument("--api-key", default=os.environ.get("DEEPFLOW_API_KEY"),
                      help="require `Authorization: Bearer KEY` on /v1 routes")
-    srv.add_argument("--num-tes", type=int, default=1, help="colocated TE processes")
+    srv.add_argument("--num-tes", type=int, default=1, help="colocated TE processes at start (at least 1)")
+    srv.add_argument("--min-tes", type=int, help="autoscaler floor (default: --num-tes; 0 = scale to zero)")
+    srv.add_argument("--max-tes", type=int, help="autoscaler ceiling (default: --num-tes, i.e. fixed size)")
+    srv.add_argument("--scale-out-waiting", type=int, default=4,
+                     help="scale out when more sequences than this per TE wait for a batch slot")
+    srv.add_argument("--scale-in-idle-s", type=float, default=30.0, help="scale in after this long without work")
+    srv.add_argument("--start-mode", choices=["fork", "cold"], default="fork",
+                     help="new TEs: forked from the warm template, or fresh interpreters (the baseline)")
     srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")
@@ -291,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.set_defaults(func=lambda a: asyncio.run(serve(a)))
 
     args = parser.parse_args(argv)
+    if args.command == "serve" and args.num_tes < 1:
+        parser.error("--num-tes must be at least 1 (use --min-tes 0 to allow scaling to zero)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.func(args)
 

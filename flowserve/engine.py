@@ -35,7 +35,7 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model_path: str, cfg: EngineConfig | None = None,
+    def __init__(self, model_path: str | None, cfg: EngineConfig | None = None,
                  weights: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None):
         self.cfg = cfg = cfg or EngineConfig()
         if cfg.num_threads:
@@ -44,6 +44,7 @@ class Engine:
         self.dtype = compute_dtype(self.device)
         t0 = time.perf_counter()
         self.model_cfg, tensors = weights or load_weights(model_path, self.dtype)
+        tensors = {k: v.to(self.dtype) for k, v in tensors.items()}  # no copy when it already matches
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
         self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype)

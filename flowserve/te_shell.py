@@ -1,7 +1,8 @@
 """TE-shell: the process main around one FlowServe engine (one TE).
 
-The main process starts it with one end of a unix socketpair (`--fd`). The shell loads the
-engine, says `ready` (with its start-up timings), then loops: read commands (`add`, `abort`,
+The main process starts it with one end of a unix socketpair (`--fd`), or the warm template
+forks it (`scaling/template.py`). The shell loads the engine, says `ready` (with its
+start-up timings), then loops: read commands (`add`, `abort`,
 `stop`) without blocking while the engine has work, run one engine step, and send that
 step's new tokens plus the engine's stats back in one `step` frame. Single-threaded: the
 socket is only touched between steps, so the engine needs no locks.
@@ -80,6 +81,29 @@ class TEShell:
                     [o.request_id, o.new_token_ids, o.finish_reason, o.num_prompt, o.num_cached] for o in outs]})
 
 
+def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None,
+                 weights=None, t_start: float = T_START) -> None:
+    """Build the engine (from `model`, or from `weights` a warm template already holds), warm
+    it up, say `ready` with the TE's start-up timeline, and serve until told to stop.
+    `t_start` is when this TE began: process start (cold) or the fork (scaling/template.py)."""
+    t_pre = time.perf_counter()
+    engine = Engine(model, cfg, weights=weights)
+    t_loaded = time.perf_counter()
+    engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))  # warm-up request
+    t_warm = time.perf_counter()
+    shell = TEShell(sock, engine)
+    shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),
+                "max_model_len": engine.max_model_len,
+                "timings_ms": {"te_pre_load": 1e3 * (t_pre - t_start),
+                               "te_load": 1e3 * (t_loaded - t_pre),
+                               "te_post_load": 1e3 * (t_warm - t_loaded)}})
+    try:
+        shell.run()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    log.info("TE %d exiting", os.getpid())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fd", type=int, required=True)
@@ -89,23 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s te[{os.getpid()}] %(name)s %(levelname)s %(message)s")
-    sock = socket.socket(fileno=args.fd)
-    t_imported = time.perf_counter()
-    engine = Engine(args.model, EngineConfig(**json.loads(args.engine_config)))
-    t_loaded = time.perf_counter()
-    engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))  # warm-up request
-    t_warm = time.perf_counter()
-    shell = TEShell(sock, engine)
-    shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),
-                "max_model_len": engine.max_model_len,
-                "timings_ms": {"te_pre_load": 1e3 * (t_imported - T_START),
-                               "te_load": 1e3 * (t_loaded - t_imported),
-                               "te_post_load": 1e3 * (t_warm - t_loaded)}})
-    try:
-        shell.run()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    log.info("TE %d exiting", os.getpid())
+    serve_engine(socket.socket(fileno=args.fd), EngineConfig(**json.loads(args.engine_config)), model=args.model)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
-"""The cluster as the main process sees it: TE groups, placement (dist_sched), admission.
+"""The cluster as the main process sees it: TE groups, placement (dist_sched), admission, size.
 
-A TE group is the TEs of one model in one mode (here: colocated). `dist_sched` picks the
-TE for a task; today it is load-aware (fewest tasks, ties broken round-robin), the policy
-of Algorithm 1 when loads are imbalanced. Admission control bounds the queued tasks per
-group so an overload gets a fast 429 instead of an ever-growing queue. A TE that dies is
-replaced while the server runs, and its tasks that had produced no token yet are placed
-again (`resubmit`), so their clients never notice.
+A TE group is the TEs of one model in one mode (here: colocated), with a target size the
+autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked from
+the warm template (`scaling/template.py`) or, with `--start-mode cold` or while the
+template is down, started as fresh interpreters. `dist_sched` picks the TE for a task;
+today it is load-aware (fewest tasks, ties broken round-robin), the policy of Algorithm 1
+when loads are imbalanced. A task that finds no TE with a free batch slot (the group is
+busy, at zero, or all its TEs died) is held in the group's pending queue and placed as
+soon as a slot frees or a TE joins. Admission
+control bounds the tasks per group so an overload gets a fast 429 instead of an
+ever-growing queue. A TE that dies is replaced, and its tasks that had produced no token
+yet are placed again (`resubmit`), so their clients never notice.
 """
 import asyncio
 import itertools
 import logging
 import time
+from collections import deque
+from dataclasses import asdict
 
 from flowserve.config import EngineConfig
-from scheduler.job import Task
+from scaling.template import TemplateHandle
+from scheduler.job import Task, TaskEvent
 from scheduler.te import TEHandle, TEState
 
 log = logging.getLogger("deepflow.cluster")
@@ -25,14 +33,19 @@ class Overloaded(Exception):
 
 class Cluster:
     def __init__(self, model_path: str, engine_cfg: EngineConfig, num_tes: int = 1,
-                 max_queued: int = 256, te_env: dict | None = None):
+                 max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork"):
         self.model_path, self.engine_cfg = model_path, engine_cfg
-        self.num_tes, self.max_queued, self.te_env = num_tes, max_queued, te_env or {}
+        self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
         self.groups: dict[str, list[TEHandle]] = {"colocated": []}
+        self.target: dict[str, int] = {"colocated": num_tes}
+        self.pending: dict[str, deque[Task]] = {"colocated": deque()}
+        self.template: TemplateHandle | None = None
         self._ids = itertools.count()
         self._rr = itertools.count()
         self.closing = False
-        self._restarts: set[asyncio.Task] = set()
+        self.replacing = 0               # TEs being started to replace dead ones
+        self._max_model_len = 0
+        self._background: set[asyncio.Task] = set()
 
     @property
     def tes(self) -> list[TEHandle]:
@@ -42,75 +55,144 @@ class Cluster:
         return [te for te in self.groups[group] if te.state is TEState.READY]
 
     async def start(self) -> None:
-        await asyncio.gather(*(self.add_te("colocated") for _ in range(self.num_tes)))
+        if self.start_mode == "fork":
+            await self._start_template()
+        await asyncio.gather(*(self.add_te(g) for g, n in self.target.items() for _ in range(n)))
+
+    async def _start_template(self) -> None:
+        self.template = TemplateHandle(self.model_path, {"OMP_NUM_THREADS": "1"})
+        self.template.on_death = self._on_template_death
+        await self.template.start()
+
+    def _on_template_death(self) -> None:
+        if not self.closing:  # running TEs are separate processes and keep serving
+            self._in_background(self._start_template())
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def add_te(self, group: str) -> TEHandle:
+        t0 = time.perf_counter()
         te = TEHandle(f"te-{next(self._ids)}", group, group, self.model_path, self.engine_cfg)
         te.on_death = self._on_death
+        te.on_free = lambda te: self._place_pending(te.group)
         self.groups[group].append(te)
+        template = self.template if self.template and self.template.alive else None
         try:
-            await te.start(self.te_env)
+            await te.start(self.te_env, template)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self.groups[group].remove(te)
-            if te.proc and te.proc.returncode is None:
-                te.proc.kill()
-                await te.proc.wait()
+            te.kill()
             raise
+        self._max_model_len = self._max_model_len or te.max_model_len  # all TEs share one config
+        self._place_pending(group)
+        te.timings_ms["scaler_post"] = 1e3 * (time.perf_counter() - te.t_ready)
+        te.timings_ms["total"] = 1e3 * (time.perf_counter() - t0)
+        log.info("TE %s ready (pid %d, %s): %s", te.id, te.pid, te.start_mode,
+                 {k: round(v, 1) for k, v in te.timings_ms.items()})
         return te
 
     def _on_death(self, te: TEHandle) -> None:
         self.groups[te.group].remove(te)
-        if not self.closing:  # refill the group
-            task = asyncio.create_task(self.add_te(te.group))
-            self._restarts.add(task)
-            task.add_done_callback(self._restarts.discard)
+        if not self.closing and not te.retiring and len(self.groups[te.group]) < self.target[te.group]:
+            self.replacing += 1
+            self._in_background(self._replace(te.group))
+
+    async def _replace(self, group: str) -> None:
+        try:
+            await self.add_te(group)
+        finally:
+            self.replacing -= 1
+
+    def scale_to(self, group: str, instances: int) -> None:
+        """Set the group's size: start TEs, or retire idle ones first (busy ones drain)."""
+        self.target[group] = instances
+        live = [te for te in self.groups[group] if not te.retiring]
+        for _ in range(instances - len(live)):
+            self._in_background(self.add_te(group))
+        surplus = sorted(live, key=lambda te: (te.state is TEState.READY, -te.load))[:max(0, len(live) - instances)]
+        for te in surplus:
+            te.retiring = True
+            self._in_background(self._retire(te))
+
+    async def _retire(self, te: TEHandle) -> None:
+        if te.state is TEState.READY:
+            te.state = TEState.DRAINING  # dist_sched places nothing more on it
+        while te.load and te.state is not TEState.DEAD:
+            await asyncio.sleep(0.1)
+        await te.stop()
 
     @property
     def max_model_len(self) -> int:
-        return min((te.max_model_len for te in self.tes if te.max_model_len), default=0)
+        """The served context, as the first ready TE reported it (still known at zero TEs)."""
+        return self._max_model_len
 
-    def dist_sched(self, task: Task, group: str = "colocated") -> TEHandle:
+    def dist_sched(self, task: Task, group: str = "colocated") -> TEHandle | None:
         """Pick the TE for `task`: the least loaded ready TE, round-robin among equals."""
         tes = self.ready_tes(group)
         if not tes:
-            raise Overloaded("no engine is ready")
+            return None
         least = min(te.load for te in tes)
         candidates = [te for te in tes if te.load == least]
         return candidates[next(self._rr) % len(candidates)]
 
     def admit(self, num_tasks: int, group: str = "colocated") -> None:
         """Refuse work past the bound: tasks beyond what the TEs run at once wait in queues."""
-        tes = self.ready_tes(group)
-        capacity = len(tes) * self.engine_cfg.max_num_seqs + self.max_queued
-        if not tes or sum(te.load for te in tes) + num_tasks > capacity:
+        capacity = self.target[group] * self.engine_cfg.max_num_seqs + self.max_queued
+        held = sum(te.load for te in self.groups[group]) + len(self.pending[group])
+        if held + num_tasks > capacity:
             raise Overloaded("server is at capacity")
 
-    def submit(self, task: Task) -> None:
-        self.dist_sched(task).submit(task)
+    def submit(self, task: Task, group: str = "colocated") -> None:
+        self.pending[group].append(task)
+        self._place_pending(group)
 
-    async def resubmit(self, task: Task, timeout: float = 60.0, group: str = "colocated") -> None:
-        """Place a task again after its TE died, waiting for the group's refill if no TE is left."""
-        deadline = time.monotonic() + timeout
-        while not self.ready_tes(group):
-            if self.closing or time.monotonic() > deadline:
-                raise Overloaded("no engine is ready")
-            await asyncio.sleep(0.05)
+    def _place_pending(self, group: str) -> None:
+        """Hand held tasks to TEs with a free batch slot, oldest first. The rest wait here, not
+        in a TE's queue, so a TE that joins later (a scale-out) shares the backlog."""
+        queue = self.pending[group]
+        while queue:
+            te = self.dist_sched(queue[0], group)
+            if te is None or te.load >= self.engine_cfg.max_num_seqs:
+                return
+            te.submit(queue.popleft())
+
+    def resubmit(self, task: Task) -> None:
+        """Place a task again after its TE died (held until the refill if no TE is left)."""
+        if self.closing:
+            raise Overloaded("server is shutting down")
         task.retries += 1
         self.submit(task)
 
     def abort(self, tasks: list[Task]) -> None:
+        for queue in self.pending.values():
+            for t in tasks:
+                if t in queue:
+                    queue.remove(t)
         for te in self.tes:
             te.abort([t.id for t in tasks if t.te_id == te.id])
 
     def healthy(self) -> bool:
-        return len(self.ready_tes()) >= self.num_tes
+        """False while a dead TE's replacement is starting, or a non-empty group has no TE ready."""
+        return self.replacing == 0 and all(self.ready_tes(g) or not self.target[g] for g in self.groups)
 
     async def shutdown(self) -> None:
         self.closing = True
-        for t in list(self._restarts):
+        for t in list(self._background):
             t.cancel()
+        for queue in self.pending.values():
+            while queue:
+                queue.popleft().events.put_nowait(TaskEvent([], "error", error="server is shutting down"))
         await asyncio.gather(*(te.stop() for te in self.tes), return_exceptions=True)
+        if self.template:
+            await self.template.stop()
 
     def to_dict(self) -> dict:
-        return {"groups": {name: [te.id for te in tes] for name, tes in self.groups.items()},
+        return {"start_mode": self.start_mode,
+                "template_pid": self.template.proc.pid if self.template and self.template.alive else None,
+                "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],
+                                  "pending": len(self.pending[name])} for name, tes in self.groups.items()},
+                "engine_config": asdict(self.engine_cfg),
                 "tes": [te.to_dict() for te in self.tes]}

@@ -137,7 +137,7 @@ class JobExecutor:
             ev = await task.events.get()
             if ev.engine_lost and task.num_output == 0 and task.retries < MAX_RETRIES:
                 try:  # nothing reached the client yet: run it elsewhere, invisibly
-                    await self.cluster.resubmit(task)
+                    self.cluster.resubmit(task)
                     continue
                 except Overloaded:
                     pass

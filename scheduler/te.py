@@ -1,7 +1,8 @@
 """The main process's handle on one TE process: start it, talk to it, notice its death.
 
-A TE is a `flowserve.te_shell` process holding one end of a unix socketpair; this side
-wraps the other end in asyncio streams. Commands go out as frames (`add`, `abort`, `stop`);
+A TE is a `flowserve.te_shell` process (a fresh interpreter, or a fork of the warm template
+in `scaling/template.py`) holding one end of a unix socketpair; this side wraps the other
+end in asyncio streams. Commands go out as frames (`add`, `abort`, `stop`);
 a reader task takes `step` frames back, updates the TE's stats and routes each task's new
 tokens to that task's event queue. EOF on the socket means the process died: every task
 still on it gets a clean error event at once.
@@ -10,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -44,35 +46,53 @@ class TEHandle:
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task | None = None
         self.on_death = None           # callback(TEHandle), set by the cluster
+        self.on_free = None            # callback(TEHandle) when a batch slot frees up
+        self.start_mode = ""           # fork | cold
+        self.retiring = False          # being scaled in: its exit is expected
+        self.t_ready = 0.0
 
     @property
     def load(self) -> int:
         """Tasks on this TE, counted here (not from its stats), so it is current at once."""
         return len(self.tasks)
 
-    async def start(self, env: dict | None = None, timeout: float = 300) -> None:
+    async def start(self, env: dict | None = None, template=None, timeout: float = 300) -> None:
+        """Start the TE process: forked from the warm `template`, or a fresh interpreter (cold).
+        Returns once it is ready; records the five-step timeline (the cluster adds scaler_post)."""
         t0 = time.perf_counter()
-        parent, child = socket.socketpair()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()),
-            "--model", self.model_path, "--engine-config", json.dumps(asdict(self.engine_cfg)),
-            "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
-            pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        child.close()
-        self.pid = self.proc.pid
+        if template is not None:
+            self.start_mode = "fork"
+            parent, self.pid = await template.fork(self.id, asdict(self.engine_cfg))
+        else:
+            self.start_mode = "cold"
+            parent, child = socket.socketpair()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()),
+                "--model", self.model_path, "--engine-config", json.dumps(asdict(self.engine_cfg)),
+                "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
+                pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            child.close()
+            self.pid = self.proc.pid
+        t_started = time.perf_counter()
         reader, self.writer = await asyncio.open_unix_connection(sock=parent)
         buf = bytearray()
         ready = await asyncio.wait_for(self._next_frame(reader, buf), timeout)
         if ready is None or ready["op"] != "ready":
             self.state = TEState.DEAD
-            raise RuntimeError(f"TE {self.id} exited during start-up (exit code {await self.proc.wait()})")
+            raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
+        self.t_ready = time.perf_counter()
         self.stats, self.max_model_len = ready["stats"], ready["max_model_len"]
-        self.timings_ms = {"scaler_pre": 0.0, **ready["timings_ms"],
-                           "total": 1e3 * (time.perf_counter() - t0)}
+        te = ready["timings_ms"]
+        # Scaler-Pre: spawning the interpreter, or the template's fork round trip. TE-Pre-Load:
+        # for a fork, the child's first moments; for a cold start, interpreter start-up and
+        # imports, i.e. all the time before the load that the TE did not report.
+        gap = 1e3 * (self.t_ready - t_started) - te["te_load"] - te["te_post_load"]
+        self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
+                           "te_pre_load": te["te_pre_load"] if template is not None else gap,
+                           "te_load": te["te_load"], "te_post_load": te["te_post_load"]}
         self.state = TEState.READY
         self.reader_task = asyncio.create_task(self._read_loop(reader, buf))
-        log.info("TE %s ready (pid %d) in %.0f ms: %s", self.id, self.pid, self.timings_ms["total"], self.timings_ms)
 
     @staticmethod
     async def _next_frame(reader: asyncio.StreamReader, buf: bytearray) -> dict | None:
@@ -104,6 +124,8 @@ class TEHandle:
             if finish:
                 del self.tasks[rid]
             task.events.put_nowait(TaskEvent(tokens, finish, num_cached, msg.get("error")))
+        if self.on_free and len(self.tasks) < self.engine_cfg.max_num_seqs:
+            self.on_free(self)
 
     def _on_exit(self) -> None:
         was = self.state
@@ -126,29 +148,44 @@ class TEHandle:
         ids = [t for t in task_ids if self.tasks.pop(t, None) is not None]
         if ids:
             self._send({"op": "abort", "rids": ids})
+            if self.on_free:
+                self.on_free(self)
 
     def _send(self, msg: dict) -> None:
         if self.state in (TEState.READY, TEState.DRAINING) and not self.writer.is_closing():
             self.writer.write(pack(msg))
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Ask the TE to exit; kill it if it does not. Returns once the process is reaped."""
-        if self.proc is None:
+        """Ask the TE to exit; kill it if it does not. Returns once its socket is closed."""
+        if self.pid is None:
             return
         self._send({"op": "stop"})
         self.state = TEState.DRAINING if self.state is not TEState.DEAD else self.state
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
+        try:  # EOF on the socket: the process has exited (a forked TE is the template's child)
+            await asyncio.wait_for(asyncio.shield(self.reader_task) if self.reader_task else self._wait_proc(),
+                                   timeout)
         except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
+            self.kill()
         if self.reader_task:
             await self.reader_task
+        if self.proc:
+            await self.proc.wait()
+
+    async def _wait_proc(self) -> None:
+        if self.proc:
+            await self.proc.wait()
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def to_dict(self) -> dict:
         s = self.stats
         return {"id": self.id, "group": self.group, "role": self.role, "pid": self.pid,
                 "state": self.state.value, "running": s.get("running", 0), "waiting": s.get("waiting", 0),
-                "tasks": self.load, "kv_usage": s.get("kv_usage", 0.0),
+                "tasks": self.load, "start_mode": self.start_mode, "kv_usage": s.get("kv_usage", 0.0),
                 "prefix_queries": s.get("prefix_queries", 0), "prefix_hits": s.get("prefix_hits", 0),
                 "timeline_ms": self.timings_ms}

@@ -8,7 +8,6 @@ import torch
 from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.sequence import SamplingParams
-from flowserve.tokenizer import Tokenizer
 from flowserve.weights import load_weights
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -27,11 +26,6 @@ def assert_no_leak(eng: Engine) -> None:
 def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, 40000) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return Tokenizer.load(model_path)
 
 
 @pytest.fixture(scope="module")

@@ -196,8 +196,7 @@ async def read_all(session, url, body) -> list[str]:
 def test_models_health_metrics(server, client):
     for _ in range(2):  # the second one hits the prefix cache
         client.completions.create(model=MODEL, prompt="Once upon a time " * 20, max_tokens=1)
-    models = server.get("/v1/models")
-    assert models["data"][0]["id"] == MODEL
+    assert [m.id for m in client.models.list().data] == [MODEL]
     assert server.get("/health")["status"] == "ok"
     text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
     for name in ("time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",

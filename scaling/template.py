@@ -1,0 +1,177 @@
+"""The warm template: one process that forks ready-to-serve TEs (PAPER.md section 6).
+
+It imports torch and flowserve and maps the model's weights once, from the
+loading-optimized cache (`flowserve.weights`: an mmap'ed safetensors file, so the pages
+live in the page cache and every process that maps them shares them). Then it waits on a
+control socket from the main process. Each `fork` command carries, as SCM_RIGHTS
+ancillary data, the TE end of a fresh socketpair; the template forks, and the child
+becomes a TE-shell over that socket with the weights it already holds: TE-Pre-Load
+(interpreter start, imports) and most of TE-Load are gone from the critical path.
+
+The template itself never runs a multi-threaded torch op (one intra-op thread, no
+compute at all) and never touches an accelerator: forking after an OpenMP pool or a
+CUDA/NPU context exists breaks the child. A child sets its own thread count and moves the
+weights to its device after the fork.
+
+    python -m scaling.template --fd N --model PATH     (started by `TemplateHandle`)
+
+`TemplateHandle` is the main process's side: start the template, `fork` a TE, notice the
+template's death (its TEs are separate processes and keep serving).
+"""
+import argparse
+import asyncio
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+T_START = time.perf_counter()
+
+import torch  # noqa: E402
+
+from flowserve.config import EngineConfig  # noqa: E402
+from flowserve.te_shell import serve_engine  # noqa: E402
+from flowserve.weights import load_weights  # noqa: E402
+from flowserve.wire import pack, unpack_frames  # noqa: E402
+
+log = logging.getLogger("scaling.template")
+
+
+def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
+    msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+    return msg, (fds[0] if fds else None)
+
+
+def child(te_sock: socket.socket, control: socket.socket, cfg_json: dict, weights, t_fork: float) -> None:
+    """Runs in the forked process: become one TE, then exit without returning to the template loop."""
+    control.close()  # else the main process would not see the template's death while TEs live
+    code = 0
+    try:
+        serve_engine(te_sock, EngineConfig(**cfg_json), weights=weights, t_start=t_fork)
+    except BaseException:
+        log.exception("forked TE failed")
+        code = 1
+    finally:
+        os._exit(code)  # never run the template's cleanup (atexit, finalizers) in a child
+
+
+def run_template(control: socket.socket, model: str) -> None:
+    torch.set_num_threads(1)
+    cfg, tensors = load_weights(model)  # mmap'ed from the cache; converts the model on first use
+    t_ready = time.perf_counter()
+    control.sendall(pack({"op": "ready", "pid": os.getpid(), "load_ms": 1e3 * (t_ready - T_START)}))
+    buf = bytearray()
+    while True:
+        readable, _, _ = select.select([control], [], [], 1.0)
+        while True:  # reap finished TEs so none lingers as a zombie
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        if not readable:
+            continue
+        data, fd = recv_with_fd(control)
+        if not data:
+            return  # the main process is gone
+        buf += data
+        for msg in unpack_frames(buf):
+            if msg["op"] != "fork" or fd is None:
+                continue
+            te_sock = socket.socket(fileno=fd)
+            t_fork = time.perf_counter()
+            pid = os.fork()
+            if pid == 0:
+                child(te_sock, control, msg["engine_config"], (cfg, tensors), t_fork)
+            te_sock.close()
+            control.sendall(pack({"op": "forked", "te_id": msg["te_id"], "pid": pid}))
+            fd = None
+
+
+class TemplateHandle:
+    """The main process's side of the template."""
+
+    def __init__(self, model_path: str, env: dict | None = None):
+        self.model_path, self.env = model_path, env or {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sock: socket.socket | None = None
+        self.lock = threading.Lock()  # one fork command and its reply at a time
+        self.buf = bytearray()
+        self.on_death = None  # callback(), set by the cluster
+
+    async def start(self, timeout: float = 300) -> None:
+        self.sock, theirs = socket.socketpair()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "scaling.template", "--fd", str(theirs.fileno()), "--model", self.model_path,
+            "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
+            pass_fds=[theirs.fileno()], env={**os.environ, **self.env},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        theirs.close()
+        ready = await asyncio.wait_for(asyncio.to_thread(self._reply), timeout)
+        if ready is None:
+            raise RuntimeError(f"template exited during start-up (exit code {await self.proc.wait()})")
+        log.info("template ready (pid %d) in %.0f ms", self.proc.pid, ready["load_ms"])
+        asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await self.proc.wait()
+        log.error("template (pid %d) exited with %s", self.proc.pid, self.proc.returncode)
+        if self.on_death:
+            self.on_death()
+
+    def _reply(self) -> dict | None:
+        while not (msgs := unpack_frames(self.buf)):
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self.buf += data
+        return msgs[0]
+
+    def _fork(self, te_id: str, engine_cfg: dict) -> tuple[socket.socket, int]:
+        ours, theirs = socket.socketpair()
+        with self.lock:
+            socket.send_fds(self.sock, [pack({"op": "fork", "te_id": te_id, "engine_config": engine_cfg})],
+                            [theirs.fileno()])
+            theirs.close()
+            reply = self._reply()
+        if reply is None:
+            ours.close()
+            raise RuntimeError("template is gone")
+        return ours, reply["pid"]
+
+    async def fork(self, te_id: str, engine_cfg: dict) -> tuple[socket.socket, int]:
+        """A new TE forked from the template: our end of its socket, and its pid."""
+        return await asyncio.to_thread(self._fork, te_id, engine_cfg)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self) -> None:
+        if self.sock:
+            self.sock.close()  # EOF: the template returns from its loop and exits
+        if self.proc and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--log-level", default="warning")
+    args = ap.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s template[{os.getpid()}] %(name)s %(levelname)s %(message)s")
+    run_template(socket.socket(fileno=args.fd), args.model)
+
+
+if __name__ == "__main__":
+    main()

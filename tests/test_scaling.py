@@ -1,0 +1,119 @@
+"""Fast scaling against the real server: TEs forked from the warm template answer exactly as
+cold-started ones, a group at zero holds requests until a TE is ready, the autoscaler
+follows a step in load out and back in, `/admin/scale` sets a size, and a dead template
+is restarted while its TEs keep serving."""
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.server_util import Server
+
+STEPS = ("scaler_pre", "te_pre_load", "te_load", "te_post_load", "scaler_post")
+PROMPT = {"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}
+
+
+def post(s: Server, path: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(s.url + path, orjson.dumps(body), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, orjson.loads(e.read())
+
+
+def wait_until(check, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("mode", ["fork", "cold"])
+def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_reference):
+    s = Server("--start-mode", mode, "--max-model-len", "512", "--kv-cache-gb", "0.1")
+    try:
+        status, body = post(s, "/v1/completions", PROMPT)
+        assert status == 200 and body["choices"][0]["text"] == engine_greedy_reference
+        cluster = s.get("/admin/cluster")
+        assert cluster["start_mode"] == mode and (cluster["template_pid"] is not None) == (mode == "fork")
+        te = cluster["tes"][0]
+        assert te["start_mode"] == mode
+        assert all(te["timeline_ms"][k] >= 0 for k in STEPS), te["timeline_ms"]
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def engine_greedy_reference(model_path, weights, tokenizer) -> str:
+    """The in-process engine's greedy text for PROMPT: what every TE must give."""
+    from flowserve.config import EngineConfig
+    from flowserve.engine import Engine
+    from flowserve.sequence import SamplingParams
+    from flowserve.tokenizer import Detokenizer
+    engine = Engine(model_path, EngineConfig(kv_cache_gb=0.1), weights=weights)
+    prompt = tokenizer.encode(PROMPT["prompt"])
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=PROMPT["max_tokens"]))[0]
+    return Detokenizer(tokenizer, prompt).push(out)
+
+
+async def test_scale_to_zero_holds_requests_then_scales_out_and_in():
+    s = Server("--min-tes", "0", "--max-tes", "3", "--scale-in-idle-s", "1", "--scale-out-waiting", "1",
+               "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1")
+    try:
+        wait_until(lambda: not s.get("/admin/cluster")["tes"], 30)  # idle: scaled to zero
+        assert s.get("/health")["status"] == "ok"
+
+        sizes = []
+
+        async def watch():
+            while True:
+                sizes.append(len((await asyncio.to_thread(s.get, "/admin/cluster"))["tes"]))
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        async with aiohttp.ClientSession() as http:
+            async def one(i):
+                body = {"prompt": f"Request {i}: once upon a time", "max_tokens": 48, "temperature": 0,
+                        "ignore_eos": True}
+                async with http.post(s.url + "/v1/completions", json=body) as r:
+                    return r.status, await r.json()
+            results = await asyncio.gather(*(one(i) for i in range(12)))
+        watcher.cancel()
+        assert all(st == 200 and b["usage"]["completion_tokens"] == 48 for st, b in results), results
+        assert max(sizes) > 1, sizes  # 12 requests on 2 slots per TE: the group grew
+        jobs = s.get("/admin/cluster")["recent_jobs"]
+        assert len({j["tasks"][0]["te"] for j in jobs[:12]}) > 1
+        wait_until(lambda: not s.get("/admin/cluster")["tes"], 60)  # and went back to zero
+    finally:
+        assert s.stop() == 0
+
+
+def test_admin_scale_and_template_restart():
+    s = Server("--max-model-len", "512", "--kv-cache-gb", "0.05")
+    try:
+        assert post(s, "/admin/scale", {"group": "colocated", "instances": 3}) == (
+            200, {"group": "colocated", "instances": 3})
+        wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 3)
+        assert post(s, "/admin/scale", {"group": "nope", "instances": 1})[0] == 400
+        assert post(s, "/admin/scale", {"instances": -1})[0] == 400
+        assert post(s, "/admin/scale", {"instances": 1}) == (200, {"group": "colocated", "instances": 1})
+        wait_until(lambda: len(s.get("/admin/cluster")["tes"]) == 1)
+
+        before = s.get("/admin/cluster")
+        os.kill(before["template_pid"], signal.SIGKILL)
+        status, body = post(s, "/v1/completions", PROMPT)  # the running TE is not the template's hostage
+        assert status == 200 and body["usage"]["completion_tokens"] > 0
+        wait_until(lambda: s.get("/admin/cluster")["template_pid"] not in (None, before["template_pid"]))
+        assert s.get("/admin/cluster")["tes"][0]["pid"] == before["tes"][0]["pid"]
+        assert post(s, "/admin/scale", {"instances": 2})[0] == 200  # forks from the new template
+        wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
+        assert all(te["start_mode"] == "fork" for te in s.get("/admin/cluster")["tes"])
+    finally:
+        assert s.stop() == 0
