@@ -6,8 +6,8 @@
 `serve` runs one asyncio process: the aiohttp routes below (validation, SSE), the job
 executors (`scheduler/je.py`) and the cluster (`scheduler/cluster.py`) that places tasks on
 TE processes (`flowserve/te_shell.py`). One chat request: `chat_completions` -> `JobExecutor.
-chat_job` (template, tokenize) -> `JobExecutor.start` -> `Cluster.dist_sched` -> `TEHandle.
-submit` -> the TE's engine step loop -> `TEHandle._on_step` -> `JobExecutor._choice`
+chat_job` (template, tokenize) -> `JobExecutor.start` -> `Cluster.submit` -> `Cluster.
+dist_sched` -> `TEHandle.submit` -> the TE's engine step loop -> `TEHandle._on_step` -> `JobExecutor._choice`
 (detokenize, stop strings) -> `respond` (SSE chunk or JSON body). docs/WALKTHROUGH.md
 follows it in detail.
 """
@@ -309,8 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--scale-out-waiting", type=int, default=4,
                      help="scale out when more sequences than this per TE wait for a batch slot")
     srv.add_argument("--scale-in-idle-s", type=float, default=30.0, help="scale in after this long without work")
-    srv.add_argument("--start-mode", choices=["fork", "cold"], default="fork",
-                     help="new TEs: forked from the warm template, or fresh interpreters (the baseline)")
+    srv.add_argument("--start-mode", choices=["fork", "preloaded", "cold"], default="fork",
+                     help="new TEs: forked from the warm template; fresh interpreters mapping the cached "
+                          "weights; or fresh interpreters reading the model file (the baseline)")
     srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")

@@ -43,6 +43,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 0          # 0: the model's context length
     num_threads: int = 0            # 0: leave torch's default
+    use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
 
 
 def default_model_path() -> str:

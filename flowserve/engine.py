@@ -43,7 +43,7 @@ class Engine:
         self.device = pick_device(cfg.device)
         self.dtype = compute_dtype(self.device)
         t0 = time.perf_counter()
-        self.model_cfg, tensors = weights or load_weights(model_path, self.dtype)
+        self.model_cfg, tensors = weights or load_weights(model_path, self.dtype, cfg.use_weight_cache)
         tensors = {k: v.to(self.dtype) for k, v in tensors.items()}  # no copy when it already matches
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)

@@ -2,8 +2,8 @@
 
 A TE group is the TEs of one model in one mode (here: colocated), with a target size the
 autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked from
-the warm template (`scaling/template.py`) or, with `--start-mode cold` or while the
-template is down, started as fresh interpreters. `dist_sched` picks the TE for a task;
+the warm template (`scaling/template.py`) or, with `--start-mode preloaded|cold` or while
+the template is down, started as fresh interpreters. `dist_sched` picks the TE for a task;
 today it is load-aware (fewest tasks, ties broken round-robin), the policy of Algorithm 1
 when loads are imbalanced. A task that finds no TE with a free batch slot (the group is
 busy, at zero, or all its TEs died) is held in the group's pending queue and placed as
@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from flowserve.config import EngineConfig
 from scaling.template import TemplateHandle
@@ -34,7 +34,10 @@ class Overloaded(Exception):
 class Cluster:
     def __init__(self, model_path: str, engine_cfg: EngineConfig, num_tes: int = 1,
                  max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork"):
-        self.model_path, self.engine_cfg = model_path, engine_cfg
+        self.model_path = model_path
+        # cold: every TE reads the model file; preloaded: it maps the loading-optimized cache
+        # (DRAM pre-loading: the pages stay in the page cache); fork: from the warm template.
+        self.engine_cfg = replace(engine_cfg, use_weight_cache=start_mode != "cold")
         self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
         self.groups: dict[str, list[TEHandle]] = {"colocated": []}
         self.target: dict[str, int] = {"colocated": num_tes}

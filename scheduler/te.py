@@ -64,7 +64,7 @@ class TEHandle:
             self.start_mode = "fork"
             parent, self.pid = await template.fork(self.id, asdict(self.engine_cfg))
         else:
-            self.start_mode = "cold"
+            self.start_mode = "preloaded" if self.engine_cfg.use_weight_cache else "cold"
             parent, child = socket.socketpair()
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()),

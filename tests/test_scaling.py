@@ -35,7 +35,7 @@ def wait_until(check, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("mode", ["fork", "cold"])
+@pytest.mark.parametrize("mode", ["fork", "preloaded", "cold"])
 def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_reference):
     s = Server("--start-mode", mode, "--max-model-len", "512", "--kv-cache-gb", "0.1")
     try:

@@ -1,0 +1,138 @@
+"""Scale-out benchmark: how fast new TEs serve, by start mode, and how far fork scales.
+
+Each part starts `deepflow.py serve` on a free loopback port (tests/server_util.py):
+
+1. timeline: for each start mode (cold: fresh interpreter + model file; preloaded: fresh
+   interpreter + mmap'ed cache, the DRAM pre-loading path; fork: the warm template), scale
+   a group from zero with one request waiting, and report the TE's five-step timeline and
+   the request's time to first token, all ratios against cold in the same run.
+2. scale: with the fork mode, `POST /admin/scale` to N TEs (small KV budget each, one
+   thread each) for N in --sizes: time until all N are ready and each has served one
+   request, and the memory of all TE processes (PSS, which splits shared pages among their
+   sharers) against N copies of the weights; plus one TE's shared/private split from
+   /proc/<pid>/smaps_rollup.
+
+    python bench/scaling.py [--sizes 1,8,16,32,64] [--out bench/results/scaling.json]
+"""
+import argparse
+import concurrent.futures
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.server_util import Server  # noqa: E402
+
+STEPS = ("scaler_pre", "te_pre_load", "te_load", "te_post_load", "scaler_post")
+COMMON = ("--max-model-len", "512", "--kv-cache-gb", "0.02", "--threads-per-te", "1")
+
+
+def post(s: Server, path: str, body: dict) -> dict:
+    req = urllib.request.Request(s.url + path, orjson.dumps(body), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return orjson.loads(r.read())
+
+
+def first_token_ms(s: Server) -> float:
+    """Stream one request; ms until the first content chunk."""
+    body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}
+    req = urllib.request.Request(s.url + "/v1/completions", orjson.dumps(body), {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: {") and orjson.loads(line[6:])["choices"][0]["text"]:
+                return 1e3 * (time.perf_counter() - t0)
+    raise RuntimeError("no token")
+
+
+def wait_until(check, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.02)
+
+
+def smaps(pid: int) -> dict:
+    """kB figures of /proc/<pid>/smaps_rollup."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":")
+        out[key] = int(value.split()[0])
+    return out
+
+
+def timeline(mode: str) -> dict:
+    s = Server("--start-mode", mode, "--min-tes", "0", "--max-tes", "1", "--scale-in-idle-s", "0.5", *COMMON)
+    try:
+        wait_until(lambda: not s.get("/admin/cluster")["tes"])
+        ttft = first_token_ms(s)  # arrives at zero TEs: held until the scale-out is ready
+        te = s.get("/admin/cluster")["tes"][0]
+        return {"mode": mode, "first_token_ms": ttft, **te["timeline_ms"]}
+    finally:
+        s.stop()
+
+
+def scale(n: int, weight_bytes: int) -> dict:
+    s = Server(*COMMON)
+    try:
+        post(s, "/admin/scale", {"group": "colocated", "instances": 0})
+        wait_until(lambda: not s.get("/admin/cluster")["tes"])
+        t0 = time.perf_counter()
+        post(s, "/admin/scale", {"group": "colocated", "instances": n})
+        wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == n)
+        ready_s = time.perf_counter() - t0
+        # one request per TE: dist_sched gives each new request to an idle TE
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda i: post(s, "/v1/completions", {"prompt": f"Hi {i}", "max_tokens": 1}), range(n)))
+        served_s = time.perf_counter() - t0
+        cluster = s.get("/admin/cluster")
+        pids = [te["pid"] for te in cluster["tes"]]
+        served_by = {task["te"] for job in cluster["recent_jobs"][:n] for task in job["tasks"]}
+        pss_mb = sum(smaps(pid)["Pss"] for pid in pids + [cluster["template_pid"]]) / 1024
+        one = smaps(pids[0])
+        return {"tes": n, "ready_s": ready_s, "ready_and_served_s": served_s, "tes_that_served": len(served_by),
+                "pss_total_mb": pss_mb, "n_x_weights_mb": n * weight_bytes / 2**20,
+                "one_te_shared_mb": (one["Shared_Clean"] + one["Shared_Dirty"]) / 1024,
+                "one_te_private_mb": (one["Private_Clean"] + one["Private_Dirty"]) / 1024,
+                "mean_timeline_ms": {k: sum(te["timeline_ms"][k] for te in cluster["tes"]) / n for k in STEPS}}
+    finally:
+        s.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1,8,16,32,64")
+    ap.add_argument("--modes", default="cold,preloaded,fork")
+    ap.add_argument("--out", default="bench/results/scaling.json")
+    args = ap.parse_args()
+    from flowserve.config import default_model_path
+    from flowserve.weights import load_weights
+    weight_bytes = sum(t.numel() * t.element_size() for t in load_weights(default_model_path())[1].values())
+
+    rows = [timeline(m) for m in args.modes.split(",")]
+    cold = next((r for r in rows if r["mode"] == "cold"), rows[0])
+    print("| start mode | " + " | ".join(STEPS) + " | first token at zero TEs (ms) | vs cold |")
+    print("|---|" + "---:|" * (len(STEPS) + 2))
+    for r in rows:
+        print(f"| {r['mode']} | " + " | ".join(f"{r[k]:.0f}" for k in STEPS) +
+              f" | {r['first_token_ms']:.0f} | {cold['first_token_ms'] / r['first_token_ms']:.1f}x faster |")
+
+    scaled = [scale(int(n), weight_bytes) for n in args.sizes.split(",")]
+    print("\n| TEs | all ready (s) | ready + each served one request (s) | TEs that served | PSS of TEs + template (MB) "
+          "| N x weights (MB) | one TE shared / private (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in scaled:
+        print(f"| {r['tes']} | {r['ready_s']:.2f} | {r['ready_and_served_s']:.2f} | {r['tes_that_served']} | "
+              f"{r['pss_total_mb']:.0f} | {r['n_x_weights_mb']:.0f} | "
+              f"{r['one_te_shared_mb']:.0f} / {r['one_te_private_mb']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"timeline": rows, "scale": scaled}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
