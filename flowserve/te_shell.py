@@ -81,15 +81,22 @@ class TEShell:
                     [o.request_id, o.new_token_ids, o.finish_reason, o.num_prompt, o.num_cached] for o in outs]})
 
 
+def warm_up(engine: Engine) -> None:
+    """One dummy request (a prefill and a decode step), so the first real one runs at full speed."""
+    engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))
+
+
 def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None,
-                 weights=None, t_start: float = T_START) -> None:
+                 weights=None, t_start: float = T_START, warmed_on_cpu: bool = False) -> None:
     """Build the engine (from `model`, or from `weights` a warm template already holds), warm
     it up, say `ready` with the TE's start-up timeline, and serve until told to stop.
-    `t_start` is when this TE began: process start (cold) or the fork (scaling/template.py)."""
+    `t_start` is when this TE began: process start (cold) or the fork (scaling/template.py).
+    `warmed_on_cpu`: the process already ran a CPU warm-up before it was forked."""
     t_pre = time.perf_counter()
     engine = Engine(model, cfg, weights=weights)
     t_loaded = time.perf_counter()
-    engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))  # warm-up request
+    if not (warmed_on_cpu and engine.device.type == "cpu"):
+        warm_up(engine)
     t_warm = time.perf_counter()
     shell = TEShell(sock, engine)
     shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),

@@ -1,6 +1,7 @@
 """The autoscaler: keeps each TE group between its min and max size as load comes and goes.
 
-Every `interval_s` it reads the group from the cluster (`scheduler/cluster.py`):
+Every `interval_s`, or at once when the cluster has to hold a task, it reads the group
+from the cluster (`scheduler/cluster.py`):
 - scale out by one when work waits: tasks held because no TE is ready (a group at zero
   starts its first TE at once) or more than `waiting_per_te` sequences queued in the TEs'
   batchers per TE; one TE start at a time, so a burst does not overshoot to max;
@@ -30,7 +31,11 @@ class ScalePolicy:
 async def autoscale(cluster, group: str, policy: ScalePolicy) -> None:
     idle_since = time.monotonic()
     while not cluster.closing:
-        await asyncio.sleep(policy.interval_s)
+        try:
+            await asyncio.wait_for(cluster.work_held.wait(), policy.interval_s)
+        except TimeoutError:
+            pass
+        cluster.work_held.clear()
         tes = [te for te in cluster.groups[group] if not te.retiring]
         size, starting = cluster.target[group], any(te.state is TEState.STARTING for te in tes)
         ready = [te for te in tes if te.state is TEState.READY]

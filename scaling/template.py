@@ -8,8 +8,8 @@ ancillary data, the TE end of a fresh socketpair; the template forks, and the ch
 becomes a TE-shell over that socket with the weights it already holds: TE-Pre-Load
 (interpreter start, imports) and most of TE-Load are gone from the critical path.
 
-The template itself never runs a multi-threaded torch op (one intra-op thread, no
-compute at all) and never touches an accelerator: forking after an OpenMP pool or a
+The template itself never runs a multi-threaded torch op (one intra-op thread; its only
+compute is a warm-up request on the CPU) and never touches an accelerator: forking after an OpenMP pool or a
 CUDA/NPU context exists breaks the child. A child sets its own thread count and moves the
 weights to its device after the fork.
 
@@ -33,7 +33,8 @@ T_START = time.perf_counter()
 import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
-from flowserve.te_shell import serve_engine  # noqa: E402
+from flowserve.engine import Engine  # noqa: E402
+from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
 from flowserve.wire import pack, unpack_frames  # noqa: E402
 
@@ -50,7 +51,7 @@ def child(te_sock: socket.socket, control: socket.socket, cfg_json: dict, weight
     control.close()  # else the main process would not see the template's death while TEs live
     code = 0
     try:
-        serve_engine(te_sock, EngineConfig(**cfg_json), weights=weights, t_start=t_fork)
+        serve_engine(te_sock, EngineConfig(**cfg_json), weights=weights, t_start=t_fork, warmed_on_cpu=True)
     except BaseException:
         log.exception("forked TE failed")
         code = 1
@@ -61,6 +62,9 @@ def child(te_sock: socket.socket, control: socket.socket, cfg_json: dict, weight
 def run_template(control: socket.socket, model: str) -> None:
     torch.set_num_threads(1)
     cfg, tensors = load_weights(model)  # mmap'ed from the cache; converts the model on first use
+    # Warm the CPU kernels once, here, on one thread: every fork inherits them and skips its
+    # own warm-up (TE-Post-Load). A TE on an accelerator still warms up after the fork.
+    warm_up(Engine(None, EngineConfig(device="cpu", num_kv_blocks=4, num_threads=1), weights=(cfg, tensors)))
     t_ready = time.perf_counter()
     control.sendall(pack({"op": "ready", "pid": os.getpid(), "load_ms": 1e3 * (t_ready - T_START)}))
     buf = bytearray()

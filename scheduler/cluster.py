@@ -48,6 +48,7 @@ class Cluster:
         self.closing = False
         self.replacing = 0               # TEs being started to replace dead ones
         self._max_model_len = 0
+        self.work_held = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 
     @property
@@ -159,6 +160,7 @@ class Cluster:
         while queue:
             te = self.dist_sched(queue[0], group)
             if te is None or te.load >= self.engine_cfg.max_num_seqs:
+                self.work_held.set()  # wakes the autoscaler now, not at its next tick
                 return
             te.submit(queue.popleft())
 
