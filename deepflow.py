@@ -228,7 +228,8 @@ async def serve(args: argparse.Namespace) -> None:
                               max_model_len=args.max_model_len, num_threads=threads)
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
     cluster = Cluster(model, engine_cfg, num_tes=args.num_tes, max_queued=args.max_queued,
-                      te_env={"OMP_NUM_THREADS": str(threads)}, start_mode=args.start_mode)
+                      te_env={"OMP_NUM_THREADS": str(threads)}, start_mode=args.start_mode,
+                      prewarmed=args.prewarmed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -310,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="scale out when more sequences than this per TE wait for a batch slot")
     srv.add_argument("--scale-in-idle-s", type=float, default=30.0, help="scale in after this long without work")
     srv.add_argument("--start-mode", choices=["fork", "preloaded", "cold"], default="fork",
-                     help="new TEs: forked from the warm template; fresh interpreters mapping the cached "
+                     help="new TEs: forked from the warm template; pre-warmed processes mapping the cached "
                           "weights; or fresh interpreters reading the model file (the baseline)")
+    srv.add_argument("--prewarmed", type=int, default=1, help="pool of pre-warmed TEs (--start-mode preloaded)")
     srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")

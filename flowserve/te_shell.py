@@ -8,6 +8,9 @@ step's new tokens plus the engine's stats back in one `step` frame. Single-threa
 socket is only touched between steps, so the engine needs no locks.
 
     python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}'
+
+Without `--model` it starts pre-warmed (scaling/prewarm.py): runtime imported, device
+initialised, waiting for a `load` command that names the model.
 """
 import argparse
 import json
@@ -20,7 +23,10 @@ import time
 
 T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
 
+import torch  # noqa: E402
+
 from flowserve.config import EngineConfig  # noqa: E402
+from flowserve.device import pick_device  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.sequence import SamplingParams  # noqa: E402
 from flowserve.wire import pack, unpack_frames  # noqa: E402
@@ -111,16 +117,32 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     log.info("TE %d exiting", os.getpid())
 
 
+def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[str, float]:
+    """Pre-warmed: the runtime is imported; initialise the device, say so, and wait for a
+    `load` command. Returns the model to load and when the command came."""
+    torch.zeros(1, device=pick_device(cfg.device))
+    sock.sendall(pack({"op": "prewarmed", "pid": os.getpid()}))
+    buf = bytearray()
+    while not (msgs := unpack_frames(buf)):
+        data = sock.recv(1 << 16)
+        if not data:
+            sys.exit(0)  # the main process is gone
+        buf += data
+    return msgs[0]["model"], time.perf_counter()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="without one, start pre-warmed and wait for a `load` command")
     ap.add_argument("--engine-config", default="{}")
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s te[{os.getpid()}] %(name)s %(levelname)s %(message)s")
-    serve_engine(socket.socket(fileno=args.fd), EngineConfig(**json.loads(args.engine_config)), model=args.model)
+    sock, cfg = socket.socket(fileno=args.fd), EngineConfig(**json.loads(args.engine_config))
+    model, t_start = (args.model, T_START) if args.model else wait_for_model(sock, cfg)
+    serve_engine(sock, cfg, model=model, t_start=t_start)
 
 
 if __name__ == "__main__":

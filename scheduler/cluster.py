@@ -2,8 +2,10 @@
 
 A TE group is the TEs of one model in one mode (here: colocated), with a target size the
 autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked from
-the warm template (`scaling/template.py`) or, with `--start-mode preloaded|cold` or while
-the template is down, started as fresh interpreters. `dist_sched` picks the TE for a task;
+the warm template (`scaling/template.py`); with `--start-mode preloaded` a pre-warmed
+process from the pool (`scaling/prewarm.py`) is told to map the cached weights; with
+`--start-mode cold`, or while the template is down or the pool empty, a fresh interpreter
+starts. `dist_sched` picks the TE for a task;
 today it is load-aware (fewest tasks, ties broken round-robin), the policy of Algorithm 1
 when loads are imbalanced. A task that finds no TE with a free batch slot (the group is
 busy, at zero, or all its TEs died) is held in the group's pending queue and placed as
@@ -20,6 +22,7 @@ from collections import deque
 from dataclasses import asdict, replace
 
 from flowserve.config import EngineConfig
+from scaling.prewarm import PrewarmPool
 from scaling.template import TemplateHandle
 from scheduler.job import Task, TaskEvent
 from scheduler.te import TEHandle, TEState
@@ -33,16 +36,19 @@ class Overloaded(Exception):
 
 class Cluster:
     def __init__(self, model_path: str, engine_cfg: EngineConfig, num_tes: int = 1,
-                 max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork"):
+                 max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork",
+                 prewarmed: int = 1):
         self.model_path = model_path
-        # cold: every TE reads the model file; preloaded: it maps the loading-optimized cache
-        # (DRAM pre-loading: the pages stay in the page cache); fork: from the warm template.
+        # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
+        # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
+        # the warm template, which maps that cache once.
         self.engine_cfg = replace(engine_cfg, use_weight_cache=start_mode != "cold")
         self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
         self.groups: dict[str, list[TEHandle]] = {"colocated": []}
         self.target: dict[str, int] = {"colocated": num_tes}
         self.pending: dict[str, deque[Task]] = {"colocated": deque()}
         self.template: TemplateHandle | None = None
+        self.pool = PrewarmPool(prewarmed, self.engine_cfg, self.te_env) if start_mode == "preloaded" else None
         self._ids = itertools.count()
         self._rr = itertools.count()
         self.closing = False
@@ -61,6 +67,9 @@ class Cluster:
     async def start(self) -> None:
         if self.start_mode == "fork":
             await self._start_template()
+        if self.pool:
+            self.pool.fill()
+            await self.pool.wait_filled()
         await asyncio.gather(*(self.add_te(g) for g, n in self.target.items() for _ in range(n)))
 
     async def _start_template(self) -> None:
@@ -84,8 +93,9 @@ class Cluster:
         te.on_free = lambda te: self._place_pending(te.group)
         self.groups[group].append(te)
         template = self.template if self.template and self.template.alive else None
+        prewarmed = self.pool.take() if self.pool else None
         try:
-            await te.start(self.te_env, template)
+            await te.start(self.te_env, template, prewarmed)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self.groups[group].remove(te)
             te.kill()
@@ -193,6 +203,8 @@ class Cluster:
         await asyncio.gather(*(te.stop() for te in self.tes), return_exceptions=True)
         if self.template:
             await self.template.stop()
+        if self.pool:
+            await self.pool.stop()
 
     def to_dict(self) -> dict:
         return {"start_mode": self.start_mode,

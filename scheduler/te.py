@@ -32,6 +32,33 @@ class TEState(str, Enum):
     DEAD = "dead"
 
 
+async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None,
+                         model_path: str | None) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """A fresh TE-shell interpreter on a new socketpair; without a model it starts pre-warmed."""
+    parent, child = socket.socketpair()
+    model = ["--model", model_path] if model_path else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()), *model,
+        "--engine-config", json.dumps(asdict(engine_cfg)),
+        "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
+        pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    child.close()
+    return proc, parent
+
+
+async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> dict | None:
+    """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
+    while True:
+        msgs = unpack_frames(buf)
+        if msgs:
+            return msgs[0]
+        data = await reader.read(1 << 20)
+        if not data:
+            return None
+        buf += data
+
+
 class TEHandle:
     def __init__(self, te_id: str, group: str, role: str, model_path: str, engine_cfg: EngineConfig):
         self.id, self.group, self.role = te_id, group, role
@@ -56,54 +83,42 @@ class TEHandle:
         """Tasks on this TE, counted here (not from its stats), so it is current at once."""
         return len(self.tasks)
 
-    async def start(self, env: dict | None = None, template=None, timeout: float = 300) -> None:
-        """Start the TE process: forked from the warm `template`, or a fresh interpreter (cold).
-        Returns once it is ready; records the five-step timeline (the cluster adds scaler_post)."""
+    async def start(self, env: dict | None = None, template=None, prewarmed=None, timeout: float = 300) -> None:
+        """Start the TE process: forked from the warm `template`, a `prewarmed` process (runtime
+        imported, waiting for a model) told to load, or a fresh interpreter. Returns once it is
+        ready; records the five-step timeline (the cluster adds scaler_post)."""
         t0 = time.perf_counter()
+        buf = bytearray()
         if template is not None:
             self.start_mode = "fork"
             parent, self.pid = await template.fork(self.id, asdict(self.engine_cfg))
+            reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        elif prewarmed is not None:
+            self.start_mode = "preloaded"  # pre-warmed process + the mmap'ed cache
+            self.proc, self.pid, reader, self.writer, buf = prewarmed
+            self.writer.write(pack({"op": "load", "model": self.model_path}))
         else:
             self.start_mode = "preloaded" if self.engine_cfg.use_weight_cache else "cold"
-            parent, child = socket.socketpair()
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()),
-                "--model", self.model_path, "--engine-config", json.dumps(asdict(self.engine_cfg)),
-                "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
-                pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            child.close()
+            self.proc, parent = await spawn_te_shell(self.engine_cfg, env, self.model_path)
             self.pid = self.proc.pid
+            reader, self.writer = await asyncio.open_unix_connection(sock=parent)
         t_started = time.perf_counter()
-        reader, self.writer = await asyncio.open_unix_connection(sock=parent)
-        buf = bytearray()
-        ready = await asyncio.wait_for(self._next_frame(reader, buf), timeout)
+        ready = await asyncio.wait_for(next_frame(reader, buf), timeout)
         if ready is None or ready["op"] != "ready":
             self.state = TEState.DEAD
             raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
         self.t_ready = time.perf_counter()
         self.stats, self.max_model_len = ready["stats"], ready["max_model_len"]
         te = ready["timings_ms"]
-        # Scaler-Pre: spawning the interpreter, or the template's fork round trip. TE-Pre-Load:
-        # for a fork, the child's first moments; for a cold start, interpreter start-up and
+        # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
+        # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and
         # imports, i.e. all the time before the load that the TE did not report.
         gap = 1e3 * (self.t_ready - t_started) - te["te_load"] - te["te_post_load"]
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
-                           "te_pre_load": te["te_pre_load"] if template is not None else gap,
+                           "te_pre_load": gap if self.proc and not prewarmed else te["te_pre_load"],
                            "te_load": te["te_load"], "te_post_load": te["te_post_load"]}
         self.state = TEState.READY
         self.reader_task = asyncio.create_task(self._read_loop(reader, buf))
-
-    @staticmethod
-    async def _next_frame(reader: asyncio.StreamReader, buf: bytearray) -> dict | None:
-        while True:
-            msgs = unpack_frames(buf)
-            if msgs:  # a TE sends nothing after `ready` until it is given work
-                return msgs[0]
-            data = await reader.read(1 << 20)
-            if not data:
-                return None
-            buf += data
 
     async def _read_loop(self, reader: asyncio.StreamReader, buf: bytearray) -> None:
         try:

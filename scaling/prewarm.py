@@ -1,0 +1,63 @@
+"""Pre-warmed TEs: a small pool of model-agnostic TE processes, waiting for a model.
+
+Each is a `flowserve.te_shell` started without `--model`: the interpreter is up, torch is
+imported, the device is initialised, and it has said `prewarmed`. Taking one (the
+`preloaded` start mode of `scheduler/cluster.py`) and sending it `load` takes TE-Pre-Load
+off the critical path; the weights then come from the mmap'ed loading-optimized cache
+(DRAM pre-loading). The pool refills itself in the background after each take.
+"""
+import asyncio
+import logging
+
+from flowserve.config import EngineConfig
+from scheduler.te import next_frame, spawn_te_shell
+
+log = logging.getLogger("deepflow.prewarm")
+
+
+class PrewarmPool:
+    def __init__(self, size: int, engine_cfg: EngineConfig, env: dict | None = None):
+        self.size, self.engine_cfg, self.env = size, engine_cfg, env or {}
+        self.ready: list[tuple] = []     # (proc, pid, reader, writer, buf), as TEHandle.start takes it
+        self._filling: set[asyncio.Task] = set()
+
+    def fill(self) -> None:
+        for _ in range(self.size - len(self.ready) - len(self._filling)):
+            task = asyncio.create_task(self._spawn())
+            self._filling.add(task)
+            task.add_done_callback(self._filling.discard)
+
+    async def wait_filled(self) -> None:
+        await asyncio.gather(*self._filling, return_exceptions=True)
+
+    async def _spawn(self) -> None:
+        proc, sock = await spawn_te_shell(self.engine_cfg, self.env, None)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        buf = bytearray()
+        hello = await next_frame(reader, buf)
+        if hello is None or hello["op"] != "prewarmed":
+            log.error("pre-warmed TE (pid %d) failed to start", proc.pid)
+            return
+        self.ready.append((proc, proc.pid, reader, writer, buf))
+
+    def take(self) -> tuple | None:
+        """A pre-warmed TE, if one is waiting (a refill starts at once)."""
+        while self.ready:
+            entry = self.ready.pop(0)
+            self.fill()
+            if entry[0].returncode is None:
+                return entry
+        self.fill()
+        return None
+
+    async def stop(self) -> None:
+        for task in list(self._filling):
+            task.cancel()
+        for proc, _, _, writer, _ in self.ready:
+            writer.close()  # EOF: it exits
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.ready.clear()
