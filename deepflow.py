@@ -310,10 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--scale-out-waiting", type=int, default=4,
                      help="scale out when more sequences than this per TE wait for a batch slot")
     srv.add_argument("--scale-in-idle-s", type=float, default=30.0, help="scale in after this long without work")
-    srv.add_argument("--start-mode", choices=["fork", "preloaded", "cold"], default="fork",
+    srv.add_argument("--start-mode", choices=["fork", "preloaded", "peer", "cold"], default="fork",
                      help="new TEs: forked from the warm template; pre-warmed processes mapping the cached "
-                          "weights; or fresh interpreters reading the model file (the baseline)")
-    srv.add_argument("--prewarmed", type=int, default=1, help="pool of pre-warmed TEs (--start-mode preloaded)")
+                          "weights, or receiving them from a running TE; or fresh interpreters reading the "
+                          "model file (the baseline)")
+    srv.add_argument("--prewarmed", type=int, default=1, help="pool of pre-warmed TEs (--start-mode preloaded or peer)")
     srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")

@@ -83,6 +83,20 @@ def timeline(mode: str) -> dict:
         s.stop()
 
 
+def peer_timeline(weight_bytes: int) -> dict:
+    """A second TE that receives its weights from the running first one over TCP (DistFlow)."""
+    s = Server("--start-mode", "peer", *COMMON)
+    try:
+        wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"] == 1)
+        post(s, "/admin/scale", {"group": "colocated", "instances": 2})
+        wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
+        te = next(te for te in s.get("/admin/cluster")["tes"] if te["start_mode"] == "peer")
+        return {"mode": "peer", **te["timeline_ms"],
+                "weights_gb_per_s": weight_bytes / 1e9 / (te["timeline_ms"]["te_load"] / 1e3)}
+    finally:
+        s.stop()
+
+
 def scale(n: int, weight_bytes: int) -> dict:
     s = Server(*COMMON)
     try:
@@ -113,7 +127,7 @@ def scale(n: int, weight_bytes: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1,8,16,32,64")
-    ap.add_argument("--modes", default="cold,preloaded,fork")
+    ap.add_argument("--modes", default="cold,preloaded,fork")  # then peer, which needs a running TE
     ap.add_argument("--out", default="bench/results/scaling.json")
     args = ap.parse_args()
     from flowserve.config import default_model_path
@@ -130,7 +144,13 @@ def main() -> None:
               f" | {r['first_token_ms']:.0f} | {cold['first_token_ms'] / r['first_token_ms']:.1f}x faster "
               f"| {r['request_1_ms']:.0f}, {r['request_2_ms']:.0f} |")
 
-    scaled = [scale(int(n), weight_bytes) for n in args.sizes.split(",")]
+    peer = peer_timeline(weight_bytes)
+    print("| peer (a 2nd TE, weights streamed from the 1st over TCP) | " +
+          " | ".join(f"{peer[k]:.0f}" for k in STEPS) +
+          f" | | | TE-Load at {peer['weights_gb_per_s']:.2f} GB/s of weights |")
+    rows.append(peer)
+
+    scaled = [scale(int(n), weight_bytes) for n in args.sizes.split(",") if n]
     print("\n| TEs | all ready (s) | ready + each served one request (s) | TEs that served | PSS of TEs + template (MB) "
           "| N x weights (MB) | one TE shared / private (MB) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

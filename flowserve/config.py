@@ -44,6 +44,7 @@ class EngineConfig:
     max_model_len: int = 0          # 0: the model's context length
     num_threads: int = 0            # 0: leave torch's default
     use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
+    serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
 
 
 def default_model_path() -> str:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
+from flowserve.distflow import fetch_weights, serve_weights  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.sequence import SamplingParams  # noqa: E402
 from flowserve.wire import pack, unpack_frames  # noqa: E402
@@ -92,21 +93,25 @@ def warm_up(engine: Engine) -> None:
     engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))
 
 
-def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None,
-                 weights=None, t_start: float = T_START, warmed_on_cpu: bool = False) -> None:
-    """Build the engine (from `model`, or from `weights` a warm template already holds), warm
-    it up, say `ready` with the TE's start-up timeline, and serve until told to stop.
-    `t_start` is when this TE began: process start (cold) or the fork (scaling/template.py).
+def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None, weights=None,
+                 weights_from: str | None = None, t_start: float = T_START, warmed_on_cpu: bool = False) -> None:
+    """Build the engine (from `model`; from `weights` a warm template already holds; or from
+    the weights a running TE streams from `weights_from`), warm it up, say `ready` with the
+    TE's start-up timeline, and serve until told to stop. `t_start` is when this TE began:
+    process start, the fork (scaling/template.py), or the `load` command (pre-warmed).
     `warmed_on_cpu`: the process already ran a CPU warm-up before it was forked."""
     t_pre = time.perf_counter()
+    if weights_from:
+        weights = fetch_weights(weights_from)
     engine = Engine(model, cfg, weights=weights)
+    port = serve_weights(engine.model_cfg, engine.runner.model.w) if cfg.serve_weights else None
     t_loaded = time.perf_counter()
     if not (warmed_on_cpu and engine.device.type == "cpu"):
         warm_up(engine)
     t_warm = time.perf_counter()
     shell = TEShell(sock, engine)
     shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),
-                "max_model_len": engine.max_model_len,
+                "max_model_len": engine.max_model_len, "weights_port": port,
                 "timings_ms": {"te_pre_load": 1e3 * (t_pre - t_start),
                                "te_load": 1e3 * (t_loaded - t_pre),
                                "te_post_load": 1e3 * (t_warm - t_loaded)}})
@@ -117,9 +122,10 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     log.info("TE %d exiting", os.getpid())
 
 
-def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[str, float]:
+def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[dict, float]:
     """Pre-warmed: the runtime is imported; initialise the device, say so, and wait for a
-    `load` command. Returns the model to load and when the command came."""
+    `load` command (the model, and maybe a TE to stream the weights from). Returns it and
+    when it came."""
     torch.zeros(1, device=pick_device(cfg.device))
     sock.sendall(pack({"op": "prewarmed", "pid": os.getpid()}))
     buf = bytearray()
@@ -128,7 +134,7 @@ def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[str, float]:
         if not data:
             sys.exit(0)  # the main process is gone
         buf += data
-    return msgs[0]["model"], time.perf_counter()
+    return msgs[0], time.perf_counter()
 
 
 def main() -> None:
@@ -141,8 +147,11 @@ def main() -> None:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s te[{os.getpid()}] %(name)s %(levelname)s %(message)s")
     sock, cfg = socket.socket(fileno=args.fd), EngineConfig(**json.loads(args.engine_config))
-    model, t_start = (args.model, T_START) if args.model else wait_for_model(sock, cfg)
-    serve_engine(sock, cfg, model=model, t_start=t_start)
+    if args.model:
+        serve_engine(sock, cfg, model=args.model)
+    else:
+        load, t_start = wait_for_model(sock, cfg)
+        serve_engine(sock, cfg, model=load["model"], weights_from=load.get("weights_from"), t_start=t_start)
 
 
 if __name__ == "__main__":

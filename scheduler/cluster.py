@@ -4,8 +4,9 @@ A TE group is the TEs of one model in one mode (here: colocated), with a target 
 autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked from
 the warm template (`scaling/template.py`); with `--start-mode preloaded` a pre-warmed
 process from the pool (`scaling/prewarm.py`) is told to map the cached weights; with
-`--start-mode cold`, or while the template is down or the pool empty, a fresh interpreter
-starts. `dist_sched` picks the TE for a task;
+`--start-mode peer` such a process receives the weights from a running TE instead (DistFlow,
+`flowserve/distflow.py`); with `--start-mode cold`, or while the template is down or the
+pool empty, a fresh interpreter starts. `dist_sched` picks the TE for a task;
 today it is load-aware (fewest tasks, ties broken round-robin), the policy of Algorithm 1
 when loads are imbalanced. A task that finds no TE with a free batch slot (the group is
 busy, at zero, or all its TEs died) is held in the group's pending queue and placed as
@@ -42,13 +43,14 @@ class Cluster:
         # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
         # the warm template, which maps that cache once.
-        self.engine_cfg = replace(engine_cfg, use_weight_cache=start_mode != "cold")
+        # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
+        self.engine_cfg = replace(engine_cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer")
         self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
         self.groups: dict[str, list[TEHandle]] = {"colocated": []}
         self.target: dict[str, int] = {"colocated": num_tes}
         self.pending: dict[str, deque[Task]] = {"colocated": deque()}
         self.template: TemplateHandle | None = None
-        self.pool = PrewarmPool(prewarmed, self.engine_cfg, self.te_env) if start_mode == "preloaded" else None
+        self.pool = PrewarmPool(prewarmed, self.engine_cfg, self.te_env) if start_mode in ("preloaded", "peer") else None
         self._ids = itertools.count()
         self._rr = itertools.count()
         self.closing = False
@@ -94,8 +96,9 @@ class Cluster:
         self.groups[group].append(te)
         template = self.template if self.template and self.template.alive else None
         prewarmed = self.pool.take() if self.pool else None
+        donor = next((t.weights_addr for t in self.tes if t.weights_addr and t.state is TEState.READY), None)
         try:
-            await te.start(self.te_env, template, prewarmed)
+            await te.start(self.te_env, template, prewarmed, donor)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self.groups[group].remove(te)
             te.kill()
@@ -209,6 +212,7 @@ class Cluster:
     def to_dict(self) -> dict:
         return {"start_mode": self.start_mode,
                 "template_pid": self.template.proc.pid if self.template and self.template.alive else None,
+                "prewarmed_ready": len(self.pool.ready) if self.pool else 0,
                 "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],
                                   "pending": len(self.pending[name])} for name, tes in self.groups.items()},
                 "engine_config": asdict(self.engine_cfg),

@@ -77,16 +77,19 @@ class TEHandle:
         self.start_mode = ""           # fork | cold
         self.retiring = False          # being scaled in: its exit is expected
         self.t_ready = 0.0
+        self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
 
     @property
     def load(self) -> int:
         """Tasks on this TE, counted here (not from its stats), so it is current at once."""
         return len(self.tasks)
 
-    async def start(self, env: dict | None = None, template=None, prewarmed=None, timeout: float = 300) -> None:
+    async def start(self, env: dict | None = None, template=None, prewarmed=None, weights_from: str | None = None,
+                    timeout: float = 300) -> None:
         """Start the TE process: forked from the warm `template`, a `prewarmed` process (runtime
-        imported, waiting for a model) told to load, or a fresh interpreter. Returns once it is
-        ready; records the five-step timeline (the cluster adds scaler_post)."""
+        imported, waiting for a model) told to load (from the cache, or streamed from the TE at
+        `weights_from`), or a fresh interpreter. Returns once it is ready; records the
+        five-step timeline (the cluster adds scaler_post)."""
         t0 = time.perf_counter()
         buf = bytearray()
         if template is not None:
@@ -94,9 +97,9 @@ class TEHandle:
             parent, self.pid = await template.fork(self.id, asdict(self.engine_cfg))
             reader, self.writer = await asyncio.open_unix_connection(sock=parent)
         elif prewarmed is not None:
-            self.start_mode = "preloaded"  # pre-warmed process + the mmap'ed cache
+            self.start_mode = "peer" if weights_from else "preloaded"  # else: the mmap'ed cache
             self.proc, self.pid, reader, self.writer, buf = prewarmed
-            self.writer.write(pack({"op": "load", "model": self.model_path}))
+            self.writer.write(pack({"op": "load", "model": self.model_path, "weights_from": weights_from}))
         else:
             self.start_mode = "preloaded" if self.engine_cfg.use_weight_cache else "cold"
             self.proc, parent = await spawn_te_shell(self.engine_cfg, env, self.model_path)
@@ -109,6 +112,7 @@ class TEHandle:
             raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
         self.t_ready = time.perf_counter()
         self.stats, self.max_model_len = ready["stats"], ready["max_model_len"]
+        self.weights_addr = f"127.0.0.1:{ready['weights_port']}" if ready.get("weights_port") else None
         te = ready["timings_ms"]
         # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
         # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and

@@ -117,3 +117,23 @@ def test_admin_scale_and_template_restart():
         assert all(te["start_mode"] == "fork" for te in s.get("/admin/cluster")["tes"])
     finally:
         assert s.stop() == 0
+
+
+def test_peer_start_streams_weights_from_a_running_te(engine_greedy_reference):
+    """DistFlow's weights path: a pre-warmed TE gets its weights from the running TE over TCP."""
+    s = Server("--start-mode", "peer", "--max-model-len", "512", "--kv-cache-gb", "0.05")
+    try:
+        first = s.get("/admin/cluster")["tes"][0]
+        assert first["start_mode"] == "preloaded"  # nobody to stream from yet
+        wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"] == 1)  # the pool refilled
+        assert post(s, "/admin/scale", {"instances": 2})[0] == 200
+        wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
+        assert post(s, "/admin/scale", {"instances": 1})[0] == 200  # retires the older, idle TE
+        wait_until(lambda: [te["id"] for te in s.get("/admin/cluster")["tes"]] != [first["id"]]
+                   and len(s.get("/admin/cluster")["tes"]) == 1)
+        te = s.get("/admin/cluster")["tes"][0]
+        assert te["start_mode"] == "peer"
+        status, body = post(s, "/v1/completions", PROMPT)
+        assert status == 200 and body["choices"][0]["text"] == engine_greedy_reference
+    finally:
+        assert s.stop() == 0
