@@ -14,8 +14,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from scheduler.te import TEState
-
 log = logging.getLogger("deepflow.autoscaler")
 
 
@@ -37,8 +35,8 @@ async def autoscale(cluster, group: str, policy: ScalePolicy) -> None:
             pass
         cluster.work_held.clear()
         tes = [te for te in cluster.groups[group] if not te.retiring]
-        size, starting = cluster.target[group], any(te.state is TEState.STARTING for te in tes)
-        ready = [te for te in tes if te.state is TEState.READY]
+        size, starting = cluster.target[group], any(te.state == "starting" for te in tes)
+        ready = [te for te in tes if te.state == "ready"]
         waiting = len(cluster.pending[group]) + sum(te.stats.get("waiting", 0) for te in ready)
         busy = len(cluster.pending[group]) + sum(te.load for te in tes)
         if busy:

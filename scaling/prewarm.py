@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from flowserve.config import EngineConfig
-from scheduler.te import next_frame, spawn_te_shell
+from scaling.launch import next_frame, spawn_te_shell
 
 log = logging.getLogger("deepflow.prewarm")
 

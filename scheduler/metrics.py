@@ -59,7 +59,8 @@ class Metrics:
             return c
 
         yield gauge("num_requests_running", "Sequences running in TEs", sum(s.get("running", 0) for s in stats))
-        yield gauge("num_requests_waiting", "Sequences waiting in TEs", sum(s.get("waiting", 0) for s in stats))
+        yield gauge("num_requests_waiting", "Sequences waiting: held by the scheduler or queued in TEs",
+                    sum(s.get("waiting", 0) for s in stats) + sum(map(len, self.cluster.pending.values())))
         yield gauge("kv_cache_usage_perc", "KV-cache blocks in use (mean over TEs), 0..1",
                     sum(s.get("kv_usage", 0.0) for s in stats) / max(len(stats), 1))
         yield gauge("num_tes_ready", "TEs ready", sum(te.state.value == "ready" for te in tes))
@@ -67,6 +68,13 @@ class Metrics:
                       sum(s.get("prefix_queries", 0) for s in stats))
         yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache",
                       sum(s.get("prefix_hits", 0) for s in stats))
+
+        steps = GaugeMetricFamily(P + "te_start_step_milliseconds", "Start-up timeline of each TE (five steps)",
+                                  labels=["te", "start_mode", "step"])
+        for te in tes:
+            for step, ms in te.timings_ms.items():
+                steps.add_metric([te.id, te.start_mode, step], ms)
+        yield steps
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,18 +8,16 @@ tokens to that task's event queue. EOF on the socket means the process died: eve
 still on it gets a clean error event at once.
 """
 import asyncio
-import json
 import logging
 import os
 import signal
-import socket
-import sys
 import time
 from dataclasses import asdict
 from enum import Enum
 
 from flowserve.config import EngineConfig
 from flowserve.wire import pack, unpack_frames
+from scaling.launch import next_frame, spawn_te_shell
 from scheduler.job import State, Task, TaskEvent
 
 log = logging.getLogger("deepflow.te")
@@ -30,33 +28,6 @@ class TEState(str, Enum):
     READY = "ready"
     DRAINING = "draining"
     DEAD = "dead"
-
-
-async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None,
-                         model_path: str | None) -> tuple[asyncio.subprocess.Process, socket.socket]:
-    """A fresh TE-shell interpreter on a new socketpair; without a model it starts pre-warmed."""
-    parent, child = socket.socketpair()
-    model = ["--model", model_path] if model_path else []
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()), *model,
-        "--engine-config", json.dumps(asdict(engine_cfg)),
-        "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
-        pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    child.close()
-    return proc, parent
-
-
-async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> dict | None:
-    """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
-    while True:
-        msgs = unpack_frames(buf)
-        if msgs:
-            return msgs[0]
-        data = await reader.read(1 << 20)
-        if not data:
-            return None
-        buf += data
 
 
 class TEHandle:

@@ -202,7 +202,7 @@ def test_models_health_metrics(server, client):
     for name in ("time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
                  "e2e_request_latency_seconds_count", "num_requests_running", "num_requests_waiting",
                  "kv_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "prompt_tokens_total", "generation_tokens_total"):
+                 "prompt_tokens_total", "generation_tokens_total", "te_start_step_milliseconds"):
         assert f"deepflow:{name}" in text, name
     hits = float(next(line.split()[-1] for line in text.splitlines()
                       if line.startswith("deepflow:prefix_cache_hits_total")))
