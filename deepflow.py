@@ -229,7 +229,7 @@ async def serve(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
     cluster = Cluster(model, engine_cfg, num_tes=args.num_tes, max_queued=args.max_queued,
                       te_env={"OMP_NUM_THREADS": str(threads)}, start_mode=args.start_mode,
-                      prewarmed=args.prewarmed)
+                      prewarmed=args.prewarmed, policy=args.policy, imbalance=args.imbalance)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -314,6 +314,11 @@ def main(argv: list[str] | None = None) -> None:
                      help="new TEs: forked from the warm template; pre-warmed processes mapping the cached "
                           "weights, or receiving them from a running TE; or fresh interpreters reading the "
                           "model file (the baseline)")
+    srv.add_argument("--policy", choices=["locality", "load", "rr"], default="locality",
+                     help="dist_sched: longest cached prefix while loads are balanced, else least loaded; "
+                          "or always least loaded; or round-robin")
+    srv.add_argument("--imbalance", type=int, default=4,
+                     help="loads count as balanced while the busiest TE has at most this many more tasks")
     srv.add_argument("--prewarmed", type=int, default=1, help="pool of pre-warmed TEs (--start-mode preloaded or peer)")
     srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])

@@ -1,8 +1,8 @@
 """FlowServe engine: the microkernel step loop of one TE.
 
 The engine wires independent modules and calls them in order, once per step:
-batcher (what runs) -> RTC (blocks) -> model runner (forward) -> sampler (next tokens) ->
-finish checks -> RTC (index full blocks, free finished ones). It sees token ids only;
+batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks
+now full) -> sampler (next tokens) -> finish checks (RTC frees finished sequences). It sees token ids only;
 tokenization and detokenization live with the caller (the JE in the main process, or
 `deepflow.py generate`). Its API: `add_request`, `abort`, `step`, `generate`, `stats`.
 """
@@ -18,7 +18,7 @@ from flowserve.device import compute_dtype, pick_device
 from flowserve.model_runner import ModelRunner
 from flowserve.rtc import RTC
 from flowserve.sampler import sample
-from flowserve.sequence import SamplingParams, Sequence, SeqStatus
+from flowserve.sequence import SamplingParams, Sequence
 from flowserve.weights import load_weights
 
 log = logging.getLogger("flowserve.engine")
@@ -89,6 +89,7 @@ class Engine:
         logits, sampled = self.runner.run(work)
         for seq, n in work:
             seq.num_computed += n
+            self.rtc.cache_full_blocks(seq)  # before any finish frees them: a finished prompt is reusable too
         new_tokens = sample(logits, sampled) if sampled else []
         outputs = []
         for seq, token in zip(sampled, new_tokens):
@@ -100,9 +101,6 @@ class Engine:
                 del self.seqs[seq.request_id]
             outputs.append(StepOutput(seq.request_id, emitted, reason, seq.num_prompt,
                                       seq.num_cached or 0, len(seq.output_ids)))
-        for seq, _ in work:
-            if seq.status is SeqStatus.RUNNING:
-                self.rtc.cache_full_blocks(seq)
         return outputs
 
     def finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -26,7 +26,9 @@ class Block:
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+    # Ints only, so every process computes the same value (the scheduler's prompt tree mirrors
+    # TEs' caches by these hashes; Python 3.11 hashes None by its address, which differs).
+    return hash((-1 if parent is None else parent, tokens))
 
 
 class RTC:
@@ -38,6 +40,10 @@ class RTC:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_index: dict[int, int] = {}   # chain hash -> block id
         self.prefix_queries = 0                  # prompt tokens looked up
+        # Blocks indexed and evicted since the last `drain_cache_events`: the TE reports them
+        # so the scheduler's global prompt tree (scheduler/prompt_tree.py) mirrors this cache.
+        self.cached_events: list[int] = []
+        self.evicted_events: list[int] = []
         self.prefix_hits = 0                     # of which served from the cache
 
     @property
@@ -89,6 +95,7 @@ class RTC:
             block = self.blocks[block_id]
             if block.hash is not None:  # evict it from the prefix index
                 del self.prefix_index[block.hash]
+                self.evicted_events.append(block.hash)
                 block.hash, block.token_ids = None, ()
             block.ref_count = 1
             seq.block_ids.append(block_id)
@@ -105,6 +112,13 @@ class RTC:
             if h not in self.prefix_index:  # an identical block computed elsewhere stays the indexed one
                 self.prefix_index[h] = block.id
                 block.hash, block.token_ids = h, tokens
+                self.cached_events.append(h)
+
+    def drain_cache_events(self) -> tuple[list[int], list[int]]:
+        """Chain hashes of the blocks indexed and evicted since the last call."""
+        events = self.cached_events, self.evicted_events
+        self.cached_events, self.evicted_events = [], []
+        return events
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; cached blocks go to the LRU tail, others to the head."""

@@ -44,7 +44,9 @@ class TEShell:
         self.sock.sendall(pack(msg))
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        """The engine's stats, plus the prefix-cache blocks indexed/evicted since last time."""
+        cached, evicted = self.engine.rtc.drain_cache_events()
+        return {**self.engine.stats(), "cached": cached, "evicted": evicted}
 
     def handle(self, msg: dict) -> bool:
         """Apply one command; False means stop."""

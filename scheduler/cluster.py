@@ -4,16 +4,17 @@ A TE group is the TEs of one model in one mode (here: colocated), with a target 
 autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked from
 the warm template (`scaling/template.py`); with `--start-mode preloaded` a pre-warmed
 process from the pool (`scaling/prewarm.py`) is told to map the cached weights; with
-`--start-mode peer` such a process receives the weights from a running TE instead (DistFlow,
-`flowserve/distflow.py`); with `--start-mode cold`, or while the template is down or the
-pool empty, a fresh interpreter starts. `dist_sched` picks the TE for a task;
-today it is load-aware (fewest tasks, ties broken round-robin), the policy of Algorithm 1
-when loads are imbalanced. A task that finds no TE with a free batch slot (the group is
-busy, at zero, or all its TEs died) is held in the group's pending queue and placed as
-soon as a slot frees or a TE joins. Admission
-control bounds the tasks per group so an overload gets a fast 429 instead of an
-ever-growing queue. A TE that dies is replaced, and its tasks that had produced no token
-yet are placed again (`resubmit`), so their clients never notice.
+`--start-mode peer` such a process receives the weights from a running TE instead
+(DistFlow, `flowserve/distflow.py`); with `--start-mode cold`, or while the template is
+down or the pool empty, a fresh interpreter starts.
+
+Every task goes through the group's pending queue: `_place_pending` hands it to a TE with
+a free batch slot, chosen by `dist_sched` (Algorithm 1: locality-aware over the global
+prompt tree, `scheduler/prompt_tree.py`, while loads are balanced, else load-aware). A task
+that finds no free slot (the group is busy, at zero, or all its TEs died) waits there until
+a slot frees or a TE joins. Admission control bounds the tasks per group so an overload
+gets a fast 429 instead of an ever-growing queue. A TE that dies is replaced, and its tasks
+that had produced no token yet are placed again (`resubmit`), so their clients never notice.
 """
 import asyncio
 import itertools
@@ -26,6 +27,7 @@ from flowserve.config import EngineConfig
 from scaling.prewarm import PrewarmPool
 from scaling.template import TemplateHandle
 from scheduler.job import Task, TaskEvent
+from scheduler.prompt_tree import PromptTree
 from scheduler.te import TEHandle, TEState
 
 log = logging.getLogger("deepflow.cluster")
@@ -38,7 +40,7 @@ class Overloaded(Exception):
 class Cluster:
     def __init__(self, model_path: str, engine_cfg: EngineConfig, num_tes: int = 1,
                  max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork",
-                 prewarmed: int = 1):
+                 prewarmed: int = 1, policy: str = "locality", imbalance: int = 4):
         self.model_path = model_path
         # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
@@ -49,6 +51,8 @@ class Cluster:
         self.groups: dict[str, list[TEHandle]] = {"colocated": []}
         self.target: dict[str, int] = {"colocated": num_tes}
         self.pending: dict[str, deque[Task]] = {"colocated": deque()}
+        self.trees = {"colocated": PromptTree(engine_cfg.block_size)}
+        self.policy, self.imbalance = policy, imbalance
         self.template: TemplateHandle | None = None
         self.pool = PrewarmPool(prewarmed, self.engine_cfg, self.te_env) if start_mode in ("preloaded", "peer") else None
         self._ids = itertools.count()
@@ -93,6 +97,7 @@ class Cluster:
         te = TEHandle(f"te-{next(self._ids)}", group, group, self.model_path, self.engine_cfg)
         te.on_death = self._on_death
         te.on_free = lambda te: self._place_pending(te.group)
+        te.tree = self.trees[group]
         self.groups[group].append(te)
         template = self.template if self.template and self.template.alive else None
         prewarmed = self.pool.take() if self.pool else None
@@ -113,6 +118,7 @@ class Cluster:
 
     def _on_death(self, te: TEHandle) -> None:
         self.groups[te.group].remove(te)
+        self.trees[te.group].remove_te(te.id)
         if not self.closing and not te.retiring and len(self.groups[te.group]) < self.target[te.group]:
             self.replacing += 1
             self._in_background(self._replace(te.group))
@@ -146,14 +152,28 @@ class Cluster:
         """The served context, as the first ready TE reported it (still known at zero TEs)."""
         return self._max_model_len
 
-    def dist_sched(self, task: Task, group: str = "colocated") -> TEHandle | None:
-        """Pick the TE for `task`: the least loaded ready TE, round-robin among equals."""
-        tes = self.ready_tes(group)
-        if not tes:
-            return None
+    def dist_sched(self, task: Task, tes: list[TEHandle], group: str = "colocated") -> TEHandle:
+        """Algorithm 1 (without its PD-aware step, one TE type here): when loads are balanced,
+        the TE holding the longest prefix of the prompt (locality-aware); else the least
+        loaded (load-aware). Load = tasks on a TE; balanced = the spread of loads across
+        the group's ready TEs is at most `imbalance` tasks. Ties: least loaded, then
+        round-robin. `--policy load|rr` are the baselines. Records why on the task."""
+        loads = {te.id: te.load for te in self.ready_tes(group)}
+        if self.policy == "rr":
+            te = tes[next(self._rr) % len(tes)]
+            task.placement = {"policy": "rr", "loads": loads}
+            return te
+        balanced = max(loads.values()) - min(loads.values()) <= self.imbalance
+        matched = self.trees[group].matched_tokens(task.prompt_ids, [te.id for te in tes])
+        if self.policy == "locality" and balanced:
+            best = max(matched.values())
+            tes = [te for te in tes if matched[te.id] == best]
         least = min(te.load for te in tes)
-        candidates = [te for te in tes if te.load == least]
-        return candidates[next(self._rr) % len(candidates)]
+        tes = [te for te in tes if te.load == least]
+        te = tes[next(self._rr) % len(tes)]
+        task.placement = {"policy": "locality" if self.policy == "locality" and balanced else "load",
+                          "balanced": balanced, "matched_tokens": matched[te.id], "loads": loads}
+        return te
 
     def admit(self, num_tasks: int, group: str = "colocated") -> None:
         """Refuse work past the bound: tasks beyond what the TEs run at once wait in queues."""
@@ -171,11 +191,12 @@ class Cluster:
         in a TE's queue, so a TE that joins later (a scale-out) shares the backlog."""
         queue = self.pending[group]
         while queue:
-            te = self.dist_sched(queue[0], group)
-            if te is None or te.load >= self.engine_cfg.max_num_seqs:
+            free = [te for te in self.ready_tes(group) if te.load < self.engine_cfg.max_num_seqs]
+            if not free:
                 self.work_held.set()  # wakes the autoscaler now, not at its next tick
                 return
-            te.submit(queue.popleft())
+            task = queue.popleft()
+            self.dist_sched(task, free, group).submit(task)
 
     def resubmit(self, task: Task) -> None:
         """Place a task again after its TE died (held until the refill if no TE is left)."""

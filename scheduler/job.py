@@ -44,6 +44,7 @@ class Task:
     state: State = State.QUEUED
     te_id: str | None = None
     retries: int = 0               # times it was placed again after its TE died
+    placement: dict = field(default_factory=dict)  # why dist_sched chose its TE
     num_output: int = 0
     num_cached: int = 0
     finish_reason: str | None = None
@@ -53,7 +54,7 @@ class Task:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
-                "retries": self.retries,
+                "retries": self.retries, "placement": self.placement,
                 "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
                 "output_tokens": self.num_output, "finish_reason": self.finish_reason}
 

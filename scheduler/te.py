@@ -45,6 +45,7 @@ class TEHandle:
         self.reader_task: asyncio.Task | None = None
         self.on_death = None           # callback(TEHandle), set by the cluster
         self.on_free = None            # callback(TEHandle) when a batch slot frees up
+        self.tree = None               # the group's PromptTree, set by the cluster
         self.start_mode = ""           # fork | cold
         self.retiring = False          # being scaled in: its exit is expected
         self.t_ready = 0.0
@@ -107,6 +108,8 @@ class TEHandle:
 
     def _on_step(self, msg: dict) -> None:
         self.stats = msg["stats"]
+        if self.tree is not None:  # mirror this TE's prefix cache in the scheduler's prompt tree
+            self.tree.update(self.id, self.stats.pop("cached", []), self.stats.pop("evicted", []))
         for rid, tokens, finish, _num_prompt, num_cached in msg["outs"]:
             task = self.tasks.get(rid)
             if task is None:
