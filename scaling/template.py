@@ -80,8 +80,12 @@ def run_template(control: socket.socket, model: str) -> None:
         if not readable:
             continue
         data, fd = recv_with_fd(control)
-        if not data:
-            return  # the main process is gone
+        if not data:  # the main process is gone (or done): wait for our TEs, which follow it
+            while True:
+                try:
+                    os.waitpid(-1, 0)
+                except ChildProcessError:
+                    return
         buf += data
         for msg in unpack_frames(buf):
             if msg["op"] != "fork" or fd is None:

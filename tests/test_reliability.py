@@ -49,7 +49,7 @@ async def test_te_crash():
     """SIGKILL a TE: a task that had sent nothing is retried elsewhere unseen, a started
     stream ends at once with an error event, the group is refilled, /health says degraded
     while it is short."""
-    s = Server("--num-tes", "2", "--max-model-len", "1024")
+    s = Server("--num-tes", "2", "--max-model-len", "1024", "--policy", "load")  # placement by load alone
     try:
         url = s.url + "/v1/chat/completions"
         async with aiohttp.ClientSession() as http:
@@ -172,3 +172,27 @@ def test_openapi_fuzzing_finds_no_server_error():
         assert s.get("/health")["status"] == "ok"
     finally:
         assert s.stop() == 0
+
+
+async def test_second_sigterm_ends_the_drain_at_once():
+    """The drain would wait 120 s; a second SIGTERM ends the streams with an error event now,
+    and the server still exits 0 leaving no TE, template or pre-warmed process behind."""
+    s = Server("--drain-timeout", "120", "--max-model-len", "1024")
+    cluster = s.get("/admin/cluster")
+    pids = [te["pid"] for te in cluster["tes"]] + [cluster["template_pid"]]
+    body = {"messages": ask("Count to a thousand."), "max_tokens": 900, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        streams = [await http.post(s.url + "/v1/chat/completions", json=body) for _ in range(2)]
+        for r in streams:
+            await data_lines(r, 3)
+        s.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        for r in streams:
+            rest = await data_lines(r, timeout=20)
+            assert rest[-1] == "[DONE]" and "error" in orjson.loads(rest[-2])
+        assert time.monotonic() - t0 < 10
+    assert s.proc.wait(30) == 0
+    time.sleep(0.5)
+    assert not any(pid_alive(p) for p in pids)
