@@ -54,7 +54,7 @@ async def client(http: aiohttp.ClientSession, base: str, rng: random.Random, sto
                         if kind == "abandon" and chunks >= cut:
                             break  # leaving the block closes the connection mid-stream
             counts[f"{kind}:{r.status}"] = counts.get(f"{kind}:{r.status}", 0) + 1
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             counts[type(e).__name__] = counts.get(type(e).__name__, 0) + 1
 
 

@@ -12,7 +12,7 @@ from collections import deque
 
 from flowserve.config import EngineConfig
 from flowserve.rtc import RTC
-from flowserve.sequence import Sequence, SeqStatus
+from flowserve.sequence import SeqStatus, Sequence
 
 
 class Batcher:

@@ -23,7 +23,8 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 
 
 def _pre_tokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
     if pre in ("smollm", "starcoder", "refact"):
         return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)])
     if pre in ("llama-bpe", "llama3"):
@@ -69,7 +70,8 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str) -> "Tokenizer":
         from gguf import GGUFReader
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as HFTokenizer
 
         fields = GGUFReader(path).fields
 

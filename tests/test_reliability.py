@@ -194,5 +194,5 @@ async def test_second_sigterm_ends_the_drain_at_once():
             assert rest[-1] == "[DONE]" and "error" in orjson.loads(rest[-2])
         assert time.monotonic() - t0 < 10
     assert s.proc.wait(30) == 0
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)
     assert not any(pid_alive(p) for p in pids)

@@ -180,7 +180,7 @@ async def test_sigterm_drains_streams_and_leaves_no_process():
         assert last_events[-1] == "[DONE]"
         assert "error" in last_events[-2] or '"finish_reason":"length"' in last_events[-2]
     assert srv.proc.wait(30) == 0
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)
     assert not any(pid_alive(p) for p in pids)
 
 
