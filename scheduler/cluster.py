@@ -135,7 +135,8 @@ class Cluster:
         live = [te for te in self.groups[group] if not te.retiring]
         for _ in range(instances - len(live)):
             self._in_background(self.add_te(group))
-        surplus = sorted(live, key=lambda te: (te.state is TEState.READY, -te.load))[:max(0, len(live) - instances)]
+        # starting TEs first, then the least busy: what retires soonest with least work lost
+        surplus = sorted(live, key=lambda te: (te.state is TEState.READY, te.load))[:max(0, len(live) - instances)]
         for te in surplus:
             te.retiring = True
             self._in_background(self._retire(te))
