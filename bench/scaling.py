@@ -25,16 +25,10 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.server_util import Server  # noqa: E402
+from tests.server_util import Server, wait_until  # noqa: E402
 
 STEPS = ("scaler_pre", "te_pre_load", "te_load", "te_post_load", "scaler_post")
 COMMON = ("--max-model-len", "512", "--kv-cache-gb", "0.02", "--threads-per-te", "1")
-
-
-def post(s: Server, path: str, body: dict) -> dict:
-    req = urllib.request.Request(s.url + path, orjson.dumps(body), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return orjson.loads(r.read())
 
 
 def first_token_ms(s: Server) -> float:
@@ -49,14 +43,6 @@ def first_token_ms(s: Server) -> float:
     raise RuntimeError("no token")
 
 
-def wait_until(check, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.02)
-
-
 def smaps(pid: int) -> dict:
     """kB figures of /proc/<pid>/smaps_rollup."""
     out = {}
@@ -69,14 +55,14 @@ def smaps(pid: int) -> dict:
 def timeline(mode: str) -> dict:
     s = Server("--start-mode", mode, "--min-tes", "0", "--max-tes", "1", "--scale-in-idle-s", "2", *COMMON)
     try:
-        wait_until(lambda: not s.get("/admin/cluster")["tes"])
+        wait_until(lambda: not s.get("/admin/cluster")["tes"], 600)
         ttft = first_token_ms(s)  # arrives at zero TEs: held until the scale-out is ready
         te = s.get("/admin/cluster")["tes"][0]
         t0 = time.perf_counter()
-        post(s, "/v1/completions", {"prompt": "Hello", "max_tokens": 1, "temperature": 0})
+        s.post("/v1/completions", {"prompt": "Hello", "max_tokens": 1, "temperature": 0})
         first_request_ms = 1e3 * (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        post(s, "/v1/completions", {"prompt": "Hello", "max_tokens": 1, "temperature": 0})
+        s.post("/v1/completions", {"prompt": "Hello", "max_tokens": 1, "temperature": 0})
         return {"mode": mode, "first_token_ms": ttft, **te["timeline_ms"], "request_1_ms": first_request_ms,
                 "request_2_ms": 1e3 * (time.perf_counter() - t0)}
     finally:
@@ -88,7 +74,7 @@ def peer_timeline(weight_bytes: int) -> dict:
     s = Server("--start-mode", "peer", *COMMON)
     try:
         wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"] == 1)
-        post(s, "/admin/scale", {"group": "colocated", "instances": 2})
+        s.post("/admin/scale", {"group": "colocated", "instances": 2})
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
         te = next(te for te in s.get("/admin/cluster")["tes"] if te["start_mode"] == "peer")
         return {"mode": "peer", **te["timeline_ms"],
@@ -100,15 +86,15 @@ def peer_timeline(weight_bytes: int) -> dict:
 def scale(n: int, weight_bytes: int) -> dict:
     s = Server(*COMMON)
     try:
-        post(s, "/admin/scale", {"group": "colocated", "instances": 0})
-        wait_until(lambda: not s.get("/admin/cluster")["tes"])
+        s.post("/admin/scale", {"group": "colocated", "instances": 0})
+        wait_until(lambda: not s.get("/admin/cluster")["tes"], 600)
         t0 = time.perf_counter()
-        post(s, "/admin/scale", {"group": "colocated", "instances": n})
+        s.post("/admin/scale", {"group": "colocated", "instances": n})
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == n)
         ready_s = time.perf_counter() - t0
         # one request per TE: dist_sched gives each new request to an idle TE
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            list(pool.map(lambda i: post(s, "/v1/completions", {"prompt": f"Hi {i}", "max_tokens": 1}), range(n)))
+            list(pool.map(lambda i: s.post("/v1/completions", {"prompt": f"Hi {i}", "max_tokens": 1}), range(n)))
         served_s = time.perf_counter() - t0
         cluster = s.get("/admin/cluster")
         pids = [te["pid"] for te in cluster["tes"]]

@@ -30,7 +30,7 @@ from flowserve.device import pick_device  # noqa: E402
 from flowserve.distflow import fetch_weights, serve_weights  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.sequence import SamplingParams  # noqa: E402
-from flowserve.wire import pack, unpack_frames  # noqa: E402
+from flowserve.wire import pack, recv_frame, unpack_frames  # noqa: E402
 
 log = logging.getLogger("flowserve.te_shell")
 
@@ -130,13 +130,10 @@ def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[dict, float]
     when it came."""
     torch.zeros(1, device=pick_device(cfg.device))
     sock.sendall(pack({"op": "prewarmed", "pid": os.getpid()}))
-    buf = bytearray()
-    while not (msgs := unpack_frames(buf)):
-        data = sock.recv(1 << 16)
-        if not data:
-            sys.exit(0)  # the main process is gone
-        buf += data
-    return msgs[0], time.perf_counter()
+    load = recv_frame(sock, bytearray())
+    if load is None:
+        sys.exit(0)  # the main process is gone
+    return load, time.perf_counter()
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
-from flowserve.wire import pack, unpack_frames  # noqa: E402
+from flowserve.wire import pack, recv_frame, unpack_frames  # noqa: E402
 
 log = logging.getLogger("scaling.template")
 
@@ -119,7 +119,7 @@ class TemplateHandle:
             pass_fds=[theirs.fileno()], env={**os.environ, **self.env},
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         theirs.close()
-        ready = await asyncio.wait_for(asyncio.to_thread(self._reply), timeout)
+        ready = await asyncio.wait_for(asyncio.to_thread(recv_frame, self.sock, self.buf), timeout)
         if ready is None:
             raise RuntimeError(f"template exited during start-up (exit code {await self.proc.wait()})")
         log.info("template ready (pid %d) in %.0f ms", self.proc.pid, ready["load_ms"])
@@ -131,21 +131,13 @@ class TemplateHandle:
         if self.on_death:
             self.on_death()
 
-    def _reply(self) -> dict | None:
-        while not (msgs := unpack_frames(self.buf)):
-            data = self.sock.recv(1 << 16)
-            if not data:
-                return None
-            self.buf += data
-        return msgs[0]
-
     def _fork(self, te_id: str, engine_cfg: dict) -> tuple[socket.socket, int]:
         ours, theirs = socket.socketpair()
         with self.lock:
             socket.send_fds(self.sock, [pack({"op": "fork", "te_id": te_id, "engine_config": engine_cfg})],
                             [theirs.fileno()])
             theirs.close()
-            reply = self._reply()
+            reply = recv_frame(self.sock, self.buf)
         if reply is None:
             ours.close()
             raise RuntimeError("template is gone")

@@ -46,7 +46,7 @@ class TEHandle:
         self.on_death = None           # callback(TEHandle), set by the cluster
         self.on_free = None            # callback(TEHandle) when a batch slot frees up
         self.tree = None               # the group's PromptTree, set by the cluster
-        self.start_mode = ""           # fork | cold
+        self.start_mode = ""           # fork | preloaded | peer | cold
         self.retiring = False          # being scaled in: its exit is expected
         self.t_ready = 0.0
         self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
@@ -91,7 +91,7 @@ class TEHandle:
         # imports, i.e. all the time before the load that the TE did not report.
         gap = 1e3 * (self.t_ready - t_started) - te["te_load"] - te["te_post_load"]
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
-                           "te_pre_load": gap if self.proc and not prewarmed else te["te_pre_load"],
+                           "te_pre_load": te["te_pre_load"] if template or prewarmed else gap,
                            "te_load": te["te_load"], "te_post_load": te["te_post_load"]}
         self.state = TEState.READY
         self.reader_task = asyncio.create_task(self._read_loop(reader, buf))

@@ -5,41 +5,21 @@ is restarted while its TEs keep serving."""
 import asyncio
 import os
 import signal
-import time
 
 import aiohttp
-import orjson
 import pytest
 
-from tests.server_util import Server
+from tests.server_util import Server, wait_until
 
 STEPS = ("scaler_pre", "te_pre_load", "te_load", "te_post_load", "scaler_post")
 PROMPT = {"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}
-
-
-def post(s: Server, path: str, body: dict) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-    req = urllib.request.Request(s.url + path, orjson.dumps(body), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, orjson.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, orjson.loads(e.read())
-
-
-def wait_until(check, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("mode", ["fork", "preloaded", "cold"])
 def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_reference):
     s = Server("--start-mode", mode, "--max-model-len", "512", "--kv-cache-gb", "0.1")
     try:
-        status, body = post(s, "/v1/completions", PROMPT)
+        status, body = s.post("/v1/completions", PROMPT)
         assert status == 200 and body["choices"][0]["text"] == engine_greedy_reference
         cluster = s.get("/admin/cluster")
         assert cluster["start_mode"] == mode and (cluster["template_pid"] is not None) == (mode == "fork")
@@ -98,21 +78,21 @@ async def test_scale_to_zero_holds_requests_then_scales_out_and_in():
 def test_admin_scale_and_template_restart():
     s = Server("--max-model-len", "512", "--kv-cache-gb", "0.05")
     try:
-        assert post(s, "/admin/scale", {"group": "colocated", "instances": 3}) == (
+        assert s.post("/admin/scale", {"group": "colocated", "instances": 3}) == (
             200, {"group": "colocated", "instances": 3})
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 3)
-        assert post(s, "/admin/scale", {"group": "nope", "instances": 1})[0] == 400
-        assert post(s, "/admin/scale", {"instances": -1})[0] == 400
-        assert post(s, "/admin/scale", {"instances": 1}) == (200, {"group": "colocated", "instances": 1})
+        assert s.post("/admin/scale", {"group": "nope", "instances": 1})[0] == 400
+        assert s.post("/admin/scale", {"instances": -1})[0] == 400
+        assert s.post("/admin/scale", {"instances": 1}) == (200, {"group": "colocated", "instances": 1})
         wait_until(lambda: len(s.get("/admin/cluster")["tes"]) == 1)
 
         before = s.get("/admin/cluster")
         os.kill(before["template_pid"], signal.SIGKILL)
-        status, body = post(s, "/v1/completions", PROMPT)  # the running TE is not the template's hostage
+        status, body = s.post("/v1/completions", PROMPT)  # the running TE is not the template's hostage
         assert status == 200 and body["usage"]["completion_tokens"] > 0
         wait_until(lambda: s.get("/admin/cluster")["template_pid"] not in (None, before["template_pid"]))
         assert s.get("/admin/cluster")["tes"][0]["pid"] == before["tes"][0]["pid"]
-        assert post(s, "/admin/scale", {"instances": 2})[0] == 200  # forks from the new template
+        assert s.post("/admin/scale", {"instances": 2})[0] == 200  # forks from the new template
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
         assert all(te["start_mode"] == "fork" for te in s.get("/admin/cluster")["tes"])
     finally:
@@ -126,14 +106,14 @@ def test_peer_start_streams_weights_from_a_running_te(engine_greedy_reference):
         first = s.get("/admin/cluster")["tes"][0]
         assert first["start_mode"] == "preloaded"  # nobody to stream from yet
         wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"] == 1)  # the pool refilled
-        assert post(s, "/admin/scale", {"instances": 2})[0] == 200
+        assert s.post("/admin/scale", {"instances": 2})[0] == 200
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
-        assert post(s, "/admin/scale", {"instances": 1})[0] == 200  # retires the older, idle TE
+        assert s.post("/admin/scale", {"instances": 1})[0] == 200  # retires the older, idle TE
         wait_until(lambda: [te["id"] for te in s.get("/admin/cluster")["tes"]] != [first["id"]]
                    and len(s.get("/admin/cluster")["tes"]) == 1)
         te = s.get("/admin/cluster")["tes"][0]
         assert te["start_mode"] == "peer"
-        status, body = post(s, "/v1/completions", PROMPT)
+        status, body = s.post("/v1/completions", PROMPT)
         assert status == 200 and body["choices"][0]["text"] == engine_greedy_reference
     finally:
         assert s.stop() == 0
