@@ -1,16 +1,31 @@
-"""DistFlow, weights path: a running TE streams its weights to a new TE over TCP.
+"""DistFlow: tensors move TE to TE, never through the main process (PAPER.md sections 4, 6).
 
-This is the paper's "NPU-fork" (PAPER.md section 6) as a path that also works across
-hosts: a TE started with `serve_weights` listens on a TCP port (reported in its `ready`
-frame); a pre-warmed TE told to load `weights_from` that address connects, reads one
-header frame (the model config, then each tensor's name, dtype and shape) and receives the
-raw bytes of every tensor straight into its own buffers. Plain bytes and JSON, no pickle.
-On one host the warm template's fork is faster; this path needs no shared memory.
+Weights path, the paper's "NPU-fork" as a path that also works across hosts: a TE started
+with `serve_weights` listens on a TCP port (reported in its `ready` frame); a pre-warmed TE
+told to load `weights_from` that address connects, reads one header frame (the model
+config, then each tensor's name, dtype and shape) and receives the raw bytes of every
+tensor straight into its own buffers. On one host the warm template's fork is faster.
+
+KV path, for PD disaggregation: a decode TE listens (`listen_kv`); when a prefill TE has
+computed a prompt and its first token, it sends that request's KV blocks (`send_kv`): one
+header frame (request id, tokens, tensor shape), then the payload, then it waits for the
+decode TE's ack before freeing its blocks. Two transports behind one address format:
+- `unix:` (one host): the payload is written once into an anonymous memfd whose file
+  descriptor travels as SCM_RIGHTS over an abstract unix socket; the decode TE maps it and
+  copies straight into its KV cache. Nothing is named on disk, so nothing leaks when a TE
+  dies, and the listener only accepts peers running as the same user (SO_PEERCRED).
+- `tcp:` (any hosts): the raw bytes follow the header on the stream.
+Plain bytes and JSON on both paths, no pickle.
 """
 import logging
+import mmap
+import os
+import secrets
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -66,16 +81,110 @@ def fetch_weights(address: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             raise ConnectionError("weights peer closed before its header")
         tensors = {}
         for name, dtype, shape in head["tensors"]:
-            t = torch.empty(shape, dtype=getattr(torch, dtype))
-            view, got = _raw(t), 0
-            take = min(len(buf), len(view))  # bytes that came with the header's last read
-            view[:take], got = buf[:take], take
-            del buf[:take]
-            while got < len(view):
-                n = conn.recv_into(view[got:])
-                if not n:
-                    raise ConnectionError(f"weights peer closed during {name}")
-                got += n
-            tensors[name] = t
+            tensors[name] = _recv_tensor(conn, buf, shape, getattr(torch, dtype))
     return ModelConfig(**head["config"]), tensors
+
+
+def _recv_tensor(conn: socket.socket, buf: bytearray, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Read one tensor's raw bytes: first whatever `buf` already holds past the header."""
+    t = torch.empty(shape, dtype=dtype)
+    view = _raw(t)
+    got = min(len(buf), len(view))
+    view[:got] = buf[:got]
+    del buf[:got]
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("peer closed mid-tensor")
+        got += n
+    return t
+
+
+# ---------------------------------------------------------------------------- KV path
+
+def listen_kv(transport: str) -> tuple[socket.socket, str]:
+    """A decode TE's KV listener and the address prefill TEs send to: `unix:NAME` or `tcp:HOST:PORT`."""
+    if transport == "tcp":
+        listener = socket.create_server(("127.0.0.1", 0))
+        return listener, "tcp:127.0.0.1:%d" % listener.getsockname()[1]
+    name = f"deepflow-kv-{os.getpid()}-{secrets.token_hex(4)}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)  # abstract namespace: no file to clean up
+    listener.listen()
+    return listener, "unix:" + name
+
+
+def accept_kv(listener: socket.socket) -> socket.socket | None:
+    """The next sender, or None (and the connection closed) if it runs as another user."""
+    conn, _ = listener.accept()
+    if conn.family == socket.AF_UNIX:
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != os.getuid():
+            conn.close()
+            return None
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    return conn
+
+
+def send_kv(address: str, header: dict, shape: list[int], dtype: torch.dtype,
+            fill: Callable[[torch.Tensor], None], timeout: float) -> None:
+    """Send one request's KV to the decode TE at `address`: `fill` writes the payload (shape
+    `shape`) into the buffer it is given. Returns once the decode TE has it in its cache;
+    raises OSError (ConnectionError, TimeoutError) if it does not."""
+    kind, _, where = address.partition(":")
+    nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+    header = pack({**header, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes})
+    if kind == "unix":
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(timeout)
+        conn.connect("\0" + where)
+    else:
+        host, port = where.rsplit(":", 1)
+        conn = socket.create_connection((host, int(port)), timeout)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    with conn:
+        if kind == "unix":
+            fd = os.memfd_create("deepflow-kv", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, nbytes)
+                with mmap.mmap(fd, nbytes) as mm:
+                    fill(_tensor_on(mm, shape, dtype))
+                socket.send_fds(conn, [header], [fd])
+            finally:
+                os.close(fd)  # the decode TE holds its own descriptor now
+        else:
+            payload = torch.empty(shape, dtype=dtype)
+            fill(payload)
+            conn.sendall(header)
+            conn.sendall(_raw(payload))
+        ack = recv_frame(conn, bytearray())
+    if ack is None or not ack.get("ok"):
+        raise ConnectionError((ack or {}).get("error", "decode TE closed the connection before its ack"))
+
+
+def recv_kv(conn: socket.socket, timeout: float) -> tuple[dict, torch.Tensor]:
+    """Receive one request's KV from a prefill TE: its header and the payload (for `unix:` a
+    view of the sender's memfd, unmapped when the tensor is freed). The caller acks."""
+    conn.settimeout(timeout)
+    buf, fds = bytearray(), []
+    if conn.family == socket.AF_UNIX:
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 1)
+        buf += data
+    try:
+        head = recv_frame(conn, buf)
+        if head is None:
+            raise ConnectionError("prefill TE closed before its KV header")
+        dtype = getattr(torch, head["dtype"])
+        if conn.family != socket.AF_UNIX:
+            return head, _recv_tensor(conn, buf, head["shape"], dtype)
+        if not fds:
+            raise ConnectionError("KV header came without its memfd")
+        return head, _tensor_on(mmap.mmap(fds[0], head["nbytes"]), head["shape"], dtype)
+    finally:
+        for fd in fds:
+            os.close(fd)  # a mapping outlives its descriptor
+
+
+def _tensor_on(mm: mmap.mmap, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(shape)
 

@@ -5,6 +5,11 @@ batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the 
 now full) -> sampler (next tokens) -> finish checks (RTC frees finished sequences). It sees token ids only;
 tokenization and detokenization live with the caller (the JE in the main process, or
 `deepflow.py generate`). Its API: `add_request`, `abort`, `step`, `generate`, `stats`.
+
+PD disaggregation adds two entries. On a prefill TE a request added with `handoff=True`
+stops after its first token with its blocks still held, in `handoffs`, until the TE-shell
+has sent them to a decode TE (`flowserve.distflow`) and calls `release`. On the decode TE,
+`add_prefilled` starts a request from those blocks: its prompt is not computed again.
 """
 import logging
 import time
@@ -18,7 +23,7 @@ from flowserve.device import compute_dtype, pick_device
 from flowserve.model_runner import ModelRunner
 from flowserve.rtc import RTC
 from flowserve.sampler import sample
-from flowserve.sequence import SamplingParams, Sequence
+from flowserve.sequence import SamplingParams, SeqStatus, Sequence
 from flowserve.weights import load_weights
 
 log = logging.getLogger("flowserve.engine")
@@ -51,10 +56,12 @@ class Engine:
         self.rtc = RTC(self.runner.num_blocks, cfg.block_size)
         self.batcher = Batcher(cfg, self.rtc)
         self.seqs: dict[str, Sequence] = {}
+        self.handoffs: list[Sequence] = []   # prefilled, blocks held for DistFlow
 
     # ------------------------------------------------------------------ API
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    handoff: bool = False) -> None:
         if request_id in self.seqs:
             raise ValueError(f"request {request_id!r} already exists")
         if not prompt_ids:
@@ -64,11 +71,32 @@ class Engine:
         longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         if -(-longest // self.cfg.block_size) > self.rtc.num_blocks_total:
             raise ValueError(f"{longest} tokens do not fit in the KV cache ({self.rtc.num_blocks_total} blocks)")
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, handoff=handoff)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
         self.batcher.add(seq)
+
+    def add_prefilled(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
+                      kv: torch.Tensor, num_cached: int) -> None:
+        """Continue a request a prefill TE started: `token_ids` is its prompt and first token,
+        `kv` the prompt's K/V blocks (`ModelRunner.kv_shape`). Without free blocks for them
+        it waits and recomputes its prompt here instead: slower, same tokens."""
+        self.add_request(request_id, token_ids, params)
+        seq = self.seqs[request_id]
+        seq.num_prompt, seq.num_cached = num_prompt, num_cached
+        if len(self.batcher.running) < self.cfg.max_num_seqs and self.rtc.alloc_blocks(seq, num_prompt):
+            self.runner.write_kv(seq.block_ids, kv)
+            seq.num_computed = num_prompt
+            self.rtc.cache_full_blocks(seq)
+            self.batcher.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.batcher.running.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """A handed-off sequence's blocks are with the decode TE (or the transfer failed): free them."""
+        self.rtc.free(seq)
+        seq.status = SeqStatus.FINISHED
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks. False if it is unknown or already finished."""
@@ -99,6 +127,10 @@ class Engine:
             if reason:
                 self.batcher.finish(seq, reason)
                 del self.seqs[seq.request_id]
+            elif seq.handoff:  # prefill done: keep the blocks for the decode TE
+                self.batcher.running.remove(seq)
+                del self.seqs[seq.request_id]
+                self.handoffs.append(seq)
             outputs.append(StepOutput(seq.request_id, emitted, reason, seq.num_prompt,
                                       seq.num_cached or 0, len(seq.output_ids)))
         return outputs

@@ -33,6 +33,25 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, ecfg.block_size,
                  self.num_blocks * kv_block_bytes(mcfg, ecfg.block_size, dtype) / 2**30)
 
+    def kv_shape(self, num_blocks: int) -> list[int]:
+        """Shape of the KV of `num_blocks` blocks as DistFlow moves it: [layers, K/V, heads, blocks, block, dim]."""
+        heads, _, bs, dim = self.kv_cache[0][0].shape
+        return [len(self.kv_cache), 2, heads, num_blocks, bs, dim]
+
+    def read_kv(self, block_ids: list[int], out: torch.Tensor) -> None:
+        """Copy the K/V of `block_ids` into `out` (host memory, `kv_shape(len(block_ids))`)."""
+        idx = torch.tensor(block_ids, device=self.device)
+        for layer, kv in enumerate(self.kv_cache):
+            for i in (0, 1):
+                out[layer, i].copy_(kv[i].index_select(1, idx))
+
+    def write_kv(self, block_ids: list[int], kv_in: torch.Tensor) -> None:
+        """The inverse of `read_kv`: fill `block_ids` from a received payload."""
+        idx = torch.tensor(block_ids, device=self.device)
+        for layer, kv in enumerate(self.kv_cache):
+            for i in (0, 1):
+                kv[i].index_copy_(1, idx, kv_in[layer, i].to(self.device, kv[i].dtype))
+
     def run(self, step: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward one step. Returns logits [R, vocab] and the R sequences they belong to."""
         # Single-token work (decodes) first, as one batch; then prefill chunks one by one.

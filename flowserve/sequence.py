@@ -43,6 +43,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
     finish_reason: str | None = None  # stop | length | abort
     generator: "torch.Generator | None" = None
+    handoff: bool = False         # prefill-only (PD): after the first token its blocks go to a decode TE
     arrival: float = field(default_factory=time.monotonic)
 
     @property

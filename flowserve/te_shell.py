@@ -7,6 +7,12 @@ start-up timings), then loops: read commands (`add`, `abort`,
 step's new tokens plus the engine's stats back in one `step` frame. Single-threaded: the
 socket is only touched between steps, so the engine needs no locks.
 
+PD disaggregation: on a prefill TE an `add` with `kv_to` (a decode TE's DistFlow address)
+runs the prompt and first token, then the shell sends the request's KV blocks there
+(`flowserve.distflow.send_kv`), frees them whatever happened, and reports `handoff` (or
+`error`). A decode TE (`kv_listen` set) gets an `add` with `await_kv` first, and starts
+that request when its KV arrives on the DistFlow listener, which it polls with the socket.
+
     python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}'
 
 Without `--model` it starts pre-warmed (scaling/prewarm.py): runtime imported, device
@@ -27,7 +33,7 @@ import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
-from flowserve.distflow import fetch_weights, serve_weights  # noqa: E402
+from flowserve.distflow import accept_kv, fetch_weights, listen_kv, recv_kv, send_kv, serve_weights  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.sequence import SamplingParams  # noqa: E402
 from flowserve.wire import pack, recv_frame, unpack_frames  # noqa: E402
@@ -36,9 +42,11 @@ log = logging.getLogger("flowserve.te_shell")
 
 
 class TEShell:
-    def __init__(self, sock: socket.socket, engine: Engine):
-        self.sock, self.engine = sock, engine
+    def __init__(self, sock: socket.socket, engine: Engine, kv_listener: socket.socket | None = None):
+        self.sock, self.engine, self.kv_listener = sock, engine, kv_listener
         self.buf = bytearray()
+        self.kv_to: dict[str, str] = {}          # prefill side: request id -> decode TE address
+        self.awaiting: dict[str, dict] = {}      # decode side: request id -> its `add`, until the KV comes
 
     def send(self, msg: dict) -> None:
         self.sock.sendall(pack(msg))
@@ -51,34 +59,92 @@ class TEShell:
     def handle(self, msg: dict) -> bool:
         """Apply one command; False means stop."""
         op = msg["op"]
-        if op == "add":
+        if op == "add" and msg.get("await_kv"):
+            self.awaiting[msg["rid"]] = msg
+        elif op == "add":
             try:
-                self.engine.add_request(msg["rid"], msg["prompt"], SamplingParams(**msg["params"]))
+                self.engine.add_request(msg["rid"], msg["prompt"], SamplingParams(**msg["params"]),
+                                        handoff=bool(msg.get("kv_to")))
+                if msg.get("kv_to"):
+                    self.kv_to[msg["rid"]] = msg["kv_to"]
             except (ValueError, TypeError) as e:
-                self.send({"op": "step", "outs": [[msg["rid"], [], "error", 0, 0]], "error": str(e),
-                           "stats": self.stats()})
+                self.report(msg["rid"], "error", str(e))
         elif op == "abort":
             for rid in msg["rids"]:
                 self.engine.abort(rid)
+                self.awaiting.pop(rid, None)
+                self.kv_to.pop(rid, None)
             self.send({"op": "step", "outs": [], "stats": self.stats()})
         elif op == "stop":
             return False
         return True
 
+    def report(self, rid: str, finish: str, error: str | None = None) -> None:
+        self.send({"op": "step", "outs": [[rid, [], finish, 0, 0]], "error": error, "stats": self.stats()})
+
     def poll(self, block: bool) -> bool:
-        """Read whatever commands have arrived; wait for one if `block`. False means stop."""
+        """Read whatever commands (and, on a decode TE, KV transfers) have arrived; wait for one
+        if `block`. False means stop."""
+        watch = [self.sock] + ([self.kv_listener] if self.kv_listener else [])
         while True:
-            ready, _, _ = select.select([self.sock], [], [], None if block else 0)
+            ready, _, _ = select.select(watch, [], [], None if block else 0)
             if not ready:
                 return True
-            data = self.sock.recv(1 << 20)
-            if not data:
-                return False  # the main process is gone: nothing left to serve
-            self.buf += data
-            for msg in unpack_frames(self.buf):
-                if not self.handle(msg):
-                    return False
+            if self.sock in ready:  # commands first: a transfer's `add` may be among them
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    return False  # the main process is gone: nothing left to serve
+                self.buf += data
+                for msg in unpack_frames(self.buf):
+                    if not self.handle(msg):
+                        return False
+            if self.kv_listener in ready:
+                self.receive_kv()
             block = False
+
+    def receive_kv(self) -> None:
+        """Decode side: take one request's KV from a prefill TE, start the request, ack."""
+        conn = accept_kv(self.kv_listener)
+        if conn is None:
+            return
+        timeout = self.engine.cfg.kv_timeout_s
+        with conn:
+            try:
+                head, kv = recv_kv(conn, timeout)
+                add = self.awaiting.pop(head["rid"], None)
+                if add is None:  # aborted meanwhile (or never announced): the sender frees its blocks
+                    conn.sendall(pack({"ok": False, "error": "request unknown to the decode TE"}))
+                    return
+                self.engine.add_prefilled(head["rid"], head["token_ids"], len(add["prompt"]),
+                                          SamplingParams(**add["params"]), kv, head["num_cached"])
+                del kv
+                conn.sendall(pack({"ok": True}))
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("KV transfer in failed: %s", e)
+
+    def hand_off(self) -> None:
+        """Prefill side: send each prefilled request's KV to its decode TE, then free it here."""
+        engine = self.engine
+        while engine.handoffs:
+            seq = engine.handoffs.pop()
+            address = self.kv_to.pop(seq.request_id, None)
+            error = None
+            try:
+                if address is None:
+                    raise ConnectionError("aborted before its KV was sent")
+                t0 = time.perf_counter()
+                shape = engine.runner.kv_shape(len(seq.block_ids))
+                send_kv(address, {"rid": seq.request_id, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
+                        shape, engine.dtype, lambda out: engine.runner.read_kv(seq.block_ids, out),
+                        engine.cfg.kv_timeout_s)
+                log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed,
+                         1e3 * (time.perf_counter() - t0))
+            except OSError as e:
+                error = f"KV transfer to the decode TE failed: {e}"
+                log.warning("%s: %s", seq.request_id, error)
+            finally:
+                engine.release(seq)
+            self.report(seq.request_id, "error" if error else "handoff", error)
 
     def run(self) -> None:
         while self.poll(block=not self.engine.has_work()):
@@ -88,6 +154,7 @@ class TEShell:
             if outs:
                 self.send({"op": "step", "stats": self.stats(), "outs": [
                     [o.request_id, o.new_token_ids, o.finish_reason, o.num_prompt, o.num_cached] for o in outs]})
+            self.hand_off()  # after the first tokens went out: the client sees them before the transfer
 
 
 def warm_up(engine: Engine) -> None:
@@ -107,13 +174,14 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
         weights = fetch_weights(weights_from)
     engine = Engine(model, cfg, weights=weights)
     port = serve_weights(engine.model_cfg, engine.runner.model.w) if cfg.serve_weights else None
+    kv_listener, kv_addr = listen_kv(cfg.kv_listen) if cfg.kv_listen else (None, None)
     t_loaded = time.perf_counter()
     if not (warmed_on_cpu and engine.device.type == "cpu"):
         warm_up(engine)
     t_warm = time.perf_counter()
-    shell = TEShell(sock, engine)
+    shell = TEShell(sock, engine, kv_listener)
     shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),
-                "max_model_len": engine.max_model_len, "weights_port": port,
+                "max_model_len": engine.max_model_len, "weights_port": port, "kv_addr": kv_addr,
                 "timings_ms": {"te_pre_load": 1e3 * (t_pre - t_start),
                                "te_load": 1e3 * (t_loaded - t_pre),
                                "te_post_load": 1e3 * (t_warm - t_loaded)}})
