@@ -2,6 +2,7 @@
 
   python deepflow.py serve [flags]             the OpenAI-compatible server
   python deepflow.py generate --prompt "..."   one chat answer from an in-process engine
+  python deepflow.py profile-pd                measure the PD heatmap serve's dist_sched uses
 
 `serve` runs one asyncio process: the aiohttp routes below (validation, SSE), the job
 executors (`scheduler/je.py`) and the cluster (`scheduler/cluster.py`) that places tasks on
@@ -19,20 +20,24 @@ import os
 import signal
 import sys
 import time
+import tomllib
 from contextlib import aclosing
+from dataclasses import fields, replace
 
 import orjson
 from aiohttp import web
 
-from flowserve.config import EngineConfig, default_model_path
+from flowserve.config import EngineConfig, cache_dir, default_model_path
 from flowserve.sequence import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
 from scheduler import responses
-from scheduler.cluster import Cluster
+from scheduler.cluster import GROUPS, Cluster
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi
+from scheduler.pd_policy import Heatmap
+from scheduler.pd_profile import add_profile_parser
 from scheduler.protocol import APIError, model_not_found, parse_chat, parse_completion, parse_json
 
 
@@ -219,17 +224,61 @@ def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: 
     return app
 
 
+def default_heatmap_path() -> str:
+    return str(cache_dir() / "pd_heatmap.json")
+
+
+def cluster_shape(args: argparse.Namespace) -> dict[str, tuple[int, EngineConfig]]:
+    """Each group's size and engine config: the flags, then a `--cluster` TOML file's tables
+    on top, one per group, with `instances` and any EngineConfig field:
+
+        [prefill]
+        instances = 1
+        [decode]
+        instances = 2
+        kv_cache_gb = 2.0
+    """
+    sizes = {"colocated": args.num_tes, "prefill": args.prefill_tes, "decode": args.decode_tes}
+    overrides: dict[str, dict] = {g: {} for g in GROUPS}
+    if args.cluster:
+        with open(args.cluster, "rb") as f:
+            doc = tomllib.load(f)
+        known = {f.name for f in fields(EngineConfig)} - {"use_weight_cache", "serve_weights", "kv_listen"}
+        for group, table in doc.items():
+            if group not in GROUPS or not isinstance(table, dict):
+                raise SystemExit(f"{args.cluster}: unknown table [{group}]; groups are {', '.join(GROUPS)}")
+            table = dict(table)
+            sizes[group] = table.pop("instances", sizes[group])
+            if unknown := set(table) - known:
+                raise SystemExit(f"{args.cluster}: [{group}] has unknown keys {sorted(unknown)}")
+            overrides[group] = table
+    if (sizes["prefill"] > 0) != (sizes["decode"] > 0):
+        raise SystemExit("prefill and decode TEs come together: give both or neither")
+    if sum(sizes.values()) < 1:
+        raise SystemExit("the cluster needs at least one TE (use --min-tes 0 to allow scaling to zero)")
+    threads = args.threads_per_te or max(1, (os.cpu_count() or 1) // sum(sizes.values()))
+    base = EngineConfig(device=args.device, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len, num_threads=threads,
+                        kv_timeout_s=args.kv_timeout_s)
+    return {g: (sizes[g], replace(base, **overrides[g])) for g in GROUPS}
+
+
 async def serve(args: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     name = args.served_model_name or os.path.basename(model.rstrip("/")).removesuffix(".gguf")
-    threads = args.threads_per_te or max(1, (os.cpu_count() or 1) // args.num_tes)
-    engine_cfg = EngineConfig(device=args.device, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-                              max_num_batched_tokens=args.max_num_batched_tokens,
-                              max_model_len=args.max_model_len, num_threads=threads)
+    shape = cluster_shape(args)
+    heatmap = None
+    if shape["colocated"][0] and shape["prefill"][0]:  # both kinds: the PD-aware step needs this machine's heatmap
+        path = args.pd_heatmap or default_heatmap_path()
+        if not os.path.exists(path):
+            raise SystemExit(f"no PD heatmap at {path}: run `python deepflow.py profile-pd` first, or pass --pd-heatmap")
+        heatmap = Heatmap.load(path)
+    threads = shape["colocated"][1].num_threads
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
-    cluster = Cluster(model, engine_cfg, num_tes=args.num_tes, max_queued=args.max_queued,
-                      te_env={"OMP_NUM_THREADS": str(threads)}, start_mode=args.start_mode,
-                      prewarmed=args.prewarmed, policy=args.policy, imbalance=args.imbalance)
+    cluster = Cluster(model, shape, max_queued=args.max_queued, te_env={"OMP_NUM_THREADS": str(threads)},
+                      start_mode=args.start_mode, prewarmed=args.prewarmed, policy=args.policy,
+                      imbalance=args.imbalance, kv_transport=args.kv_transport, heatmap=heatmap)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -248,21 +297,26 @@ async def serve(args: argparse.Namespace) -> None:
     except BaseException:
         await cluster.shutdown()
         raise
-    policy = ScalePolicy(min_tes=args.num_tes if args.min_tes is None else args.min_tes,
-                         max_tes=max(args.num_tes, args.max_tes or 0), waiting_per_te=args.scale_out_waiting,
-                         idle_s=args.scale_in_idle_s)
-    autoscaler = asyncio.create_task(autoscale(cluster, "colocated", policy))
+    # The autoscaler sizes the colocated group from the flags; prefill and decode groups keep
+    # their size unless POST /admin/scale changes it.
+    policies = {g: ScalePolicy(min_tes=n, max_tes=n) for g, (n, _) in shape.items()}
+    n = shape["colocated"][0]
+    policies["colocated"] = ScalePolicy(min_tes=n if args.min_tes is None else args.min_tes,
+                                        max_tes=max(n, args.max_tes or 0), waiting_per_te=args.scale_out_waiting,
+                                        idle_s=args.scale_in_idle_s)
+    autoscalers = [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
     metrics_ = Metrics(cluster, name)
     je = JobExecutor(cluster, tokenizer, name, metrics_)
     app = build_app(cluster, je, metrics_, name, args.api_key, args.max_body_bytes)
-    app["policies"] = {"colocated": policy}
+    app["policies"] = policies
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     url = f"http://{args.host}:{args.port}"
     auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
-    print(f"DeepFlow serving {name} on {url} with {args.num_tes} TE(s)\n"
+    groups = ", ".join(f"{n} {g}" for g, (n, _) in shape.items() if n)
+    print(f"DeepFlow serving {name} on {url} with {groups} TE(s)\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
           flush=True)
@@ -276,7 +330,8 @@ async def serve(args: argparse.Namespace) -> None:
     je.fail_all("server is shutting down")
     await asyncio.sleep(0.1)  # let the failed streams write their error event
     await runner.cleanup()
-    autoscaler.cancel()
+    for a in autoscalers:
+        a.cancel()
     await cluster.shutdown()
     log.warning("stopped")
 
@@ -304,7 +359,16 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--served-model-name", help="the name clients send as `model`")
     srv.add_argument("--api-key", default=os.environ.get("DEEPFLOW_API_KEY"),
                      help="require `Authorization: Bearer KEY` on /v1 routes")
-    srv.add_argument("--num-tes", type=int, default=1, help="colocated TE processes at start (at least 1)")
+    srv.add_argument("--num-tes", type=int, default=1, help="colocated TEs at start")
+    srv.add_argument("--prefill-tes", type=int, default=0, help="prefill TEs (PD disaggregation; with --decode-tes)")
+    srv.add_argument("--decode-tes", type=int, default=0, help="decode TEs (PD disaggregation; with --prefill-tes)")
+    srv.add_argument("--cluster", help="TOML file: a [colocated], [prefill] or [decode] table per group with "
+                                       "`instances` and engine settings (kv_cache_gb, max_num_seqs, ...)")
+    srv.add_argument("--kv-transport", choices=["unix", "tcp"], default="unix",
+                     help="prefill -> decode KV: shared memory over a unix socket (one host), or TCP")
+    srv.add_argument("--kv-timeout-s", type=float, default=10.0, help="a KV transfer that takes longer fails")
+    srv.add_argument("--pd-heatmap", help="with colocated and PD TEs: the heatmap from `profile-pd` "
+                                          "(default: the one it saved)")
     srv.add_argument("--min-tes", type=int, help="autoscaler floor (default: --num-tes; 0 = scale to zero)")
     srv.add_argument("--max-tes", type=int, help="autoscaler ceiling (default: --num-tes, i.e. fixed size)")
     srv.add_argument("--scale-out-waiting", type=int, default=4,
@@ -331,9 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs")
     srv.set_defaults(func=lambda a: asyncio.run(serve(a)))
 
+    add_profile_parser(sub, default_heatmap_path)
+
     args = parser.parse_args(argv)
-    if args.command == "serve" and args.num_tes < 1:
-        parser.error("--num-tes must be at least 1 (use --min-tes 0 to allow scaling to zero)")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args.func(args)
 

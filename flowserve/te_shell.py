@@ -7,8 +7,8 @@ start-up timings), then loops: read commands (`add`, `abort`,
 step's new tokens plus the engine's stats back in one `step` frame. Single-threaded: the
 socket is only touched between steps, so the engine needs no locks.
 
-PD disaggregation: on a prefill TE an `add` with `kv_to` (a decode TE's DistFlow address)
-runs the prompt and first token, then the shell sends the request's KV blocks there
+PD disaggregation: on a prefill TE an `add` with `kv_to` (a decode TE's DistFlow address and
+the request's id there) runs the prompt and first token, then the shell sends the request's KV blocks there
 (`flowserve.distflow.send_kv`), frees them whatever happened, and reports `handoff` (or
 `error`). A decode TE (`kv_listen` set) gets an `add` with `await_kv` first, and starts
 that request when its KV arrives on the DistFlow listener, which it polls with the socket.
@@ -26,6 +26,7 @@ import select
 import socket
 import sys
 import time
+from dataclasses import asdict
 
 T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
 
@@ -45,7 +46,7 @@ class TEShell:
     def __init__(self, sock: socket.socket, engine: Engine, kv_listener: socket.socket | None = None):
         self.sock, self.engine, self.kv_listener = sock, engine, kv_listener
         self.buf = bytearray()
-        self.kv_to: dict[str, str] = {}          # prefill side: request id -> decode TE address
+        self.kv_to: dict[str, list[str]] = {}    # prefill side: request id -> [decode TE address, its id there]
         self.awaiting: dict[str, dict] = {}      # decode side: request id -> its `add`, until the KV comes
 
     def send(self, msg: dict) -> None:
@@ -127,14 +128,14 @@ class TEShell:
         engine = self.engine
         while engine.handoffs:
             seq = engine.handoffs.pop()
-            address = self.kv_to.pop(seq.request_id, None)
+            address, decode_rid = self.kv_to.pop(seq.request_id, (None, None))
             error = None
             try:
                 if address is None:
                     raise ConnectionError("aborted before its KV was sent")
                 t0 = time.perf_counter()
                 shape = engine.runner.kv_shape(len(seq.block_ids))
-                send_kv(address, {"rid": seq.request_id, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
+                send_kv(address, {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
                         shape, engine.dtype, lambda out: engine.runner.read_kv(seq.block_ids, out),
                         engine.cfg.kv_timeout_s)
                 log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed,
@@ -218,6 +219,7 @@ def main() -> None:
         serve_engine(sock, cfg, model=args.model)
     else:
         load, t_start = wait_for_model(sock, cfg)
+        cfg = EngineConfig(**load.get("engine_config", asdict(cfg)))  # the group it joins decides
         serve_engine(sock, cfg, model=load["model"], weights_from=load.get("weights_from"), t_start=t_start)
 
 

@@ -1,20 +1,28 @@
 """The cluster as the main process sees it: TE groups, placement (dist_sched), admission, size.
 
-A TE group is the TEs of one model in one mode (here: colocated), with a target size the
-autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked from
-the warm template (`scaling/template.py`); with `--start-mode preloaded` a pre-warmed
-process from the pool (`scaling/prewarm.py`) is told to map the cached weights; with
-`--start-mode peer` such a process receives the weights from a running TE instead
-(DistFlow, `flowserve/distflow.py`); with `--start-mode cold`, or while the template is
-down or the pool empty, a fresh interpreter starts.
+A TE group is the TEs of one model in one mode: `colocated` TEs run whole jobs; a
+`prefill` TE runs prompts and first tokens and hands their KV to a `decode` TE, which
+generates the rest (PD disaggregation; the KV moves TE to TE over DistFlow,
+`flowserve/distflow.py`). Each group has an engine config and a target size the
+autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked
+from the warm template (`scaling/template.py`); with `--start-mode preloaded` a
+pre-warmed process from the pool (`scaling/prewarm.py`) is told to map the cached
+weights; with `--start-mode peer` such a process receives the weights from a running TE
+instead (DistFlow); with `--start-mode cold`, or while the template is down or the pool
+empty, a fresh interpreter starts.
 
-Every task goes through the group's pending queue: `_place_pending` hands it to a TE with
-a free batch slot, chosen by `dist_sched` (Algorithm 1: locality-aware over the global
-prompt tree, `scheduler/prompt_tree.py`, while loads are balanced, else load-aware). A task
-that finds no free slot (the group is busy, at zero, or all its TEs died) waits there until
-a slot frees or a TE joins. Admission control bounds the tasks per group so an overload
-gets a fast 429 instead of an ever-growing queue. A TE that dies is replaced, and its tasks
-that had produced no token yet are placed again (`resubmit`), so their clients never notice.
+dist_sched is Algorithm 1 in two steps. At submit, the PD-aware step (`pd_aware`) picks
+the TE type: a cluster with both kinds asks the heatmap (`scheduler/pd_policy.py`) with
+the predicted decode length; the task then waits in that type's pending queue (PD tasks
+in `prefill`'s). `_place_pending` hands it to a TE with a free batch slot, chosen by
+`dist_sched`: locality-aware over the group's global prompt tree
+(`scheduler/prompt_tree.py`) while loads are balanced, else load-aware; a PD task also
+takes the least-loaded decode TE, which reserves a slot for it before the prefill starts.
+A task that finds no free slot (the group is busy, at zero, or all its TEs died) waits
+until a slot frees or a TE joins. Admission control bounds the tasks held so an overload
+gets a fast 429 instead of an ever-growing queue. A TE that dies is replaced, and its
+tasks that had produced no token yet are placed again (`resubmit`), so their clients
+never notice.
 """
 import asyncio
 import itertools
@@ -27,6 +35,7 @@ from flowserve.config import EngineConfig
 from scaling.prewarm import PrewarmPool
 from scaling.template import TemplateHandle
 from scheduler.job import Task, TaskEvent
+from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
 from scheduler.prompt_tree import PromptTree
 from scheduler.te import TEHandle, TEState
 
@@ -37,24 +46,35 @@ class Overloaded(Exception):
     pass
 
 
+GROUPS = ("colocated", "prefill", "decode")
+
+
 class Cluster:
-    def __init__(self, model_path: str, engine_cfg: EngineConfig, num_tes: int = 1,
+    def __init__(self, model_path: str, groups: dict[str, tuple[int, EngineConfig]],
                  max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork",
-                 prewarmed: int = 1, policy: str = "locality", imbalance: int = 4):
+                 prewarmed: int = 1, policy: str = "locality", imbalance: int = 4,
+                 kv_transport: str = "unix", heatmap: Heatmap | None = None):
+        """`groups`: size and engine config of each of GROUPS (a missing one is empty).
+        `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory) or tcp."""
         self.model_path = model_path
         # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
         # the warm template, which maps that cache once.
         # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
-        self.engine_cfg = replace(engine_cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer")
+        base = EngineConfig()
+        self.engine_cfgs = {g: replace(groups.get(g, (0, base))[1], use_weight_cache=start_mode != "cold",
+                                       serve_weights=start_mode == "peer",
+                                       kv_listen=kv_transport if g == "decode" else "") for g in GROUPS}
         self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
-        self.groups: dict[str, list[TEHandle]] = {"colocated": []}
-        self.target: dict[str, int] = {"colocated": num_tes}
-        self.pending: dict[str, deque[Task]] = {"colocated": deque()}
-        self.trees = {"colocated": PromptTree(engine_cfg.block_size)}
+        self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
+        self.target: dict[str, int] = {g: groups.get(g, (0, base))[0] for g in GROUPS}
+        self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
+        self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
         self.policy, self.imbalance = policy, imbalance
+        self.heatmap, self.predictor = heatmap, DecodeLengthPredictor()
         self.template: TemplateHandle | None = None
-        self.pool = PrewarmPool(prewarmed, self.engine_cfg, self.te_env) if start_mode in ("preloaded", "peer") else None
+        self.pool = PrewarmPool(prewarmed, self.engine_cfgs["colocated"], self.te_env) \
+            if start_mode in ("preloaded", "peer") else None
         self._ids = itertools.count()
         self._rr = itertools.count()
         self.closing = False
@@ -67,8 +87,13 @@ class Cluster:
     def tes(self) -> list[TEHandle]:
         return [te for group in self.groups.values() for te in group]
 
-    def ready_tes(self, group: str = "colocated") -> list[TEHandle]:
-        return [te for te in self.groups[group] if te.state is TEState.READY]
+    def ready_tes(self, group: str | None = None) -> list[TEHandle]:
+        """Ready TEs of `group`, or of every group."""
+        return [te for te in (self.groups[group] if group else self.tes) if te.state is TEState.READY]
+
+    def free_tes(self, group: str) -> list[TEHandle]:
+        """Ready TEs of `group` with a free batch slot."""
+        return [te for te in self.ready_tes(group) if te.load < te.engine_cfg.max_num_seqs]
 
     async def start(self) -> None:
         if self.start_mode == "fork":
@@ -94,7 +119,7 @@ class Cluster:
 
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
-        te = TEHandle(f"te-{next(self._ids)}", group, group, self.model_path, self.engine_cfg)
+        te = TEHandle(f"te-{next(self._ids)}", group, group, self.model_path, self.engine_cfgs[group])
         te.on_death = self._on_death
         te.on_free = lambda te: self._place_pending(te.group)
         te.tree = self.trees[group]
@@ -153,60 +178,91 @@ class Cluster:
         """The served context, as the first ready TE reported it (still known at zero TEs)."""
         return self._max_model_len
 
-    def dist_sched(self, task: Task, tes: list[TEHandle], group: str = "colocated") -> TEHandle:
-        """Algorithm 1 (without its PD-aware step, one TE type here): when loads are balanced,
-        the TE holding the longest prefix of the prompt (locality-aware); else the least
-        loaded (load-aware). Load = tasks on a TE; balanced = the spread of loads across
-        the group's ready TEs is at most `imbalance` tasks. Ties: least loaded, then
-        round-robin. `--policy load|rr` are the baselines. Records why on the task."""
+    def pd_aware(self, task: Task) -> str:
+        """Algorithm 1, first step: run the task colocated or disaggregated? Returns the group
+        whose queue it waits in. Only a cluster with both kinds has a choice: the heatmap
+        decides, at the cell of the prompt length and the predicted decode length."""
+        prompt_len = len(task.prompt_ids)
+        has_pd = self.target["prefill"] > 0 and self.target["decode"] > 0
+        if not (has_pd and self.target["colocated"] > 0):
+            task.placement = {"pd": {"choice": "disaggregated" if has_pd else "colocated", "why": "only kind"}}
+            return "prefill" if has_pd else "colocated"
+        predicted = self.predictor.predict(prompt_len, task.params.max_tokens)
+        disagg, cell = self.heatmap.choose(prompt_len, predicted)
+        task.placement = {"pd": {"choice": "disaggregated" if disagg else "colocated",
+                                 "predicted_output": predicted, **cell}}
+        return "prefill" if disagg else "colocated"
+
+    def dist_sched(self, task: Task, tes: list[TEHandle], group: str) -> tuple[TEHandle, dict]:
+        """Algorithm 1, the TE within a group: when loads are balanced, the TE holding the
+        longest prefix of the prompt (locality-aware); else the least loaded (load-aware).
+        Load = tasks on a TE; balanced = the spread of loads across the group's ready TEs is
+        at most `imbalance` tasks. Ties: least loaded, then round-robin. `--policy load|rr`
+        are the baselines. Decode TEs get no prompt to compute, so they go by load alone.
+        Returns the TE and why, for the task's placement record."""
         loads = {te.id: te.load for te in self.ready_tes(group)}
         if self.policy == "rr":
-            te = tes[next(self._rr) % len(tes)]
-            task.placement = {"policy": "rr", "loads": loads}
-            return te
+            return tes[next(self._rr) % len(tes)], {"policy": "rr", "loads": loads}
         balanced = max(loads.values()) - min(loads.values()) <= self.imbalance
+        locality = self.policy == "locality" and balanced and group != "decode"
         matched = self.trees[group].matched_tokens(task.prompt_ids, [te.id for te in tes])
-        if self.policy == "locality" and balanced:
+        if locality:
             best = max(matched.values())
             tes = [te for te in tes if matched[te.id] == best]
         least = min(te.load for te in tes)
         tes = [te for te in tes if te.load == least]
         te = tes[next(self._rr) % len(tes)]
-        task.placement = {"policy": "locality" if self.policy == "locality" and balanced else "load",
-                          "balanced": balanced, "matched_tokens": matched[te.id], "loads": loads}
-        return te
+        return te, {"policy": "locality" if locality else "load", "balanced": balanced,
+                    "matched_tokens": matched[te.id], "loads": loads}
 
-    def admit(self, num_tasks: int, group: str = "colocated") -> None:
-        """Refuse work past the bound: tasks beyond what the TEs run at once wait in queues."""
-        capacity = self.target[group] * self.engine_cfg.max_num_seqs + self.max_queued
-        held = sum(te.load for te in self.groups[group]) + len(self.pending[group])
+    def admit(self, num_tasks: int) -> None:
+        """Refuse work past the bound: tasks beyond what the TEs run at once wait in queues.
+        A PD task holds a decode slot from its placement to its end, so decode TEs count."""
+        running_groups = ("colocated", "decode")
+        capacity = sum(self.target[g] * self.engine_cfgs[g].max_num_seqs for g in running_groups) + self.max_queued
+        held = sum(te.load for g in running_groups for te in self.groups[g]) + sum(map(len, self.pending.values()))
         if held + num_tasks > capacity:
             raise Overloaded("server is at capacity")
 
-    def submit(self, task: Task, group: str = "colocated") -> None:
+    def submit(self, task: Task) -> None:
+        group = self.pd_aware(task)
         self.pending[group].append(task)
         self._place_pending(group)
 
     def _place_pending(self, group: str) -> None:
         """Hand held tasks to TEs with a free batch slot, oldest first. The rest wait here, not
-        in a TE's queue, so a TE that joins later (a scale-out) shares the backlog."""
+        in a TE's queue, so a TE that joins later (a scale-out) shares the backlog. A PD task
+        needs a free prefill TE and a free decode TE; the decode TE hears of it first."""
+        group = "prefill" if group == "decode" else group  # a decode slot freed: PD tasks may go
         queue = self.pending[group]
         while queue:
-            free = [te for te in self.ready_tes(group) if te.load < self.engine_cfg.max_num_seqs]
-            if not free:
+            free = self.free_tes(group)
+            free_decode = self.free_tes("decode") if group == "prefill" else [None]
+            if not free or not free_decode:
                 self.work_held.set()  # wakes the autoscaler now, not at its next tick
                 return
             task = queue.popleft()
-            self.dist_sched(task, free, group).submit(task)
+            te, why = self.dist_sched(task, free, group)
+            task.placement.update(why)
+            if group == "prefill":
+                decode_te, task.placement["decode"] = self.dist_sched(task, free_decode, "decode")
+                task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
+                decode_te.submit(task.decode)
+                te.submit(task, kv_to=decode_te.kv_addr)
+            else:
+                te.submit(task)
 
     def resubmit(self, task: Task) -> None:
         """Place a task again after its TE died (held until the refill if no TE is left)."""
         if self.closing:
             raise Overloaded("server is shutting down")
         task.retries += 1
+        self.abort([task])  # the other half of a PD pair, if it is alive
+        task.decode = None
         self.submit(task)
 
     def abort(self, tasks: list[Task]) -> None:
+        tasks = tasks + [t.decode for t in tasks if t.decode]
         for queue in self.pending.values():
             for t in tasks:
                 if t in queue:
@@ -236,6 +292,7 @@ class Cluster:
                 "template_pid": self.template.proc.pid if self.template and self.template.alive else None,
                 "prewarmed_ready": len(self.pool.ready) if self.pool else 0,
                 "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],
-                                  "pending": len(self.pending[name])} for name, tes in self.groups.items()},
-                "engine_config": asdict(self.engine_cfg),
+                                  "pending": len(self.pending[name]), "engine_config": asdict(self.engine_cfgs[name])}
+                           for name, tes in self.groups.items()},
+                "heatmap": self.heatmap and self.heatmap.table(),
                 "tes": [te.to_dict() for te in self.tes]}

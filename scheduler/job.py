@@ -1,8 +1,11 @@
 """Request -> job -> task (PAPER.md section 1).
 
 An HTTP request triggers one Job (chat or completion). A Job is made of Tasks, one per
-choice (`n`), each run on one TE. On a PD-colocated TE a task is the whole generation; the
-states are explicit so `/admin/cluster` can show where every job is and where it ran.
+choice (`n`). On a PD-colocated TE a task is the whole generation. Disaggregated, a choice
+is two tasks: the prefill task (prompt and first token, on a prefill TE) and its `decode`
+task (the rest, on a decode TE), which share one event queue, so the JE reads one stream
+of tokens either way. The states are explicit so `/admin/cluster` can show where every job
+is and where it ran.
 """
 import asyncio
 import itertools
@@ -31,7 +34,7 @@ class TaskEvent:
     finish_reason: str | None  # stop | length | abort | error
     num_cached: int = 0
     error: str | None = None
-    engine_lost: bool = False  # the TE died: the task may be placed again if it sent nothing yet
+    engine_lost: bool = False  # a TE died or a KV transfer failed: the task may be placed again if it sent nothing yet
 
 
 @dataclass
@@ -51,9 +54,11 @@ class Task:
     t_first_token: float | None = None
     t_done: float | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    decode: "Task | None" = None   # disaggregated: the task that continues on a decode TE
 
     def to_dict(self) -> dict:
         return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
+                "decode_te": self.decode and self.decode.te_id,
                 "retries": self.retries, "placement": self.placement,
                 "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
                 "output_tokens": self.num_output, "finish_reason": self.finish_reason}

@@ -5,7 +5,8 @@ in `scaling/template.py`) holding one end of a unix socketpair; this side wraps 
 end in asyncio streams. Commands go out as frames (`add`, `abort`, `stop`);
 a reader task takes `step` frames back, updates the TE's stats and routes each task's new
 tokens to that task's event queue. EOF on the socket means the process died: every task
-still on it gets a clean error event at once.
+still on it gets a clean error event at once. A prefill TE's task leaves it with `handoff`
+(its KV went to a decode TE), and a decode TE's task is announced with `await_kv`.
 """
 import asyncio
 import logging
@@ -50,6 +51,7 @@ class TEHandle:
         self.retiring = False          # being scaled in: its exit is expected
         self.t_ready = 0.0
         self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
+        self.kv_addr: str | None = None       # a decode TE: where prefill TEs send KV (DistFlow)
 
     @property
     def load(self) -> int:
@@ -71,7 +73,8 @@ class TEHandle:
         elif prewarmed is not None:
             self.start_mode = "peer" if weights_from else "preloaded"  # else: the mmap'ed cache
             self.proc, self.pid, reader, self.writer, buf = prewarmed
-            self.writer.write(pack({"op": "load", "model": self.model_path, "weights_from": weights_from}))
+            self.writer.write(pack({"op": "load", "model": self.model_path, "weights_from": weights_from,
+                                    "engine_config": asdict(self.engine_cfg)}))
         else:
             self.start_mode = "preloaded" if self.engine_cfg.use_weight_cache else "cold"
             self.proc, parent = await spawn_te_shell(self.engine_cfg, env, self.model_path)
@@ -85,6 +88,7 @@ class TEHandle:
         self.t_ready = time.perf_counter()
         self.stats, self.max_model_len = ready["stats"], ready["max_model_len"]
         self.weights_addr = f"127.0.0.1:{ready['weights_port']}" if ready.get("weights_port") else None
+        self.kv_addr = ready.get("kv_addr")
         te = ready["timings_ms"]
         # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
         # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and
@@ -116,7 +120,10 @@ class TEHandle:
                 continue  # aborted here while the TE was still running it
             if finish:
                 del self.tasks[rid]
-            task.events.put_nowait(TaskEvent(tokens, finish, num_cached, msg.get("error")))
+            if finish == "handoff":
+                continue  # its decode task carries on, on the decode TE
+            lost = finish == "error" and task.decode is not None  # the KV transfer failed, not the request
+            task.events.put_nowait(TaskEvent(tokens, finish, num_cached, msg.get("error"), engine_lost=lost))
         if self.on_free and len(self.tasks) < self.engine_cfg.max_num_seqs:
             self.on_free(self)
 
@@ -131,11 +138,13 @@ class TEHandle:
         if self.on_death:
             self.on_death(self)
 
-    def submit(self, task: Task) -> None:
-        p = task.params
+    def submit(self, task: Task, kv_to: str | None = None) -> None:
+        """Run `task` here; with `kv_to`, only its prefill, then send its KV to that decode TE.
+        On a decode TE the task waits for its KV."""
         self.tasks[task.id] = task
         task.te_id, task.state = self.id, State.RUNNING
-        self._send({"op": "add", "rid": task.id, "prompt": task.prompt_ids, "params": asdict(p)})
+        self._send({"op": "add", "rid": task.id, "prompt": task.prompt_ids, "params": asdict(task.params),
+                    "kv_to": kv_to and [kv_to, task.decode.id], "await_kv": self.group == "decode"})
 
     def abort(self, task_ids: list[str]) -> None:
         ids = [t for t in task_ids if self.tasks.pop(t, None) is not None]

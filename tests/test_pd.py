@@ -1,13 +1,27 @@
 """PD disaggregation: a prefill TE computes the prompt and first token, DistFlow moves the
 KV blocks to a decode TE, which continues. Engine level first (two in-process engines and a
 real transfer over both transports), then the real server."""
+import asyncio
+import os
+import signal
 import threading
+import time
 
+import aiohttp
+import orjson
 import pytest
+from openai import OpenAI
 
+from flowserve.config import EngineConfig
 from flowserve.distflow import accept_kv, listen_kv, recv_kv, send_kv
+from flowserve.sequence import SamplingParams
 from flowserve.wire import pack
+from scheduler.cluster import GROUPS, Cluster
+from scheduler.job import Task
+from scheduler.pd_policy import Heatmap
+from tests.server_util import Server, wait_until
 from tests.test_engine import GREEDY, assert_no_leak, make_engine, random_prompts
+from tests.test_reliability import data_lines, wait_for
 
 
 def transfer(prefill, decode, transport: str) -> None:
@@ -52,3 +66,120 @@ def test_disaggregated_tokens_equal_colocated(model_path, weights, transport):
             rest[o.request_id] += o.new_token_ids
     assert [firsts[f"r{i}"] + rest[f"r{i}"] for i in range(len(prompts))] == colocated
     assert_no_leak(decode)
+
+
+# ---------------------------------------------------------------------------- dist_sched's PD-aware step
+
+# Disaggregated is faster only for long prompts with short outputs (the cell [1024, 0.03]).
+HEATMAP = Heatmap(prefill_lens=[64, 1024], ratios=[0.03, 1.0],
+                  colocated_ms=[[100, 100], [100, 100]], disagg_ms=[[200, 200], [50, 200]], setup="test")
+
+
+def test_dist_sched_follows_the_heatmap():
+    groups = {g: (1, EngineConfig()) for g in GROUPS}
+    cluster = Cluster("model", groups, heatmap=HEATMAP)
+    greedy = SamplingParams(temperature=0, max_tokens=16)
+    long_short = Task("j", 0, list(range(900)), greedy)
+    short_long = Task("j", 0, list(range(80)), SamplingParams(temperature=0, max_tokens=200))
+    assert cluster.pd_aware(long_short) == "prefill"
+    assert long_short.placement["pd"] == {"choice": "disaggregated", "predicted_output": 16, "cell": [1024, 0.03],
+                                          "colocated_ms": 100, "disagg_ms": 50}
+    assert cluster.pd_aware(short_long) == "colocated"
+    # Without history the predictor assumes max_tokens; then it learns from finished requests.
+    long_long = Task("j", 0, list(range(900)), SamplingParams(temperature=0, max_tokens=900))
+    assert cluster.pd_aware(long_long) == "colocated"
+    for _ in range(5):
+        cluster.predictor.observe(900, 20)
+    assert cluster.pd_aware(long_long) == "prefill" and long_long.placement["pd"]["predicted_output"] == 20
+    # A cluster of one kind has no choice to make.
+    only_pd = Cluster("model", {"prefill": (1, EngineConfig()), "decode": (1, EngineConfig())})
+    assert only_pd.pd_aware(short_long) == "prefill"
+
+
+def test_heatmap_round_trip_and_table(tmp_path):
+    HEATMAP.save(tmp_path / "h.json")
+    assert Heatmap.load(tmp_path / "h.json") == HEATMAP
+    table = HEATMAP.table()
+    assert "50 / 50" not in table and "100 / 50 D" in table and "100 / 200 C" in table
+
+
+# ---------------------------------------------------------------------------- the real server
+
+def completion(s: Server, prompt: str, max_tokens: int) -> dict:
+    status, body = s.post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                               "ignore_eos": True})
+    assert status == 200, body
+    return body
+
+
+def job_record(s: Server, index: int = 0) -> dict:
+    return s.get("/admin/cluster")["recent_jobs"][index]["tasks"][0]
+
+
+def te_group(s: Server) -> dict[str, str]:
+    return {te["id"]: te["group"] for te in s.get("/admin/cluster")["tes"]}
+
+
+def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
+    """One cluster with both kinds: a long prompt asking for a long answer runs colocated,
+    the same prompt with a short answer runs disaggregated; greedy tokens are identical."""
+    HEATMAP.save(tmp_path / "heatmap.json")
+    s = Server("--num-tes", "1", "--prefill-tes", "1", "--decode-tes", "1", "--pd-heatmap", str(tmp_path / "heatmap.json"),
+               "--max-model-len", "2048", "--kv-cache-gb", "0.2")
+    try:
+        prompt = " ".join(f"Item {i} of the inventory is a crate of apples." for i in range(60))  # ~700 tokens
+        long = completion(s, prompt, 300)
+        rec = job_record(s)
+        assert rec["placement"]["pd"]["choice"] == "colocated" and te_group(s)[rec["te"]] == "colocated"
+        short = completion(s, prompt, 12)
+        rec = job_record(s)
+        groups = te_group(s)
+        assert rec["placement"]["pd"]["choice"] == "disaggregated" and rec["placement"]["pd"]["cell"] == [1024, 0.03]
+        assert groups[rec["te"]] == "prefill" and groups[rec["decode_te"]] == "decode"
+        assert short["usage"]["completion_tokens"] == 12 and short["choices"][0]["finish_reason"] == "length"
+        assert long["choices"][0]["text"].startswith(short["choices"][0]["text"]) and short["choices"][0]["text"]
+        # streamed through both TEs: the same text, chunk by chunk
+        client = OpenAI(base_url=s.url + "/v1", api_key="none")
+        chunks = client.completions.create(model=None, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in chunks) == short["choices"][0]["text"]
+        assert job_record(s)["placement"]["pd"]["choice"] == "disaggregated"
+        tes = s.get("/admin/cluster")["tes"]
+        assert all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in tes)  # no block held anywhere
+    finally:
+        s.stop()
+
+
+async def test_decode_te_killed_during_transfer():
+    """The decode TE freezes, the prefill TE sends the first token and starts the KV transfer,
+    then the decode TE is killed: the client's stream ends with an error event, the prefill
+    TE holds no block, the decode TE is replaced and serves the next request."""
+    s = Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--kv-timeout-s", "60",
+               "--max-model-len", "1024", "--kv-cache-gb", "0.2")
+    try:
+        decode_pid = next(te["pid"] for te in s.get("/admin/cluster")["tes"] if te["group"] == "decode")
+        os.kill(decode_pid, signal.SIGSTOP)
+        body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
+                "max_tokens": 200, "temperature": 0, "stream": True}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(s.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                first = await data_lines(r, 2)  # the role chunk, then the prefill TE's first token
+                assert orjson.loads(first[1])["choices"][0]["delta"]["content"]
+                await asyncio.sleep(0.5)  # the prefill TE is now waiting on the frozen decode TE
+                prefill = next(te for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill")
+                assert prefill["kv_usage"] > 0  # the request's blocks, held for the transfer
+                os.kill(decode_pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                rest = await data_lines(r, timeout=10)
+            assert time.monotonic() - t0 < 5
+            error = orjson.loads(rest[-2])["error"]  # either side may notice first
+            assert rest[-1] == "[DONE]" and ("decode TE" in error["message"] or "engine" in error["message"])
+            wait_until(lambda: all(te["kv_usage"] == 0 and te["tasks"] == 0
+                                   for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill"), 10)
+            await wait_for(lambda: [te["state"] for te in s.get("/admin/cluster")["tes"]] == ["ready", "ready"])
+            async with http.post(s.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 8}) as r:
+                assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 8
+            assert job_record(s)["decode_te"] != "te-1"
+    finally:
+        s.stop()
