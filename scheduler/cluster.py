@@ -258,7 +258,8 @@ class Cluster:
             raise Overloaded("server is shutting down")
         task.retries += 1
         self.abort([task])  # the other half of a PD pair, if it is alive
-        task.decode = None
+        # A new id: frames the old attempt's TEs had already sent are dropped, not taken as this one's.
+        task.id, task.decode = f"{task.id.split('.')[0]}.{task.retries}", None
         self.submit(task)
 
     def abort(self, tasks: list[Task]) -> None:

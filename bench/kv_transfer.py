@@ -1,0 +1,85 @@
+"""DistFlow KV path alone: one request's KV blocks from a prefill engine to a decode engine
+in another process, for growing prompt lengths, over both transports.
+
+Each transfer is what a prefill TE does after the first token (`flowserve.te_shell.
+TEShell.hand_off`): gather the blocks out of its KV cache into the payload
+(`ModelRunner.read_kv`), send it (`flowserve.distflow.send_kv`), and wait for the decode
+side's ack, which comes after it has written the blocks into its own KV cache
+(`ModelRunner.write_kv`). The time is that whole round; GB/s = payload bytes / time.
+The receiver is this script run with `receive TRANSPORT` (the real model's engine, KV
+pool large enough for the largest size).
+
+    python bench/kv_transfer.py [--tokens 256 1024 4096 16384] [--repeats 5]
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
+from flowserve.config import EngineConfig, default_model_path  # noqa: E402
+from flowserve.distflow import accept_kv, listen_kv, recv_kv, send_kv  # noqa: E402
+from flowserve.engine import Engine  # noqa: E402
+from flowserve.wire import pack  # noqa: E402
+
+KV_GB = 1.0
+
+
+def engine() -> Engine:
+    return Engine(default_model_path(), EngineConfig(kv_cache_gb=KV_GB, num_threads=1))
+
+
+def receive(transport: str) -> None:
+    runner = engine().runner
+    listener, address = listen_kv(transport)
+    print(address, flush=True)
+    while conn := accept_kv(listener):
+        with conn:
+            head, kv = recv_kv(conn, 60)
+            runner.write_kv(list(range(kv.shape[3])), kv)
+            del kv
+            conn.sendall(pack({"ok": True}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("role", nargs="?", default="send", choices=["send", "receive"])
+    ap.add_argument("transport", nargs="?", default="unix")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    if args.role == "receive":
+        return receive(args.transport)
+    eng = engine()
+    runner, bs = eng.runner, eng.cfg.block_size
+    print(f"KV per token: {runner.kv_shape(1)[0] * 2 * runner.kv_shape(1)[2] * runner.kv_shape(1)[5] * 4} bytes "
+          f"(float32); {args.repeats} transfers per size, median and best\n")
+    print("| transport | prompt tokens | KV MB | median ms | median GB/s | best GB/s |\n|---|---:|---:|---:|---:|---:|")
+    for transport in ("unix", "tcp"):
+        peer = subprocess.Popen([sys.executable, __file__, "receive", transport], stdout=subprocess.PIPE, text=True)
+        try:
+            address = peer.stdout.readline().strip()
+            for tokens in args.tokens:
+                blocks = list(range(-(-tokens // bs)))
+                shape = runner.kv_shape(len(blocks))
+                nbytes = eng.dtype.itemsize * shape[0] * shape[1] * shape[2] * shape[3] * shape[4] * shape[5]
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    send_kv(address, {"rid": "bench"}, shape, eng.dtype, lambda out: runner.read_kv(blocks, out), 60)
+                    times.append(time.perf_counter() - t0)
+                med = statistics.median(times)
+                print(f"| {transport} | {tokens} | {nbytes / 1e6:.1f} | {1e3 * med:.1f} | {nbytes / med / 1e9:.2f} "
+                      f"| {nbytes / min(times) / 1e9:.2f} |", flush=True)
+        finally:
+            peer.kill()
+            peer.wait()
+
+
+if __name__ == "__main__":
+    main()
