@@ -3,9 +3,10 @@ in another process, for growing prompt lengths, over both transports.
 
 Each transfer is what a prefill TE does after the first token (`flowserve.te_shell.
 TEShell.hand_off`): gather the blocks out of its KV cache into the payload
-(`ModelRunner.read_kv`), send it (`flowserve.distflow.send_kv`), and wait for the decode
+(`ModelRunner.read_kv`), send it (`flowserve.distflow.KVSender`), and wait for the decode
 side's ack, which comes after it has written the blocks into its own KV cache
-(`ModelRunner.write_kv`). The time is that whole round; GB/s = payload bytes / time.
+(`ModelRunner.write_kv`). The time is that whole round; GB/s = payload bytes / time. The
+first transfer of each size also grows the sender's staging buffer (shown apart).
 The receiver is this script run with `receive TRANSPORT` (the real model's engine, KV
 pool large enough for the largest size).
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
-from flowserve.distflow import accept_kv, listen_kv, recv_kv, send_kv  # noqa: E402
+from flowserve.distflow import KVSender, accept_kv, listen_kv, recv_kv  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.wire import pack  # noqa: E402
 
@@ -59,9 +60,11 @@ def main() -> None:
     runner, bs = eng.runner, eng.cfg.block_size
     print(f"KV per token: {runner.kv_shape(1)[0] * 2 * runner.kv_shape(1)[2] * runner.kv_shape(1)[5] * 4} bytes "
           f"(float32); {args.repeats} transfers per size, median and best\n")
-    print("| transport | prompt tokens | KV MB | median ms | median GB/s | best GB/s |\n|---|---:|---:|---:|---:|---:|")
+    print("| transport | prompt tokens | KV MB | first ms | median ms | median GB/s | best GB/s |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for transport in ("unix", "tcp"):
         peer = subprocess.Popen([sys.executable, __file__, "receive", transport], stdout=subprocess.PIPE, text=True)
+        sender = KVSender()
         try:
             address = peer.stdout.readline().strip()
             for tokens in args.tokens:
@@ -69,14 +72,17 @@ def main() -> None:
                 shape = runner.kv_shape(len(blocks))
                 nbytes = eng.dtype.itemsize * shape[0] * shape[1] * shape[2] * shape[3] * shape[4] * shape[5]
                 times = []
-                for _ in range(args.repeats):
+                for _ in range(args.repeats + 1):
                     t0 = time.perf_counter()
-                    send_kv(address, {"rid": "bench"}, shape, eng.dtype, lambda out: runner.read_kv(blocks, out), 60)
+                    sender.send(address, {"rid": "bench"}, shape, eng.dtype, lambda out: runner.read_kv(blocks, out), 60)
                     times.append(time.perf_counter() - t0)
+                first, times = times[0], times[1:]
                 med = statistics.median(times)
-                print(f"| {transport} | {tokens} | {nbytes / 1e6:.1f} | {1e3 * med:.1f} | {nbytes / med / 1e9:.2f} "
+                print(f"| {transport} | {tokens} | {nbytes / 1e6:.1f} | {1e3 * first:.1f} | {1e3 * med:.1f} | "
+                      f"{nbytes / med / 1e9:.2f} "
                       f"| {nbytes / min(times) / 1e9:.2f} |", flush=True)
         finally:
+            sender.close()
             peer.kill()
             peer.wait()
 

@@ -7,10 +7,10 @@ config, then each tensor's name, dtype and shape) and receives the raw bytes of 
 tensor straight into its own buffers. On one host the warm template's fork is faster.
 
 KV path, for PD disaggregation: a decode TE listens (`listen_kv`); when a prefill TE has
-computed a prompt and its first token, it sends that request's KV blocks (`send_kv`): one
+computed a prompt and its first token, it sends that request's KV blocks (`KVSender`): one
 header frame (request id, tokens, tensor shape), then the payload, then it waits for the
 decode TE's ack before freeing its blocks. Two transports behind one address format:
-- `unix:` (one host): the payload is written once into an anonymous memfd whose file
+- `unix:` (one host): the payload is gathered once into an anonymous memfd whose file
   descriptor travels as SCM_RIGHTS over an abstract unix socket; the decode TE maps it and
   copies straight into its KV cache. Nothing is named on disk, so nothing leaks when a TE
   dies, and the listener only accepts peers running as the same user (SO_PEERCRED).
@@ -35,6 +35,7 @@ from flowserve.wire import pack, recv_frame
 
 log = logging.getLogger("flowserve.distflow")
 SOCKET_BUFFER = 16 << 20  # kernel buffers far above the defaults: fewer, larger copies per transfer
+STAGING_STEP = 16 << 20   # a KV sender's staging buffer grows in steps of this
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -126,40 +127,58 @@ def accept_kv(listener: socket.socket) -> socket.socket | None:
     return conn
 
 
-def send_kv(address: str, header: dict, shape: list[int], dtype: torch.dtype,
-            fill: Callable[[torch.Tensor], None], timeout: float) -> None:
-    """Send one request's KV to the decode TE at `address`: `fill` writes the payload (shape
-    `shape`) into the buffer it is given. Returns once the decode TE has it in its cache;
-    raises OSError (ConnectionError, TimeoutError) if it does not."""
-    kind, _, where = address.partition(":")
-    nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-    header = pack({**header, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes})
-    if kind == "unix":
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(timeout)
-        conn.connect("\0" + where)
-    else:
-        host, port = where.rsplit(":", 1)
-        conn = socket.create_connection((host, int(port)), timeout)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    with conn:
+class KVSender:
+    """A prefill TE's sending side. The payload is staged in one memfd-backed buffer that is
+    kept and reused (grown when a larger request comes): fresh shared pages cost more to
+    fault in and zero than the copy itself. One transfer at a time: the TE-shell's loop is
+    single-threaded, and the buffer is free again once the decode TE has acked."""
+
+    def __init__(self):
+        self.fd, self.buffer = -1, None
+
+    def _staging(self, nbytes: int) -> mmap.mmap:
+        if self.buffer is None or len(self.buffer) < nbytes:
+            self.close()
+            size = -(-nbytes // STAGING_STEP) * STAGING_STEP
+            self.fd = os.memfd_create("deepflow-kv", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self.buffer = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        return self.buffer
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            self.buffer.close()
+            os.close(self.fd)
+            self.fd, self.buffer = -1, None
+
+    def send(self, address: str, header: dict, shape: list[int], dtype: torch.dtype,
+             fill: Callable[[torch.Tensor], None], timeout: float) -> None:
+        """Send one request's KV to the decode TE at `address`: `fill` writes the payload
+        (shape `shape`) into the buffer it is given. Returns once the decode TE has it in its
+        cache; raises OSError (ConnectionError, TimeoutError) if it does not."""
+        kind, _, where = address.partition(":")
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        header = pack({**header, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes})
+        staging = self._staging(nbytes)
+        fill(_tensor_on(staging, shape, dtype, nbytes))
         if kind == "unix":
-            fd = os.memfd_create("deepflow-kv", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, nbytes)
-                with mmap.mmap(fd, nbytes) as mm:
-                    fill(_tensor_on(mm, shape, dtype))
-                socket.send_fds(conn, [header], [fd])
-            finally:
-                os.close(fd)  # the decode TE holds its own descriptor now
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.settimeout(timeout)
+            conn.connect("\0" + where)
         else:
-            payload = torch.empty(shape, dtype=dtype)
-            fill(payload)
-            conn.sendall(header)
-            conn.sendall(_raw(payload))
-        ack = recv_frame(conn, bytearray())
-    if ack is None or not ack.get("ok"):
-        raise ConnectionError((ack or {}).get("error", "decode TE closed the connection before its ack"))
+            host, port = where.rsplit(":", 1)
+            conn = socket.create_connection((host, int(port)), timeout)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        with conn:
+            if kind == "unix":  # the decode TE maps the same pages: nothing is copied in between
+                socket.send_fds(conn, [header], [self.fd])
+            else:
+                conn.sendall(header)
+                with memoryview(staging) as view:
+                    conn.sendall(view[:nbytes])
+            ack = recv_frame(conn, bytearray())
+        if ack is None or not ack.get("ok"):
+            raise ConnectionError((ack or {}).get("error", "decode TE closed the connection before its ack"))
 
 
 def recv_kv(conn: socket.socket, timeout: float) -> tuple[dict, torch.Tensor]:
@@ -179,12 +198,13 @@ def recv_kv(conn: socket.socket, timeout: float) -> tuple[dict, torch.Tensor]:
             return head, _recv_tensor(conn, buf, head["shape"], dtype)
         if not fds:
             raise ConnectionError("KV header came without its memfd")
-        return head, _tensor_on(mmap.mmap(fds[0], head["nbytes"]), head["shape"], dtype)
+        mapped = mmap.mmap(fds[0], head["nbytes"], flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        return head, _tensor_on(mapped, head["shape"], dtype, head["nbytes"])
     finally:
         for fd in fds:
             os.close(fd)  # a mapping outlives its descriptor
 
 
-def _tensor_on(mm: mmap.mmap, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    return torch.frombuffer(mm, dtype=torch.uint8).view(dtype).view(shape)
+def _tensor_on(mm: mmap.mmap, shape: list[int], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 

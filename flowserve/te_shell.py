@@ -9,7 +9,7 @@ socket is only touched between steps, so the engine needs no locks.
 
 PD disaggregation: on a prefill TE an `add` with `kv_to` (a decode TE's DistFlow address and
 the request's id there) runs the prompt and first token, then the shell sends the request's KV blocks there
-(`flowserve.distflow.send_kv`), frees them whatever happened, and reports `handoff` (or
+(`flowserve.distflow.KVSender`), frees them whatever happened, and reports `handoff` (or
 `error`). A decode TE (`kv_listen` set) gets an `add` with `await_kv` first, and starts
 that request when its KV arrives on the DistFlow listener, which it polls with the socket.
 
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
-from flowserve.distflow import accept_kv, fetch_weights, listen_kv, recv_kv, send_kv, serve_weights  # noqa: E402
+from flowserve.distflow import KVSender, accept_kv, fetch_weights, listen_kv, recv_kv, serve_weights  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.sequence import SamplingParams  # noqa: E402
 from flowserve.wire import pack, recv_frame, unpack_frames  # noqa: E402
@@ -48,6 +48,7 @@ class TEShell:
         self.buf = bytearray()
         self.kv_to: dict[str, list[str]] = {}    # prefill side: request id -> [decode TE address, its id there]
         self.awaiting: dict[str, dict] = {}      # decode side: request id -> its `add`, until the KV comes
+        self.kv_sender = KVSender()
 
     def send(self, msg: dict) -> None:
         self.sock.sendall(pack(msg))
@@ -135,7 +136,7 @@ class TEShell:
                     raise ConnectionError("aborted before its KV was sent")
                 t0 = time.perf_counter()
                 shape = engine.runner.kv_shape(len(seq.block_ids))
-                send_kv(address, {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
+                self.kv_sender.send(address, {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
                         shape, engine.dtype, lambda out: engine.runner.read_kv(seq.block_ids, out),
                         engine.cfg.kv_timeout_s)
                 log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed,

@@ -13,7 +13,7 @@ import pytest
 from openai import OpenAI
 
 from flowserve.config import EngineConfig
-from flowserve.distflow import accept_kv, listen_kv, recv_kv, send_kv
+from flowserve.distflow import KVSender, accept_kv, listen_kv, recv_kv
 from flowserve.sequence import SamplingParams
 from flowserve.wire import pack
 from scheduler.cluster import GROUPS, Cluster
@@ -27,6 +27,7 @@ from tests.test_reliability import data_lines, wait_for
 def transfer(prefill, decode, transport: str) -> None:
     """Move every handed-off request from `prefill` to `decode` the way two TE-shells do."""
     listener, address = listen_kv(transport)
+    sender = KVSender()
     with listener:
         while prefill.handoffs:
             seq = prefill.handoffs.pop()
@@ -39,11 +40,12 @@ def transfer(prefill, decode, transport: str) -> None:
                     conn.sendall(pack({"ok": True}))
             t = threading.Thread(target=receive)
             t.start()
-            send_kv(address, {"rid": seq.request_id, "token_ids": seq.token_ids, "num_cached": 0},
+            sender.send(address, {"rid": seq.request_id, "token_ids": seq.token_ids, "num_cached": 0},
                     prefill.runner.kv_shape(len(seq.block_ids)), prefill.dtype,
                     lambda out: prefill.runner.read_kv(seq.block_ids, out), 10)
             t.join()
             prefill.release(seq)
+    sender.close()
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
