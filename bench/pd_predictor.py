@@ -6,10 +6,11 @@ story about X."), lists ("List ten facts about X.") and one-sentence summaries o
 words of text. Shuffled with a seed and split: the predictor learns from the first
 `--train` fraction (as serve does, from finished requests) and predicts the rest.
 
-Reported per prompt-length bucket and overall: the column accuracy (predicted and true
-decode length fall in the same decode/prefill ratio column of the profile-pd grid, i.e.
-the PD-aware step sees the right cell) and the same for the no-history prediction
-(max_tokens), plus the mean absolute error in tokens.
+Reported per prompt-length bucket and overall, for the predictor and for the no-history
+guess (max_tokens): the column accuracy (predicted and true decode length fall in the same
+decode/prefill ratio column of the profile-pd grid, i.e. the PD-aware step sees the right
+cell), the length-bucket accuracy (same 128-token bucket of decode length, the paper's
+classifier buckets), and the mean absolute error in tokens.
 
     python bench/pd_predictor.py [--per-kind 30] [--seed 0]
 """
@@ -63,28 +64,31 @@ def main() -> None:
     pairs = [(len(p), len(o)) for p, o in zip(prompts, outputs)]
     split = int(len(pairs) * args.train)
     predictor = DecodeLengthPredictor()
-    for p, o in pairs[:split]:
-        predictor.observe(p, o)
+    for p, o in zip(prompts[:split], outputs[:split]):
+        predictor.observe(p, len(o))
     grid = Heatmap([1], [1 / 32, 1 / 8, 1 / 2], [[0] * 3], [[0] * 3])  # profile-pd's default columns
 
     def column(p: int, o: int) -> int:
         return grid.cell(p, o)[1]
 
-    by_bucket: dict[int, list[tuple[bool, bool, int]]] = {}
-    for p, o in pairs[split:]:
-        guess = predictor.predict(p, args.max_tokens)
-        by_bucket.setdefault(predictor.bucket(p), []).append(
-            (column(p, guess) == column(p, o), column(p, args.max_tokens) == column(p, o), abs(guess - o)))
+    def scores(p: int, guess: int, o: int) -> tuple[bool, bool, int]:
+        return column(p, guess) == column(p, o), guess // 128 == o // 128, abs(guess - o)
+
+    by_bucket: dict[int, list[tuple]] = {}
+    for ids, (p, o) in zip(prompts[split:], pairs[split:]):
+        by_bucket.setdefault((p - 1).bit_length(), []).append(
+            scores(p, predictor.predict(ids, args.max_tokens), o) + scores(p, args.max_tokens, o))
     print(f"{len(pairs)} requests ({split} to learn from, {len(pairs) - split} held out), max_tokens "
-          f"{args.max_tokens}, columns = decode/prefill ratio {grid.ratios}\n")
-    print("| prompt tokens | held out | column accuracy | without history (max_tokens) | mean abs. error |")
+          f"{args.max_tokens}, columns = decode/prefill ratio {grid.ratios}; each cell: predictor / max_tokens\n")
+    print("| prompt tokens | held out | column accuracy | length-bucket accuracy | mean abs. error (tokens) |")
     print("|---|---:|---:|---:|---:|")
     rows = sorted(by_bucket.items())
     for b, r in rows + [(None, [x for _, rs in rows for x in rs])]:
-        label = "all" if b is None else f"{2 ** (b - 1) + 1 if b else 1}-{2 ** b}"
+        label = "all" if b is None else f"{2 ** (b - 1) + 1}-{2 ** b}"
         n = len(r)
-        print(f"| {label} | {n} | {sum(x[0] for x in r) / n:.0%} | {sum(x[1] for x in r) / n:.0%} | "
-              f"{sum(x[2] for x in r) / n:.0f} |")
+        mean = [sum(x[k] for x in r) / n for k in range(6)]
+        print(f"| {label} | {n} | {mean[0]:.0%} / {mean[3]:.0%} | {mean[1]:.0%} / {mean[4]:.0%} | "
+              f"{mean[2]:.0f} / {mean[5]:.0f} |")
 
 
 if __name__ == "__main__":

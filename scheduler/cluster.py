@@ -187,7 +187,7 @@ class Cluster:
         if not (has_pd and self.target["colocated"] > 0):
             task.placement = {"pd": {"choice": "disaggregated" if has_pd else "colocated", "why": "only kind"}}
             return "prefill" if has_pd else "colocated"
-        predicted = self.predictor.predict(prompt_len, task.params.max_tokens)
+        predicted = self.predictor.predict(task.prompt_ids, task.params.max_tokens)
         disagg, cell = self.heatmap.choose(prompt_len, predicted)
         task.placement = {"pd": {"choice": "disaggregated" if disagg else "colocated",
                                  "predicted_output": predicted, **cell}}

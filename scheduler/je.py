@@ -108,7 +108,7 @@ class JobExecutor:
             job.state = State.FINISHED
             self.metrics.job_done(job)
             for t in job.tasks:  # what the PD-aware step learns decode lengths from
-                self.cluster.predictor.observe(len(t.prompt_ids), t.num_output)
+                self.cluster.predictor.observe(t.prompt_ids, t.num_output)
         except APIError as e:
             job.state, job.error = State.FAILED, e.message
             raise

@@ -7,16 +7,16 @@ goes to the cell nearest its prompt length and predicted ratio (nearest on a log
 the grid is geometric) and to whichever mode was faster there.
 
 The decode length is not known when a job arrives, so `DecodeLengthPredictor` guesses it
-from requests that finished before: per prompt-length bucket (powers of two), the median
-output length of the last `window` requests in that bucket, capped by the request's
-max_tokens. A bucket with no history predicts max_tokens (the longest it can be).
+from requests that finished before: the output lengths of the most similar earlier prompts
+(the paper uses a small classifier; this is its simplest learned stand-in).
 """
 import json
 import math
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import median
+
+import numpy as np
 
 
 @dataclass
@@ -48,30 +48,43 @@ class Heatmap:
                                     "colocated_ms": round(colocated, 1), "disagg_ms": round(disagg, 1)}
 
     def table(self) -> str:
-        """Rows: prefill length; columns: decode/prefill ratio; each cell 'colocated / disaggregated
-        ms' and the faster mode (C or D)."""
+        """Rows: prefill length; columns: decode/prefill ratio; each cell the paper's figure,
+        JCT(colocated) / JCT(disaggregated) - 1 (positive: disaggregated wins), and both JCTs."""
         head = ["prefill \\ ratio"] + [f"{r:g}" for r in self.ratios]
         rows = [head]
         for i, p in enumerate(self.prefill_lens):
-            rows.append([str(p)] + [f"{c:.0f} / {d:.0f} {'D' if d < c else 'C'}"
+            rows.append([str(p)] + [f"{c / d - 1:+.0%} ({c:.0f}/{d:.0f})"
                                     for c, d in zip(self.colocated_ms[i], self.disagg_ms[i])])
         widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
         lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
         return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:],
-                          "cells: mean JCT colocated / disaggregated (ms), faster: C or D", self.setup])
+                          "cells: JCT colocated / disaggregated - 1, positive = disaggregated wins "
+                          "(mean JCT colocated/disaggregated, ms)", self.setup])
 
 
 class DecodeLengthPredictor:
-    def __init__(self, window: int = 64):
-        self.history: dict[int, deque[int]] = defaultdict(lambda: deque(maxlen=window))
+    """k nearest neighbours among the last `window` finished requests. A prompt is described
+    by its bag of token ids, hashed into `dims` counts and normalised (which words it uses:
+    "capital of", "write a story", "summarize" ask for very different lengths, and prompts
+    of one kind share them); the prediction is the median output length of the `k` most
+    similar prompts (cosine), capped by max_tokens. Before any history it is max_tokens."""
 
-    @staticmethod
-    def bucket(prompt_len: int) -> int:
-        return max(0, prompt_len - 1).bit_length()  # 1, 2, 3-4, 5-8, ... tokens
+    def __init__(self, window: int = 256, k: int = 5, dims: int = 1024):
+        self.k, self.dims = k, dims
+        self.features: deque[np.ndarray] = deque(maxlen=window)
+        self.lengths: deque[int] = deque(maxlen=window)
 
-    def observe(self, prompt_len: int, output_len: int) -> None:
-        self.history[self.bucket(prompt_len)].append(output_len)
+    def _features(self, prompt_ids: list[int]) -> np.ndarray:
+        v = np.bincount(np.asarray(prompt_ids) % self.dims, minlength=self.dims).astype(np.float32)
+        return v / max(float(np.linalg.norm(v)), 1e-9)
 
-    def predict(self, prompt_len: int, max_tokens: int) -> int:
-        seen = self.history.get(self.bucket(prompt_len))
-        return min(max_tokens, round(median(seen))) if seen else max_tokens
+    def observe(self, prompt_ids: list[int], output_len: int) -> None:
+        self.features.append(self._features(prompt_ids))
+        self.lengths.append(output_len)
+
+    def predict(self, prompt_ids: list[int], max_tokens: int) -> int:
+        if not self.lengths:
+            return max_tokens
+        similarity = np.stack(self.features) @ self._features(prompt_ids)
+        nearest = np.argsort(-similarity, kind="stable")[:self.k]
+        return min(max_tokens, int(np.median(np.asarray(self.lengths)[nearest])))

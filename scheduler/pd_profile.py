@@ -2,10 +2,10 @@
 
 Two clusters of the same size run side by side in this process: two colocated TEs, and a
 prefill TE plus a decode TE (KV over DistFlow). For each cell of the grid (prompt length ×
-decode/prefill ratio) both get the same kind of burst, `burst` concurrent requests of
-fresh random prompts (no prefix-cache hits) with greedy decoding to exactly the cell's
-decode length, one cluster right after the other, and the mean job completion time of
-each is recorded. The heatmap is saved as JSON (serve reads it) and printed as a table;
+decode/prefill ratio) both get the same batch of requests, as the paper profiles it:
+`burst` concurrent requests of the cell's shape (fresh random prompts, so no prefix-cache
+hits; greedy decoding to exactly the cell's decode length), one cluster right after the
+other, and the mean job completion time of each is recorded. The heatmap is saved as JSON (serve reads it) and printed as a table;
 `--show` prints a saved one.
 """
 import argparse

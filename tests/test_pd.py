@@ -91,8 +91,10 @@ def test_dist_sched_follows_the_heatmap():
     long_long = Task("j", 0, list(range(900)), SamplingParams(temperature=0, max_tokens=900))
     assert cluster.pd_aware(long_long) == "colocated"
     for _ in range(5):
-        cluster.predictor.observe(900, 20)
+        cluster.predictor.observe(list(range(900)), 20)
+        cluster.predictor.observe(list(range(1000, 1080)), 300)
     assert cluster.pd_aware(long_long) == "prefill" and long_long.placement["pd"]["predicted_output"] == 20
+    assert cluster.predictor.predict(list(range(1000, 1070)), 500) == 300  # the similar prompts, not the others
     # A cluster of one kind has no choice to make.
     only_pd = Cluster("model", {"prefill": (1, EngineConfig()), "decode": (1, EngineConfig())})
     assert only_pd.pd_aware(short_long) == "prefill"
@@ -102,7 +104,7 @@ def test_heatmap_round_trip_and_table(tmp_path):
     HEATMAP.save(tmp_path / "h.json")
     assert Heatmap.load(tmp_path / "h.json") == HEATMAP
     table = HEATMAP.table()
-    assert "50 / 50" not in table and "100 / 50 D" in table and "100 / 200 C" in table
+    assert "+100% (100/50)" in table and "-50% (100/200)" in table
 
 
 # ---------------------------------------------------------------------------- the real server
