@@ -110,6 +110,7 @@ class TemplateHandle:
         self.lock = threading.Lock()  # one fork command and its reply at a time
         self.buf = bytearray()
         self.on_death = None  # callback(), set by the cluster
+        self.stopping = False
 
     async def start(self, timeout: float = 300) -> None:
         self.sock, theirs = socket.socketpair()
@@ -127,6 +128,8 @@ class TemplateHandle:
 
     async def _watch(self) -> None:
         await self.proc.wait()
+        if self.stopping:
+            return
         log.error("template (pid %d) exited with %s", self.proc.pid, self.proc.returncode)
         if self.on_death:
             self.on_death()
@@ -152,6 +155,7 @@ class TemplateHandle:
         return self.proc is not None and self.proc.returncode is None
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.sock:
             self.sock.close()  # EOF: the template returns from its loop and exits
         if self.proc and self.proc.returncode is None:

@@ -4,6 +4,8 @@ real transfer over both transports), then the real server."""
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +21,7 @@ from flowserve.wire import pack
 from scheduler.cluster import GROUPS, Cluster
 from scheduler.job import Task
 from scheduler.pd_policy import Heatmap
-from tests.server_util import Server, wait_until
+from tests.server_util import ROOT, Server, wait_until
 from tests.test_engine import GREEDY, assert_no_leak, make_engine, random_prompts
 from tests.test_reliability import data_lines, wait_for
 
@@ -157,7 +159,8 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
 async def test_decode_te_killed_during_transfer():
     """The decode TE freezes, the prefill TE sends the first token and starts the KV transfer,
     then the decode TE is killed: the client's stream ends with an error event, the prefill
-    TE holds no block, the decode TE is replaced and serves the next request."""
+    TE holds no block, the decode TE is replaced and serves the next request. Then the
+    prefill TE dies before a first token: the client never notices."""
     s = Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--kv-timeout-s", "60",
                "--max-model-len", "1024", "--kv-cache-gb", "0.2")
     try:
@@ -185,5 +188,49 @@ async def test_decode_te_killed_during_transfer():
             async with http.post(s.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 8}) as r:
                 assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 8
             assert job_record(s)["decode_te"] != "te-1"
+
+            # The prefill TE dies before the first token: the pair is placed again, unseen.
+            prefill_pid = next(te["pid"] for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill")
+            os.kill(prefill_pid, signal.SIGSTOP)
+            answer = asyncio.create_task(http.post(s.url + "/v1/chat/completions",
+                                                   json={**body, "stream": False, "max_tokens": 8}))
+            await wait_for(lambda: any(te["tasks"] for te in s.get("/admin/cluster")["tes"] if te["pid"] == prefill_pid))
+            os.kill(prefill_pid, signal.SIGKILL)
+            async with await answer as r:
+                assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 8
+            assert job_record(s)["retries"] == 1
+            assert all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in s.get("/admin/cluster")["tes"])
     finally:
         s.stop()
+
+
+def test_cluster_shape_from_flags_and_toml(tmp_path):
+    import argparse
+
+    from deepflow import cluster_shape
+    flags = dict(num_tes=1, prefill_tes=0, decode_tes=0, cluster=None, threads_per_te=0, device="cpu",
+                 kv_cache_gb=1.0, max_num_seqs=64, max_num_batched_tokens=512, max_model_len=0, kv_timeout_s=10.0)
+    toml = tmp_path / "cluster.toml"
+    toml.write_text("[colocated]\ninstances = 0\n[prefill]\ninstances = 1\n[decode]\ninstances = 2\nkv_cache_gb = 2.5\n")
+    shape = cluster_shape(argparse.Namespace(**{**flags, "cluster": str(toml)}))
+    assert {g: n for g, (n, _) in shape.items()} == {"colocated": 0, "prefill": 1, "decode": 2}
+    assert shape["decode"][1].kv_cache_gb == 2.5 and shape["prefill"][1].kv_cache_gb == 1.0
+    for bad in ("[decode]\ninstances = 1\n",                 # prefill without decode and vice versa
+                "[decoder]\ninstances = 1\n",                # no such group
+                "[decode]\ninstances = 1\nkv_listen = 'x'\n"):  # not a setting a user may set
+        toml.write_text("[prefill]\ninstances = 0\n" + bad)
+        with pytest.raises(SystemExit):
+            cluster_shape(argparse.Namespace(**{**flags, "cluster": str(toml)}))
+
+
+def test_profile_pd_saves_and_shows_a_heatmap(tmp_path):
+    out = tmp_path / "heatmap.json"
+    cmd = [sys.executable, str(ROOT / "deepflow.py"), "profile-pd", "--prefill-lens", "32", "64", "--ratios", "0.25",
+           "--burst", "1", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    heatmap = Heatmap.load(out)
+    assert heatmap.prefill_lens == [32, 64] and len(heatmap.colocated_ms) == 2
+    assert all(ms > 0 for row in heatmap.colocated_ms + heatmap.disagg_ms for ms in row)
+    shown = subprocess.run(cmd[:3] + ["--show", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert shown.returncode == 0 and heatmap.table() in shown.stdout
