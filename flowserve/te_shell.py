@@ -81,8 +81,8 @@ class TEShell:
             return False
         return True
 
-    def report(self, rid: str, finish: str, error: str | None = None) -> None:
-        self.send({"op": "step", "outs": [[rid, [], finish, 0, 0]], "error": error, "stats": self.stats()})
+    def report(self, rid: str, finish: str, error: str | None = None, **extra) -> None:
+        self.send({"op": "step", "outs": [[rid, [], finish, 0, 0]], "error": error, "stats": self.stats(), **extra})
 
     def poll(self, block: bool) -> bool:
         """Read whatever commands (and, on a decode TE, KV transfers) have arrived; wait for one
@@ -139,14 +139,17 @@ class TEShell:
                 self.kv_sender.send(address, {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
                         shape, engine.dtype, lambda out: engine.runner.read_kv(seq.block_ids, out),
                         engine.cfg.kv_timeout_s)
-                log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed,
-                         1e3 * (time.perf_counter() - t0))
+                ms = 1e3 * (time.perf_counter() - t0)
+                log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed, ms)
             except OSError as e:
                 error = f"KV transfer to the decode TE failed: {e}"
                 log.warning("%s: %s", seq.request_id, error)
             finally:
                 engine.release(seq)
-            self.report(seq.request_id, "error" if error else "handoff", error)
+            if error:
+                self.report(seq.request_id, "error", error)
+            else:
+                self.report(seq.request_id, "handoff", kv_ms=ms)
 
     def run(self) -> None:
         while self.poll(block=not self.engine.has_work()):

@@ -28,6 +28,8 @@ class Metrics:
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", labels,
                                          registry=r).labels(model_name)
+        self.kv_transfer = Histogram(P + "kv_transfer_seconds", "KV transfer, prefill TE to decode TE (PD)", labels,
+                                     buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
         self.requests = Counter(P + "request_success", "Finished requests", labels + ["finished_reason"],
                                 registry=r)
         r.register(self)  # collect() below: engine-side figures
@@ -40,6 +42,8 @@ class Metrics:
             if t.num_output > 1 and t.t_done:
                 self.tpot.observe((t.t_done - t.t_first_token) / (t.num_output - 1))
             self.requests.labels(self.model_name, t.finish_reason or "unknown").inc()
+            if "kv_transfer_ms" in t.placement:
+                self.kv_transfer.observe(t.placement["kv_transfer_ms"] / 1e3)
             self.generation_tokens.inc(t.num_output)
         self.prompt_tokens.inc(len(job.tasks[0].prompt_ids))
         self.e2e.observe(max(t.t_done or 0 for t in job.tasks) - job.t_arrival)

@@ -120,8 +120,9 @@ class TEHandle:
                 continue  # aborted here while the TE was still running it
             if finish:
                 del self.tasks[rid]
-            if finish == "handoff":
-                continue  # its decode task carries on, on the decode TE
+            if finish == "handoff":  # its decode task carries on, on the decode TE
+                task.placement["kv_transfer_ms"] = round(msg["kv_ms"], 1)
+                continue
             lost = finish == "error" and task.decode is not None  # the KV transfer failed, not the request
             task.events.put_nowait(TaskEvent(tokens, finish, num_cached, msg.get("error"), engine_lost=lost))
         if self.on_free and len(self.tasks) < self.engine_cfg.max_num_seqs:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import aiohttp
 import orjson
@@ -142,6 +143,7 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
         groups = te_group(s)
         assert rec["placement"]["pd"]["choice"] == "disaggregated" and rec["placement"]["pd"]["cell"] == [1024, 0.03]
         assert groups[rec["te"]] == "prefill" and groups[rec["decode_te"]] == "decode"
+        assert 0 < rec["placement"]["kv_transfer_ms"] < 5000
         assert short["usage"]["completion_tokens"] == 12 and short["choices"][0]["finish_reason"] == "length"
         assert long["choices"][0]["text"].startswith(short["choices"][0]["text"]) and short["choices"][0]["text"]
         # streamed through both TEs: the same text, chunk by chunk
@@ -152,6 +154,10 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
         assert job_record(s)["placement"]["pd"]["choice"] == "disaggregated"
         tes = s.get("/admin/cluster")["tes"]
         assert all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in tes)  # no block held anywhere
+        with urllib.request.urlopen(s.url + "/metrics") as r:
+            count = next(line for line in r.read().decode().splitlines()
+                         if line.startswith("deepflow:kv_transfer_seconds_count"))
+        assert float(count.split()[-1]) == 2  # the two disaggregated requests
     finally:
         s.stop()
 
