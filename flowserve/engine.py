@@ -78,13 +78,17 @@ class Engine:
         self.batcher.add(seq)
 
     def add_prefilled(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
-                      kv: torch.Tensor, num_cached: int) -> None:
+                      kv: torch.Tensor, num_cached: int, rng_state: torch.Tensor | None = None) -> None:
         """Continue a request a prefill TE started: `token_ids` is its prompt and first token,
-        `kv` the prompt's K/V blocks (`ModelRunner.kv_shape`). Without free blocks for them
-        it waits and recomputes its prompt here instead: slower, same tokens."""
+        `kv` the prompt's K/V blocks (`ModelRunner.kv_shape`), `rng_state` its seeded
+        generator's state after the first token (so a seeded request draws what it would
+        have drawn colocated). Without free blocks for the KV it waits and recomputes its
+        prompt here instead: slower, same tokens."""
         self.add_request(request_id, token_ids, params)
         seq = self.seqs[request_id]
         seq.num_prompt, seq.num_cached = num_prompt, num_cached
+        if seq.generator is not None and rng_state is not None:
+            seq.generator.set_state(rng_state)
         if len(self.batcher.running) < self.cfg.max_num_seqs and self.rtc.alloc_blocks(seq, num_prompt):
             self.runner.write_kv(seq.block_ids, kv)
             seq.num_computed = num_prompt

@@ -19,6 +19,7 @@ Without `--model` it starts pre-warmed (scaling/prewarm.py): runtime imported, d
 initialised, waiting for a `load` command that names the model.
 """
 import argparse
+import base64
 import json
 import logging
 import os
@@ -117,8 +118,10 @@ class TEShell:
                 if add is None:  # aborted meanwhile (or never announced): the sender frees its blocks
                     conn.sendall(pack({"ok": False, "error": "request unknown to the decode TE"}))
                     return
+                rng = head.get("rng_state")
                 self.engine.add_prefilled(head["rid"], head["token_ids"], len(add["prompt"]),
-                                          SamplingParams(**add["params"]), kv, head["num_cached"])
+                                          SamplingParams(**add["params"]), kv, head["num_cached"],
+                                          rng and torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8))
                 del kv
                 conn.sendall(pack({"ok": True}))
             except (OSError, ValueError, KeyError) as e:
@@ -136,9 +139,10 @@ class TEShell:
                     raise ConnectionError("aborted before its KV was sent")
                 t0 = time.perf_counter()
                 shape = engine.runner.kv_shape(len(seq.block_ids))
-                self.kv_sender.send(address, {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached},
-                        shape, engine.dtype, lambda out: engine.runner.read_kv(seq.block_ids, out),
-                        engine.cfg.kv_timeout_s)
+                rng = seq.generator and base64.b64encode(seq.generator.get_state().numpy().tobytes()).decode()
+                head = {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached, "rng_state": rng}
+                self.kv_sender.send(address, head, shape, engine.dtype,
+                                    lambda out: engine.runner.read_kv(seq.block_ids, out), engine.cfg.kv_timeout_s)
                 ms = 1e3 * (time.perf_counter() - t0)
                 log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed, ms)
             except OSError as e:

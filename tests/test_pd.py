@@ -39,7 +39,7 @@ def transfer(prefill, decode, transport: str) -> None:
                 with accept_kv(listener) as conn:
                     head, kv = recv_kv(conn, 10)
                     decode.add_prefilled(head["rid"], head["token_ids"], seq.num_prompt, seq.params, kv,
-                                         head["num_cached"])
+                                         head["num_cached"], seq.generator and seq.generator.get_state())
                     conn.sendall(pack({"ok": True}))
             t = threading.Thread(target=receive)
             t.start()
@@ -51,14 +51,12 @@ def transfer(prefill, decode, transport: str) -> None:
     sender.close()
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_disaggregated_tokens_equal_colocated(model_path, weights, transport):
-    prompts = random_prompts(4, 20, 200, seed=3)
-    colocated = make_engine(model_path, weights).generate(prompts, GREEDY)
-    prefill, decode = make_engine(model_path, weights), make_engine(model_path, weights)
+def disaggregated(prefill, decode, prompts, params, transport="unix") -> list[list[int]]:
+    """Each prompt's tokens: the first from `prefill`, the rest from `decode`."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
     firsts = {}
-    for i, p in enumerate(prompts):
-        prefill.add_request(f"r{i}", p, GREEDY, handoff=True)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        prefill.add_request(f"r{i}", p, sp, handoff=True)
     while prefill.has_work():
         for o in prefill.step():
             assert o.finish_reason is None
@@ -68,9 +66,40 @@ def test_disaggregated_tokens_equal_colocated(model_path, weights, transport):
     rest = {f"r{i}": [] for i in range(len(prompts))}
     while decode.has_work():
         for o in decode.step():
-            rest[o.request_id] += o.new_token_ids
-    assert [firsts[f"r{i}"] + rest[f"r{i}"] for i in range(len(prompts))] == colocated
+            rest.get(o.request_id, []).extend(o.new_token_ids)
     assert_no_leak(decode)
+    return [firsts[f"r{i}"] + rest[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_disaggregated_tokens_equal_colocated(model_path, weights, transport):
+    prompts = random_prompts(4, 20, 200, seed=3)
+    colocated = make_engine(model_path, weights).generate(prompts, GREEDY)
+    prefill, decode = make_engine(model_path, weights), make_engine(model_path, weights)
+    assert disaggregated(prefill, decode, prompts, GREEDY, transport) == colocated
+
+
+def test_seeded_sampling_continues_across_the_handoff(model_path, weights):
+    """The seeded generator's state travels with the KV: the decode TE draws what a colocated
+    TE would have drawn."""
+    prompts = random_prompts(2, 30, 90, seed=5)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=16, ignore_eos=True) for s in (7, 8)]
+    colocated = make_engine(model_path, weights).generate(prompts, params)
+    prefill, decode = make_engine(model_path, weights), make_engine(model_path, weights)
+    assert disaggregated(prefill, decode, prompts, params) == colocated
+
+
+def test_decode_engine_without_free_blocks_recomputes_the_prompt(model_path, weights):
+    """KV that arrives while the decode TE's pool is full is dropped; the request waits and
+    recomputes its prompt there: same tokens, nothing leaked."""
+    prompts = random_prompts(2, 100, 160, seed=9)
+    colocated = make_engine(model_path, weights).generate(prompts, GREEDY)
+    prefill, decode = make_engine(model_path, weights), make_engine(model_path, weights, num_kv_blocks=24)
+    hog = [1] * (16 * 20)  # holds 20 of the decode engine's 24 blocks until it finishes
+    decode.add_request("hog", hog, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    decode.step()
+    assert decode.rtc.num_free < 11  # too few for either prompt's KV
+    assert disaggregated(prefill, decode, prompts, GREEDY) == colocated
 
 
 # ---------------------------------------------------------------------------- dist_sched's PD-aware step
@@ -112,9 +141,9 @@ def test_heatmap_round_trip_and_table(tmp_path):
 
 # ---------------------------------------------------------------------------- the real server
 
-def completion(s: Server, prompt: str, max_tokens: int) -> dict:
+def completion(s: Server, prompt: str, max_tokens: int, **sampling) -> dict:
     status, body = s.post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                               "ignore_eos": True})
+                                               "ignore_eos": True, **sampling})
     assert status == 200, body
     return body
 
@@ -129,7 +158,8 @@ def te_group(s: Server) -> dict[str, str]:
 
 def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
     """One cluster with both kinds: a long prompt asking for a long answer runs colocated,
-    the same prompt with a short answer runs disaggregated; greedy tokens are identical."""
+    the same prompt with a short answer runs disaggregated; greedy tokens are identical, and
+    so are seeded samples."""
     HEATMAP.save(tmp_path / "heatmap.json")
     s = Server("--num-tes", "1", "--prefill-tes", "1", "--decode-tes", "1", "--pd-heatmap", str(tmp_path / "heatmap.json"),
                "--max-model-len", "2048", "--kv-cache-gb", "0.2")
@@ -138,6 +168,9 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
         long = completion(s, prompt, 300)
         rec = job_record(s)
         assert rec["placement"]["pd"]["choice"] == "colocated" and te_group(s)[rec["te"]] == "colocated"
+        seeded = {"temperature": 0.9, "seed": 11}
+        long_seeded = completion(s, prompt, 200, **seeded)  # predicted: min(200, the 300 just seen)
+        assert job_record(s)["placement"]["pd"]["choice"] == "colocated"
         short = completion(s, prompt, 12)
         rec = job_record(s)
         groups = te_group(s)
@@ -152,12 +185,16 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
                                            extra_body={"ignore_eos": True})
         assert "".join(c.choices[0].text for c in chunks) == short["choices"][0]["text"]
         assert job_record(s)["placement"]["pd"]["choice"] == "disaggregated"
+        # seeded sampling too: the generator's state travels with the KV
+        short_seeded = completion(s, prompt, 12, **seeded)
+        assert job_record(s)["placement"]["pd"]["choice"] == "disaggregated"
+        assert long_seeded["choices"][0]["text"].startswith(short_seeded["choices"][0]["text"])
         tes = s.get("/admin/cluster")["tes"]
         assert all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in tes)  # no block held anywhere
         with urllib.request.urlopen(s.url + "/metrics") as r:
             count = next(line for line in r.read().decode().splitlines()
                          if line.startswith("deepflow:kv_transfer_seconds_count"))
-        assert float(count.split()[-1]) == 2  # the two disaggregated requests
+        assert float(count.split()[-1]) == 3  # the disaggregated requests
     finally:
         s.stop()
 
