@@ -295,5 +295,5 @@ class Cluster:
                 "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],
                                   "pending": len(self.pending[name]), "engine_config": asdict(self.engine_cfgs[name])}
                            for name, tes in self.groups.items()},
-                "heatmap": self.heatmap and self.heatmap.table(),
+                "heatmap": self.heatmap and asdict(self.heatmap),
                 "tes": [te.to_dict() for te in self.tes]}
