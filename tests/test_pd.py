@@ -207,6 +207,14 @@ async def test_decode_te_killed_during_transfer():
     s = Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--kv-timeout-s", "60",
                "--max-model-len", "1024", "--kv-cache-gb", "0.2")
     try:
+        # n choices and a stop string: two pairs; the stop string ends both halves of each
+        status, two = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name two colors."}],
+                                                      "n": 2, "seed": 1, "temperature": 0.9, "max_tokens": 60,
+                                                      "stop": [","], "ignore_eos": True})
+        assert status == 200 and [c["finish_reason"] for c in two["choices"]] == ["stop", "stop"], two
+        assert "," not in two["choices"][0]["message"]["content"] + two["choices"][1]["message"]["content"]
+        wait_until(lambda: all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in s.get("/admin/cluster")["tes"]), 10)
+
         decode_pid = next(te["pid"] for te in s.get("/admin/cluster")["tes"] if te["group"] == "decode")
         os.kill(decode_pid, signal.SIGSTOP)
         body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
