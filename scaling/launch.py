@@ -27,7 +27,8 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None,
         "--engine-config", json.dumps(asdict(engine_cfg)),
         "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
         pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
     child.close()
     return proc, parent
 

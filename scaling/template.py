@@ -118,7 +118,8 @@ class TemplateHandle:
             sys.executable, "-m", "scaling.template", "--fd", str(theirs.fileno()), "--model", self.model_path,
             "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
             pass_fds=[theirs.fileno()], env={**os.environ, **self.env},
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            start_new_session=True)  # as TEs (scaling/launch.py): terminal signals are the main process's
         theirs.close()
         ready = await asyncio.wait_for(asyncio.to_thread(recv_frame, self.sock, self.buf), timeout)
         if ready is None:

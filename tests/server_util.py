@@ -26,7 +26,8 @@ class Server:
         self.log = open(f"/tmp/deepflow-test-{self.port}.log", "w+")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "deepflow.py"), "--log-level", "info", "serve", "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True)  # its own process group, as under a terminal: tests may signal the group
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

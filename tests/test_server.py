@@ -2,6 +2,7 @@
 bad input, client disconnects, concurrency, and shutdown."""
 import asyncio
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -179,6 +180,24 @@ async def test_sigterm_drains_streams_and_leaves_no_process():
     for last_events in ends:  # each ended cleanly: finished, or an error event, then [DONE]
         assert last_events[-1] == "[DONE]"
         assert "error" in last_events[-2] or '"finish_reason":"length"' in last_events[-2]
+    assert srv.proc.wait(30) == 0
+    await asyncio.sleep(0.5)
+    assert not any(pid_alive(p) for p in pids)
+
+
+async def test_ctrl_c_drains_in_flight_requests():
+    """Ctrl-C signals the terminal's whole process group: only the main process acts on it,
+    so the requests in flight finish normally before everything stops."""
+    srv = Server("--served-model-name", MODEL, "--drain-timeout", "60")
+    pids = srv.te_pids()
+    body = {"model": MODEL, "messages": ask("Count to a thousand."), "max_tokens": 48, "ignore_eos": True}
+    async with aiohttp.ClientSession() as s:
+        streams = [asyncio.create_task(read_all(s, srv.url, body)) for _ in range(3)]
+        await asyncio.sleep(1.0)
+        os.killpg(srv.proc.pid, signal.SIGINT)
+        ends = await asyncio.wait_for(asyncio.gather(*streams), 60)
+    for last_events in ends:
+        assert last_events[-1] == "[DONE]" and '"finish_reason":"length"' in last_events[-2], last_events[-2:]
     assert srv.proc.wait(30) == 0
     await asyncio.sleep(0.5)
     assert not any(pid_alive(p) for p in pids)
