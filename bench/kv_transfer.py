@@ -26,6 +26,7 @@ os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.distflow import KVSender, accept_kv, listen_kv, recv_kv  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
+from flowserve.model_runner import kv_block_bytes  # noqa: E402
 from flowserve.wire import pack  # noqa: E402
 
 KV_GB = 1.0
@@ -58,8 +59,8 @@ def main() -> None:
         return receive(args.transport)
     eng = engine()
     runner, bs = eng.runner, eng.cfg.block_size
-    print(f"KV per token: {runner.kv_shape(1)[0] * 2 * runner.kv_shape(1)[2] * runner.kv_shape(1)[5] * 4} bytes "
-          f"(float32); {args.repeats} transfers per size, median and best\n")
+    print(f"KV per token: {kv_block_bytes(eng.model_cfg, 1, eng.dtype)} bytes ({eng.dtype}); "
+          f"{args.repeats} transfers per size, median and best\n")
     print("| transport | prompt tokens | KV MB | first ms | median ms | median GB/s | best GB/s |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for transport in ("unix", "tcp"):
@@ -70,7 +71,7 @@ def main() -> None:
             for tokens in args.tokens:
                 blocks = list(range(-(-tokens // bs)))
                 shape = runner.kv_shape(len(blocks))
-                nbytes = eng.dtype.itemsize * shape[0] * shape[1] * shape[2] * shape[3] * shape[4] * shape[5]
+                nbytes = kv_block_bytes(eng.model_cfg, bs, eng.dtype) * len(blocks)
                 times = []
                 for _ in range(args.repeats + 1):
                     t0 = time.perf_counter()

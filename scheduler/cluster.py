@@ -61,13 +61,12 @@ class Cluster:
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
         # the warm template, which maps that cache once.
         # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
-        base = EngineConfig()
-        self.engine_cfgs = {g: replace(groups.get(g, (0, base))[1], use_weight_cache=start_mode != "cold",
-                                       serve_weights=start_mode == "peer",
-                                       kv_listen=kv_transport if g == "decode" else "") for g in GROUPS}
+        groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
+        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer",
+                                       kv_listen=kv_transport if g == "decode" else "") for g, (_, cfg) in groups.items()}
         self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
-        self.target: dict[str, int] = {g: groups.get(g, (0, base))[0] for g in GROUPS}
+        self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
         self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
         self.policy, self.imbalance = policy, imbalance
@@ -205,7 +204,8 @@ class Cluster:
             return tes[next(self._rr) % len(tes)], {"policy": "rr", "loads": loads}
         balanced = max(loads.values()) - min(loads.values()) <= self.imbalance
         locality = self.policy == "locality" and balanced and group != "decode"
-        matched = self.trees[group].matched_tokens(task.prompt_ids, [te.id for te in tes])
+        matched = self.trees[group].matched_tokens(task.prompt_ids, [te.id for te in tes]) \
+            if group != "decode" else dict.fromkeys((te.id for te in tes), 0)
         if locality:
             best = max(matched.values())
             tes = [te for te in tes if matched[te.id] == best]
@@ -234,17 +234,16 @@ class Cluster:
         in a TE's queue, so a TE that joins later (a scale-out) shares the backlog. A PD task
         needs a free prefill TE and a free decode TE; the decode TE hears of it first."""
         group = "prefill" if group == "decode" else group  # a decode slot freed: PD tasks may go
-        queue = self.pending[group]
+        queue, pd = self.pending[group], group == "prefill"
         while queue:
-            free = self.free_tes(group)
-            free_decode = self.free_tes("decode") if group == "prefill" else [None]
-            if not free or not free_decode:
+            free, free_decode = self.free_tes(group), self.free_tes("decode") if pd else []
+            if not free or (pd and not free_decode):
                 self.work_held.set()  # wakes the autoscaler now, not at its next tick
                 return
             task = queue.popleft()
             te, why = self.dist_sched(task, free, group)
             task.placement.update(why)
-            if group == "prefill":
+            if pd:
                 decode_te, task.placement["decode"] = self.dist_sched(task, free_decode, "decode")
                 task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
                 decode_te.submit(task.decode)
