@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
-from flowserve.distflow import KVSender, accept_kv, listen_kv, recv_kv  # noqa: E402
+from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_kv  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.model_runner import kv_block_bytes  # noqa: E402
-from flowserve.wire import pack  # noqa: E402
+from flowserve.protocol import KVAck, KVHeader, pack  # noqa: E402
 
 KV_GB = 1.0
 
@@ -45,7 +45,7 @@ def receive(transport: str) -> None:
             head, kv = recv_kv(conn, 60)
             runner.write_kv(list(range(kv.shape[3])), kv)
             del kv
-            conn.sendall(pack({"ok": True}))
+            conn.sendall(pack(KVAck(True)))
 
 
 def main() -> None:
@@ -75,7 +75,8 @@ def main() -> None:
                 times = []
                 for _ in range(args.repeats + 1):
                     t0 = time.perf_counter()
-                    sender.send(address, {"rid": "bench"}, shape, eng.dtype, lambda out: runner.read_kv(blocks, out), 60)
+                    head = KVHeader("bench", [], 0, shape, dtype_name(eng.dtype))
+                    sender.send(address, head, lambda out: runner.read_kv(blocks, out), 60)
                     times.append(time.perf_counter() - t0)
                 first, times = times[0], times[1:]
                 med = statistics.median(times)

@@ -67,7 +67,7 @@ def run_batch(engine: Engine, batch: int, prompt_len: int, output_len: int) -> d
         t = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t
-        tokens += sum(len(o.new_token_ids) for o in outs)
+        tokens += sum(len(o.token_ids) for o in outs)
         if len(outs) == batch and not engine.batcher.waiting:  # a pure decode step of the full batch
             decode_steps, decode_time = decode_steps + 1, decode_time + dt
     total = time.perf_counter() - t0

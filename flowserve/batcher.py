@@ -56,8 +56,7 @@ class Batcher:
                 break
             if seq.num_cached is None:  # first admission: what the prefix cache saved
                 seq.num_cached = seq.num_computed
-                self.rtc.prefix_queries += seq.num_prompt
-                self.rtc.prefix_hits += seq.num_computed
+                self.rtc.count_prefix_lookup(seq.num_prompt, seq.num_computed)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -73,10 +72,26 @@ class Batcher:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def admit_prefilled(self, seq: Sequence) -> bool:
+        """Run a waiting sequence whose prompt K/V came from elsewhere (a prefill TE): give it
+        blocks for its prompt and put it straight into the running batch. False (it stays
+        waiting, to be recomputed) without a free slot or enough blocks."""
+        if len(self.running) >= self.cfg.max_num_seqs or not self.rtc.alloc_blocks(seq, seq.num_prompt):
+            return False
+        seq.num_computed = seq.num_prompt
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    def hand_off(self, seq: Sequence) -> None:
+        """A prefill-only sequence is done here: it leaves the batch, its blocks still held."""
+        self.running.remove(seq)
+
+    def finish(self, seq: Sequence) -> None:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         self.rtc.free(seq)
-        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        seq.status = SeqStatus.FINISHED

@@ -1,21 +1,21 @@
 """DistFlow: tensors move TE to TE, never through the main process (PAPER.md sections 4, 6).
 
 Weights path, the paper's "NPU-fork" as a path that also works across hosts: a TE started
-with `serve_weights` listens on a TCP port (reported in its `ready` frame); a pre-warmed TE
-told to load `weights_from` that address connects, reads one header frame (the model
-config, then each tensor's name, dtype and shape) and receives the raw bytes of every
+with `serve_weights` listens on a TCP port (reported in its `Ready` frame); a pre-warmed TE
+told to load `weights_from` that address connects, reads one `WeightsHeader` frame (the
+model config, then each tensor's name, dtype and shape) and receives the raw bytes of every
 tensor straight into its own buffers. On one host the warm template's fork is faster.
 
 KV path, for PD disaggregation: a decode TE listens (`listen_kv`); when a prefill TE has
-computed a prompt and its first token, it sends that request's KV blocks (`KVSender`): one
-header frame (request id, tokens, tensor shape), then the payload, then it waits for the
-decode TE's ack before freeing its blocks. Two transports behind one address format:
+computed a prompt and its first token, it sends that request's KV blocks (`KVSender`): a
+`KVHeader` frame (request id, tokens, tensor shape), then the payload, then it waits for
+the decode TE's `KVAck` before freeing its blocks. Two transports behind one address format:
 - `unix:` (one host): the payload is gathered once into an anonymous memfd whose file
   descriptor travels as SCM_RIGHTS over an abstract unix socket; the decode TE maps it and
   copies straight into its KV cache. Nothing is named on disk, so nothing leaks when a TE
   dies, and the listener only accepts peers running as the same user (SO_PEERCRED).
 - `tcp:` (any hosts): the raw bytes follow the header on the stream.
-Plain bytes and JSON on both paths, no pickle.
+Plain bytes and `flowserve/protocol.py` frames on both paths, no pickle.
 """
 import logging
 import mmap
@@ -26,12 +26,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 
 from flowserve.config import ModelConfig
-from flowserve.wire import pack, recv_frame
+from flowserve.protocol import KVAck, KVHeader, TensorSpec, WeightsHeader, expect, pack, recv_frame
 
 log = logging.getLogger("flowserve.distflow")
 SOCKET_BUFFER = 16 << 20  # kernel buffers far above the defaults: fewer, larger copies per transfer
@@ -43,13 +42,28 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype named in a frame, checked: a peer names data, not arbitrary attributes."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def nbytes(shape: list[int], dtype: torch.dtype) -> int:
+    return dtype.itemsize * int(torch.Size(shape).numel())
+
+
 def serve_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], host: str = "127.0.0.1") -> int:
     """Listen on a free port of `host`; send the weights to every peer that connects (a daemon
     thread: socket sends release the GIL, so the TE's step loop keeps running). Returns the port."""
     listener = socket.create_server((host, 0))
     cpu = {name: t.cpu() for name, t in tensors.items()}  # no copy on a CPU TE
-    header = pack({"config": asdict(cfg), "tensors": [[n, str(t.dtype).removeprefix("torch."), list(t.shape)]
-                                                      for n, t in cpu.items()]})
+    header = pack(WeightsHeader(cfg, [TensorSpec(n, dtype_name(t.dtype), list(t.shape)) for n, t in cpu.items()]))
 
     def loop() -> None:
         while True:
@@ -77,13 +91,11 @@ def fetch_weights(address: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)  # before connect: sets the TCP window
         conn.connect((host, int(port)))
         buf = bytearray()
-        head = recv_frame(conn, buf)
+        head = expect(recv_frame(conn, buf), WeightsHeader)
         if head is None:
             raise ConnectionError("weights peer closed before its header")
-        tensors = {}
-        for name, dtype, shape in head["tensors"]:
-            tensors[name] = _recv_tensor(conn, buf, shape, getattr(torch, dtype))
-    return ModelConfig(**head["config"]), tensors
+        tensors = {t.name: _recv_tensor(conn, buf, t.shape, torch_dtype(t.dtype)) for t in head.tensors}
+    return head.config, tensors
 
 
 def _recv_tensor(conn: socket.socket, buf: bytearray, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -151,16 +163,16 @@ class KVSender:
             os.close(self.fd)
             self.fd, self.buffer = -1, None
 
-    def send(self, address: str, header: dict, shape: list[int], dtype: torch.dtype,
-             fill: Callable[[torch.Tensor], None], timeout: float) -> None:
+    def send(self, address: str, head: KVHeader, fill: Callable[[torch.Tensor], None], timeout: float) -> None:
         """Send one request's KV to the decode TE at `address`: `fill` writes the payload
-        (shape `shape`) into the buffer it is given. Returns once the decode TE has it in its
-        cache; raises OSError (ConnectionError, TimeoutError) if it does not."""
+        (`head.shape`, `head.dtype`) into the buffer it is given. Returns once the decode TE
+        has it in its cache; raises OSError (ConnectionError, TimeoutError) if it does not."""
         kind, _, where = address.partition(":")
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        header = pack({**header, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "nbytes": nbytes})
-        staging = self._staging(nbytes)
-        fill(_tensor_on(staging, shape, dtype, nbytes))
+        dtype = torch_dtype(head.dtype)
+        size = nbytes(head.shape, dtype)
+        header = pack(head)
+        staging = self._staging(size)
+        fill(_tensor_on(staging, head.shape, dtype, size))
         if kind == "unix":
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.settimeout(timeout)
@@ -175,13 +187,13 @@ class KVSender:
             else:
                 conn.sendall(header)
                 with memoryview(staging) as view:
-                    conn.sendall(view[:nbytes])
-            ack = recv_frame(conn, bytearray())
-        if ack is None or not ack.get("ok"):
-            raise ConnectionError((ack or {}).get("error", "decode TE closed the connection before its ack"))
+                    conn.sendall(view[:size])
+            ack = expect(recv_frame(conn, bytearray()), KVAck)
+        if ack is None or not ack.ok:
+            raise ConnectionError(ack.error if ack else "decode TE closed the connection before its ack")
 
 
-def recv_kv(conn: socket.socket, timeout: float) -> tuple[dict, torch.Tensor]:
+def recv_kv(conn: socket.socket, timeout: float) -> tuple[KVHeader, torch.Tensor]:
     """Receive one request's KV from a prefill TE: its header and the payload (for `unix:` a
     view of the sender's memfd, unmapped when the tensor is freed). The caller acks."""
     conn.settimeout(timeout)
@@ -190,16 +202,17 @@ def recv_kv(conn: socket.socket, timeout: float) -> tuple[dict, torch.Tensor]:
         data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 1)
         buf += data
     try:
-        head = recv_frame(conn, buf)
+        head = expect(recv_frame(conn, buf), KVHeader)
         if head is None:
             raise ConnectionError("prefill TE closed before its KV header")
-        dtype = getattr(torch, head["dtype"])
+        dtype = torch_dtype(head.dtype)
         if conn.family != socket.AF_UNIX:
-            return head, _recv_tensor(conn, buf, head["shape"], dtype)
+            return head, _recv_tensor(conn, buf, head.shape, dtype)
         if not fds:
             raise ConnectionError("KV header came without its memfd")
-        mapped = mmap.mmap(fds[0], head["nbytes"], flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        return head, _tensor_on(mapped, head["shape"], dtype, head["nbytes"])
+        size = nbytes(head.shape, dtype)
+        mapped = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        return head, _tensor_on(mapped, head.shape, dtype, size)
     finally:
         for fd in fds:
             os.close(fd)  # a mapping outlives its descriptor

@@ -4,7 +4,9 @@ The engine wires independent modules and calls them in order, once per step:
 batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks
 now full) -> sampler (next tokens) -> finish checks (RTC frees finished sequences). It sees token ids only;
 tokenization and detokenization live with the caller (the JE in the main process, or
-`deepflow.py generate`). Its API: `add_request`, `abort`, `step`, `generate`, `stats`.
+`deepflow.py generate`). Its API: `add_request`, `abort`, `step` (a `TokenOut` per request
+that got a token or finished: the same struct the TE-shell sends, `flowserve/protocol.py`),
+`generate`, `stats`.
 
 PD disaggregation adds two entries. On a prefill TE a request added with `handoff=True`
 stops after its first token with its blocks still held, in `handoffs`, until the TE-shell
@@ -13,7 +15,6 @@ has sent them to a decode TE (`flowserve.distflow`) and calls `release`. On the 
 """
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -21,22 +22,13 @@ from flowserve.batcher import Batcher
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
 from flowserve.model_runner import ModelRunner
+from flowserve.protocol import FinishReason, Stats, TokenOut
 from flowserve.rtc import RTC
 from flowserve.sampler import sample
 from flowserve.sequence import SamplingParams, SeqStatus, Sequence
 from flowserve.weights import load_weights
 
 log = logging.getLogger("flowserve.engine")
-
-
-@dataclass
-class StepOutput:
-    request_id: str
-    new_token_ids: list[int]      # the stop/EOS token that ended a sequence is not included
-    finish_reason: str | None     # None while running; stop | length | abort
-    num_prompt: int
-    num_cached: int
-    num_output: int
 
 
 class Engine:
@@ -89,13 +81,9 @@ class Engine:
         seq.num_prompt, seq.num_cached = num_prompt, num_cached
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)
-        if len(self.batcher.running) < self.cfg.max_num_seqs and self.rtc.alloc_blocks(seq, num_prompt):
+        if self.batcher.admit_prefilled(seq):
             self.runner.write_kv(seq.block_ids, kv)
-            seq.num_computed = num_prompt
             self.rtc.cache_full_blocks(seq)
-            self.batcher.waiting.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            self.batcher.running.append(seq)
 
     def release(self, seq: Sequence) -> None:
         """A handed-off sequence's blocks are with the decode TE (or the transfer failed): free them."""
@@ -107,13 +95,13 @@ class Engine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.batcher.finish(seq, "abort")
+        self.batcher.finish(seq)
         return True
 
     def has_work(self) -> bool:
         return bool(self.batcher.waiting or self.batcher.running)
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> list[TokenOut]:
         """Run one batch. Returns an output for every sequence that got a token or finished."""
         work = self.batcher.schedule()
         if not work:
@@ -127,24 +115,23 @@ class Engine:
         for seq, token in zip(sampled, new_tokens):
             seq.token_ids.append(token)
             reason = self.finish_reason(seq, token)
-            emitted = [] if reason == "stop" else [token]
             if reason:
-                self.batcher.finish(seq, reason)
+                self.batcher.finish(seq)
                 del self.seqs[seq.request_id]
             elif seq.handoff:  # prefill done: keep the blocks for the decode TE
-                self.batcher.running.remove(seq)
+                self.batcher.hand_off(seq)
                 del self.seqs[seq.request_id]
                 self.handoffs.append(seq)
-            outputs.append(StepOutput(seq.request_id, emitted, reason, seq.num_prompt,
-                                      seq.num_cached or 0, len(seq.output_ids)))
+            emitted = [] if reason is FinishReason.STOP else [token]
+            outputs.append(TokenOut(seq.request_id, emitted, reason, seq.num_cached or 0))
         return outputs
 
-    def finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_cfg.eos_token_ids):
-            return "stop"
+            return FinishReason.STOP
         if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
+            return FinishReason.LENGTH
         return None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -156,17 +143,14 @@ class Engine:
         out: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_work():
             for o in self.step():
-                out[o.request_id] += o.new_token_ids
+                out[o.rid] += o.token_ids
         return [out[rid] for rid in ids]
 
-    def stats(self) -> dict:
-        return {
-            "running": len(self.batcher.running),
-            "waiting": len(self.batcher.waiting),
-            "kv_usage": self.rtc.usage,
-            "kv_blocks_total": self.rtc.num_blocks_total,
-            "kv_blocks_free": self.rtc.num_free,
-            "prefix_queries": self.rtc.prefix_queries,
-            "prefix_hits": self.rtc.prefix_hits,
-            "preemptions": self.batcher.num_preemptions,
-        }
+    def stats(self) -> Stats:
+        """The engine's figures, with the cache events since the last call (which it drains)."""
+        cached, evicted = self.rtc.drain_cache_events()
+        return Stats(running=len(self.batcher.running), waiting=len(self.batcher.waiting),
+                     kv_usage=self.rtc.usage, kv_blocks_total=self.rtc.num_blocks_total,
+                     kv_blocks_free=self.rtc.num_free, prefix_queries=self.rtc.prefix_queries,
+                     prefix_hits=self.rtc.prefix_hits, preemptions=self.batcher.num_preemptions,
+                     cached=cached, evicted=evicted)

@@ -31,6 +31,18 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((-1 if parent is None else parent, tokens))
 
 
+def prefix_blocks(token_ids: list[int], block_size: int):
+    """(chain hash, tokens) of each full block a prompt may take from a prefix cache, in order:
+    every full block but one that would leave no token to compute (the last token's logits are
+    what the next token is sampled from). The RTC and the scheduler's prompt tree both walk
+    prompts with this, so dist_sched predicts exactly the hits a TE will have."""
+    parent = None
+    for start in range(0, len(token_ids) - block_size, block_size):
+        tokens = tuple(token_ids[start:start + block_size])
+        parent = chain_hash(parent, tokens)
+        yield parent, tokens
+
+
 class RTC:
     def __init__(self, num_blocks: int, block_size: int):
         self.block_size = block_size
@@ -40,11 +52,11 @@ class RTC:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_index: dict[int, int] = {}   # chain hash -> block id
         self.prefix_queries = 0                  # prompt tokens looked up
+        self.prefix_hits = 0                     # of which served from the cache
         # Blocks indexed and evicted since the last `drain_cache_events`: the TE reports them
         # so the scheduler's global prompt tree (scheduler/prompt_tree.py) mirrors this cache.
         self.cached_events: list[int] = []
         self.evicted_events: list[int] = []
-        self.prefix_hits = 0                     # of which served from the cache
 
     @property
     def num_blocks_total(self) -> int:
@@ -60,21 +72,23 @@ class RTC:
         return 1.0 - len(self.free_blocks) / len(self.blocks)
 
     def match_by_prefix_token(self, token_ids: list[int]) -> list[int]:
-        """Block ids holding the longest cached prefix of `token_ids`, in full blocks."""
-        matched, parent, bs = [], None, self.block_size
-        for start in range(0, len(token_ids) - bs + 1, bs):
-            tokens = tuple(token_ids[start:start + bs])
-            parent = chain_hash(parent, tokens)
-            block_id = self.prefix_index.get(parent)
+        """Block ids holding the longest cached prefix of `token_ids` (`prefix_blocks`)."""
+        matched = []
+        for h, tokens in prefix_blocks(token_ids, self.block_size):
+            block_id = self.prefix_index.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break  # verified against the tokens: a hash collision is a miss, not a wrong answer
             matched.append(block_id)
         return matched
 
+    def count_prefix_lookup(self, num_prompt: int, num_hit: int) -> None:
+        """A sequence's first admission: `num_hit` of its `num_prompt` tokens came from the cache."""
+        self.prefix_queries += num_prompt
+        self.prefix_hits += num_hit
+
     def attach_prefix(self, seq: Sequence) -> None:
-        """Start a sequence from its cached prefix. At least one token is left to compute:
-        its logits are what the next token is sampled from."""
-        matched = self.match_by_prefix_token(seq.token_ids[:-1])
+        """Start a sequence from its cached prefix."""
+        matched = self.match_by_prefix_token(seq.token_ids)
         for block_id in matched:
             self._ref(block_id)
         seq.block_ids = list(matched)

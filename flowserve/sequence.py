@@ -4,12 +4,11 @@ Created by `flowserve.engine.Engine.add_request`, moved between the waiting and 
 queues by `flowserve.batcher`, given blocks by `flowserve.rtc`, and read by
 `flowserve.model_runner` to build each step's input.
 """
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the main process imports this module without loading torch
+if TYPE_CHECKING:  # SamplingParams crosses to the main process, which never loads torch
     import torch
 
 
@@ -41,10 +40,8 @@ class Sequence:
     num_cached: int | None = None  # prompt tokens the prefix cache served at first admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
-    finish_reason: str | None = None  # stop | length | abort
     generator: "torch.Generator | None" = None
     handoff: bool = False         # prefill-only (PD): after the first token its blocks go to a decode TE
-    arrival: float = field(default_factory=time.monotonic)
 
     @property
     def num_uncomputed(self) -> int:

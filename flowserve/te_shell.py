@@ -1,33 +1,32 @@
 """TE-shell: the process main around one FlowServe engine (one TE).
 
 The main process starts it with one end of a unix socketpair (`--fd`), or the warm template
-forks it (`scaling/template.py`). The shell loads the engine, says `ready` (with its
-start-up timings), then loops: read commands (`add`, `abort`,
-`stop`) without blocking while the engine has work, run one engine step, and send that
-step's new tokens plus the engine's stats back in one `step` frame. Single-threaded: the
-socket is only touched between steps, so the engine needs no locks.
+forks it (`scaling/template.py`). The shell loads the engine, says `Ready` (with its
+start-up timings), then loops: read commands (`Add`, `Abort`, `Stop`: `flowserve/protocol.py`)
+without blocking while the engine has work, run one engine step, and send that step's
+`TokenOut`s plus the engine's `Stats` back in one `Step` frame. A frame it cannot decode is
+logged and answered with `Error`; the TE keeps serving. Single-threaded: the socket is only
+touched between steps, so the engine needs no locks.
 
-PD disaggregation: on a prefill TE an `add` with `kv_to` (a decode TE's DistFlow address and
-the request's id there) runs the prompt and first token, then the shell sends the request's KV blocks there
-(`flowserve.distflow.KVSender`), frees them whatever happened, and reports `handoff` (or
-`error`). A decode TE (`kv_listen` set) gets an `add` with `await_kv` first, and starts
-that request when its KV arrives on the DistFlow listener, which it polls with the socket.
+PD disaggregation: on a prefill TE an `Add` with `kv_to` (a decode TE's DistFlow address)
+and `kv_rid` (the request's id there) runs the prompt and first token, then the shell sends
+the request's KV blocks there (`flowserve.distflow.KVSender`), frees them whatever
+happened, and reports `handoff` (or `error`). A decode TE (`kv_listen` set) gets an `Add`
+with `await_kv` first, and starts that request when its KV arrives on the DistFlow
+listener, which it polls with the socket.
 
     python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}'
 
 Without `--model` it starts pre-warmed (scaling/prewarm.py): runtime imported, device
-initialised, waiting for a `load` command that names the model.
+initialised, waiting for a `Load` command that names the model.
 """
 import argparse
-import base64
-import json
 import logging
 import os
 import select
 import socket
 import sys
 import time
-from dataclasses import asdict
 
 T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
 
@@ -36,9 +35,12 @@ import torch  # noqa: E402
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
 from flowserve.distflow import KVSender, accept_kv, fetch_weights, listen_kv, recv_kv, serve_weights  # noqa: E402
+from flowserve.distflow import dtype_name  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
+from flowserve.protocol import (  # noqa: E402
+    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Prewarmed, Ready, StartTimings, Step,
+    Stop, TokenOut, decode_config, expect, pack, recv_frame, unpack_frames)
 from flowserve.sequence import SamplingParams  # noqa: E402
-from flowserve.wire import pack, recv_frame, unpack_frames  # noqa: E402
 
 log = logging.getLogger("flowserve.te_shell")
 
@@ -47,43 +49,40 @@ class TEShell:
     def __init__(self, sock: socket.socket, engine: Engine, kv_listener: socket.socket | None = None):
         self.sock, self.engine, self.kv_listener = sock, engine, kv_listener
         self.buf = bytearray()
-        self.kv_to: dict[str, list[str]] = {}    # prefill side: request id -> [decode TE address, its id there]
-        self.awaiting: dict[str, dict] = {}      # decode side: request id -> its `add`, until the KV comes
+        self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
+        self.awaiting: dict[str, Add] = {}   # decode side: request id -> its `Add`, until the KV comes
         self.kv_sender = KVSender()
 
-    def send(self, msg: dict) -> None:
+    def send(self, msg: Message) -> None:
         self.sock.sendall(pack(msg))
 
-    def stats(self) -> dict:
-        """The engine's stats, plus the prefix-cache blocks indexed/evicted since last time."""
-        cached, evicted = self.engine.rtc.drain_cache_events()
-        return {**self.engine.stats(), "cached": cached, "evicted": evicted}
-
-    def handle(self, msg: dict) -> bool:
+    def handle(self, msg: Message | BadFrame) -> bool:
         """Apply one command; False means stop."""
-        op = msg["op"]
-        if op == "add" and msg.get("await_kv"):
-            self.awaiting[msg["rid"]] = msg
-        elif op == "add":
-            try:
-                self.engine.add_request(msg["rid"], msg["prompt"], SamplingParams(**msg["params"]),
-                                        handoff=bool(msg.get("kv_to")))
-                if msg.get("kv_to"):
-                    self.kv_to[msg["rid"]] = msg["kv_to"]
-            except (ValueError, TypeError) as e:
-                self.report(msg["rid"], "error", str(e))
-        elif op == "abort":
-            for rid in msg["rids"]:
-                self.engine.abort(rid)
-                self.awaiting.pop(rid, None)
-                self.kv_to.pop(rid, None)
-            self.send({"op": "step", "outs": [], "stats": self.stats()})
-        elif op == "stop":
-            return False
+        match msg:
+            case Add(await_kv=True):
+                self.awaiting[msg.rid] = msg
+            case Add():
+                try:
+                    self.engine.add_request(msg.rid, msg.prompt, msg.params, handoff=msg.kv_to is not None)
+                    if msg.kv_to is not None:
+                        self.kv_to[msg.rid] = msg
+                except ValueError as e:
+                    self.report(msg.rid, FinishReason.ERROR, error=str(e))
+            case Abort():
+                for rid in msg.rids:
+                    self.engine.abort(rid)
+                    self.awaiting.pop(rid, None)
+                    self.kv_to.pop(rid, None)
+                self.send(Step([], self.engine.stats()))
+            case Stop():
+                return False
+            case _:  # undecodable, or not a command: say so, keep serving
+                log.error("bad frame from the main process: %s", msg)
+                self.send(Error(f"bad frame: {msg}"))
         return True
 
-    def report(self, rid: str, finish: str, error: str | None = None, **extra) -> None:
-        self.send({"op": "step", "outs": [[rid, [], finish, 0, 0]], "error": error, "stats": self.stats(), **extra})
+    def report(self, rid: str, finish: FinishReason, error: str | None = None, kv_ms: float | None = None) -> None:
+        self.send(Step([TokenOut(rid, [], finish)], self.engine.stats(), error, kv_ms))
 
     def poll(self, block: bool) -> bool:
         """Read whatever commands (and, on a decode TE, KV transfers) have arrived; wait for one
@@ -114,17 +113,16 @@ class TEShell:
         with conn:
             try:
                 head, kv = recv_kv(conn, timeout)
-                add = self.awaiting.pop(head["rid"], None)
+                add = self.awaiting.pop(head.rid, None)
                 if add is None:  # aborted meanwhile (or never announced): the sender frees its blocks
-                    conn.sendall(pack({"ok": False, "error": "request unknown to the decode TE"}))
+                    conn.sendall(pack(KVAck(False, "request unknown to the decode TE")))
                     return
-                rng = head.get("rng_state")
-                self.engine.add_prefilled(head["rid"], head["token_ids"], len(add["prompt"]),
-                                          SamplingParams(**add["params"]), kv, head["num_cached"],
-                                          rng and torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8))
+                rng = head.rng_state and torch.frombuffer(bytearray(head.rng_state), dtype=torch.uint8)
+                self.engine.add_prefilled(head.rid, head.token_ids, len(add.prompt), add.params, kv,
+                                          head.num_cached, rng)
                 del kv
-                conn.sendall(pack({"ok": True}))
-            except (OSError, ValueError, KeyError) as e:
+                conn.sendall(pack(KVAck(True)))
+            except (OSError, ValueError) as e:  # BadFrame is a ValueError
                 log.warning("KV transfer in failed: %s", e)
 
     def hand_off(self) -> None:
@@ -132,17 +130,17 @@ class TEShell:
         engine = self.engine
         while engine.handoffs:
             seq = engine.handoffs.pop()
-            address, decode_rid = self.kv_to.pop(seq.request_id, (None, None))
+            add = self.kv_to.pop(seq.request_id, None)
             error = None
             try:
-                if address is None:
+                if add is None:
                     raise ConnectionError("aborted before its KV was sent")
                 t0 = time.perf_counter()
-                shape = engine.runner.kv_shape(len(seq.block_ids))
-                rng = seq.generator and base64.b64encode(seq.generator.get_state().numpy().tobytes()).decode()
-                head = {"rid": decode_rid, "token_ids": seq.token_ids, "num_cached": seq.num_cached, "rng_state": rng}
-                self.kv_sender.send(address, head, shape, engine.dtype,
-                                    lambda out: engine.runner.read_kv(seq.block_ids, out), engine.cfg.kv_timeout_s)
+                rng = seq.generator and seq.generator.get_state().numpy().tobytes()
+                head = KVHeader(add.kv_rid, seq.token_ids, seq.num_cached, engine.runner.kv_shape(len(seq.block_ids)),
+                                dtype_name(engine.dtype), rng)
+                self.kv_sender.send(add.kv_to, head, lambda out: engine.runner.read_kv(seq.block_ids, out),
+                                    engine.cfg.kv_timeout_s)
                 ms = 1e3 * (time.perf_counter() - t0)
                 log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed, ms)
             except OSError as e:
@@ -151,9 +149,9 @@ class TEShell:
             finally:
                 engine.release(seq)
             if error:
-                self.report(seq.request_id, "error", error)
+                self.report(seq.request_id, FinishReason.ERROR, error=error)
             else:
-                self.report(seq.request_id, "handoff", kv_ms=ms)
+                self.report(seq.request_id, FinishReason.HANDOFF, kv_ms=ms)
 
     def run(self) -> None:
         while self.poll(block=not self.engine.has_work()):
@@ -161,8 +159,7 @@ class TEShell:
                 continue
             outs = self.engine.step()
             if outs:
-                self.send({"op": "step", "stats": self.stats(), "outs": [
-                    [o.request_id, o.new_token_ids, o.finish_reason, o.num_prompt, o.num_cached] for o in outs]})
+                self.send(Step(outs, self.engine.stats()))
             self.hand_off()  # after the first tokens went out: the client sees them before the transfer
 
 
@@ -189,11 +186,8 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
         warm_up(engine)
     t_warm = time.perf_counter()
     shell = TEShell(sock, engine, kv_listener)
-    shell.send({"op": "ready", "pid": os.getpid(), "stats": shell.stats(),
-                "max_model_len": engine.max_model_len, "weights_port": port, "kv_addr": kv_addr,
-                "timings_ms": {"te_pre_load": 1e3 * (t_pre - t_start),
-                               "te_load": 1e3 * (t_loaded - t_pre),
-                               "te_post_load": 1e3 * (t_warm - t_loaded)}})
+    timings = StartTimings(1e3 * (t_pre - t_start), 1e3 * (t_loaded - t_pre), 1e3 * (t_warm - t_loaded))
+    shell.send(Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, port, kv_addr))
     try:
         shell.run()
     except (BrokenPipeError, ConnectionResetError):
@@ -201,13 +195,20 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     log.info("TE %d exiting", os.getpid())
 
 
-def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[dict, float]:
+def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[Load, float]:
     """Pre-warmed: the runtime is imported; initialise the device, say so, and wait for a
-    `load` command (the model, and maybe a TE to stream the weights from). Returns it and
+    `Load` command (the model, and maybe a TE to stream the weights from). Returns it and
     when it came."""
     torch.zeros(1, device=pick_device(cfg.device))
-    sock.sendall(pack({"op": "prewarmed", "pid": os.getpid()}))
-    load = recv_frame(sock, bytearray())
+    sock.sendall(pack(Prewarmed(os.getpid())))
+    buf = bytearray()
+    while True:
+        try:
+            load = expect(recv_frame(sock, buf), Load)
+            break
+        except BadFrame as e:
+            log.error("bad frame while pre-warmed: %s", e)
+            sock.sendall(pack(Error(f"bad frame: {e}")))
     if load is None:
         sys.exit(0)  # the main process is gone
     return load, time.perf_counter()
@@ -217,18 +218,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--model", help="without one, start pre-warmed and wait for a `load` command")
-    ap.add_argument("--engine-config", default="{}")
+    ap.add_argument("--engine-config", default="{}", help="EngineConfig as JSON")
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s te[{os.getpid()}] %(name)s %(levelname)s %(message)s")
-    sock, cfg = socket.socket(fileno=args.fd), EngineConfig(**json.loads(args.engine_config))
+    sock, cfg = socket.socket(fileno=args.fd), decode_config(args.engine_config)
     if args.model:
         serve_engine(sock, cfg, model=args.model)
     else:
-        load, t_start = wait_for_model(sock, cfg)
-        cfg = EngineConfig(**load.get("engine_config", asdict(cfg)))  # the group it joins decides
-        serve_engine(sock, cfg, model=load["model"], weights_from=load.get("weights_from"), t_start=t_start)
+        load, t_start = wait_for_model(sock, cfg)  # the group it joins decides its engine config
+        serve_engine(sock, load.engine_config, model=load.model, weights_from=load.weights_from, t_start=t_start)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ async def autoscale(cluster, group: str, policy: ScalePolicy) -> None:
         tes = [te for te in cluster.groups[group] if not te.retiring]
         size, starting = cluster.target[group], any(te.state == "starting" for te in tes)
         ready = [te for te in tes if te.state == "ready"]
-        waiting = len(cluster.pending[group]) + sum(te.stats.get("waiting", 0) for te in ready)
+        waiting = len(cluster.pending[group]) + sum(te.stats.waiting for te in ready)
         busy = len(cluster.pending[group]) + sum(te.load for te in tes)
         if busy:
             idle_since = time.monotonic()

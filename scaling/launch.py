@@ -1,20 +1,29 @@
-"""How a TE process comes to be, from the main process: a fresh TE-shell interpreter.
+"""How a TE process comes to be, seen from the main process (which never imports torch).
 
 `spawn_te_shell` starts `python -m flowserve.te_shell` on a new socketpair, with a model (a
 cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`);
-`next_frame` reads the one frame such a process sends before it serves (`prewarmed` or
-`ready`). Forks from the warm template are the other way in (`scaling/template.py`).
+`next_frame` reads the one frame such a process sends before it serves (`Prewarmed` or
+`Ready`). `TemplateHandle` is the other way in: it starts the warm template
+(`scaling/template.py`), asks it to `fork` a TE, and notices its death (its TEs are
+separate processes and keep serving).
 """
 import asyncio
-import json
 import logging
 import os
 import socket
 import sys
-from dataclasses import asdict
+import threading
 
 from flowserve.config import EngineConfig
-from flowserve.wire import unpack_frames
+from flowserve.protocol import Fork, Forked, Message, TemplateReady, encode_config, expect, pack, \
+    recv_frame, unpack_frames
+
+log = logging.getLogger("deepflow.launch")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _log_level() -> str:
+    return logging.getLevelName(logging.getLogger().level).lower()
 
 
 async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None,
@@ -24,22 +33,90 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None,
     model = ["--model", model_path] if model_path else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()), *model,
-        "--engine-config", json.dumps(asdict(engine_cfg)),
-        "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
-        pass_fds=[child.fileno()], env={**os.environ, **(env or {})},
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "--engine-config", encode_config(engine_cfg),
+        "--log-level", _log_level(), pass_fds=[child.fileno()], env={**os.environ, **(env or {})}, cwd=ROOT,
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
     child.close()
     return proc, parent
 
 
-async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> dict | None:
+async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | None:
     """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
     while True:
-        msgs = unpack_frames(buf)
+        msgs = unpack_frames(buf, 1)
         if msgs:
+            if isinstance(msgs[0], ValueError):  # a BadFrame
+                raise msgs[0]
             return msgs[0]
         data = await reader.read(1 << 20)
         if not data:
             return None
         buf += data
+
+
+class TemplateHandle:
+    """The main process's side of the template."""
+
+    def __init__(self, model_path: str, env: dict | None = None):
+        self.model_path, self.env = model_path, env or {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.sock: socket.socket | None = None
+        self.lock = threading.Lock()  # one fork command and its reply at a time
+        self.buf = bytearray()
+        self.on_death = None  # callback(), set by the cluster
+        self.stopping = False
+
+    async def start(self, timeout: float = 300) -> None:
+        self.sock, theirs = socket.socketpair()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "scaling.template", "--fd", str(theirs.fileno()), "--model", self.model_path,
+            "--log-level", _log_level(), pass_fds=[theirs.fileno()], env={**os.environ, **self.env}, cwd=ROOT,
+            start_new_session=True)  # as TEs: terminal signals are the main process's
+        theirs.close()
+        ready = expect(await asyncio.wait_for(asyncio.to_thread(recv_frame, self.sock, self.buf), timeout),
+                       TemplateReady)
+        if ready is None:
+            raise RuntimeError(f"template exited during start-up (exit code {await self.proc.wait()})")
+        log.info("template ready (pid %d) in %.0f ms", self.proc.pid, ready.load_ms)
+        asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await self.proc.wait()
+        if self.stopping:
+            return
+        log.error("template (pid %d) exited with %s", self.proc.pid, self.proc.returncode)
+        if self.on_death:
+            self.on_death()
+
+    def _fork(self, te_id: str, engine_cfg: EngineConfig) -> tuple[socket.socket, int]:
+        ours, theirs = socket.socketpair()
+        try:
+            with self.lock:
+                socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg))], [theirs.fileno()])
+                theirs.close()
+                reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
+            if reply is None:
+                raise RuntimeError("template is gone")
+        except BaseException:
+            ours.close()
+            raise
+        return ours, reply.pid
+
+    async def fork(self, te_id: str, engine_cfg: EngineConfig) -> tuple[socket.socket, int]:
+        """A new TE forked from the template: our end of its socket, and its pid."""
+        return await asyncio.to_thread(self._fork, te_id, engine_cfg)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.sock:
+            self.sock.close()  # EOF: the template returns from its loop and exits
+        if self.proc and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()

@@ -2,7 +2,7 @@
 
 Each is a `flowserve.te_shell` started without `--model`: the interpreter is up, torch is
 imported, the device is initialised, and it has said `prewarmed`. Taking one (the
-`preloaded` start mode of `scheduler/cluster.py`) and sending it `load` takes TE-Pre-Load
+`preloaded` start mode of `scheduler/cluster.py`) and sending it `Load` takes TE-Pre-Load
 off the critical path; the weights then come from the mmap'ed loading-optimized cache
 (DRAM pre-loading). The pool refills itself in the background after each take.
 """
@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from flowserve.config import EngineConfig
+from flowserve.protocol import BadFrame, Prewarmed, expect
 from scaling.launch import next_frame, spawn_te_shell
 
 log = logging.getLogger("deepflow.prewarm")
@@ -34,8 +35,11 @@ class PrewarmPool:
         proc, sock = await spawn_te_shell(self.engine_cfg, self.env, None)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         buf = bytearray()
-        hello = await next_frame(reader, buf)
-        if hello is None or hello["op"] != "prewarmed":
+        try:
+            hello = expect(await next_frame(reader, buf), Prewarmed)
+        except BadFrame:
+            hello = None
+        if hello is None:  # dropping our end of its socket ends it
             log.error("pre-warmed TE (pid %d) failed to start", proc.pid)
             return
         self.ready.append((proc, proc.pid, reader, writer, buf))

@@ -19,13 +19,11 @@ weights to its device after the fork.
 template's death (its TEs are separate processes and keep serving).
 """
 import argparse
-import asyncio
 import logging
 import os
 import select
 import socket
 import sys
-import threading
 import time
 
 T_START = time.perf_counter()
@@ -34,9 +32,9 @@ import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
+from flowserve.protocol import Error, Fork, Forked, TemplateReady, pack, unpack_frames  # noqa: E402
 from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
-from flowserve.wire import pack, recv_frame, unpack_frames  # noqa: E402
 
 log = logging.getLogger("scaling.template")
 
@@ -46,12 +44,12 @@ def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
     return msg, (fds[0] if fds else None)
 
 
-def child(te_sock: socket.socket, control: socket.socket, cfg_json: dict, weights, t_fork: float) -> None:
+def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, weights, t_fork: float) -> None:
     """Runs in the forked process: become one TE, then exit without returning to the template loop."""
     control.close()  # else the main process would not see the template's death while TEs live
     code = 0
     try:
-        serve_engine(te_sock, EngineConfig(**cfg_json), weights=weights, t_start=t_fork, warmed_on_cpu=True)
+        serve_engine(te_sock, cfg, weights=weights, t_start=t_fork, warmed_on_cpu=True)
     except BaseException:
         log.exception("forked TE failed")
         code = 1
@@ -66,7 +64,7 @@ def run_template(control: socket.socket, model: str) -> None:
     # own warm-up (TE-Post-Load). A TE on an accelerator still warms up after the fork.
     warm_up(Engine(None, EngineConfig(device="cpu", num_kv_blocks=4, num_threads=1), weights=(cfg, tensors)))
     t_ready = time.perf_counter()
-    control.sendall(pack({"op": "ready", "pid": os.getpid(), "load_ms": 1e3 * (t_ready - T_START)}))
+    control.sendall(pack(TemplateReady(os.getpid(), 1e3 * (t_ready - T_START))))
     buf = bytearray()
     while True:
         readable, _, _ = select.select([control], [], [], 1.0)
@@ -88,83 +86,18 @@ def run_template(control: socket.socket, model: str) -> None:
                     return
         buf += data
         for msg in unpack_frames(buf):
-            if msg["op"] != "fork" or fd is None:
+            if not isinstance(msg, Fork) or fd is None:
+                log.error("bad frame: %s", msg if not isinstance(msg, Fork) else "a fork without its socket")
+                control.sendall(pack(Error(f"bad frame: {msg}")))
                 continue
             te_sock = socket.socket(fileno=fd)
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
-                child(te_sock, control, msg["engine_config"], (cfg, tensors), t_fork)
+                child(te_sock, control, msg.engine_config, (cfg, tensors), t_fork)
             te_sock.close()
-            control.sendall(pack({"op": "forked", "te_id": msg["te_id"], "pid": pid}))
+            control.sendall(pack(Forked(msg.te_id, pid)))
             fd = None
-
-
-class TemplateHandle:
-    """The main process's side of the template."""
-
-    def __init__(self, model_path: str, env: dict | None = None):
-        self.model_path, self.env = model_path, env or {}
-        self.proc: asyncio.subprocess.Process | None = None
-        self.sock: socket.socket | None = None
-        self.lock = threading.Lock()  # one fork command and its reply at a time
-        self.buf = bytearray()
-        self.on_death = None  # callback(), set by the cluster
-        self.stopping = False
-
-    async def start(self, timeout: float = 300) -> None:
-        self.sock, theirs = socket.socketpair()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "scaling.template", "--fd", str(theirs.fileno()), "--model", self.model_path,
-            "--log-level", logging.getLevelName(logging.getLogger().level).lower(),
-            pass_fds=[theirs.fileno()], env={**os.environ, **self.env},
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            start_new_session=True)  # as TEs (scaling/launch.py): terminal signals are the main process's
-        theirs.close()
-        ready = await asyncio.wait_for(asyncio.to_thread(recv_frame, self.sock, self.buf), timeout)
-        if ready is None:
-            raise RuntimeError(f"template exited during start-up (exit code {await self.proc.wait()})")
-        log.info("template ready (pid %d) in %.0f ms", self.proc.pid, ready["load_ms"])
-        asyncio.create_task(self._watch())
-
-    async def _watch(self) -> None:
-        await self.proc.wait()
-        if self.stopping:
-            return
-        log.error("template (pid %d) exited with %s", self.proc.pid, self.proc.returncode)
-        if self.on_death:
-            self.on_death()
-
-    def _fork(self, te_id: str, engine_cfg: dict) -> tuple[socket.socket, int]:
-        ours, theirs = socket.socketpair()
-        with self.lock:
-            socket.send_fds(self.sock, [pack({"op": "fork", "te_id": te_id, "engine_config": engine_cfg})],
-                            [theirs.fileno()])
-            theirs.close()
-            reply = recv_frame(self.sock, self.buf)
-        if reply is None:
-            ours.close()
-            raise RuntimeError("template is gone")
-        return ours, reply["pid"]
-
-    async def fork(self, te_id: str, engine_cfg: dict) -> tuple[socket.socket, int]:
-        """A new TE forked from the template: our end of its socket, and its pid."""
-        return await asyncio.to_thread(self._fork, te_id, engine_cfg)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def stop(self) -> None:
-        self.stopping = True
-        if self.sock:
-            self.sock.close()  # EOF: the template returns from its loop and exits
-        if self.proc and self.proc.returncode is None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
 
 
 def main() -> None:

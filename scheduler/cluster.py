@@ -32,8 +32,9 @@ from collections import deque
 from dataclasses import asdict, replace
 
 from flowserve.config import EngineConfig
+from flowserve.protocol import FinishReason
+from scaling.launch import TemplateHandle
 from scaling.prewarm import PrewarmPool
-from scaling.template import TemplateHandle
 from scheduler.job import Task, TaskEvent
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
 from scheduler.prompt_tree import PromptTree
@@ -118,7 +119,7 @@ class Cluster:
 
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
-        te = TEHandle(f"te-{next(self._ids)}", group, group, self.model_path, self.engine_cfgs[group])
+        te = TEHandle(f"te-{next(self._ids)}", group, self.model_path, self.engine_cfgs[group])
         te.on_death = self._on_death
         te.on_free = lambda te: self._place_pending(te.group)
         te.tree = self.trees[group]
@@ -280,7 +281,7 @@ class Cluster:
             t.cancel()
         for queue in self.pending.values():
             while queue:
-                queue.popleft().events.put_nowait(TaskEvent([], "error", error="server is shutting down"))
+                queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, error="server is shutting down"))
         await asyncio.gather(*(te.stop() for te in self.tes), return_exceptions=True)
         if self.template:
             await self.template.stop()

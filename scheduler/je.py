@@ -2,11 +2,11 @@
 
 The chat JE applies the chat template, the completion JE takes the prompt as is; both
 tokenize here in the main process (TEs see token ids only), check the prompt against the
-context, and turn the request into a Job of `n` Tasks, one per choice. `run` submits the
-tasks through the cluster's `dist_sched`, then for each task turns the TE's token events
-into text with an incremental detokenizer, applies stop strings (holding back text that
-could be the start of one), and yields `Delta`s for the frontend to format. Whatever ends
-the run (finish, error, a client that went away), unfinished tasks are aborted in their TE.
+context, and turn the request into a Job of `n` Tasks, one per choice. `start` submits
+the tasks to the cluster (`dist_sched` places them), and a worker per task turns the TE's
+token events into text with an incremental detokenizer and `StopStrings`; `stream` yields
+the resulting `Delta`s for the frontend to format. Whatever ends the job (finish, error, a
+client that went away), `close` aborts its unfinished tasks in their TEs.
 """
 import asyncio
 import logging
@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from flowserve.protocol import FinishReason
 from flowserve.sequence import SamplingParams
 from flowserve.tokenizer import Detokenizer, Tokenizer
 from scheduler.cluster import Cluster, Overloaded
@@ -31,7 +32,30 @@ MAX_RETRIES = 2  # placements after a TE death, for a task that has sent no toke
 class Delta:
     index: int
     text: str
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
+
+
+class StopStrings:
+    """Cuts a choice's text at the first of its stop strings. A stop string may arrive split
+    over several tokens, so the tail that could still grow into one is held back until the
+    next text shows it does not (or the text ends)."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max(map(len, stops), default=1) - 1
+        self.text, self.sent = "", 0
+
+    def push(self, new_text: str, final: bool = False) -> tuple[str, bool]:
+        """The text now safe to send, and whether a stop string ended the choice. `final`:
+        no more text comes, so nothing is held back."""
+        self.text += new_text
+        # Text before `sent - hold` was already searched in full; a match starts at `sent` or later.
+        found = [i for i in (self.text.find(s, max(0, self.sent - self.hold)) for s in self.stops) if i >= 0]
+        if found:
+            self.text, final = self.text[:min(found)], True
+        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out, bool(found)
 
 
 class JobExecutor:
@@ -132,18 +156,13 @@ class JobExecutor:
             job.out.put_nowait(APIError(503, message))
 
     async def _choice(self, job: Job, task: Task, stop: list[str], out: asyncio.Queue) -> None:
-        detok = Detokenizer(self.tok, task.prompt_ids)
-        hold = max(map(len, stop), default=1) - 1  # a stop string may still be forming
-        text, sent = "", 0
+        """One choice: the TE's token events for `task` -> text `Delta`s on `out`."""
+        detok, stops = Detokenizer(self.tok, task.prompt_ids), StopStrings(stop)
         while True:
             ev = await task.events.get()
-            if ev.engine_lost and task.num_output == 0 and task.retries < MAX_RETRIES:
-                try:  # nothing reached the client yet: run it elsewhere, invisibly
-                    self.cluster.resubmit(task)
-                    continue
-                except Overloaded:
-                    pass
-            if ev.finish_reason == "error":
+            if ev.engine_lost and task.num_output == 0 and self._retry(task):
+                continue
+            if ev.finish_reason is FinishReason.ERROR:
                 task.state = State.FAILED
                 out.put_nowait(APIError(503 if ev.engine_lost else 400, ev.error or "engine error"))
                 return
@@ -151,22 +170,27 @@ class JobExecutor:
                 task.t_first_token = time.monotonic()
             task.num_output += len(ev.token_ids)
             task.num_cached = ev.num_cached
-            text += detok.push(ev.token_ids)
-            finish = ev.finish_reason
-            if stop:
-                cut = min((i for i in (text.find(s, max(0, sent - hold)) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-            end = len(text) if finish else max(sent, len(text) - hold)
-            if end > sent:
-                out.put_nowait(Delta(task.index, text[sent:end]))
-                sent = end
-            if finish:
-                task.state, task.finish_reason, task.t_done = State.FINISHED, finish, time.monotonic()
-                if not ev.finish_reason:  # ended by a stop string: the TE is still generating
+            text, stopped = stops.push(detok.push(ev.token_ids), final=ev.finish_reason is not None)
+            if text:
+                out.put_nowait(Delta(task.index, text))
+            if stopped or ev.finish_reason:
+                if stopped and not ev.finish_reason:  # the TE is still generating
                     self.cluster.abort([task])
-                out.put_nowait(Delta(task.index, "", finish))
+                task.state, task.t_done = State.FINISHED, time.monotonic()
+                task.finish_reason = FinishReason.STOP if stopped else ev.finish_reason
+                out.put_nowait(Delta(task.index, "", task.finish_reason))
                 return
+
+    def _retry(self, task: Task) -> bool:
+        """A task whose TE was lost before it sent a token: place it again, unseen by the
+        client. False when it has been retried enough or nothing can take it."""
+        if task.retries >= MAX_RETRIES:
+            return False
+        try:
+            self.cluster.resubmit(task)
+            return True
+        except Overloaded:
+            return False
 
     def usage(self, job: Job) -> dict:
         prompt = len(job.tasks[0].prompt_ids)

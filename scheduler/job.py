@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from flowserve.protocol import FinishReason
 from flowserve.sequence import SamplingParams
 
 
@@ -31,7 +32,7 @@ _ids = itertools.count()
 class TaskEvent:
     """What a TE reported for one task in one step."""
     token_ids: list[int]
-    finish_reason: str | None  # stop | length | abort | error
+    finish_reason: FinishReason | None
     num_cached: int = 0
     error: str | None = None
     engine_lost: bool = False  # a TE died or a KV transfer failed: the task may be placed again if it sent nothing yet
@@ -50,7 +51,7 @@ class Task:
     placement: dict = field(default_factory=dict)  # why dist_sched chose its TE
     num_output: int = 0
     num_cached: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     t_first_token: float | None = None
     t_done: float | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)

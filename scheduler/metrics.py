@@ -41,7 +41,7 @@ class Metrics:
             self.ttft.observe(t.t_first_token - job.t_arrival)
             if t.num_output > 1 and t.t_done:
                 self.tpot.observe((t.t_done - t.t_first_token) / (t.num_output - 1))
-            self.requests.labels(self.model_name, t.finish_reason or "unknown").inc()
+            self.requests.labels(self.model_name, t.finish_reason.value if t.finish_reason else "unknown").inc()
             if "kv_transfer_ms" in t.placement:
                 self.kv_transfer.observe(t.placement["kv_transfer_ms"] / 1e3)
             self.generation_tokens.inc(t.num_output)
@@ -62,16 +62,16 @@ class Metrics:
             c.add_metric([self.model_name], value)
             return c
 
-        yield gauge("num_requests_running", "Sequences running in TEs", sum(s.get("running", 0) for s in stats))
+        yield gauge("num_requests_running", "Sequences running in TEs", sum(s.running for s in stats))
         yield gauge("num_requests_waiting", "Sequences waiting: held by the scheduler or queued in TEs",
-                    sum(s.get("waiting", 0) for s in stats) + sum(map(len, self.cluster.pending.values())))
+                    sum(s.waiting for s in stats) + sum(map(len, self.cluster.pending.values())))
         yield gauge("kv_cache_usage_perc", "KV-cache blocks in use (mean over TEs), 0..1",
-                    sum(s.get("kv_usage", 0.0) for s in stats) / max(len(stats), 1))
-        yield gauge("num_tes_ready", "TEs ready", sum(te.state.value == "ready" for te in tes))
+                    sum(s.kv_usage for s in stats) / max(len(stats), 1))
+        yield gauge("num_tes_ready", "TEs ready", len(self.cluster.ready_tes()))
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                      sum(s.get("prefix_queries", 0) for s in stats))
+                      sum(s.prefix_queries for s in stats))
         yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache",
-                      sum(s.get("prefix_hits", 0) for s in stats))
+                      sum(s.prefix_hits for s in stats))
 
         steps = GaugeMetricFamily(P + "te_start_step_milliseconds", "Start-up timeline of each TE (five steps)",
                                   labels=["te", "start_mode", "step"])

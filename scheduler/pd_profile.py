@@ -15,6 +15,7 @@ import random
 import time
 
 from flowserve.config import EngineConfig, default_model_path
+from flowserve.protocol import FinishReason
 from flowserve.sequence import SamplingParams
 from scheduler.cluster import Cluster
 from scheduler.job import Task
@@ -31,7 +32,7 @@ async def burst_jct_ms(cluster: Cluster, prompt_len: int, output_len: int, burst
         cluster.submit(task)
         while not (ev := await task.events.get()).finish_reason:
             pass
-        if ev.finish_reason == "error":
+        if ev.finish_reason is FinishReason.ERROR:
             raise RuntimeError(f"profile request failed: {ev.error}")
         return time.perf_counter() - t0
 

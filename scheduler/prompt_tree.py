@@ -4,11 +4,12 @@ Each TE's RTC indexes full KV blocks by a chain hash (`flowserve.rtc.chain_hash`
 block's hash covers its tokens and, through its parent's hash, every token before it. A
 chain hash therefore names one node of a radix tree over token ids at block granularity,
 and a map from chain hash to the TEs holding that block *is* that tree, stored flat. TEs
-report the blocks they index and evict with every step (`stats["cached"]`,
-`stats["evicted"]`), so the tree mirrors their caches without asking them. `dist_sched`
-asks it for the longest cached prefix of a prompt on each TE.
+report the blocks they index and evict with every step (`Stats.cached`, `Stats.evicted`
+in `flowserve/protocol.py`), so the tree mirrors their caches without asking them.
+`dist_sched` asks it for the longest cached prefix of a prompt on each TE, walking the
+prompt with the RTC's own `prefix_blocks`.
 """
-from flowserve.rtc import chain_hash
+from flowserve.rtc import prefix_blocks
 
 
 class PromptTree:
@@ -30,15 +31,13 @@ class PromptTree:
         self.update(te_id, [], [h for h, tes in self.holders.items() if te_id in tes])
 
     def matched_tokens(self, token_ids: list[int], te_ids: list[str]) -> dict[str, int]:
-        """For each TE, how many leading tokens of `token_ids` it holds in full cached blocks
-        (as its RTC would reuse them: at least one token is always left to compute)."""
+        """For each TE, how many leading tokens of `token_ids` its RTC would reuse."""
         matched = dict.fromkeys(te_ids, 0)
-        alive, parent, bs = set(te_ids), None, self.block_size
-        for start in range(0, len(token_ids) - bs, bs):
-            parent = chain_hash(parent, tuple(token_ids[start:start + bs]))
-            alive &= self.holders.get(parent, set())
+        alive = set(te_ids)
+        for i, (h, _) in enumerate(prefix_blocks(token_ids, self.block_size)):
+            alive &= self.holders.get(h, set())
             if not alive:
                 break
             for te in alive:
-                matched[te] = start + bs
+                matched[te] = (i + 1) * self.block_size
         return matched

@@ -2,22 +2,22 @@
 
 A TE is a `flowserve.te_shell` process (a fresh interpreter, or a fork of the warm template
 in `scaling/template.py`) holding one end of a unix socketpair; this side wraps the other
-end in asyncio streams. Commands go out as frames (`add`, `abort`, `stop`);
-a reader task takes `step` frames back, updates the TE's stats and routes each task's new
-tokens to that task's event queue. EOF on the socket means the process died: every task
-still on it gets a clean error event at once. A prefill TE's task leaves it with `handoff`
-(its KV went to a decode TE), and a decode TE's task is announced with `await_kv`.
+end in asyncio streams. Commands go out as `flowserve/protocol.py` frames (`Add`, `Abort`,
+`Stop`); a reader task takes `Step` frames back, keeps the TE's latest `Stats` and routes
+each `TokenOut` to its task's event queue. EOF on the socket means the process died: every
+task still on it gets a clean error event at once. A prefill TE's task leaves it with
+`handoff` (its KV went to a decode TE), and a decode TE's task is announced with `await_kv`.
 """
 import asyncio
 import logging
 import os
 import signal
 import time
-from dataclasses import asdict
 from enum import Enum
 
 from flowserve.config import EngineConfig
-from flowserve.wire import pack, unpack_frames
+from flowserve.protocol import (
+    Abort, Add, BadFrame, Error, FinishReason, Load, Message, Ready, Stats, Step, Stop, expect, pack, unpack_frames)
 from scaling.launch import next_frame, spawn_te_shell
 from scheduler.job import State, Task, TaskEvent
 
@@ -32,14 +32,14 @@ class TEState(str, Enum):
 
 
 class TEHandle:
-    def __init__(self, te_id: str, group: str, role: str, model_path: str, engine_cfg: EngineConfig):
-        self.id, self.group, self.role = te_id, group, role
+    def __init__(self, te_id: str, group: str, model_path: str, engine_cfg: EngineConfig):
+        self.id, self.group = te_id, group
         self.model_path, self.engine_cfg = model_path, engine_cfg
         self.state = TEState.STARTING
         self.pid: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
-        self.stats: dict = {}
-        self.timings_ms: dict = {}
+        self.stats = Stats()
+        self.timings_ms: dict[str, float] = {}
         self.max_model_len = 0
         self.tasks: dict[str, Task] = {}
         self.writer: asyncio.StreamWriter | None = None
@@ -68,35 +68,34 @@ class TEHandle:
         buf = bytearray()
         if template is not None:
             self.start_mode = "fork"
-            parent, self.pid = await template.fork(self.id, asdict(self.engine_cfg))
+            parent, self.pid = await template.fork(self.id, self.engine_cfg)
             reader, self.writer = await asyncio.open_unix_connection(sock=parent)
         elif prewarmed is not None:
             self.start_mode = "peer" if weights_from else "preloaded"  # else: the mmap'ed cache
             self.proc, self.pid, reader, self.writer, buf = prewarmed
-            self.writer.write(pack({"op": "load", "model": self.model_path, "weights_from": weights_from,
-                                    "engine_config": asdict(self.engine_cfg)}))
+            self.writer.write(pack(Load(self.model_path, self.engine_cfg, weights_from)))
         else:
             self.start_mode = "preloaded" if self.engine_cfg.use_weight_cache else "cold"
             self.proc, parent = await spawn_te_shell(self.engine_cfg, env, self.model_path)
             self.pid = self.proc.pid
             reader, self.writer = await asyncio.open_unix_connection(sock=parent)
         t_started = time.perf_counter()
-        ready = await asyncio.wait_for(next_frame(reader, buf), timeout)
-        if ready is None or ready["op"] != "ready":
+        ready = expect(await asyncio.wait_for(next_frame(reader, buf), timeout), Ready)
+        if ready is None:
             self.state = TEState.DEAD
             raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
         self.t_ready = time.perf_counter()
-        self.stats, self.max_model_len = ready["stats"], ready["max_model_len"]
-        self.weights_addr = f"127.0.0.1:{ready['weights_port']}" if ready.get("weights_port") else None
-        self.kv_addr = ready.get("kv_addr")
-        te = ready["timings_ms"]
+        self.stats, self.max_model_len = ready.stats, ready.max_model_len
+        self.weights_addr = f"127.0.0.1:{ready.weights_port}" if ready.weights_port else None
+        self.kv_addr = ready.kv_addr
+        te = ready.timings_ms
         # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
         # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and
         # imports, i.e. all the time before the load that the TE did not report.
-        gap = 1e3 * (self.t_ready - t_started) - te["te_load"] - te["te_post_load"]
+        gap = 1e3 * (self.t_ready - t_started) - te.te_load - te.te_post_load
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
-                           "te_pre_load": te["te_pre_load"] if template or prewarmed else gap,
-                           "te_load": te["te_load"], "te_post_load": te["te_post_load"]}
+                           "te_pre_load": te.te_pre_load if template or prewarmed else gap,
+                           "te_load": te.te_load, "te_post_load": te.te_post_load}
         self.state = TEState.READY
         self.reader_task = asyncio.create_task(self._read_loop(reader, buf))
 
@@ -105,26 +104,37 @@ class TEHandle:
             while data := await reader.read(1 << 20):
                 buf += data
                 for msg in unpack_frames(buf):
-                    self._on_step(msg)
-        except (ConnectionError, ValueError) as e:
+                    self._on_frame(msg)
+        except (ConnectionError, ValueError) as e:  # a frame past MAX_FRAME: the stream is lost
             log.error("TE %s: bad stream: %s", self.id, e)
         self._on_exit()
 
-    def _on_step(self, msg: dict) -> None:
-        self.stats = msg["stats"]
+    def _on_frame(self, msg: Message | BadFrame) -> None:
+        match msg:
+            case Step():
+                self._on_step(msg)
+            case Error():
+                log.error("TE %s answered: %s", self.id, msg.message)
+            case _:  # undecodable, or not a TE's message: say so, keep serving
+                log.error("TE %s: bad frame: %s", self.id, msg)
+                self._send(Error(f"bad frame: {msg}"))
+
+    def _on_step(self, msg: Step) -> None:
+        self.stats = msg.stats
         if self.tree is not None:  # mirror this TE's prefix cache in the scheduler's prompt tree
-            self.tree.update(self.id, self.stats.pop("cached", []), self.stats.pop("evicted", []))
-        for rid, tokens, finish, _num_prompt, num_cached in msg["outs"]:
-            task = self.tasks.get(rid)
+            self.tree.update(self.id, msg.stats.cached, msg.stats.evicted)
+        for out in msg.outs:
+            task = self.tasks.get(out.rid)
             if task is None:
                 continue  # aborted here while the TE was still running it
-            if finish:
-                del self.tasks[rid]
-            if finish == "handoff":  # its decode task carries on, on the decode TE
-                task.placement["kv_transfer_ms"] = round(msg["kv_ms"], 1)
+            if out.finish:
+                del self.tasks[out.rid]
+            if out.finish is FinishReason.HANDOFF:  # its decode task carries on, on the decode TE
+                task.placement["kv_transfer_ms"] = round(msg.kv_ms, 1)
                 continue
-            lost = finish == "error" and task.decode is not None  # the KV transfer failed, not the request
-            task.events.put_nowait(TaskEvent(tokens, finish, num_cached, msg.get("error"), engine_lost=lost))
+            # an error on a prefill TE: the KV transfer failed, not the request
+            lost = out.finish is FinishReason.ERROR and task.decode is not None
+            task.events.put_nowait(TaskEvent(out.token_ids, out.finish, out.num_cached, msg.error, engine_lost=lost))
         if self.on_free and len(self.tasks) < self.engine_cfg.max_num_seqs:
             self.on_free(self)
 
@@ -132,7 +142,8 @@ class TEHandle:
         was = self.state
         self.state = TEState.DEAD
         for task in self.tasks.values():
-            task.events.put_nowait(TaskEvent([], "error", error=f"engine {self.id} stopped", engine_lost=True))
+            task.events.put_nowait(TaskEvent([], FinishReason.ERROR, error=f"engine {self.id} stopped",
+                                             engine_lost=True))
         self.tasks.clear()
         if was is not TEState.DRAINING:
             log.error("TE %s (pid %s) died", self.id, self.pid)
@@ -144,17 +155,17 @@ class TEHandle:
         On a decode TE the task waits for its KV."""
         self.tasks[task.id] = task
         task.te_id, task.state = self.id, State.RUNNING
-        self._send({"op": "add", "rid": task.id, "prompt": task.prompt_ids, "params": asdict(task.params),
-                    "kv_to": kv_to and [kv_to, task.decode.id], "await_kv": self.group == "decode"})
+        self._send(Add(task.id, task.prompt_ids, task.params, kv_to, kv_to and task.decode.id,
+                       await_kv=self.group == "decode"))
 
     def abort(self, task_ids: list[str]) -> None:
         ids = [t for t in task_ids if self.tasks.pop(t, None) is not None]
         if ids:
-            self._send({"op": "abort", "rids": ids})
+            self._send(Abort(ids))
             if self.on_free:
                 self.on_free(self)
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, msg: Message) -> None:
         if self.state in (TEState.READY, TEState.DRAINING) and not self.writer.is_closing():
             self.writer.write(pack(msg))
 
@@ -162,7 +173,7 @@ class TEHandle:
         """Ask the TE to exit; kill it if it does not. Returns once its socket is closed."""
         if self.pid is None:
             return
-        self._send({"op": "stop"})
+        self._send(Stop())
         self.state = TEState.DRAINING if self.state is not TEState.DEAD else self.state
         try:  # EOF on the socket: the process has exited (a forked TE is the template's child)
             await asyncio.wait_for(asyncio.shield(self.reader_task) if self.reader_task else self._wait_proc(),
@@ -187,8 +198,7 @@ class TEHandle:
 
     def to_dict(self) -> dict:
         s = self.stats
-        return {"id": self.id, "group": self.group, "role": self.role, "pid": self.pid,
-                "state": self.state.value, "running": s.get("running", 0), "waiting": s.get("waiting", 0),
-                "tasks": self.load, "start_mode": self.start_mode, "kv_usage": s.get("kv_usage", 0.0),
-                "prefix_queries": s.get("prefix_queries", 0), "prefix_hits": s.get("prefix_hits", 0),
+        return {"id": self.id, "group": self.group, "pid": self.pid, "state": self.state.value,
+                "running": s.running, "waiting": s.waiting, "tasks": self.load, "start_mode": self.start_mode,
+                "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "timeline_ms": self.timings_ms}

@@ -63,7 +63,7 @@ def test_prefix_cache_hit_gives_identical_output(engine, model_path, weights):
     out, num_cached = [], 0
     while cached.has_work():
         for o in cached.step():
-            out += o.new_token_ids
+            out += o.token_ids
             num_cached = o.num_cached
     assert num_cached >= 144  # the shared 150 tokens, in whole 16-token blocks
     assert out == expected[0]

@@ -16,9 +16,9 @@ import pytest
 from openai import OpenAI
 
 from flowserve.config import EngineConfig
-from flowserve.distflow import KVSender, accept_kv, listen_kv, recv_kv
+from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_kv
+from flowserve.protocol import KVAck, KVHeader, pack
 from flowserve.sequence import SamplingParams
-from flowserve.wire import pack
 from scheduler.cluster import GROUPS, Cluster
 from scheduler.job import Task
 from scheduler.pd_policy import Heatmap
@@ -38,14 +38,14 @@ def transfer(prefill, decode, transport: str) -> None:
             def receive():
                 with accept_kv(listener) as conn:
                     head, kv = recv_kv(conn, 10)
-                    decode.add_prefilled(head["rid"], head["token_ids"], seq.num_prompt, seq.params, kv,
-                                         head["num_cached"], seq.generator and seq.generator.get_state())
-                    conn.sendall(pack({"ok": True}))
+                    decode.add_prefilled(head.rid, head.token_ids, seq.num_prompt, seq.params, kv,
+                                         head.num_cached, seq.generator and seq.generator.get_state())
+                    conn.sendall(pack(KVAck(True)))
             t = threading.Thread(target=receive)
             t.start()
-            sender.send(address, {"rid": seq.request_id, "token_ids": seq.token_ids, "num_cached": 0},
-                    prefill.runner.kv_shape(len(seq.block_ids)), prefill.dtype,
-                    lambda out: prefill.runner.read_kv(seq.block_ids, out), 10)
+            head = KVHeader(seq.request_id, seq.token_ids, 0, prefill.runner.kv_shape(len(seq.block_ids)),
+                            dtype_name(prefill.dtype))
+            sender.send(address, head, lambda out: prefill.runner.read_kv(seq.block_ids, out), 10)
             t.join()
             prefill.release(seq)
     sender.close()
@@ -59,14 +59,14 @@ def disaggregated(prefill, decode, prompts, params, transport="unix") -> list[li
         prefill.add_request(f"r{i}", p, sp, handoff=True)
     while prefill.has_work():
         for o in prefill.step():
-            assert o.finish_reason is None
-            firsts[o.request_id] = o.new_token_ids
+            assert o.finish is None
+            firsts[o.rid] = o.token_ids
     transfer(prefill, decode, transport)
     assert_no_leak(prefill)
     rest = {f"r{i}": [] for i in range(len(prompts))}
     while decode.has_work():
         for o in decode.step():
-            rest.get(o.request_id, []).extend(o.new_token_ids)
+            rest.get(o.rid, []).extend(o.token_ids)
     assert_no_leak(decode)
     return [firsts[f"r{i}"] + rest[f"r{i}"] for i in range(len(prompts))]
 

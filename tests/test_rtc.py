@@ -36,7 +36,7 @@ def test_lru_eviction_and_no_leak():
     assert rtc.num_free == 4 and len(rtc.prefix_index) == 2   # cached, yet free
     b = seq(range(100, 112), "b")                              # needs 3 blocks: evicts one cached
     run_prefill(rtc, b)
-    assert len(rtc.match_by_prefix_token(list(range(8)))) == 1  # a's first block survived the LRU
+    assert len(rtc.match_by_prefix_token(list(range(9)))) == 1  # a's first block survived the LRU
     rtc.free(b)
     assert rtc.num_free == 4 and all(blk.ref_count == 0 for blk in rtc.blocks)
 
