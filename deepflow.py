@@ -22,13 +22,13 @@ import sys
 import time
 import tomllib
 from contextlib import aclosing
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import orjson
 from aiohttp import web
 
 from flowserve.config import EngineConfig, cache_dir, default_model_path
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
 from scheduler import responses
@@ -38,7 +38,14 @@ from scheduler.metrics import Metrics
 from scheduler.openapi import openapi
 from scheduler.pd_policy import Heatmap
 from scheduler.pd_profile import add_profile_parser
-from scheduler.protocol import APIError, model_not_found, parse_chat, parse_completion, parse_json
+from scheduler.protocol import (
+    APIError,
+    model_not_found,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    parse_scale,
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -56,8 +63,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     t0, n = time.perf_counter(), 0
     while engine.has_work():
         for out in engine.step():
-            n += len(out.new_token_ids)
-            sys.stdout.write(detok.push(out.new_token_ids))
+            n += len(out.token_ids)
+            sys.stdout.write(detok.push(out.token_ids))
             sys.stdout.flush()
     dt = time.perf_counter() - t0
     print(f"\n[{len(prompt)} prompt tokens, {n} generated in {dt:.2f} s, {n / dt:.1f} tokens/s]", file=sys.stderr)
@@ -67,7 +74,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 log = logging.getLogger("deepflow")
 BODY_TIMEOUT_S = 30
-MAX_TES = 256  # per group, a bound on /admin/scale
+
+
+@dataclass
+class Frontend:
+    """What the routes know besides the cluster: the served name and the limits on a request."""
+    model_name: str
+    api_key: str | None
+    max_body: int
+    started: int = field(default_factory=lambda: int(time.time()))
+
+
+FRONTEND = web.AppKey("frontend", Frontend)
+CLUSTER = web.AppKey("cluster", Cluster)
+JE = web.AppKey("je", JobExecutor)
+METRICS = web.AppKey("metrics", Metrics)
+POLICIES = web.AppKey("policies", dict[str, ScalePolicy])
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 def error_response(e: APIError) -> web.Response:
@@ -85,17 +108,19 @@ async def errors_and_auth(request: web.Request, handler):
     app = request.app
     try:
         if request.path.startswith("/v1/") or (request.path.startswith("/admin/") and request.method == "POST"):
-            if app["draining"].is_set():
+            if app[DRAINING].is_set():
                 raise APIError(503, "server is shutting down")
-            if app["api_key"]:
+            if app[FRONTEND].api_key:
                 given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), app["api_key"].encode()):
+                if not hmac.compare_digest(given.encode(), app[FRONTEND].api_key.encode()):
                     raise APIError(401, "Incorrect or missing API key")
         return await handler(request)
     except APIError as e:
         return error_response(e)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(APIError(413, f"request body exceeds {app['max_body']} bytes"))
+        return error_response(APIError(413, f"request body exceeds {app[FRONTEND].max_body} bytes"))
+    except web.HTTPNotFound:
+        return error_response(APIError(404, f"no route {request.method} {request.path}"))
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -115,26 +140,26 @@ async def read_json(request: web.Request) -> dict:
 
 
 def check_model(request: web.Request, model: str | None) -> None:
-    if model not in (None, request.app["model_name"]):
+    if model not in (None, request.app[FRONTEND].model_name):
         raise model_not_found(model)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat(await read_json(request))
     check_model(request, req.model)
-    job = request.app["je"].chat_job(req)
+    job = request.app[JE].chat_job(req)
     return await respond(request, job, req.options.stop, req.stream, req.include_usage)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     req = parse_completion(await read_json(request))
     check_model(request, req.model)
-    job = request.app["je"].completion_job(req)
+    job = request.app[JE].completion_job(req)
     return await respond(request, job, req.options.stop, req.stream, req.include_usage)
 
 
 async def respond(request: web.Request, job, stop: list[str], stream: bool, include_usage: bool) -> web.StreamResponse:
-    je: JobExecutor = request.app["je"]
+    je: JobExecutor = request.app[JE]
     je.start(job, stop)  # 429 here, before any byte is sent
     if not stream:
         texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
@@ -168,51 +193,48 @@ async def respond(request: web.Request, job, stop: list[str], stream: bool, incl
 async def models(request: web.Request) -> web.Response:
     app = request.app
     return json_response({"object": "list", "data": [{
-        "id": app["model_name"], "object": "model", "created": app["started"], "owned_by": "deepflow",
-        "max_model_len": app["cluster"].max_model_len}]})
+        "id": app[FRONTEND].model_name, "object": "model", "created": app[FRONTEND].started, "owned_by": "deepflow",
+        "max_model_len": app[CLUSTER].max_model_len}]})
 
 
 async def health(request: web.Request) -> web.Response:
-    cluster: Cluster = request.app["cluster"]
-    ok = cluster.healthy() and not request.app["draining"].is_set()
+    cluster: Cluster = request.app[CLUSTER]
+    ok = cluster.healthy() and not request.app[DRAINING].is_set()
     return json_response({"status": "ok" if ok else "degraded", "tes_ready": len(cluster.ready_tes())}) \
         if ok else web.json_response({"status": "degraded", "tes_ready": len(cluster.ready_tes())}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app["metrics"].render(), content_type="text/plain", charset="utf-8")
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
 async def openapi_json(request: web.Request) -> web.Response:
     app = request.app
-    return json_response(openapi(app["model_name"], app["cluster"].max_model_len))
+    return json_response(openapi(app[FRONTEND].model_name, app[CLUSTER].max_model_len, bool(app[FRONTEND].api_key)))
 
 
 async def admin_cluster(request: web.Request) -> web.Response:
-    return json_response({**request.app["cluster"].to_dict(), **request.app["je"].to_dict()})
+    return json_response({**request.app[CLUSTER].to_dict(), **request.app[JE].to_dict()})
 
 
 async def admin_scale(request: web.Request) -> web.Response:
     """`{"group": "colocated", "instances": N}`: set a group's size by hand (0 allowed); the
     autoscaler keeps it there (its min and max become N)."""
-    body = await read_json(request)
-    cluster: Cluster = request.app["cluster"]
-    group, n = body.get("group", "colocated"), body.get("instances")
-    if group not in cluster.groups:
-        raise APIError(400, f"unknown group {group!r}; groups: {sorted(cluster.groups)}", "group")
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_TES:
-        raise APIError(400, f"'instances' must be an integer between 0 and {MAX_TES}", "instances")
-    policy: ScalePolicy = request.app["policies"][group]
-    policy.min_tes = policy.max_tes = n  # a size set by hand holds until the next one
-    cluster.scale_to(group, n)
-    return json_response({"group": group, "instances": n})
+    req = parse_scale(await read_json(request))
+    cluster: Cluster = request.app[CLUSTER]
+    if req.group not in cluster.groups:
+        raise APIError(400, f"unknown group {req.group!r}; groups: {sorted(cluster.groups)}", "group")
+    policy = request.app[POLICIES][req.group]
+    policy.min_tes = policy.max_tes = req.instances  # a size set by hand holds until the next one
+    cluster.scale_to(req.group, req.instances)
+    return json_response({"group": req.group, "instances": req.instances})
 
 
-def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, model_name: str,
-              api_key: str | None, max_body: int) -> web.Application:
+def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, policies: dict[str, ScalePolicy],
+              model_name: str, api_key: str | None, max_body: int) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
-    app.update(cluster=cluster, je=je, metrics=metrics_, model_name=model_name, api_key=api_key,
-               max_body=max_body, draining=asyncio.Event(), started=int(time.time()))
+    app[FRONTEND] = Frontend(model_name, api_key, max_body)
+    app[CLUSTER], app[JE], app[METRICS], app[POLICIES], app[DRAINING] = cluster, je, metrics_, policies, asyncio.Event()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -264,71 +286,92 @@ def cluster_shape(args: argparse.Namespace) -> dict[str, tuple[int, EngineConfig
     return {g: (sizes[g], replace(base, **overrides[g])) for g in GROUPS}
 
 
-async def serve(args: argparse.Namespace) -> None:
-    model = args.model or default_model_path()
-    name = args.served_model_name or os.path.basename(model.rstrip("/")).removesuffix(".gguf")
-    shape = cluster_shape(args)
-    heatmap = None
-    if shape["colocated"][0] and shape["prefill"][0]:  # both kinds: the PD-aware step needs this machine's heatmap
-        path = args.pd_heatmap or default_heatmap_path()
-        if not os.path.exists(path):
-            raise SystemExit(f"no PD heatmap at {path}: run `python deepflow.py profile-pd` first, or pass --pd-heatmap")
-        heatmap = Heatmap.load(path)
-    threads = shape["colocated"][1].num_threads
-    tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
-    cluster = Cluster(model, shape, max_queued=args.max_queued, te_env={"OMP_NUM_THREADS": str(threads)},
-                      start_mode=args.start_mode, prewarmed=args.prewarmed, policy=args.policy,
-                      imbalance=args.imbalance, kv_transport=args.kv_transport, heatmap=heatmap)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = 0
+def load_heatmap(args: argparse.Namespace, shape: dict[str, tuple[int, EngineConfig]]) -> Heatmap | None:
+    """With both colocated and PD TEs, the PD-aware step needs this machine's heatmap."""
+    if not (shape["colocated"][0] and shape["prefill"][0]):
+        return None
+    path = args.pd_heatmap or default_heatmap_path()
+    if not os.path.exists(path):
+        raise SystemExit(f"no PD heatmap at {path}: run `python deepflow.py profile-pd` first, or pass --pd-heatmap")
+    return Heatmap.load(path)
 
-    def on_signal():
-        nonlocal signals
-        signals += 1
-        stop.set()
-        if signals > 1:  # a second signal: no more waiting
-            je.fail_all("server is shutting down")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await cluster.start()
-    except BaseException:
-        await cluster.shutdown()
-        raise
-    # The autoscaler sizes the colocated group from the flags; prefill and decode groups keep
-    # their size unless POST /admin/scale changes it.
+def scale_policies(args: argparse.Namespace, shape: dict[str, tuple[int, EngineConfig]]) -> dict[str, ScalePolicy]:
+    """The autoscaler sizes the colocated group from the flags; prefill and decode groups keep
+    their size unless POST /admin/scale changes it."""
     policies = {g: ScalePolicy(min_tes=n, max_tes=n) for g, (n, _) in shape.items()}
     n = shape["colocated"][0]
     policies["colocated"] = ScalePolicy(min_tes=n if args.min_tes is None else args.min_tes,
                                         max_tes=max(n, args.max_tes or 0), waiting_per_te=args.scale_out_waiting,
                                         idle_s=args.scale_in_idle_s)
-    autoscalers = [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
-    metrics_ = Metrics(cluster, name)
-    je = JobExecutor(cluster, tokenizer, name, metrics_)
-    app = build_app(cluster, je, metrics_, name, args.api_key, args.max_body_bytes)
-    app["policies"] = policies
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
-    await site.start()
+    return policies
+
+
+def banner(args: argparse.Namespace, name: str, shape: dict[str, tuple[int, EngineConfig]]) -> str:
     url = f"http://{args.host}:{args.port}"
     auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
     groups = ", ".join(f"{n} {g}" for g, (n, _) in shape.items() if n)
-    print(f"DeepFlow serving {name} on {url} with {groups} TE(s)\n"
-          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-          f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
-          flush=True)
+    return (f"DeepFlow serving {name} on {url} with {groups} TE(s)\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+            f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
 
-    await stop.wait()
-    log.warning("draining %d job(s) for up to %.0f s", len(je.active), args.drain_timeout)
-    app["draining"].set()
-    deadline = time.monotonic() + args.drain_timeout
-    while je.active and time.monotonic() < deadline and signals < 2:
-        await asyncio.sleep(0.05)
-    je.fail_all("server is shutting down")
-    await asyncio.sleep(0.1)  # let the failed streams write their error event
+
+class Shutdown:
+    """SIGINT/SIGTERM: the first starts a drain (in-flight jobs may finish, new ones get 503);
+    a second ends every job now."""
+
+    def __init__(self):
+        self.requested, self.signals = asyncio.Event(), 0
+        self.je: JobExecutor | None = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.on_signal)
+
+    def on_signal(self) -> None:
+        self.signals += 1
+        self.requested.set()
+        if self.signals > 1 and self.je:
+            self.je.fail_all("server is shutting down")
+
+    async def drain(self, app: web.Application, timeout: float) -> None:
+        je = app[JE]
+        log.warning("draining %d job(s) for up to %.0f s", len(je.active), timeout)
+        app[DRAINING].set()
+        deadline = time.monotonic() + timeout
+        while je.active and time.monotonic() < deadline and self.signals < 2:
+            await asyncio.sleep(0.05)
+        je.fail_all("server is shutting down")
+        await asyncio.sleep(0.1)  # let the failed streams write their error event
+
+
+async def serve(args: argparse.Namespace) -> None:
+    model = args.model or default_model_path()
+    name = args.served_model_name or os.path.basename(model.rstrip("/")).removesuffix(".gguf")
+    shape = cluster_shape(args)
+    heatmap = load_heatmap(args, shape)
+    tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
+    threads = shape["colocated"][1].num_threads
+    cluster = Cluster(model, shape, max_queued=args.max_queued, te_env={"OMP_NUM_THREADS": str(threads)},
+                      start_mode=args.start_mode, prewarmed=args.prewarmed, policy=args.policy,
+                      imbalance=args.imbalance, kv_transport=args.kv_transport, heatmap=heatmap)
+    shutdown = Shutdown()
+    try:
+        await cluster.start()
+    except BaseException:
+        await cluster.shutdown()
+        raise
+    policies = scale_policies(args, shape)
+    autoscalers = [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
+    metrics_ = Metrics(cluster, name)
+    shutdown.je = je = JobExecutor(cluster, tokenizer, name, metrics_)
+    app = build_app(cluster, je, metrics_, policies, name, args.api_key, args.max_body_bytes)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    print(banner(args, name, shape), flush=True)
+
+    await shutdown.requested.wait()
+    await shutdown.drain(app, args.drain_timeout)
     await runner.cleanup()
     for a in autoscalers:
         a.cancel()

@@ -26,7 +26,7 @@ os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_kv  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
-from flowserve.model_runner import kv_block_bytes  # noqa: E402
+from flowserve.model import kv_block_bytes  # noqa: E402
 from flowserve.protocol import KVAck, KVHeader, pack  # noqa: E402
 
 KV_GB = 1.0

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowserve.config import EngineConfig, default_model_path
 from flowserve.engine import Engine
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import SamplingParams
 from flowserve.weights import load_weights
 
 

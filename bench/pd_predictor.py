@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
-from flowserve.sequence import SamplingParams  # noqa: E402
+from flowserve.protocol import SamplingParams  # noqa: E402
 from flowserve.tokenizer import Tokenizer  # noqa: E402
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap  # noqa: E402
 

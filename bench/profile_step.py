@@ -24,7 +24,7 @@ from bench.offline import matmul_gflops  # noqa: E402
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.model import attend  # noqa: E402
-from flowserve.sequence import SamplingParams  # noqa: E402
+from flowserve.protocol import SamplingParams  # noqa: E402
 
 
 def timed(fn, reps: int = 10) -> float:

@@ -7,12 +7,51 @@ so long prompts are split (chunked prefill) and share steps with decodes. Waitin
 sequences are admitted while budget, blocks and the cap allow, starting from their cached
 prefix in the RTC. When the KV pool runs out, the newest running sequence is preempted:
 its blocks are freed and it is recomputed later (its prefix is often still cached).
+
+A `Sequence` is a request inside the engine: its tokens, sampling parameters and block
+table. `Engine.add_request` creates it, the batcher moves it between its queues, the RTC
+gives it blocks, the model runner reads it to build each step's input.
 """
 from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
 
 from flowserve.config import EngineConfig
+from flowserve.protocol import SamplingParams
 from flowserve.rtc import RTC
-from flowserve.sequence import SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    token_ids: list[int]          # prompt, then generated tokens
+    num_prompt: int
+    params: SamplingParams
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0         # leading tokens whose K/V are in the cache
+    num_cached: int | None = None  # prompt tokens the prefix cache served at first admission
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
+    generator: "torch.Generator | None" = None
+    handoff: bool = False         # prefill-only (PD): after the first token its blocks go to a decode TE
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
 
 
 class Batcher:

@@ -2,7 +2,7 @@
 
 The engine wires independent modules and calls them in order, once per step:
 batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks
-now full) -> sampler (next tokens) -> finish checks (RTC frees finished sequences). It sees token ids only;
+now full) -> `sample` (next tokens, below) -> finish checks (RTC frees finished sequences). It sees token ids only;
 tokenization and detokenization live with the caller (the JE in the main process, or
 `deepflow.py generate`). Its API: `add_request`, `abort`, `step` (a `TokenOut` per request
 that got a token or finished: the same struct the TE-shell sends, `flowserve/protocol.py`),
@@ -18,14 +18,12 @@ import time
 
 import torch
 
-from flowserve.batcher import Batcher
+from flowserve.batcher import Batcher, SeqStatus, Sequence
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
-from flowserve.model_runner import ModelRunner
-from flowserve.protocol import FinishReason, Stats, TokenOut
+from flowserve.model import ModelRunner
+from flowserve.protocol import FinishReason, SamplingParams, Stats, TokenOut
 from flowserve.rtc import RTC
-from flowserve.sampler import sample
-from flowserve.sequence import SamplingParams, SeqStatus, Sequence
 from flowserve.weights import load_weights
 
 log = logging.getLogger("flowserve.engine")
@@ -154,3 +152,34 @@ class Engine:
                      kv_blocks_free=self.rtc.num_free, prefix_queries=self.rtc.prefix_queries,
                      prefix_hits=self.rtc.prefix_hits, preemptions=self.batcher.num_preemptions,
                      cached=cached, evicted=evicted)
+
+
+# ---------------------------------------------------------------------------- the sampler
+# Greedy rows are one batched argmax. Sampled rows apply temperature, top-k and top-p, then
+# draw with the sequence's own torch.Generator when it has a seed, so a seeded request gives
+# the same tokens whatever else shares its batch.
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits: [len(seqs), vocab] float. Returns one token id per sequence."""
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature > 0 and p.top_k != 1:
+            tokens[row] = sample_row(logits[row].float(), p.temperature, p.top_k, p.top_p, seq.generator)
+    return tokens
+
+
+def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: torch.Generator | None) -> int:
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the ones before it already cover top_p; the first always stays
+        drop = (probs.cumsum(dim=-1) - probs) > top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

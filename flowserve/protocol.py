@@ -1,30 +1,26 @@
 """Every message between DeepFlow's processes, defined once, and the one place they are framed.
 
-Who talks to whom (each arrow a socket; see docs/WALKTHROUGH.md):
 - main process -> TE (`scheduler/te.py` -> `flowserve/te_shell.py`): `Add`, `Abort`, `Stop`,
-  and `Load` to a pre-warmed TE; TE -> main: `Prewarmed`, `Ready`, then a `Step` per engine
-  step (each running request's new tokens as a `TokenOut`, and the engine's `Stats`).
-- main process -> warm template (`scaling/template.py`): `Fork`; template -> main:
-  `TemplateReady`, `Forked`.
-- TE -> TE (DistFlow, `flowserve/distflow.py`): `KVHeader` then the KV payload, answered by
-  `KVAck`; `WeightsHeader` then every tensor's bytes.
-- Any side that gets a frame it cannot decode answers `Error` and carries on.
+  `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step` per engine
+  step (a `TokenOut` per request that moved, and the engine's `Stats`).
+- main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
+- TE -> TE (DistFlow, `flowserve/distflow.py`): `KVHeader` + KV bytes, answered by `KVAck`;
+  `WeightsHeader` + every tensor's bytes.
+- Whoever gets a frame it cannot decode answers `Error` and carries on.
 
-A frame is a 4-byte big-endian length and one msgpack-encoded msgspec Struct whose `op` tag
-names its type. msgspec decodes straight into the typed struct and checks every field's
-type, and is ~30x faster than dataclasses + orjson on a step frame (bench/wire_frame.py).
-Plain data only, never pickle: a socket is a trust boundary.
-
-Torch-free: the main process imports this module, the TEs too.
+A frame is a 4-byte big-endian length and a msgpack-encoded msgspec Struct tagged by its `op`.
+msgspec decodes straight into the typed struct, checking every field, ~30x faster than
+dataclasses + orjson on a step frame (bench/wire_frame.py). Never pickle: a socket is a
+trust boundary. Torch-free: the main process imports it too.
 """
 import socket
 import struct
+from dataclasses import dataclass, field
 from enum import Enum
 
 import msgspec
 
 from flowserve.config import EngineConfig, ModelConfig
-from flowserve.sequence import SamplingParams
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -57,16 +53,25 @@ class FinishReason(str, Enum):
     ERROR = "error"
 
 
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0   # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1            # -1: off
+    seed: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
 class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
     pass
 
 
-# ---------------------------------------------------------------- main process -> TE
-
 class Add(Message, tag=Op.ADD.value):
     """Run a request. `kv_to` (prefill TE): after its first token, send its KV to that decode
-    TE's DistFlow address, where it is known as `kv_rid`. `await_kv` (decode TE): note it and
-    start it when its KV arrives."""
+    TE's DistFlow address, where it is `kv_rid`. `await_kv` (decode TE): start it when its
+    KV arrives."""
     rid: str
     prompt: list[int]
     params: SamplingParams
@@ -90,11 +95,9 @@ class Load(Message, tag=Op.LOAD.value):
     weights_from: str | None = None
 
 
-# ---------------------------------------------------------------- TE -> main process
-
 class Stats(msgspec.Struct):
-    """An engine's figures after a step, and the prefix-cache blocks (chain hashes) its RTC
-    indexed and evicted since the last report, which the scheduler's prompt tree mirrors."""
+    """An engine's figures, and the prefix-cache blocks (chain hashes) its RTC indexed and
+    evicted since the last report, which the scheduler's prompt tree mirrors."""
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
@@ -108,9 +111,8 @@ class Stats(msgspec.Struct):
 
 
 class TokenOut(msgspec.Struct, array_like=True):
-    """One request's result of one step: its new tokens (the stop/EOS token that ended it is
-    not included), why it finished (None while running), and the prompt tokens its prefix
-    cache served."""
+    """One request's step: new tokens (not the stop/EOS token that ended it), why it finished
+    (None while running), and the prompt tokens its prefix cache served."""
     rid: str
     token_ids: list[int]
     finish: FinishReason | None = None
@@ -144,8 +146,6 @@ class Step(Message, tag=Op.STEP.value):
     kv_ms: float | None = None        # with a HANDOFF finish: the KV transfer's time
 
 
-# ---------------------------------------------------------------- main process <-> template
-
 class Fork(Message, tag=Op.FORK.value):
     te_id: str
     engine_config: EngineConfig
@@ -160,8 +160,6 @@ class TemplateReady(Message, tag=Op.TEMPLATE_READY.value):
     pid: int
     load_ms: float
 
-
-# ---------------------------------------------------------------- TE <-> TE (DistFlow)
 
 class KVHeader(Message, tag=Op.KV_HEADER.value):
     """Precedes one request's KV payload (`ModelRunner.kv_shape`), bytes or a memfd."""
@@ -193,13 +191,9 @@ class Error(Message, tag=Op.ERROR.value):
     message: str
 
 
-AnyMessage = (Add | Abort | Stop | Load | Prewarmed | Ready | Step | Fork | Forked | TemplateReady
-              | KVHeader | KVAck | WeightsHeader | Error)
-
-# ---------------------------------------------------------------- framing
-
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(AnyMessage)
+_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Load | Prewarmed | Ready | Step | Fork | Forked
+                                   | TemplateReady | KVHeader | KVAck | WeightsHeader | Error)
 
 
 class BadFrame(ValueError):
@@ -220,8 +214,8 @@ def decode(body: bytes) -> Message:
 
 def unpack_frames(buf: bytearray, limit: int | None = None) -> list[Message | BadFrame]:
     """Pop every complete frame (at most `limit`) from the front of `buf`. A body that does not
-    decode comes back as a `BadFrame` in its place, for the receiver to log and answer; a
-    length past MAX_FRAME means the stream is lost (ValueError)."""
+    decode comes back as a `BadFrame`, for the receiver to answer; a length past MAX_FRAME
+    means the stream is lost (ValueError)."""
     msgs = []
     while len(buf) >= HEADER.size and (limit is None or len(msgs) < limit):
         (size,) = HEADER.unpack_from(buf)
@@ -240,8 +234,7 @@ def unpack_frames(buf: bytearray, limit: int | None = None) -> list[Message | Ba
 
 def recv_frame(sock: socket.socket, buf: bytearray) -> Message | None:
     """Block until one whole frame is in `buf` (reading `sock` as needed) and pop it; None at
-    EOF. Bytes past that frame stay in `buf` for the next call. Raises BadFrame for a frame
-    that does not decode."""
+    EOF, BadFrame if it does not decode. Bytes past it stay in `buf` for the next call."""
     while not (msgs := unpack_frames(buf, 1)):
         data = sock.recv(1 << 16)
         if not data:

@@ -1,6 +1,6 @@
 """RTC, the Relational Tensor Cache: the engine's KV-cache manager (PAPER.md section 2).
 
-The KV cache is a pool of fixed-size blocks (`flowserve.model_runner` owns the tensors;
+The KV cache is a pool of fixed-size blocks (`flowserve.model.ModelRunner` owns the tensors;
 this module owns only their bookkeeping). Each sequence has a block table. Full blocks
 whose K/V have been computed are indexed by a chain hash of their tokens (the hash of a
 block covers every token before it too), so a new prompt can reuse the longest cached
@@ -11,10 +11,14 @@ API, in the paper's words: `match_by_prefix_token`, `alloc_blocks` (AllocBlocks 
 prefill chunk, AppendBlock for a decode step: both grow a block table), `cache_full_blocks`
 (index what was just computed), `free`.
 """
+from __future__ import annotations
+
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from flowserve.sequence import Sequence
+if TYPE_CHECKING:  # the batcher, which holds sequences, imports the RTC
+    from flowserve.batcher import Sequence
 
 
 @dataclass
@@ -54,7 +58,7 @@ class RTC:
         self.prefix_queries = 0                  # prompt tokens looked up
         self.prefix_hits = 0                     # of which served from the cache
         # Blocks indexed and evicted since the last `drain_cache_events`: the TE reports them
-        # so the scheduler's global prompt tree (scheduler/prompt_tree.py) mirrors this cache.
+        # so the scheduler's global prompt tree (`PromptTree` in scheduler/cluster.py) mirrors this cache.
         self.cached_events: list[int] = []
         self.evicted_events: list[int] = []
 

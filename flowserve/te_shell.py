@@ -40,7 +40,7 @@ from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
     Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Prewarmed, Ready, StartTimings, Step,
     Stop, TokenOut, decode_config, expect, pack, recv_frame, unpack_frames)
-from flowserve.sequence import SamplingParams  # noqa: E402
+from flowserve.protocol import SamplingParams  # noqa: E402
 
 log = logging.getLogger("flowserve.te_shell")
 

@@ -1,31 +1,119 @@
-"""Job executors (JEs): from a validated OpenAI request to a stream of text deltas.
+"""Request -> job -> task (PAPER.md section 1), and the job executors (JEs) that run them.
+
+An HTTP request triggers one Job (chat or completion). A Job is made of Tasks, one per
+choice (`n`). On a PD-colocated TE a task is the whole generation. Disaggregated, a choice
+is two tasks: the prefill task (prompt and first token, on a prefill TE) and its `decode`
+task (the rest, on a decode TE), which share one event queue, so the JE reads one stream
+of tokens either way. The states are explicit so `/admin/cluster` can show where every job
+is and where it ran.
 
 The chat JE applies the chat template, the completion JE takes the prompt as is; both
 tokenize here in the main process (TEs see token ids only), check the prompt against the
-context, and turn the request into a Job of `n` Tasks, one per choice. `start` submits
-the tasks to the cluster (`dist_sched` places them), and a worker per task turns the TE's
-token events into text with an incremental detokenizer and `StopStrings`; `stream` yields
-the resulting `Delta`s for the frontend to format. Whatever ends the job (finish, error, a
-client that went away), `close` aborts its unfinished tasks in their TEs.
+context, and build the Job. `start` submits its tasks to the cluster (`scheduler/cluster.py`:
+`dist_sched` places them), and a worker per task turns the TE's token events into text
+with an incremental detokenizer and `StopStrings`; `stream` yields the resulting `Delta`s
+for the frontend to format. Whatever ends the job (finish, error, a client that went away),
+`close` aborts its unfinished tasks in their TEs.
 """
+from __future__ import annotations
+
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
 
-from flowserve.protocol import FinishReason
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import FinishReason, SamplingParams
 from flowserve.tokenizer import Detokenizer, Tokenizer
-from scheduler.cluster import Cluster, Overloaded
-from scheduler.job import Job, State, Task
 from scheduler.metrics import Metrics
-from scheduler.protocol import APIError, ChatRequest, CompletionRequest, SamplingOptions, invalid
+from scheduler.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingOptions,
+    invalid,
+)
+
+if TYPE_CHECKING:  # the cluster imports this module for Task
+    from scheduler.cluster import Cluster
 
 log = logging.getLogger("deepflow.je")
 
 MAX_RETRIES = 2  # placements after a TE death, for a task that has sent no token yet
+
+
+class Overloaded(Exception):
+    """The cluster holds as much work as it may: the request gets a 429."""
+
+
+class State(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class TaskEvent:
+    """What a TE reported for one task in one step."""
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    num_cached: int = 0
+    error: str | None = None
+    engine_lost: bool = False  # a TE died or a KV transfer failed: the task may be placed again if it sent nothing yet
+
+
+@dataclass
+class Task:
+    job_id: str
+    index: int                     # the choice index this task produces
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: f"task-{next(_ids)}")
+    state: State = State.QUEUED
+    te_id: str | None = None
+    retries: int = 0               # times it was placed again after its TE died
+    placement: dict = field(default_factory=dict)  # why dist_sched chose its TE
+    num_output: int = 0
+    num_cached: int = 0
+    finish_reason: FinishReason | None = None
+    t_first_token: float | None = None
+    t_done: float | None = None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
+    decode: "Task | None" = None   # disaggregated: the task that continues on a decode TE
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
+                "decode_te": self.decode and self.decode.te_id,
+                "retries": self.retries, "placement": self.placement,
+                "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
+                "output_tokens": self.num_output, "finish_reason": self.finish_reason}
+
+
+@dataclass
+class Job:
+    kind: str                      # chat | completion
+    model: str
+    tasks: list[Task] = field(default_factory=list)
+    id: str = field(default_factory=lambda: f"job-{next(_ids)}")
+    state: State = State.QUEUED
+    created: float = field(default_factory=time.time)
+    t_arrival: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    out: asyncio.Queue | None = field(default=None, repr=False)      # deltas from the JE's workers
+    workers: list[asyncio.Task] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "state": self.state.value, "created": self.created,
+                "error": self.error, "tasks": [t.to_dict() for t in self.tasks]}
 
 
 @dataclass

@@ -15,10 +15,9 @@ import random
 import time
 
 from flowserve.config import EngineConfig, default_model_path
-from flowserve.protocol import FinishReason
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import FinishReason, SamplingParams
 from scheduler.cluster import Cluster
-from scheduler.job import Task
+from scheduler.je import Task
 from scheduler.pd_policy import Heatmap
 
 

@@ -1,6 +1,6 @@
 """OpenAI response bodies and SSE chunks for chat and completion jobs (the outgoing half
 of the wire format; `protocol.py` is the incoming half)."""
-from scheduler.job import Job
+from scheduler.je import Job
 
 
 def _choice(kind: str, index: int, text: str | None, finish: str | None, stream: bool, first: bool = False) -> dict:

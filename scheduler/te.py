@@ -19,7 +19,7 @@ from flowserve.config import EngineConfig
 from flowserve.protocol import (
     Abort, Add, BadFrame, Error, FinishReason, Load, Message, Ready, Stats, Step, Stop, expect, pack, unpack_frames)
 from scaling.launch import next_frame, spawn_te_shell
-from scheduler.job import State, Task, TaskEvent
+from scheduler.je import State, Task, TaskEvent
 
 log = logging.getLogger("deepflow.te")
 

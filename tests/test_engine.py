@@ -7,7 +7,7 @@ import torch
 
 from flowserve.config import EngineConfig
 from flowserve.engine import Engine
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import SamplingParams
 from flowserve.weights import load_weights
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

@@ -18,13 +18,12 @@ from openai import OpenAI
 from flowserve.config import EngineConfig
 from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_kv
 from flowserve.protocol import KVAck, KVHeader, pack
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import SamplingParams
 from scheduler.cluster import GROUPS, Cluster
-from scheduler.job import Task
+from scheduler.je import Task
 from scheduler.pd_policy import Heatmap
-from tests.server_util import ROOT, Server, wait_until
+from tests.server_util import ROOT, Server, async_wait_until, data_lines
 from tests.test_engine import GREEDY, assert_no_leak, make_engine, random_prompts
-from tests.test_reliability import data_lines, wait_for
 
 
 def transfer(prefill, decode, transport: str) -> None:
@@ -152,8 +151,12 @@ def job_record(s: Server, index: int = 0) -> dict:
     return s.get("/admin/cluster")["recent_jobs"][index]["tasks"][0]
 
 
+def tes(s: Server) -> list[dict]:
+    return s.get("/admin/cluster")["tes"]
+
+
 def te_group(s: Server) -> dict[str, str]:
-    return {te["id"]: te["group"] for te in s.get("/admin/cluster")["tes"]}
+    return {te["id"]: te["group"] for te in tes(s)}
 
 
 def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
@@ -161,9 +164,8 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
     the same prompt with a short answer runs disaggregated; greedy tokens are identical, and
     so are seeded samples."""
     HEATMAP.save(tmp_path / "heatmap.json")
-    s = Server("--num-tes", "1", "--prefill-tes", "1", "--decode-tes", "1", "--pd-heatmap", str(tmp_path / "heatmap.json"),
-               "--max-model-len", "2048", "--kv-cache-gb", "0.2")
-    try:
+    with Server("--num-tes", "1", "--prefill-tes", "1", "--decode-tes", "1", "--pd-heatmap", str(tmp_path / "heatmap.json"),
+                "--max-model-len", "2048", "--kv-cache-gb", "0.2") as s:
         prompt = " ".join(f"Item {i} of the inventory is a crate of apples." for i in range(60))  # ~700 tokens
         long = completion(s, prompt, 300)
         rec = job_record(s)
@@ -195,8 +197,6 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
             count = next(line for line in r.read().decode().splitlines()
                          if line.startswith("deepflow:kv_transfer_seconds_count"))
         assert float(count.split()[-1]) == 3  # the disaggregated requests
-    finally:
-        s.stop()
 
 
 async def test_decode_te_killed_during_transfer():
@@ -204,19 +204,18 @@ async def test_decode_te_killed_during_transfer():
     then the decode TE is killed: the client's stream ends with an error event, the prefill
     TE holds no block, the decode TE is replaced and serves the next request. Then the
     prefill TE dies before a first token: the client never notices."""
-    s = Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--kv-timeout-s", "60",
-               "--max-model-len", "1024", "--kv-cache-gb", "0.2")
-    try:
+    with Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--kv-timeout-s", "60",
+                "--max-model-len", "1024", "--kv-cache-gb", "0.2") as s:
         # n choices and a stop string: two pairs; the stop string ends both halves of each
         status, two = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name two colors."}],
                                                       "n": 2, "seed": 1, "temperature": 0.9, "max_tokens": 60,
                                                       "stop": [","], "ignore_eos": True})
         assert status == 200 and [c["finish_reason"] for c in two["choices"]] == ["stop", "stop"], two
         assert "," not in two["choices"][0]["message"]["content"] + two["choices"][1]["message"]["content"]
-        wait_until(lambda: all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in s.get("/admin/cluster")["tes"]), 10)
+        await async_wait_until(lambda: all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in tes(s)), 10)
 
-        decode_pid = next(te["pid"] for te in s.get("/admin/cluster")["tes"] if te["group"] == "decode")
-        os.kill(decode_pid, signal.SIGSTOP)
+        decode = next(te for te in tes(s) if te["group"] == "decode")
+        os.kill(decode["pid"], signal.SIGSTOP)
         body = {"messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
                 "max_tokens": 200, "temperature": 0, "stream": True}
         async with aiohttp.ClientSession() as http:
@@ -224,35 +223,32 @@ async def test_decode_te_killed_during_transfer():
                 assert r.status == 200
                 first = await data_lines(r, 2)  # the role chunk, then the prefill TE's first token
                 assert orjson.loads(first[1])["choices"][0]["delta"]["content"]
-                await asyncio.sleep(0.5)  # the prefill TE is now waiting on the frozen decode TE
-                prefill = next(te for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill")
-                assert prefill["kv_usage"] > 0  # the request's blocks, held for the transfer
-                os.kill(decode_pid, signal.SIGKILL)
+                # the prefill TE holds the request's blocks for the transfer to the frozen decode TE
+                await async_wait_until(lambda: any(te["kv_usage"] for te in tes(s) if te["group"] == "prefill"), 10)
+                os.kill(decode["pid"], signal.SIGKILL)
                 t0 = time.monotonic()
                 rest = await data_lines(r, timeout=10)
             assert time.monotonic() - t0 < 5
             error = orjson.loads(rest[-2])["error"]  # either side may notice first
             assert rest[-1] == "[DONE]" and ("decode TE" in error["message"] or "engine" in error["message"])
-            wait_until(lambda: all(te["kv_usage"] == 0 and te["tasks"] == 0
-                                   for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill"), 10)
-            await wait_for(lambda: [te["state"] for te in s.get("/admin/cluster")["tes"]] == ["ready", "ready"])
+            await async_wait_until(lambda: all(te["kv_usage"] == 0 and te["tasks"] == 0
+                                               for te in tes(s) if te["group"] == "prefill"), 10)
+            await async_wait_until(lambda: [te["state"] for te in tes(s)] == ["ready", "ready"])
             async with http.post(s.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 8}) as r:
                 assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 8
-            assert job_record(s)["decode_te"] != "te-1"
+            assert job_record(s)["decode_te"] not in (None, decode["id"])  # the replacement
 
             # The prefill TE dies before the first token: the pair is placed again, unseen.
-            prefill_pid = next(te["pid"] for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill")
+            prefill_pid = next(te["pid"] for te in tes(s) if te["group"] == "prefill")
             os.kill(prefill_pid, signal.SIGSTOP)
             answer = asyncio.create_task(http.post(s.url + "/v1/chat/completions",
                                                    json={**body, "stream": False, "max_tokens": 8}))
-            await wait_for(lambda: any(te["tasks"] for te in s.get("/admin/cluster")["tes"] if te["pid"] == prefill_pid))
+            await async_wait_until(lambda: any(te["tasks"] for te in tes(s) if te["pid"] == prefill_pid))
             os.kill(prefill_pid, signal.SIGKILL)
             async with await answer as r:
                 assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 8
             assert job_record(s)["retries"] == 1
-            assert all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in s.get("/admin/cluster")["tes"])
-    finally:
-        s.stop()
+            assert all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in tes(s))
 
 
 def test_cluster_shape_from_flags_and_toml(tmp_path):

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from flowserve.batcher import Sequence
 from flowserve.config import EngineConfig
 from flowserve.engine import Engine
-from flowserve.sequence import SamplingParams, Sequence
+from flowserve.protocol import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,6 +1,7 @@
 """RTC bookkeeping without a model: prefix matching, LRU eviction, reference counts."""
+from flowserve.batcher import Sequence
+from flowserve.protocol import SamplingParams
 from flowserve.rtc import RTC
-from flowserve.sequence import SamplingParams, Sequence
 
 
 def seq(tokens, rid="r"):

@@ -11,10 +11,10 @@ from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.protocol import (
     HEADER, Add, Error, FinishReason, Ready, Stats, StartTimings, Step, Stop, TokenOut, pack, recv_frame, unpack_frames)
-from flowserve.sequence import SamplingParams
+from flowserve.protocol import SamplingParams
 from flowserve.te_shell import TEShell
 from scheduler.je import StopStrings
-from scheduler.job import Task
+from scheduler.je import Task
 from scheduler.te import TEHandle, TEState
 
 
