@@ -13,7 +13,8 @@ capped by a concurrency limit (`--max-concurrency`), and measures for every requ
 
 It then prints a summary table (mean, median and p99 of each latency in ms, request and token
 throughput, and goodput: requests/s meeting every SLO of `--goodput`), and optionally writes
-all metrics plus per-request data as JSON (`--save-result`) and a latency CDF as PNG (`--plot`).
+all metrics plus per-request data as JSON (`--save-result`) and CDFs of TTFT, TPOT and E2E
+latency as PNG (`--plot`, drawn by bench/plots.py with matplotlib).
 
 Workloads (prompts are made of words, not tokens: no tokenizer is needed on the client side):
 
@@ -45,10 +46,8 @@ import argparse
 import asyncio
 import contextlib
 import math
-import struct
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -357,63 +356,6 @@ def print_table(m: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"error: {err}")
 
 
-# --------------------------------------------------------------------------- PNG plot
-
-
-def write_png(path: str, width: int, height: int, pixels: bytearray) -> None:
-    """Write an 8-bit RGB image (pixels: rows top to bottom, 3 bytes per pixel) as PNG."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    stride = width * 3
-    raw = b"".join(b"\x00" + bytes(pixels[y * stride:(y + 1) * stride]) for y in range(height))
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n")
-        f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
-        f.write(chunk(b"IDAT", zlib.compress(raw, 9)))
-        f.write(chunk(b"IEND", b""))
-
-
-def plot_cdf(path: str, series: dict[str, tuple[list[float], tuple[int, int, int]]],
-             width: int = 640, height: int = 400, margin: int = 30) -> float:
-    """Plot the CDF of each series (x: 0..max ms, y: 0..1) with a grid every 10%.
-
-    There is no text in the image; returns the x-axis maximum (ms) for the caption."""
-    img = bytearray(b"\xff" * (width * height * 3))
-    w, h = width - 2 * margin, height - 2 * margin
-
-    def put(x: int, y: int, rgb: tuple[int, int, int]) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            img[i:i + 3] = bytes(rgb)
-
-    for k in range(11):  # grid lines, then the axes in black
-        for t in range(w + 1):
-            put(margin + t, margin + k * h // 10, (225, 225, 225))
-        for t in range(h + 1):
-            put(margin + k * w // 10, margin + t, (225, 225, 225))
-    for t in range(w + 1):
-        put(margin + t, margin + h, (0, 0, 0))
-    for t in range(h + 1):
-        put(margin, margin + t, (0, 0, 0))
-    xmax = max((max(v) for v, _ in series.values() if v), default=1.0) or 1.0
-    for values, rgb in series.values():
-        ys = sorted(values)
-        prev: tuple[int, int] | None = None
-        for i, v in enumerate(ys):  # a step line from point to point, drawn 2 px thick
-            px, py = margin + int(v / xmax * w), margin + h - int((i + 1) / len(ys) * h)
-            x0, y0 = prev or (px, margin + h)
-            steps = max(abs(px - x0), abs(py - y0), 1)
-            for s in range(steps + 1):
-                x, y = x0 + (px - x0) * s // steps, y0 + (py - y0) * s // steps
-                for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-                    put(x + dx, y + dy, rgb)
-            prev = (px, py)
-    write_png(path, width, height, img)
-    return xmax
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -444,7 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SLOs for goodput, e.g. ttft:500 tpot:50 (also e2e:MS)")
     p.add_argument("--skip-test-request", action="store_true")
     p.add_argument("--save-result", metavar="PATH.json")
-    p.add_argument("--plot", metavar="PATH.png", help="CDF of TTFT (red) and E2E latency (blue)")
+    p.add_argument("--plot", metavar="PATH.png",
+                   help="CDFs of TTFT, TPOT and E2E latency (matplotlib, bench/plots.py)")
     args = p.parse_args(argv)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         p.error("--num-prompts, --input-len and --output-len must be >= 1")
@@ -462,20 +405,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results, duration = asyncio.run(run_benchmark(args, requests))
     metrics = compute_metrics(results, duration, slos)
     print_table(metrics, args)
+    record = {"args": {k: (None if isinstance(v, float) and math.isinf(v) else v)
+                       for k, v in vars(args).items()},
+              "metrics": metrics,
+              "requests": [asdict(r) | {"tpot": r.tpot} for r in results]}
     if args.save_result:
-        record = {"args": {k: (None if isinstance(v, float) and math.isinf(v) else v)
-                           for k, v in vars(args).items()},
-                  "metrics": metrics,
-                  "requests": [asdict(r) | {"tpot": r.tpot} for r in results]}
         with open(args.save_result, "wb") as f:
             f.write(orjson.dumps(record, option=orjson.OPT_INDENT_2))
         print(f"saved {args.save_result}")
-    if args.plot:
-        ok = [r for r in results if r.success]
-        xmax = plot_cdf(args.plot, {"ttft": ([r.ttft * 1000 for r in ok], (220, 40, 40)),
-                                    "e2e": ([r.e2e * 1000 for r in ok], (40, 70, 220))})
-        print(f"saved {args.plot}: CDF of TTFT (red) and E2E (blue); x axis 0..{xmax:.0f} ms, "
-              f"grid every {xmax / 10:.0f} ms; y axis 0..1, grid every 0.1")
+    if args.plot and metrics["completed"]:
+        from plots import latency_cdfs  # bench/plots.py; matplotlib is needed for --plot only
+        latency_cdfs(record, args.plot)
     return metrics
 
 

@@ -1,3 +1,2 @@
-"""Fast scale-out (paper section 6): warm template + fork, pre-warmed TEs, DRAM pre-loading, autoscaler.
-
-Not built yet; see issue 5. Until then every TE starts cold (scheduler/te.py)."""
+"""Fast scale-out (PAPER.md section 6): the warm template that forks TEs, pre-warmed TEs, DRAM
+pre-loading (the mmap'ed weight cache), and the autoscaler that decides when to use them."""
