@@ -31,21 +31,14 @@ from flowserve.config import EngineConfig, cache_dir, default_model_path
 from flowserve.protocol import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
-from scheduler import responses
 from scheduler.cluster import GROUPS, Cluster
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi
 from scheduler.pd_policy import Heatmap
 from scheduler.pd_profile import add_profile_parser
-from scheduler.protocol import (
-    APIError,
-    model_not_found,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    parse_scale,
-)
+from scheduler import protocol
+from scheduler.protocol import APIError, model_not_found, parse_chat, parse_completion, parse_json, parse_scale
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -139,21 +132,23 @@ async def read_json(request: web.Request) -> dict:
     return parse_json(raw)
 
 
-def check_model(request: web.Request, model: str | None) -> None:
-    if model not in (None, request.app[FRONTEND].model_name):
-        raise model_not_found(model)
+def check_request(request: web.Request, req: protocol.ChatRequest | protocol.CompletionRequest) -> None:
+    if req.model not in (None, request.app[FRONTEND].model_name):
+        raise model_not_found(req.model)
+    if req.ignored_fields:  # accepted, as OpenAI's API evolves, but said
+        log.info("%s: ignoring unknown fields %s", request.path, req.ignored_fields)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat(await read_json(request))
-    check_model(request, req.model)
+    check_request(request, req)
     job = request.app[JE].chat_job(req)
     return await respond(request, job, req.options.stop, req.stream, req.include_usage)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     req = parse_completion(await read_json(request))
-    check_model(request, req.model)
+    check_request(request, req)
     job = request.app[JE].completion_job(req)
     return await respond(request, job, req.options.stop, req.stream, req.include_usage)
 
@@ -167,7 +162,7 @@ async def respond(request: web.Request, job, stop: list[str], stream: bool, incl
             async for d in deltas:
                 texts[d.index] += d.text
                 finishes[d.index] = d.finish_reason or finishes[d.index]
-        return json_response(responses.full_response(job, texts, finishes, je.usage(job)))
+        return json_response(protocol.full_response(job, texts, finishes, je.usage(job)))
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -177,12 +172,12 @@ async def respond(request: web.Request, job, stop: list[str], stream: bool, incl
 
     try:
         async with aclosing(je.stream(job)) as deltas:
-            for c in responses.first_chunks(job):
+            for c in protocol.first_chunks(job):
                 await send(c)
             async for d in deltas:
-                await send(responses.chunk(job, d.index, d.text, d.finish_reason))
+                await send(protocol.chunk(job, d.index, d.text, d.finish_reason))
         if include_usage:
-            await send(responses.usage_chunk(job, je.usage(job)))
+            await send(protocol.usage_chunk(job, je.usage(job)))
     except APIError as e:  # headers are gone: the error travels as an event
         await send(e.body())
     await resp.write(b"data: [DONE]\n\n")

@@ -11,7 +11,7 @@ they are looked for:
 character.
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
@@ -41,7 +41,6 @@ class Tokenizer:
     eos_token: str = ""
     add_bos: bool = False
     bos_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
 
     # ---------------------------------------------------------------- loading
 
@@ -93,7 +92,7 @@ class Tokenizer:
                    bos_token=tokens[bos] if bos is not None else "",
                    eos_token=tokens[eos] if eos is not None else "",
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", False)),
-                   bos_id=bos, eos_token_ids=[] if eos is None else [eos])
+                   bos_id=bos)
 
     @classmethod
     def from_hf_dir(cls, path: str) -> "Tokenizer":
@@ -117,8 +116,7 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         return cls(backend, template, bos_token=bos, eos_token=eos,
-                   add_bos=bool(conf.get("add_bos_token", False)), bos_id=tok_id(bos) if bos else None,
-                   eos_token_ids=[i for i in [tok_id(eos) if eos else None] if i is not None])
+                   add_bos=bool(conf.get("add_bos_token", False)), bos_id=tok_id(bos) if bos else None)
 
     # ---------------------------------------------------------------- use
 

@@ -139,7 +139,7 @@ def read_hf_dir(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         for key, w in load_file(str(f)).items():
             parts = key.removeprefix("model.").split(".")  # layers.3.self_attn.q_proj.weight
             if parts[0] == "layers":
-                tensors[f"layers.{parts[1]}.{_HF_NAMES[parts[3]]}"] = w
+                tensors[f"layers.{parts[1]}.{_HF_NAMES[parts[-2]]}"] = w
             elif parts[0] in _HF_NAMES:
                 tensors[_HF_NAMES[parts[0]]] = w
     cfg.tie_word_embeddings = "lm_head" not in tensors

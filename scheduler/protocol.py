@@ -1,30 +1,37 @@
-"""OpenAI-compatible request parsing and validation.
+"""The OpenAI wire format: request bodies in (pydantic v2 models that validate and describe
+them), response bodies and SSE chunks out.
 
-The HTTP frontend turns a request body into a `ChatRequest` or `CompletionRequest` here,
-before any job exists; the job executors (JEs) read the typed result (messages to template,
-prompt to tokenize, `SamplingOptions` for the engine). Every bad input becomes an `APIError`
-carrying the HTTP status and OpenAI's error body, so clients see the errors they expect.
-Pure Python: no aiohttp, so it is cheap to test and to reuse (batch files, the CLI).
+The HTTP frontend (deepflow.py) turns a body into a `ChatRequest`, `CompletionRequest` or
+`ScaleRequest` here (`parse_chat`, ...) before any job exists; the job executors
+(scheduler/je.py) read the validated model: messages to template, prompt to tokenize,
+`options` (`SamplingOptions`) for the engine. A bad input becomes an `APIError` with OpenAI's
+error body, its `param` the field as the client wrote it (`messages[1].content[0]`). The
+models' JSON schemas are the bodies in `GET /openapi.json` (scheduler/openapi.py). Going out,
+`full_response`, `first_chunks`, `chunk` and `usage_chunk` shape a Job's text as OpenAI's
+`chat.completion` / `text_completion` bodies and stream chunks. No aiohttp.
 """
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import orjson
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
+                      ValidationError, field_validator, model_validator)
+
+if TYPE_CHECKING:  # the JE imports this module
+    from scheduler.je import Job
 
 MAX_TOKENS_LIMIT = 1_000_000    # a sanity bound; the frontend checks the context length later
 MAX_MESSAGES = 256
 MAX_STOP = 16
+MAX_TES = 256                   # per group, a bound on /admin/scale
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions defaults to 16 tokens (OpenAI, vLLM)
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
 
 # OpenAI's error type and default code for each status we answer with.
 ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
     401: ("authentication_error", "invalid_api_key"),
-    404: ("invalid_request_error", "model_not_found"),
+    404: ("invalid_request_error", "not_found"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", None),
@@ -54,7 +61,7 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist.", "model")
+    return APIError(404, f"The model '{model}' does not exist.", "model", code="model_not_found")
 
 
 @dataclass
@@ -70,192 +77,194 @@ class SamplingOptions:
     ignore_eos: bool = False
 
 
-@dataclass
-class ChatRequest:
-    model: str | None
-    messages: list[dict[str, str]]  # [{"role": "system"|"user"|"assistant", "content": str}]
-    options: SamplingOptions
-    stream: bool = False
+# --- the models ------------------------------------------------------------------------
+
+def _str_or(text, array):
+    """A JSON string (`text`) or an array, told apart by type: an error names the form sent."""
+    return Annotated[Union[Annotated[text, Tag("str")], Annotated[array, Tag("list")]],
+                     Discriminator(lambda v: "str" if isinstance(v, str) else "list")]
+
+
+NonEmpty = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+
+
+class _Strict(BaseModel):
+    """JSON's types: a bool is no number, "1" no integer, NaN no number; an int is a float."""
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]           # the only content part supported
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: _str_or(str, list[TextPart]) | None = Field(None, validate_default=True)
+    tool_calls: Annotated[list, Field(max_length=0)] | None = None     # not supported
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content, info) -> str:
+        """Text parts joined with newlines (as vLLM); only an assistant turn may have none."""
+        if content is None and info.data.get("role") != "assistant":
+            raise ValueError("a string or an array of text parts is required")
+        return "\n".join(p.text for p in content) if isinstance(content, list) else content or ""
+
+
+def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
+    """The messages as chat templates read them: {"role", "content"}, developer -> system."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
-    user: str | None = None
-    ignored_fields: list[str] = field(default_factory=list)
 
 
-@dataclass
-class CompletionRequest:
-    model: str | None
-    prompt: str | list[int]         # text, or token ids
-    options: SamplingOptions
+class TextFormat(_Strict):
+    type: Literal["text"] = "text"
+
+
+class _Unsupported(_Strict):
+    """Features this server does not implement: accepted at their "off" value only."""
+    presence_penalty: Literal[0] = 0
+    frequency_penalty: Literal[0] = 0
+    logprobs: Literal[False] = False
+    top_logprobs: Literal[0] = 0
+    logit_bias: Annotated[dict, Field(max_length=0)] = {}
+    tools: Annotated[list, Field(max_length=0)] = []
+    tool_choice: Literal["none"] = "none"
+    functions: None = None
+    function_call: Literal["none"] = "none"
+    response_format: TextFormat = TextFormat()
+    echo: Literal[False] = False
+    suffix: Literal[""] = ""
+    best_of: Literal[1] = 1
+
+
+_OFF = {*_Unsupported.model_fields, "tool_calls"}
+
+
+class _Request(_Unsupported):
+    """What both endpoints accept. null means the default, as absent does; unknown fields
+    are kept aside (`ignored_fields`, which the caller logs)."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: MaxTokens | None = None             # None: up to the context length
+    max_completion_tokens: MaxTokens | None = None  # the newer name; it wins
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] = -1        # -1 or 0: disabled
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    seed: Annotated[int, Field(ge=-2**63, lt=2**63)] | None = None
+    stop: _str_or(NonEmpty, Annotated[list[NonEmpty], Field(max_length=MAX_STOP)]) = []
     stream: bool = False
-    include_usage: bool = False
+    stream_options: StreamOptions | None = None     # only with stream=true, as OpenAI
     user: str | None = None
-    ignored_fields: list[str] = field(default_factory=list)
+    ignore_eos: bool = False                        # vLLM extension
+    stop_token_ids: list[TokenId] = []              # vLLM extension
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body):
+        return {k: v for k, v in body.items() if v is not None or k not in cls.model_fields}
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streaming(cls, options, info):
+        if not info.data.get("stream"):
+            raise ValueError("only allowed when 'stream' is true")
+        return options
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def ignored_fields(self) -> list[str]:
+        return list(self.model_extra or ())
+
+    @cached_property
+    def options(self) -> SamplingOptions:
+        mct = self.max_completion_tokens
+        return SamplingOptions(
+            max_tokens=self.max_tokens if mct is None else mct, temperature=self.temperature,
+            top_p=self.top_p, top_k=self.top_k or -1, n=self.n, seed=self.seed,  # top_k 0: off, as vLLM
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop),
+            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos)
 
 
-# --- the table-driven checks -------------------------------------------------------------
-
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
-               list: "an array", dict: "an object", type(None): "null"}
-
-
-def _is(v: Any, kind: type) -> bool:
-    if isinstance(v, bool):             # bool is an int in Python, but not a number in JSON
-        return kind is bool
-    return isinstance(v, (int, float) if kind is float else kind)   # an int is a valid float
+class ChatRequest(_Request):
+    """POST /v1/chat/completions. Unknown fields are ignored; null means the default."""
+    # validated into the {"role", "content"} dicts that chat templates read
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES),
+                        AfterValidator(_as_dicts)]
 
 
-def _get(obj: dict, key: str, kind: type, default: Any = None,
-         ok: Callable[[Any], bool] | None = None, need: str = "", param: str | None = None):
-    """obj[key] checked to be of `kind` and to pass `ok`; null or absent gives `default`."""
-    param, v = param or key, obj.get(key)
-    if v is None:
-        return default
-    if not _is(v, kind):
-        got = _TYPE_NAMES.get(type(v), type(v).__name__)
-        raise invalid(f"Invalid type for '{param}': expected {_TYPE_NAMES[kind]}, "
-                      f"but got {got} instead.", param)
-    if kind is float and not math.isfinite(v):
-        raise invalid(f"Invalid value for '{param}': must be a finite number.", param)
-    if ok is not None and not ok(v):
-        raise invalid(f"Invalid value for '{param}': must be {need}, got {v!r}.", param)
-    return float(v) if kind is float else v
+class CompletionRequest(_Request):
+    """POST /v1/completions: one prompt, as text or token ids (or a batch of one of either).
+    Unknown fields are ignored; null means the default."""
+    prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)])
+    max_tokens: MaxTokens | None = COMPLETION_DEFAULT_MAX_TOKENS
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _batch_of_one(cls, prompt):
+        """A batch of one (["text"] or [[ids]]) is unwrapped; larger batches are refused."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) > 1:
+                raise ValueError("batched prompts are not supported; send one prompt per request")
+            return prompt[0]
+        return prompt
 
 
-_max_tok = (int, None, lambda v: 1 <= v <= MAX_TOKENS_LIMIT, f"between 1 and {MAX_TOKENS_LIMIT}")
-# The fields both endpoints share: name -> (type, default, check, what the check asks for).
-_FIELDS: dict[str, tuple] = {
-    "model": (str, None, None, ""),
-    "max_tokens": _max_tok,
-    "max_completion_tokens": _max_tok,
-    "temperature": (float, 1.0, lambda v: 0 <= v <= 2, "between 0 and 2"),
-    "top_p": (float, 1.0, lambda v: 0 < v <= 1, "greater than 0 and at most 1"),
-    "top_k": (int, -1, lambda v: v >= -1, "-1 (disabled) or a positive integer"),
-    "n": (int, 1, lambda v: 1 <= v <= 16, "between 1 and 16"),
-    "seed": (int, None, lambda v: -2**63 <= v < 2**63, "a signed 64-bit integer"),
-    "stop": (list, [], lambda v: len(v) <= MAX_STOP and all(isinstance(s, str) and s for s in v),
-             f"a non-empty string or an array of at most {MAX_STOP} non-empty strings"),
-    "stream": (bool, False, None, ""),
-    "stream_options": (dict, None, None, ""),
-    "user": (str, None, None, ""),
-    "ignore_eos": (bool, False, None, ""),                                  # vLLM extension
-    "stop_token_ids": (list, [], lambda v: all(_is(i, int) and i >= 0 for i in v),
-                       "an array of non-negative integers"),                # vLLM extension
-}
+class ScaleRequest(_Strict):
+    """POST /admin/scale: a group's size, set by hand (0 allowed); the autoscaler keeps it."""
+    group: str = "colocated"
+    instances: Annotated[int, Field(ge=0, le=MAX_TES)]
 
 
-def _zero(v: Any) -> bool:
-    return _is(v, float) and v == 0
+# --- parsing ---------------------------------------------------------------------------
+
+_DEPTH = {"messages": 4, "stream_options": 2}   # how deep a param goes: messages[1].content[0]
 
 
-# Features we do not implement: accepted only at their "off" value (null always is).
-_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _zero,
-    "frequency_penalty": _zero,
-    "logprobs": lambda v: v is False,
-    "top_logprobs": _zero,
-    "logit_bias": lambda v: v == {},
-    "tools": lambda v: v == [],
-    "tool_choice": lambda v: v == "none",
-    "functions": lambda v: False,
-    "function_call": lambda v: v == "none",
-    "response_format": lambda v: isinstance(v, dict) and v.get("type", "text") == "text",
-    "echo": lambda v: v is False,
-    "suffix": lambda v: v == "",
-    "best_of": lambda v: _is(v, int) and v == 1,
-}
+def _api_error(e: ValidationError) -> APIError:
+    """pydantic's first error as OpenAI's 400, its `loc` as the param the client knows."""
+    err = e.errors(include_url=False)[0]
+    loc = [x for x in err["loc"] if x not in ("str", "list")][:_DEPTH.get(err["loc"][0], 1)]
+    param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
+    name = [x for x in loc if isinstance(x, str)][-1]
+    if name in _OFF:
+        return invalid(f"{name} is not supported by this server.", param)
+    got = f", got {err['input']!r:.40}" if isinstance(err["input"], (str, int, float)) else ""
+    return invalid(f"Invalid '{param}': {err['msg'].removeprefix('Value error, ')}{got}.", param)
 
 
-def _common(body: object, own: str) -> dict:
-    """The checks both endpoints share, returned as the requests' common fields.
-    `own` is the endpoint's input field (messages or prompt), not reported as ignored."""
+def _parse(model: type[BaseModel], body: object):
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object.")
-    for key, off in _UNSUPPORTED.items():
-        if body.get(key) is not None and not off(body[key]):
-            raise invalid(f"{key} is not supported by this server.", key)
-    if isinstance(body.get("stop"), str):       # a single stop string is a list of one
-        body = {**body, "stop": [body["stop"]]}
-    v = {key: _get(body, key, *rule) for key, rule in _FIELDS.items()}
-    so = v["stream_options"]
-    if so is not None and not v["stream"]:      # as OpenAI: only for streaming calls
-        raise invalid("'stream_options' is only allowed when 'stream' is true.",
-                      "stream_options")
-    mct = v["max_completion_tokens"]            # the newer name wins
-    opts = SamplingOptions(
-        max_tokens=mct if mct is not None else v["max_tokens"],
-        temperature=v["temperature"], top_p=v["top_p"],
-        top_k=v["top_k"] if v["top_k"] != 0 else -1,    # 0 means "off", as in vLLM
-        n=v["n"], seed=v["seed"], stop=list(v["stop"]),
-        stop_token_ids=list(v["stop_token_ids"]), ignore_eos=v["ignore_eos"])
-    usage = _get(so or {}, "include_usage", bool, False, param="stream_options.include_usage")
-    ignored = [k for k in body if k not in _FIELDS and k not in _UNSUPPORTED and k != own]
-    return {"model": v["model"], "options": opts, "stream": v["stream"], "user": v["user"],
-            "include_usage": usage, "ignored_fields": ignored}
-
-
-def _content(msg: dict, i: int, role: str) -> str:
-    """A message's content as one string; text parts are joined with newlines (as vLLM)."""
-    param = f"messages[{i}].content"
-    c = msg.get("content")
-    if c is None and role == "assistant":       # e.g. a turn that only held tool calls
-        return ""
-    if isinstance(c, str):
-        return c
-    if not isinstance(c, list):
-        raise invalid(f"'{param}' must be a string or an array of text parts.", param)
-    texts = []
-    for j, part in enumerate(c):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            raise invalid(f"'{param}[{j}]' must be a text part; content type {kind!r} "
-                          "is not supported.", f"{param}[{j}]")
-        texts.append(part["text"])
-    return "\n".join(texts)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise _api_error(e) from None
 
 
 def parse_chat(body: object) -> ChatRequest:
     """Validate a /v1/chat/completions body."""
-    common = _common(body, "messages")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise invalid("'messages' is required and must be a non-empty array.", "messages")
-    if len(msgs) > MAX_MESSAGES:
-        raise invalid(f"'messages' holds {len(msgs)} messages; at most {MAX_MESSAGES}.",
-                      "messages")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise invalid(f"'messages[{i}]' must be an object.", f"messages[{i}]")
-        role = ROLES.get(m.get("role")) if isinstance(m.get("role"), str) else None
-        if role is None:
-            raise invalid(f"'messages[{i}].role' must be one of system, developer, user, "
-                          f"assistant; got {m.get('role')!r}.", f"messages[{i}].role")
-        if m.get("tool_calls"):
-            raise invalid("tool calls are not supported by this server.",
-                          f"messages[{i}].tool_calls")
-        messages.append({"role": role, "content": _content(m, i, role)})
-    return ChatRequest(messages=messages, **common)
+    return _parse(ChatRequest, body)
 
 
 def parse_completion(body: object) -> CompletionRequest:
-    """Validate a /v1/completions body: one prompt, as text or as token ids."""
-    common = _common(body, "prompt")
-    if common["options"].max_tokens is None:
-        common["options"].max_tokens = COMPLETION_DEFAULT_MAX_TOKENS
-    p = body.get("prompt")
-    # A batch of one (["text"] or [[ids]]) is unwrapped; larger batches are refused.
-    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-        if len(p) > 1:
-            raise invalid("batched prompts are not supported; send one prompt per request.",
-                          "prompt")
-        p = p[0]
-    if not isinstance(p, str) and not (
-            isinstance(p, list) and all(_is(t, int) and t >= 0 for t in p)):
-        raise invalid("'prompt' is required and must be a string or an array of token ids.",
-                      "prompt")
-    if not p:                                   # the engine needs at least one token
-        raise invalid("'prompt' must not be empty.", "prompt")
-    return CompletionRequest(prompt=p, **common)
+    """Validate a /v1/completions body."""
+    return _parse(CompletionRequest, body)
+
+
+def parse_scale(body: object) -> ScaleRequest:
+    """Validate a POST /admin/scale body."""
+    return _parse(ScaleRequest, body)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -273,3 +282,45 @@ def parse_json(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object.")
     return body
+
+
+# --- responses -------------------------------------------------------------------------
+
+def _choice(kind: str, index: int, text: str | None, finish: str | None, stream: bool, first: bool = False) -> dict:
+    if kind == "completion":
+        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+    if stream:
+        delta = {} if text is None else {"content": text}
+        if first:
+            delta = {"role": "assistant", "content": ""}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": None, "finish_reason": finish}
+
+
+def _envelope(job: "Job", stream: bool, choices: list[dict]) -> dict:
+    obj = {("chat", False): "chat.completion", ("chat", True): "chat.completion.chunk",
+           ("completion", False): "text_completion", ("completion", True): "text_completion"}[job.kind, stream]
+    prefix = "chatcmpl-" if job.kind == "chat" else "cmpl-"
+    return {"id": prefix + job.id, "object": obj, "created": int(job.created), "model": job.model,
+            "choices": choices}
+
+
+def first_chunks(job: "Job") -> list[dict]:
+    """Chat streams open with one role-only chunk per choice."""
+    if job.kind != "chat":
+        return []
+    return [_envelope(job, True, [_choice("chat", t.index, None, None, True, first=True)]) for t in job.tasks]
+
+
+def chunk(job: "Job", index: int, text: str, finish: str | None) -> dict:
+    return _envelope(job, True, [_choice(job.kind, index, None if finish else text, finish, True)])
+
+
+def usage_chunk(job: "Job", usage: dict) -> dict:
+    return {**_envelope(job, True, []), "usage": usage}
+
+
+def full_response(job: "Job", texts: list[str], finishes: list[str], usage: dict) -> dict:
+    choices = [_choice(job.kind, i, texts[i], finishes[i], False) for i in range(len(texts))]
+    return {**_envelope(job, False, choices), "usage": usage}

@@ -1,4 +1,7 @@
-"""Unit tests for scheduler/protocol.py: OpenAI request parsing and validation (no server)."""
+"""Unit tests for scheduler/protocol.py: OpenAI request parsing and validation, and the
+OpenAPI document generated from its models (no server)."""
+import json
+
 import pytest
 
 from scheduler.protocol import (
@@ -11,7 +14,9 @@ from scheduler.protocol import (
     parse_chat,
     parse_completion,
     parse_json,
+    parse_scale,
 )
+from scheduler.openapi import openapi
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -96,6 +101,12 @@ BAD = [
     (parse_completion, {"prompt": "x", "suffix": "end"}, "suffix"),
     (parse_completion, {"prompt": "x", "logprobs": 1}, "logprobs"),
     (parse_completion, {"prompt": "x", "max_tokens": -5}, "max_tokens"),
+    (parse_scale, [], None),
+    (parse_scale, {"group": "colocated"}, "instances"),
+    (parse_scale, {"instances": 257}, "instances"),
+    (parse_scale, {"instances": True}, "instances"),
+    (parse_scale, {"instances": 1.0}, "instances"),
+    (parse_scale, {"group": 1, "instances": 1}, "group"),
 ]
 
 
@@ -130,7 +141,8 @@ def test_parse_json_messages_say_what_is_wrong():
 
 def test_chat_minimal_defaults():
     req = parse_chat({"messages": HI})
-    assert req == ChatRequest(model=None, messages=HI, options=SamplingOptions())
+    assert req == ChatRequest(messages=HI) and req.model is None
+    assert req.options == SamplingOptions() and req.ignored_fields == []
     assert req.options.max_tokens is None and req.options.temperature == 1.0
     assert req.options.top_k == -1 and req.options.stop == [] and not req.stream
 
@@ -190,8 +202,8 @@ def test_chat_lists_prompt_as_ignored():
 
 def test_completion_text_and_defaults():
     req = parse_completion({"model": "m", "prompt": "Once upon", "echo": False, "best_of": 1})
-    assert req == CompletionRequest(model="m", prompt="Once upon",
-                                    options=SamplingOptions(max_tokens=16))
+    assert req == CompletionRequest(model="m", prompt="Once upon", echo=False, best_of=1)
+    assert req.options == SamplingOptions(max_tokens=16)
     assert req.ignored_fields == []
 
 
@@ -227,9 +239,41 @@ def test_error_kinds():
     assert (e.status, e.type, e.param, e.code) == (404, "invalid_request_error", "model",
                                                    "model_not_found")
     assert "gpt-9" in e.message
+    assert APIError(404, "no such route").code == "not_found"
     kinds = {s: (APIError(s, "m").type, APIError(s, "m").code) for s in (401, 413, 429, 503)}
     assert kinds == {401: ("authentication_error", "invalid_api_key"),
                      413: ("invalid_request_error", "request_too_large"),
                      429: ("rate_limit_error", "rate_limit_exceeded"),
                      503: ("server_error", "service_unavailable")}
     assert str(APIError(500, "boom")) == "boom"
+
+
+def test_scale_body():
+    req = parse_scale({"instances": 0})
+    assert (req.group, req.instances) == ("colocated", 0)
+    req = parse_scale({"group": "decode", "instances": 256, "note": "x"})
+    assert (req.group, req.instances) == ("decode", 256)
+
+
+@pytest.mark.parametrize("auth", [True, False])
+def test_openapi_document(auth):
+    doc = openapi("m", 96, auth)
+    assert doc["openapi"] == "3.1.0" and "96" in doc["info"]["description"]
+    ops = {(method.upper(), path): op for path, item in doc["paths"].items() for method, op in item.items()}
+    assert set(ops) == {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+                        ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+                        ("GET", "/admin/cluster"), ("POST", "/admin/scale")}
+    for (method, path), op in ops.items():
+        guarded = path.startswith("/v1/") or (method, path) == ("POST", "/admin/scale")
+        assert ("security" in op) == ("401" in op["responses"]) == (auth and guarded), path
+        assert "503" in op["responses"] or not guarded, path    # draining
+    body = ops["POST", "/admin/scale"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ScaleRequest"}
+    assert ops["GET", "/health"]["responses"].keys() == {"200", "503"}
+    assert "text/plain" in ops["GET", "/metrics"]["responses"]["200"]["content"]
+    text, schemas = json.dumps(doc), doc["components"]["schemas"]
+    assert "$defs" not in text and ("securitySchemes" in doc["components"]) == auth
+    refs = {r.split('"')[0] for r in text.split('"#/components/schemas/')[1:]}
+    assert refs <= schemas.keys() and {"Error", "Message", "ChatRequest", "CompletionRequest"} <= refs
+    chat = schemas["ChatRequest"]
+    assert chat["required"] == ["messages"] and chat["properties"]["n"]["maximum"] == 16
