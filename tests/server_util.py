@@ -1,4 +1,6 @@
-"""Start `deepflow.py serve` for real, as a subprocess on a free loopback port."""
+"""Start `deepflow.py serve` for real, as a subprocess on a free loopback port, and the helpers
+the server tests share: waiting on a condition, reading a stream's SSE data lines, process state."""
+import asyncio
 import json
 import os
 import signal
@@ -9,6 +11,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
+
+import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,30 +25,54 @@ def free_port() -> int:
 
 
 class Server:
+    """`with Server(*flags) as s:` stops the server however the body ends. The exit code is
+    checked only when the body succeeded; when it failed, its own exception propagates with
+    the server's log attached as a note. The log file is removed once the server stopped."""
+
     def __init__(self, *args: str, timeout: float = 180):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(f"/tmp/deepflow-test-{self.port}.log", "w+")
+        self.log_path = Path(f"/tmp/deepflow-test-{self.port}.log")
+        self.log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "deepflow.py"), "--log-level", "info", "serve", "--port", str(self.port), *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True)  # its own process group, as under a terminal: tests may signal the group
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if self.get("/health")["status"] == "ok":
-                    return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(f"server did not become healthy:\n{self.output()}")
+        try:
+            wait_until(self.healthy, timeout, interval=0.25)
+        except BaseException as e:
+            self.__exit__(type(e), e, None)
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        code = self.stop()
+        if exc is not None:
+            exc.add_note(f"--- server log (exit code {code}) ---\n{self.output()}")
+        else:
+            assert code == 0, f"server exited with {code}:\n{self.output()}"
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}")
+        try:
+            return self.get("/health")["status"] == "ok"
+        except OSError:
+            return False
 
     def get(self, path: str) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
             return json.loads(r.read())
+
+    def status(self, path: str) -> int:
+        """The HTTP status of GET `path` (an error's too)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
 
     def post(self, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
         """POST JSON; the status and the JSON answer (an error's body too)."""
@@ -54,14 +83,15 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def te_pids(self) -> list[int]:
-        return [te["pid"] for te in self.get("/admin/cluster")["tes"]]
-
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
+        """The server's log so far; all of it once stopped."""
+        if not self.log.closed:
+            self.log.seek(0)
+            self.final_output = self.log.read()
+        return self.final_output
 
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, SIGKILL after `timeout`; the exit code. The log file goes, its text stays in output()."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -69,6 +99,10 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if not self.log.closed:
+            self.output()
+            self.log.close()
+            self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
 
@@ -80,9 +114,37 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def wait_until(check, timeout: float = 60, interval: float = 0.05) -> None:
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def wait_until(check, timeout: float = 60, interval: float = 0.1) -> None:
+    """Poll `check()` until it is true; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
+            raise TimeoutError(f"condition not met in {timeout} s")
         time.sleep(interval)
+
+
+async def async_wait_until(check, timeout: float = 60, interval: float = 0.1) -> None:
+    """wait_until for async tests: `check` (blocking, e.g. Server.get) runs in a thread."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(check):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def data_lines(resp: aiohttp.ClientResponse, count: int | None = None, timeout: float = 60) -> list[str]:
+    """The next `count` SSE data payloads (all until the stream ends when None)."""
+    out = []
+    async with asyncio.timeout(timeout):
+        while count is None or len(out) < count:
+            line = await resp.content.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                out.append(line[6:].strip().decode())
+    return out

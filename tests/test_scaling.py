@@ -17,8 +17,7 @@ PROMPT = {"prompt": "The three primary colors are", "max_tokens": 24, "temperatu
 
 @pytest.mark.parametrize("mode", ["fork", "preloaded", "cold"])
 def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_reference):
-    s = Server("--start-mode", mode, "--max-model-len", "512", "--kv-cache-gb", "0.1")
-    try:
+    with Server("--start-mode", mode, "--max-model-len", "512", "--kv-cache-gb", "0.1") as s:
         status, body = s.post("/v1/completions", PROMPT)
         assert status == 200 and body["choices"][0]["text"] == engine_greedy_reference
         cluster = s.get("/admin/cluster")
@@ -26,8 +25,6 @@ def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_refe
         te = cluster["tes"][0]
         assert te["start_mode"] == mode
         assert all(te["timeline_ms"][k] >= 0 for k in STEPS), te["timeline_ms"]
-    finally:
-        assert s.stop() == 0
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def engine_greedy_reference(model_path, weights, tokenizer) -> str:
     """The in-process engine's greedy text for PROMPT: what every TE must give."""
     from flowserve.config import EngineConfig
     from flowserve.engine import Engine
-    from flowserve.sequence import SamplingParams
+    from flowserve.protocol import SamplingParams
     from flowserve.tokenizer import Detokenizer
     engine = Engine(model_path, EngineConfig(kv_cache_gb=0.1), weights=weights)
     prompt = tokenizer.encode(PROMPT["prompt"])
@@ -44,9 +41,8 @@ def engine_greedy_reference(model_path, weights, tokenizer) -> str:
 
 
 async def test_scale_to_zero_holds_requests_then_scales_out_and_in():
-    s = Server("--min-tes", "0", "--max-tes", "3", "--scale-in-idle-s", "1", "--scale-out-waiting", "1",
-               "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1")
-    try:
+    with Server("--min-tes", "0", "--max-tes", "3", "--scale-in-idle-s", "1", "--scale-out-waiting", "1",
+                "--max-num-seqs", "2", "--max-model-len", "512", "--kv-cache-gb", "0.1") as s:
         wait_until(lambda: not s.get("/admin/cluster")["tes"], 30)  # idle: scaled to zero
         assert s.get("/health")["status"] == "ok"
 
@@ -71,13 +67,10 @@ async def test_scale_to_zero_holds_requests_then_scales_out_and_in():
         jobs = s.get("/admin/cluster")["recent_jobs"]
         assert len({j["tasks"][0]["te"] for j in jobs[:12]}) > 1
         wait_until(lambda: not s.get("/admin/cluster")["tes"], 60)  # and went back to zero
-    finally:
-        assert s.stop() == 0
 
 
 def test_admin_scale_and_template_restart():
-    s = Server("--max-model-len", "512", "--kv-cache-gb", "0.05")
-    try:
+    with Server("--max-model-len", "512", "--kv-cache-gb", "0.05") as s:
         assert s.post("/admin/scale", {"group": "colocated", "instances": 3}) == (
             200, {"group": "colocated", "instances": 3})
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 3)
@@ -95,14 +88,11 @@ def test_admin_scale_and_template_restart():
         assert s.post("/admin/scale", {"instances": 2})[0] == 200  # forks from the new template
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
         assert all(te["start_mode"] == "fork" for te in s.get("/admin/cluster")["tes"])
-    finally:
-        assert s.stop() == 0
 
 
 def test_peer_start_streams_weights_from_a_running_te(engine_greedy_reference):
     """DistFlow's weights path: a pre-warmed TE gets its weights from the running TE over TCP."""
-    s = Server("--start-mode", "peer", "--max-model-len", "512", "--kv-cache-gb", "0.05")
-    try:
+    with Server("--start-mode", "peer", "--max-model-len", "512", "--kv-cache-gb", "0.05") as s:
         first = s.get("/admin/cluster")["tes"][0]
         assert first["start_mode"] == "preloaded"  # nobody to stream from yet
         wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"] == 1)  # the pool refilled
@@ -115,5 +105,3 @@ def test_peer_start_streams_weights_from_a_running_te(engine_greedy_reference):
         assert te["start_mode"] == "peer"
         status, body = s.post("/v1/completions", PROMPT)
         assert status == 200 and body["choices"][0]["text"] == engine_greedy_reference
-    finally:
-        assert s.stop() == 0

@@ -1,12 +1,12 @@
 """dist_sched over two TEs: requests that share a system prompt land on the TE that caches
 it (and hit its prefix cache more often than round-robin would), and once that TE is busier
 than the imbalance allows, new requests go to the other one."""
-import asyncio
+import contextlib
 
 import aiohttp
 
-from scheduler.prompt_tree import PromptTree
-from tests.server_util import Server
+from scheduler.cluster import PromptTree
+from tests.server_util import Server, data_lines
 
 PIRATE = "You are a pirate captain. Answer every question in pirate speak, with nautical words. " * 8
 CHEF = "You are a French chef. Answer every question with a recipe and a culinary anecdote. " * 8
@@ -35,8 +35,7 @@ def test_prompt_tree_mirrors_cached_blocks():
 
 async def run_sequence(policy: str) -> tuple[int, dict[str, set[str]]]:
     """Eight chats, two system prompts, one at a time: cached tokens in all, and where each prompt ran."""
-    s = Server("--num-tes", "2", "--policy", policy, "--max-model-len", "1024", "--kv-cache-gb", "0.1")
-    try:
+    with Server("--num-tes", "2", "--policy", policy, "--max-model-len", "1024", "--kv-cache-gb", "0.1") as s:
         cached, where = 0, {"pirate": set(), "chef": set()}
         async with aiohttp.ClientSession() as http:
             for i, name in enumerate(["pirate", "pirate", "chef", "chef"] * 2):
@@ -45,8 +44,6 @@ async def run_sequence(policy: str) -> tuple[int, dict[str, set[str]]]:
                     cached += (await r.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
                 where[name].add(s.get("/admin/cluster")["recent_jobs"][0]["tasks"][0]["te"])
         return cached, where
-    finally:
-        assert s.stop() == 0
 
 
 async def test_locality_lands_on_the_cache_and_beats_round_robin():
@@ -58,25 +55,15 @@ async def test_locality_lands_on_the_cache_and_beats_round_robin():
 
 
 async def test_saturated_te_sends_new_requests_elsewhere():
-    s = Server("--num-tes", "2", "--imbalance", "2", "--max-model-len", "1024", "--kv-cache-gb", "0.1")
-    streams = []
-    try:
-        async with aiohttp.ClientSession() as http:
+    with Server("--num-tes", "2", "--imbalance", "2", "--max-model-len", "1024", "--kv-cache-gb", "0.1") as s:
+        async with aiohttp.ClientSession() as http, contextlib.AsyncExitStack() as streams:
             for i in range(4):
-                r = await http.post(s.url + "/v1/chat/completions", json=chat(
-                    PIRATE, f"Tell me a long story, number {i}.", max_tokens=400, ignore_eos=True, stream=True))
-                streams.append(r)
-                async with asyncio.timeout(60):  # the role chunk, then the first token: the prompt is cached
-                    for _ in range(2):
-                        while not (await r.content.readline()).startswith(b"data: {"):
-                            pass
+                r = await streams.enter_async_context(http.post(s.url + "/v1/chat/completions", json=chat(
+                    PIRATE, f"Tell me a long story, number {i}.", max_tokens=400, ignore_eos=True, stream=True)))
+                await data_lines(r, 2)  # the role chunk, then the first token: the prompt is cached
             tasks = [j["tasks"][0] for j in reversed(s.get("/admin/cluster")["recent_jobs"][:4])]
             holder = tasks[0]["te"]
             assert [t["te"] for t in tasks[:3]] == [holder] * 3  # loads 0-1, 0-2: balanced, locality wins
             assert tasks[1]["placement"]["policy"] == "locality" and tasks[1]["placement"]["matched_tokens"] > 0
             assert tasks[3]["te"] != holder  # loads 3-0: imbalanced, the least loaded wins
             assert tasks[3]["placement"]["policy"] == "load" and not tasks[3]["placement"]["balanced"]
-    finally:
-        for r in streams:
-            r.close()
-        assert s.stop() == 0

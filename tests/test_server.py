@@ -1,26 +1,27 @@
 """The real server, end to end over HTTP: the official openai client, the SSE wire format,
-bad input, client disconnects, concurrency, and shutdown."""
+bad input, client disconnects, concurrency, the main process's footprint, and shutdown."""
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
-from tests.server_util import Server, pid_alive
+from tests.server_util import Server, async_wait_until, data_lines, pid_alive, rss_mb, wait_until
 
 MODEL = "smollm2"
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--served-model-name", MODEL, "--max-model-len", "2048", "--api-key", "sekrit")
-    yield s
-    assert s.stop() == 0
+    with Server("--served-model-name", MODEL, "--max-model-len", "2048", "--api-key", "sekrit") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +151,11 @@ async def test_client_disconnect_frees_blocks(server):
                 await r.content.readline()
             assert server.get("/admin/cluster")["tes"][0]["running"] == 1
         # leaving the block closed the connection mid-stream
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
+
+    def freed():
         te = server.get("/admin/cluster")["tes"][0]
-        if te["running"] == 0 and te["kv_usage"] <= base:
-            break
-        await asyncio.sleep(0.05)
-    assert te["running"] == 0 and te["kv_usage"] <= base, te
+        return te["running"] == 0 and te["kv_usage"] <= base
+    await async_wait_until(freed, 5)
 
 
 async def test_32_concurrent_streams_match_alone(server):
@@ -168,38 +167,60 @@ async def test_32_concurrent_streams_match_alone(server):
     assert together == alone
 
 
+DRAIN_S, SHORT = 5, 6  # a drain timeout, and a stream that finishes well within it
+
+
+@contextlib.contextmanager
+def frozen(pid: int):
+    """SIGSTOP `pid` for the block."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def stream_body(max_tokens: int) -> dict:
+    return {"model": MODEL, "messages": ask("Count to a thousand."), "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
 async def test_signal_drains_streams_and_leaves_no_process(how):
-    """SIGTERM to the server: streams that outlast the drain timeout end with an error event.
-    Ctrl-C signals the terminal's whole process group: only the main process acts on it, so
-    requests in flight finish normally. Either way every TE is gone after exit 0."""
-    drain, max_tokens = ("3", 400) if how == "sigterm" else ("60", 48)
-    srv = Server("--served-model-name", MODEL, "--drain-timeout", drain)
-    pids = srv.te_pids()
-    body = {"model": MODEL, "messages": ask("Count to a thousand."), "max_tokens": max_tokens, "ignore_eos": True}
-    async with aiohttp.ClientSession() as s:
-        streams = [asyncio.create_task(read_all(s, srv.url, body)) for _ in range(3)]
-        await asyncio.sleep(1.5 if how == "sigterm" else 1.0)
-        if how == "sigterm":
-            srv.proc.send_signal(signal.SIGTERM)
-        else:
-            os.killpg(srv.proc.pid, signal.SIGINT)
-        ends = await asyncio.wait_for(asyncio.gather(*streams), 60)
-    for last_events in ends:  # each ended cleanly: finished, or (SIGTERM only) an error event, then [DONE]
-        assert last_events[-1] == "[DONE]"
-        assert '"finish_reason":"length"' in last_events[-2] or (how == "sigterm" and "error" in last_events[-2])
-    assert srv.proc.wait(30) == 0
-    await asyncio.sleep(0.5)
-    assert not any(pid_alive(p) for p in pids)
-
-
-async def read_all(session, url, body) -> list[str]:
-    events = []
-    async with session.post(url + "/v1/chat/completions", json={**body, "stream": True}) as r:
-        async for line in r.content:
-            if line.startswith(b"data: "):
-                events.append(line[6:].strip().decode())
-    return events
+    """SIGTERM to the server, or Ctrl-C (SIGINT to the terminal's whole process group, which
+    only the main process acts on), starts a drain: new requests get 503, streams that can
+    finish within the drain timeout finish in full, one that cannot ends with an error event
+    at the timeout, not before. The TE is frozen until the drain has begun, so every stream
+    is in flight when the signal arrives. Then the server exits 0, leaving no process."""
+    # one torch thread: a TE that keeps its pace on a busy machine
+    with Server("--served-model-name", MODEL, "--drain-timeout", str(DRAIN_S), "--threads-per-te", "1") as s:
+        cluster = s.get("/admin/cluster")
+        te_pid = cluster["tes"][0]["pid"]
+        pids = [te_pid, cluster["template_pid"]]
+        url = s.url + "/v1/chat/completions"
+        async with aiohttp.ClientSession() as http:
+            with frozen(te_pid):
+                short = [await http.post(url, json=stream_body(SHORT)) for _ in range(2)]
+                long = await http.post(url, json=stream_body(1500))
+                await async_wait_until(lambda: s.get("/admin/cluster")["tes"][0]["tasks"] == 3, 10)
+                t0 = time.monotonic()
+                if how == "sigterm":
+                    s.proc.send_signal(signal.SIGTERM)
+                else:
+                    os.killpg(s.proc.pid, signal.SIGINT)
+                await async_wait_until(lambda: s.status("/health") == 503, 5)
+                async with http.post(url, json=stream_body(4)) as r:
+                    assert r.status == 503
+            for r in short:
+                *events, done = await data_lines(r, timeout=DRAIN_S + 10)
+                assert done == "[DONE]"
+                *_, last, usage = map(json.loads, events)
+                assert last["choices"][0]["finish_reason"] == "length" and usage["usage"]["completion_tokens"] == SHORT
+            *_, error, done = await data_lines(long, timeout=DRAIN_S + 10)
+            assert done == "[DONE]" and "error" in json.loads(error)
+            assert DRAIN_S <= time.monotonic() - t0 < DRAIN_S + 3
+        assert s.proc.wait(30) == 0
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
 
 
 def test_models_health_metrics(server, client):
@@ -216,3 +237,14 @@ def test_models_health_metrics(server, client):
     hits = float(next(line.split()[-1] for line in text.splitlines()
                       if line.startswith("deepflow:prefix_cache_hits_total")))
     assert hits > 0
+
+
+def test_main_process_has_not_loaded_torch(server, client):
+    """The main process only schedules: torch, and its memory, stay in the TEs."""
+    client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2)
+
+    def torch_libs(pid: int) -> list[str]:
+        return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "libtorch" in line]
+    assert torch_libs(server.get("/admin/cluster")["tes"][0]["pid"])  # what the check looks for is there
+    assert torch_libs(server.proc.pid) == []
+    assert rss_mb(server.proc.pid) < 200
