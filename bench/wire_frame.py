@@ -17,7 +17,7 @@ import msgspec
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flowserve.protocol import FinishReason, Stats, Step, TokenOut, decode, pack  # noqa: E402
+from flowserve.protocol import FinishReason, Stats, Step, TokenOut, pack, unpack_frames  # noqa: E402
 
 
 @dataclass
@@ -48,7 +48,7 @@ def main() -> None:
 
     def msgpack_rt() -> bytes:
         raw = pack(step)
-        decode(raw[4:])
+        unpack_frames(bytearray(raw))
         return raw
 
     def json_rt() -> bytes:

@@ -205,13 +205,6 @@ def pack(msg: Message) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> Message:
-    try:
-        return _decoder.decode(body)
-    except msgspec.DecodeError as e:
-        raise BadFrame(str(e)) from None
-
-
 def unpack_frames(buf: bytearray, limit: int | None = None) -> list[Message | BadFrame]:
     """Pop every complete frame (at most `limit`) from the front of `buf`. A body that does not
     decode comes back as a `BadFrame`, for the receiver to answer; a length past MAX_FRAME
@@ -226,9 +219,9 @@ def unpack_frames(buf: bytearray, limit: int | None = None) -> list[Message | Ba
         body = bytes(buf[HEADER.size:HEADER.size + size])
         del buf[:HEADER.size + size]
         try:
-            msgs.append(decode(body))
-        except BadFrame as e:
-            msgs.append(e)
+            msgs.append(_decoder.decode(body))
+        except msgspec.DecodeError as e:
+            msgs.append(BadFrame(str(e)))
     return msgs
 
 
