@@ -195,8 +195,8 @@ async def models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     cluster: Cluster = request.app[CLUSTER]
     ok = cluster.healthy() and not request.app[DRAINING].is_set()
-    return json_response({"status": "ok" if ok else "degraded", "tes_ready": len(cluster.ready_tes())}) \
-        if ok else web.json_response({"status": "degraded", "tes_ready": len(cluster.ready_tes())}, status=503)
+    return web.Response(body=orjson.dumps({"status": "ok" if ok else "degraded", "tes_ready": len(cluster.ready_tes())}),
+                        status=200 if ok else 503, content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,9 +1,9 @@
 """FlowServe engine: the microkernel step loop of one TE.
 
 The engine wires independent modules and calls them in order, once per step:
-batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks
-now full) -> `sample` (next tokens, below) -> finish checks (RTC frees finished sequences). It sees token ids only;
-tokenization and detokenization live with the caller (the JE in the main process, or
+batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks now
+full) -> `sample` (next tokens, below) -> finish checks (RTC frees finished sequences). It
+sees token ids only; tokenization and detokenization live with the caller (the JE in the main process, or
 `deepflow.py generate`). Its API: `add_request`, `abort`, `step` (a `TokenOut` per request
 that got a token or finished: the same struct the TE-shell sends, `flowserve/protocol.py`),
 `generate`, `stats`.

@@ -34,13 +34,12 @@ import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
-from flowserve.distflow import KVSender, accept_kv, fetch_weights, listen_kv, recv_kv, serve_weights  # noqa: E402
-from flowserve.distflow import dtype_name  # noqa: E402
+from flowserve.distflow import (  # noqa: E402
+    KVSender, accept_kv, dtype_name, fetch_weights, listen_kv, recv_kv, serve_weights)
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
-    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Prewarmed, Ready, StartTimings, Step,
-    Stop, TokenOut, decode_config, expect, pack, recv_frame, unpack_frames)
-from flowserve.protocol import SamplingParams  # noqa: E402
+    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Prewarmed, Ready, SamplingParams,
+    StartTimings, Step, Stop, TokenOut, decode_config, expect, pack, recv_frame, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
 
