@@ -15,7 +15,7 @@ import sys
 import threading
 
 from flowserve.config import EngineConfig
-from flowserve.protocol import Fork, Forked, Message, TemplateReady, encode_config, expect, pack, \
+from flowserve.protocol import BadFrame, Fork, Forked, Message, TemplateReady, encode_config, expect, pack, \
     recv_frame, unpack_frames
 
 log = logging.getLogger("deepflow.launch")
@@ -45,7 +45,7 @@ async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | 
     while True:
         msgs = unpack_frames(buf, 1)
         if msgs:
-            if isinstance(msgs[0], ValueError):  # a BadFrame
+            if isinstance(msgs[0], BadFrame):
                 raise msgs[0]
             return msgs[0]
         data = await reader.read(1 << 20)
