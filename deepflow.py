@@ -31,7 +31,7 @@ from flowserve.config import EngineConfig, cache_dir, default_model_path
 from flowserve.protocol import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
-from scheduler.cluster import GROUPS, Cluster
+from scheduler.cluster import GROUPS, Cluster, NoRoom
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
 from scheduler.openapi import openapi
@@ -219,6 +219,8 @@ async def admin_scale(request: web.Request) -> web.Response:
     cluster: Cluster = request.app[CLUSTER]
     if req.group not in cluster.groups:
         raise APIError(400, f"unknown group {req.group!r}; groups: {sorted(cluster.groups)}", "group")
+    if why := cluster.target_beyond_room(req.group, req.instances):  # the serving TEs are left alone
+        raise APIError(409, why, "instances", code="insufficient_capacity")
     policy = request.app[POLICIES][req.group]
     policy.min_tes = policy.max_tes = req.instances  # a size set by hand holds until the next one
     cluster.scale_to(req.group, req.instances)
@@ -260,7 +262,7 @@ def cluster_shape(args: argparse.Namespace) -> dict[str, tuple[int, EngineConfig
     if args.cluster:
         with open(args.cluster, "rb") as f:
             doc = tomllib.load(f)
-        known = {f.name for f in fields(EngineConfig)} - {"use_weight_cache", "serve_weights", "kv_listen"}
+        known = {f.name for f in fields(EngineConfig)} - {"use_weight_cache", "serve_weights", "kv_listen", "host"}
         for group, table in doc.items():
             if group not in GROUPS or not isinstance(table, dict):
                 raise SystemExit(f"{args.cluster}: unknown table [{group}]; groups are {', '.join(GROUPS)}")
@@ -273,11 +275,9 @@ def cluster_shape(args: argparse.Namespace) -> dict[str, tuple[int, EngineConfig
         raise SystemExit("prefill and decode TEs come together: give both or neither")
     if sum(sizes.values()) < 1:
         raise SystemExit("the cluster needs at least one TE (use --min-tes 0 to allow scaling to zero)")
-    threads = args.threads_per_te or max(1, (os.cpu_count() or 1) // sum(sizes.values()))
     base = EngineConfig(device=args.device, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, num_threads=threads,
-                        kv_timeout_s=args.kv_timeout_s)
+                        max_model_len=args.max_model_len, kv_timeout_s=args.kv_timeout_s)
     return {g: (sizes[g], replace(base, **overrides[g])) for g in GROUPS}
 
 
@@ -292,13 +292,14 @@ def load_heatmap(args: argparse.Namespace, shape: dict[str, tuple[int, EngineCon
 
 
 def scale_policies(args: argparse.Namespace, shape: dict[str, tuple[int, EngineConfig]]) -> dict[str, ScalePolicy]:
-    """The autoscaler sizes the colocated group from the flags; prefill and decode groups keep
-    their size unless POST /admin/scale changes it."""
+    """The autoscaler sizes the colocated group from the flags, up to what fits unless
+    --max-tes says less; prefill and decode groups keep their size unless POST /admin/scale
+    changes it."""
     policies = {g: ScalePolicy(min_tes=n, max_tes=n) for g, (n, _) in shape.items()}
     n = shape["colocated"][0]
     policies["colocated"] = ScalePolicy(min_tes=n if args.min_tes is None else args.min_tes,
-                                        max_tes=max(n, args.max_tes or 0), waiting_per_te=args.scale_out_waiting,
-                                        idle_s=args.scale_in_idle_s)
+                                        max_tes=None if args.max_tes is None else max(n, args.max_tes),
+                                        waiting_per_te=args.scale_out_waiting, idle_s=args.scale_in_idle_s)
     return policies
 
 
@@ -345,15 +346,28 @@ async def serve(args: argparse.Namespace) -> None:
     shape = cluster_shape(args)
     heatmap = load_heatmap(args, shape)
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
-    threads = shape["colocated"][1].num_threads
-    cluster = Cluster(model, shape, max_queued=args.max_queued, te_env={"OMP_NUM_THREADS": str(threads)},
-                      start_mode=args.start_mode, prewarmed=args.prewarmed, policy=args.policy,
-                      imbalance=args.imbalance, kv_transport=args.kv_transport, heatmap=heatmap)
+    ray = args.backend == "ray"
+    if ray and args.start_mode not in ("fork", "cold"):
+        raise SystemExit("--backend ray starts TEs with --start-mode fork or cold")
+    cluster = Cluster(model, shape, max_queued=args.max_queued, start_mode=args.start_mode,
+                      prewarmed=args.prewarmed, policy=args.policy, imbalance=args.imbalance,
+                      kv_transport="unix,tcp" if ray else args.kv_transport, heatmap=heatmap,
+                      hosts=[] if ray else None, threads_per_te=args.threads_per_te,
+                      health_timeout_s=args.health_timeout_s)
     shutdown = Shutdown()
+    backend = None
     try:
+        if ray:  # imported here only: the default path never loads Ray
+            from scaling.ray_backend import RayBackend
+            backend = RayBackend(cluster, args.ray_address, model)
+            await backend.start()
         await cluster.start()
-    except BaseException:
+    except BaseException as e:
         await cluster.shutdown()
+        if backend:
+            await backend.stop()
+        if isinstance(e, NoRoom):
+            raise SystemExit(f"cannot start: {e}") from None
         raise
     policies = scale_policies(args, shape)
     autoscalers = [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
@@ -371,6 +385,8 @@ async def serve(args: argparse.Namespace) -> None:
     for a in autoscalers:
         a.cancel()
     await cluster.shutdown()
+    if backend:
+        await backend.stop()
     log.warning("stopped")
 
 
@@ -408,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--pd-heatmap", help="with colocated and PD TEs: the heatmap from `profile-pd` "
                                           "(default: the one it saved)")
     srv.add_argument("--min-tes", type=int, help="autoscaler floor (default: --num-tes; 0 = scale to zero)")
-    srv.add_argument("--max-tes", type=int, help="autoscaler ceiling (default: --num-tes, i.e. fixed size)")
+    srv.add_argument("--max-tes", type=int, help="autoscaler ceiling (default: as many as the hosts' memory fits)")
     srv.add_argument("--scale-out-waiting", type=int, default=4,
                      help="scale out when more sequences than this per TE wait for a batch slot")
     srv.add_argument("--scale-in-idle-s", type=float, default=30.0, help="scale in after this long without work")
@@ -422,7 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--imbalance", type=int, default=4,
                      help="loads count as balanced while the busiest TE has at most this many more tasks")
     srv.add_argument("--prewarmed", type=int, default=1, help="pool of pre-warmed TEs (--start-mode preloaded or peer)")
-    srv.add_argument("--threads-per-te", type=int, default=0, help="torch threads per TE (0: cores / TEs)")
+    srv.add_argument("--threads-per-te", type=int, default=0,
+                     help="torch threads per TE (0: its host's cores / TEs there, re-balanced as TEs come and go)")
+    srv.add_argument("--health-timeout-s", type=float, default=10.0,
+                     help="a TE silent this long (no heartbeat answer, no progress) is killed and replaced")
+    srv.add_argument("--backend", choices=["local", "ray"], default="local",
+                     help="local: TEs are this host's processes; ray: a node agent on every Ray node starts "
+                          "them there (docs/DEPLOY.md)")
+    srv.add_argument("--ray-address", default="auto", help="with --backend ray: the Ray cluster (HEAD_IP:PORT)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")

@@ -27,15 +27,15 @@ def main() -> None:
     ap.add_argument("--fetches", type=int, default=4)
     args = ap.parse_args()
     if args.role == "donor":
-        print(serve_weights(*load_weights(default_model_path())), flush=True)
+        print(serve_weights(*load_weights(default_model_path()), "127.0.0.1"), flush=True)
         sys.stdin.read()  # serve until the parent closes our stdin
         return
     donor = subprocess.Popen([sys.executable, __file__, "donor"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        port = donor.stdout.readline().strip()
+        address = donor.stdout.readline().strip()
         for i in range(args.fetches):
             t = time.perf_counter()
-            _, tensors = fetch_weights(f"127.0.0.1:{port}")
+            _, tensors = fetch_weights(address)
             dt = time.perf_counter() - t
             size = sum(x.numel() * x.element_size() for x in tensors.values())
             print(f"fetch {i + 1}: {size / 1e6:.0f} MB in {dt:.3f} s = {size / 1e9 / dt:.2f} GB/s")

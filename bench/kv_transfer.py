@@ -38,7 +38,7 @@ def engine() -> Engine:
 
 def receive(transport: str) -> None:
     runner = engine().runner
-    listener, address = listen_kv(transport)
+    [(listener, address)] = listen_kv(transport, "127.0.0.1")
     print(address, flush=True)
     while conn := accept_kv(listener):
         with conn:

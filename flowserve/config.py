@@ -45,7 +45,8 @@ class EngineConfig:
     num_threads: int = 0            # 0: leave torch's default
     use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
     serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
-    kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host) | "tcp"
+    kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
+    host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
     kv_timeout_s: float = 10.0      # a KV transfer that takes longer fails (the peer froze)
 
 

@@ -58,30 +58,33 @@ def nbytes(shape: list[int], dtype: torch.dtype) -> int:
     return dtype.itemsize * int(torch.Size(shape).numel())
 
 
-def serve_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], host: str = "127.0.0.1") -> int:
-    """Listen on a free port of `host`; send the weights to every peer that connects (a daemon
-    thread: socket sends release the GIL, so the TE's step loop keeps running). Returns the port."""
+def serve_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], host: str) -> str:
+    """Listen on a free port of `host` and send the weights to every peer that connects, each
+    in its own daemon thread: one donor feeds many new TEs at once, and socket sends release
+    the GIL, so the TE's step loop keeps running. Returns the address, `host:port`."""
     listener = socket.create_server((host, 0))
     cpu = {name: t.cpu() for name, t in tensors.items()}  # no copy on a CPU TE
     header = pack(WeightsHeader(cfg, [TensorSpec(n, dtype_name(t.dtype), list(t.shape)) for n, t in cpu.items()]))
 
+    def send(conn: socket.socket, peer) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        with conn:
+            t0 = time.perf_counter()
+            try:
+                conn.sendall(header)
+                for t in cpu.values():
+                    conn.sendall(_raw(t))
+            except OSError as e:
+                log.warning("weights to %s failed: %s", peer, e)
+                return
+            log.info("sent weights to %s in %.3f s", peer, time.perf_counter() - t0)
+
     def loop() -> None:
         while True:
-            conn, peer = listener.accept()
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            with conn:
-                t0 = time.perf_counter()
-                try:
-                    conn.sendall(header)
-                    for t in cpu.values():
-                        conn.sendall(_raw(t))
-                except OSError as e:
-                    log.warning("weights to %s failed: %s", peer, e)
-                    continue
-                log.info("sent weights to %s in %.3f s", peer, time.perf_counter() - t0)
+            threading.Thread(target=send, args=listener.accept(), name="distflow-weights-send", daemon=True).start()
 
     threading.Thread(target=loop, name="distflow-weights", daemon=True).start()
-    return listener.getsockname()[1]
+    return f"{host}:{listener.getsockname()[1]}"
 
 
 def fetch_weights(address: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -115,16 +118,22 @@ def _recv_tensor(conn: socket.socket, buf: bytearray, shape: list[int], dtype: t
 
 # ---------------------------------------------------------------------------- KV path
 
-def listen_kv(transport: str) -> tuple[socket.socket, str]:
-    """A decode TE's KV listener and the address prefill TEs send to: `unix:NAME` or `tcp:HOST:PORT`."""
-    if transport == "tcp":
-        listener = socket.create_server(("127.0.0.1", 0))
-        return listener, "tcp:127.0.0.1:%d" % listener.getsockname()[1]
-    name = f"deepflow-kv-{os.getpid()}-{secrets.token_hex(4)}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind("\0" + name)  # abstract namespace: no file to clean up
-    listener.listen()
-    return listener, "unix:" + name
+def listen_kv(transports: str, host: str) -> list[tuple[socket.socket, str]]:
+    """A decode TE's KV listeners and the addresses prefill TEs send to, one per transport in
+    `transports` ("unix", "tcp" or both, comma-separated): `unix:NAME` for TEs of its host
+    (abstract sockets live in the host's network namespace), `tcp:HOST:PORT` for any."""
+    out = []
+    for transport in transports.split(","):
+        if transport == "tcp":
+            listener = socket.create_server((host, 0))
+            out.append((listener, f"tcp:{host}:{listener.getsockname()[1]}"))
+            continue
+        name = f"deepflow-kv-{os.getpid()}-{secrets.token_hex(4)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("\0" + name)  # abstract namespace: no file to clean up
+        listener.listen()
+        out.append((listener, "unix:" + name))
+    return out
 
 
 def accept_kv(listener: socket.socket) -> socket.socket | None:

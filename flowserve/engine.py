@@ -151,7 +151,7 @@ class Engine:
                      kv_usage=self.rtc.usage, kv_blocks_total=self.rtc.num_blocks_total,
                      kv_blocks_free=self.rtc.num_free, prefix_queries=self.rtc.prefix_queries,
                      prefix_hits=self.rtc.prefix_hits, preemptions=self.batcher.num_preemptions,
-                     cached=cached, evicted=evicted)
+                     threads=torch.get_num_threads(), cached=cached, evicted=evicted)
 
 
 # ---------------------------------------------------------------------------- the sampler

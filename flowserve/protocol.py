@@ -1,8 +1,11 @@
 """Every message between DeepFlow's processes, defined once, and the one place they are framed.
 
 - main process -> TE (`scheduler/te.py` -> `flowserve/te_shell.py`): `Add`, `Abort`, `Stop`,
-  `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step` per engine
-  step (a `TokenOut` per request that moved, and the engine's `Stats`).
+  `Ping` (the heartbeat, answered by an empty `Step`), `Threads` (its host's TE count
+  changed), `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step`
+  per engine step (a `TokenOut` per request that moved, and the engine's `Stats`). On
+  another host the TE's socket is TCP, and its first frame is `Hello`, carrying the secret
+  the main process handed its node agent (`scaling/node_agent.py`).
 - main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
 - TE -> TE (DistFlow, `flowserve/distflow.py`): `KVHeader` + KV bytes, answered by `KVAck`;
   `WeightsHeader` + every tensor's bytes.
@@ -37,6 +40,9 @@ class Op(str, Enum):
     FORK = "fork"
     FORKED = "forked"
     TEMPLATE_READY = "template_ready"
+    PING = "ping"
+    THREADS = "threads"
+    HELLO = "hello"
     KV_HEADER = "kv_header"
     KV_ACK = "kv_ack"
     WEIGHTS_HEADER = "weights_header"
@@ -88,6 +94,21 @@ class Stop(Message, tag=Op.STOP.value):
     pass
 
 
+class Ping(Message, tag=Op.PING.value):
+    pass
+
+
+class Threads(Message, tag=Op.THREADS.value):
+    """Use `n` torch threads: the host's cores are shared by however many TEs it runs now."""
+    n: int
+
+
+class Hello(Message, tag=Op.HELLO.value):
+    """The first frame on a TE's TCP connection to the main process: who it is, and proof."""
+    te_id: str
+    secret: bytes
+
+
 class Load(Message, tag=Op.LOAD.value):
     """To a pre-warmed TE: become a TE of `model`, weights streamed from `weights_from` if set."""
     model: str
@@ -106,6 +127,7 @@ class Stats(msgspec.Struct):
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    threads: int = 0
     cached: list[int] = []
     evicted: list[int] = []
 
@@ -135,8 +157,9 @@ class Ready(Message, tag=Op.READY.value):
     stats: Stats
     max_model_len: int
     timings_ms: StartTimings
-    weights_port: int | None = None   # DistFlow: where it streams its weights
-    kv_addr: str | None = None        # DistFlow: where a decode TE takes KV
+    weights_bytes: int = 0            # its weights' size: a host counts them once while shared
+    weights_addr: str | None = None   # DistFlow: where it streams its weights
+    kv_addrs: list[str] = []          # DistFlow: where a decode TE takes KV (unix on its host, tcp)
 
 
 class Step(Message, tag=Op.STEP.value):
@@ -147,6 +170,8 @@ class Step(Message, tag=Op.STEP.value):
 
 
 class Fork(Message, tag=Op.FORK.value):
+    """Fork a TE; its socket comes along as SCM_RIGHTS (a socketpair's end, or a TCP
+    connection to the main process that a node agent opened)."""
     te_id: str
     engine_config: EngineConfig
 
@@ -192,7 +217,7 @@ class Error(Message, tag=Op.ERROR.value):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Load | Prewarmed | Ready | Step | Fork | Forked
+_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Threads | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
                                    | TemplateReady | KVHeader | KVAck | WeightsHeader | Error)
 
 

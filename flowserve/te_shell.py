@@ -38,15 +38,16 @@ from flowserve.distflow import (  # noqa: E402
     KVSender, accept_kv, dtype_name, fetch_weights, listen_kv, recv_kv, serve_weights)
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
-    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Prewarmed, Ready, SamplingParams,
-    StartTimings, Step, Stop, TokenOut, decode_config, expect, pack, recv_frame, unpack_frames)
+    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Ping, Prewarmed, Ready,
+    SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, decode_config, expect, pack, recv_frame,
+    unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
 
 
 class TEShell:
-    def __init__(self, sock: socket.socket, engine: Engine, kv_listener: socket.socket | None = None):
-        self.sock, self.engine, self.kv_listener = sock, engine, kv_listener
+    def __init__(self, sock: socket.socket, engine: Engine, kv_listeners: list[socket.socket] = ()):
+        self.sock, self.engine, self.kv_listeners = sock, engine, list(kv_listeners)
         self.buf = bytearray()
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
         self.awaiting: dict[str, Add] = {}   # decode side: request id -> its `Add`, until the KV comes
@@ -73,6 +74,10 @@ class TEShell:
                     self.awaiting.pop(rid, None)
                     self.kv_to.pop(rid, None)
                 self.send(Step([], self.engine.stats()))
+            case Ping():
+                self.send(Step([], self.engine.stats()))
+            case Threads():
+                torch.set_num_threads(msg.n)
             case Stop():
                 return False
             case _:  # undecodable, or not a command: say so, keep serving
@@ -86,7 +91,7 @@ class TEShell:
     def poll(self, block: bool) -> bool:
         """Read whatever commands (and, on a decode TE, KV transfers) have arrived; wait for one
         if `block`. False means stop."""
-        watch = [self.sock] + ([self.kv_listener] if self.kv_listener else [])
+        watch = [self.sock] + self.kv_listeners
         while True:
             ready, _, _ = select.select(watch, [], [], None if block else 0)
             if not ready:
@@ -99,13 +104,14 @@ class TEShell:
                 for msg in unpack_frames(self.buf):
                     if not self.handle(msg):
                         return False
-            if self.kv_listener in ready:
-                self.receive_kv()
+            for listener in self.kv_listeners:
+                if listener in ready:
+                    self.receive_kv(listener)
             block = False
 
-    def receive_kv(self) -> None:
+    def receive_kv(self, listener: socket.socket) -> None:
         """Decode side: take one request's KV from a prefill TE, start the request, ack."""
-        conn = accept_kv(self.kv_listener)
+        conn = accept_kv(listener)
         if conn is None:
             return
         timeout = self.engine.cfg.kv_timeout_s
@@ -178,15 +184,17 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     if weights_from:
         weights = fetch_weights(weights_from)
     engine = Engine(model, cfg, weights=weights)
-    port = serve_weights(engine.model_cfg, engine.runner.model.w) if cfg.serve_weights else None
-    kv_listener, kv_addr = listen_kv(cfg.kv_listen) if cfg.kv_listen else (None, None)
+    weights_addr = serve_weights(engine.model_cfg, engine.runner.model.w, cfg.host) if cfg.serve_weights else None
+    kv = listen_kv(cfg.kv_listen, cfg.host) if cfg.kv_listen else []
     t_loaded = time.perf_counter()
     if not (warmed_on_cpu and engine.device.type == "cpu"):
         warm_up(engine)
     t_warm = time.perf_counter()
-    shell = TEShell(sock, engine, kv_listener)
+    shell = TEShell(sock, engine, [listener for listener, _ in kv])
     timings = StartTimings(1e3 * (t_pre - t_start), 1e3 * (t_loaded - t_pre), 1e3 * (t_warm - t_loaded))
-    shell.send(Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, port, kv_addr))
+    weights_bytes = sum(t.nbytes for t in engine.runner.model.w.values())
+    shell.send(Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, weights_bytes, weights_addr,
+                     [addr for _, addr in kv]))
     try:
         shell.run()
     except (BrokenPipeError, ConnectionResetError):

@@ -1,11 +1,13 @@
-"""How a TE process comes to be, seen from the main process (which never imports torch).
+"""How a TE process comes to be, seen from whoever starts it (the main process, or a node
+agent on another host); neither imports torch.
 
-`spawn_te_shell` starts `python -m flowserve.te_shell` on a new socketpair, with a model (a
+`spawn_te_shell` starts `python -m flowserve.te_shell` on a given socket, with a model (a
 cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`);
 `next_frame` reads the one frame such a process sends before it serves (`Prewarmed` or
 `Ready`). `TemplateHandle` is the other way in: it starts the warm template
-(`scaling/template.py`), asks it to `fork` a TE, and notices its death (its TEs are
-separate processes and keep serving).
+(`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
+(its TEs are separate processes and keep serving). The socket is a socketpair's end on the
+main process's host, or a TCP connection to the main process on another host.
 """
 import asyncio
 import logging
@@ -13,6 +15,7 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import BadFrame, Fork, Forked, Message, TemplateReady, encode_config, expect, pack, \
@@ -22,22 +25,33 @@ log = logging.getLogger("deepflow.launch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@dataclass
+class Launched:
+    """A TE process that has been started but is not serving yet: the main process's streams
+    to it (and what they read ahead), its pid, how it started, and its process handle when
+    the main process is its parent."""
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    buf: bytearray
+    pid: int
+    start_mode: str            # fork | preloaded | peer | cold
+    proc: asyncio.subprocess.Process | None = None
+    fresh: bool = False        # a new interpreter: its start-up and imports are on this TE's clock
+
+
 def _log_level() -> str:
     return logging.getLevelName(logging.getLogger().level).lower()
 
 
-async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None,
-                         model_path: str | None) -> tuple[asyncio.subprocess.Process, socket.socket]:
-    """A fresh TE-shell interpreter on a new socketpair; without a model it starts pre-warmed."""
-    parent, child = socket.socketpair()
+async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path: str | None,
+                         te_sock: socket.socket, python: str = sys.executable) -> asyncio.subprocess.Process:
+    """A fresh TE-shell interpreter talking over `te_sock`; without a model it starts pre-warmed."""
     model = ["--model", model_path] if model_path else []
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "flowserve.te_shell", "--fd", str(child.fileno()), *model,
+    return await asyncio.create_subprocess_exec(
+        python, "-m", "flowserve.te_shell", "--fd", str(te_sock.fileno()), *model,
         "--engine-config", encode_config(engine_cfg),
-        "--log-level", _log_level(), pass_fds=[child.fileno()], env={**os.environ, **(env or {})}, cwd=ROOT,
+        "--log-level", _log_level(), pass_fds=[te_sock.fileno()], env={**os.environ, **(env or {})}, cwd=ROOT,
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
-    child.close()
-    return proc, parent
 
 
 async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | None:
@@ -57,8 +71,11 @@ async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | 
 class TemplateHandle:
     """The main process's side of the template."""
 
-    def __init__(self, model_path: str, env: dict | None = None):
-        self.model_path, self.env = model_path, env or {}
+    def __init__(self, model_path: str, env: dict | None = None, python: str = sys.executable,
+                 weights_from: str | None = None):
+        """`weights_from`: a running TE's DistFlow address to take the weights from, on a host
+        whose DRAM does not hold them yet (else the template maps the model's cache)."""
+        self.model_path, self.env, self.python, self.weights_from = model_path, env or {}, python, weights_from
         self.proc: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()  # one fork command and its reply at a time
@@ -68,8 +85,9 @@ class TemplateHandle:
 
     async def start(self, timeout: float = 300) -> None:
         self.sock, theirs = socket.socketpair()
+        donor = ["--weights-from", self.weights_from] if self.weights_from else []
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "scaling.template", "--fd", str(theirs.fileno()), "--model", self.model_path,
+            self.python, "-m", "scaling.template", "--fd", str(theirs.fileno()), "--model", self.model_path, *donor,
             "--log-level", _log_level(), pass_fds=[theirs.fileno()], env={**os.environ, **self.env}, cwd=ROOT,
             start_new_session=True)  # as TEs: terminal signals are the main process's
         theirs.close()
@@ -88,23 +106,17 @@ class TemplateHandle:
         if self.on_death:
             self.on_death()
 
-    def _fork(self, te_id: str, engine_cfg: EngineConfig) -> tuple[socket.socket, int]:
-        ours, theirs = socket.socketpair()
-        try:
-            with self.lock:
-                socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg))], [theirs.fileno()])
-                theirs.close()
-                reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
-            if reply is None:
-                raise RuntimeError("template is gone")
-        except BaseException:
-            ours.close()
-            raise
-        return ours, reply.pid
+    def _fork(self, te_id: str, engine_cfg: EngineConfig, te_sock: socket.socket) -> int:
+        with self.lock:
+            socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg))], [te_sock.fileno()])
+            reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
+        if reply is None:
+            raise RuntimeError("template is gone")
+        return reply.pid
 
-    async def fork(self, te_id: str, engine_cfg: EngineConfig) -> tuple[socket.socket, int]:
-        """A new TE forked from the template: our end of its socket, and its pid."""
-        return await asyncio.to_thread(self._fork, te_id, engine_cfg)
+    async def fork(self, te_id: str, engine_cfg: EngineConfig, te_sock: socket.socket) -> int:
+        """Fork a new TE from the template, talking over `te_sock`; returns its pid."""
+        return await asyncio.to_thread(self._fork, te_id, engine_cfg, te_sock)
 
     @property
     def alive(self) -> bool:

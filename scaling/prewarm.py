@@ -8,10 +8,11 @@ off the critical path; the weights then come from the mmap'ed loading-optimized 
 """
 import asyncio
 import logging
+import socket
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import BadFrame, Prewarmed, expect
-from scaling.launch import next_frame, spawn_te_shell
+from scaling.launch import Launched, next_frame, spawn_te_shell
 
 log = logging.getLogger("deepflow.prewarm")
 
@@ -19,7 +20,7 @@ log = logging.getLogger("deepflow.prewarm")
 class PrewarmPool:
     def __init__(self, size: int, engine_cfg: EngineConfig, env: dict | None = None):
         self.size, self.engine_cfg, self.env = size, engine_cfg, env or {}
-        self.ready: list[tuple] = []     # (proc, pid, reader, writer, buf), as TEHandle.start takes it
+        self.ready: list[Launched] = []
         self._filling: set[asyncio.Task] = set()
 
     def fill(self) -> None:
@@ -32,8 +33,10 @@ class PrewarmPool:
         await asyncio.gather(*self._filling, return_exceptions=True)
 
     async def _spawn(self) -> None:
-        proc, sock = await spawn_te_shell(self.engine_cfg, self.env, None)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            proc = await spawn_te_shell(self.engine_cfg, self.env, None, theirs)
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
         buf = bytearray()
         try:
             hello = expect(await next_frame(reader, buf), Prewarmed)
@@ -42,26 +45,26 @@ class PrewarmPool:
         if hello is None:  # dropping our end of its socket ends it
             log.error("pre-warmed TE (pid %d) failed to start", proc.pid)
             return
-        self.ready.append((proc, proc.pid, reader, writer, buf))
+        self.ready.append(Launched(reader, writer, buf, proc.pid, "preloaded", proc))
 
-    def take(self) -> tuple | None:
+    def take(self) -> Launched | None:
         """A pre-warmed TE, if one is waiting (a refill starts at once)."""
         while self.ready:
-            entry = self.ready.pop(0)
+            te = self.ready.pop(0)
             self.fill()
-            if entry[0].returncode is None:
-                return entry
+            if te.proc.returncode is None:
+                return te
         self.fill()
         return None
 
     async def stop(self) -> None:
         for task in list(self._filling):
             task.cancel()
-        for proc, _, _, writer, _ in self.ready:
-            writer.close()  # EOF: it exits
+        for te in self.ready:
+            te.writer.close()  # EOF: it exits
             try:
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(te.proc.wait(), 5)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                te.proc.kill()
+                await te.proc.wait()
         self.ready.clear()

@@ -2,21 +2,22 @@
 
 It imports torch and flowserve and maps the model's weights once, from the
 loading-optimized cache (`flowserve.weights`: an mmap'ed safetensors file, so the pages
-live in the page cache and every process that maps them shares them). Then it waits on a
-control socket from the main process. Each `fork` command carries, as SCM_RIGHTS
-ancillary data, the TE end of a fresh socketpair; the template forks, and the child
-becomes a TE-shell over that socket with the weights it already holds: TE-Pre-Load
-(interpreter start, imports) and most of TE-Load are gone from the critical path.
+live in the page cache and every process that maps them shares them), or, on a host
+whose DRAM holds no weights yet, receives them from a running TE of another host
+(`--weights-from`, DistFlow). Then it waits on a control socket from whoever started it
+(the main process, or a node agent on another host). Each `fork` command carries, as
+SCM_RIGHTS ancillary data, the TE's socket (a socketpair's end, or a TCP connection to
+the main process); the template forks, and the child becomes a TE-shell over that socket
+with the weights it already holds: TE-Pre-Load (interpreter start, imports) and most of
+TE-Load are gone from the critical path.
 
 The template itself never runs a multi-threaded torch op (one intra-op thread; its only
 compute is a warm-up request on the CPU) and never touches an accelerator: forking after an OpenMP pool or a
 CUDA/NPU context exists breaks the child. A child sets its own thread count and moves the
 weights to its device after the fork.
 
-    python -m scaling.template --fd N --model PATH     (started by `TemplateHandle`)
-
-`TemplateHandle` is the main process's side: start the template, `fork` a TE, notice the
-template's death (its TEs are separate processes and keep serving).
+    python -m scaling.template --fd N --model PATH [--weights-from HOST:PORT]
+                                                      (started by `scaling.launch.TemplateHandle`)
 """
 import argparse
 import logging
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import Error, Fork, Forked, TemplateReady, pack, unpack_frames  # noqa: E402
+from flowserve.distflow import fetch_weights  # noqa: E402
 from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
 
@@ -57,9 +59,11 @@ def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, wei
         os._exit(code)  # never run the template's cleanup (atexit, finalizers) in a child
 
 
-def run_template(control: socket.socket, model: str) -> None:
+def run_template(control: socket.socket, model: str, weights_from: str | None = None) -> None:
     torch.set_num_threads(1)
-    cfg, tensors = load_weights(model)  # mmap'ed from the cache; converts the model on first use
+    # mmap'ed from the cache (converting the model on first use), or streamed from a running
+    # TE of another host (DistFlow): then the forks share this process's copy.
+    cfg, tensors = fetch_weights(weights_from) if weights_from else load_weights(model)
     # Warm the CPU kernels once, here, on one thread: every fork inherits them and skips its
     # own warm-up (TE-Post-Load). A TE on an accelerator still warms up after the fork.
     warm_up(Engine(None, EngineConfig(device="cpu", num_kv_blocks=4, num_threads=1), weights=(cfg, tensors)))
@@ -104,11 +108,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--weights-from", help="a running TE's DistFlow weights address (HOST:PORT)")
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s template[{os.getpid()}] %(name)s %(levelname)s %(message)s")
-    run_template(socket.socket(fileno=args.fd), args.model)
+    run_template(socket.socket(fileno=args.fd), args.model, args.weights_from)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ A TE group is the TEs of one model in one mode: `colocated` TEs run whole jobs; 
 `prefill` TE runs prompts and first tokens and hands their KV to a `decode` TE, which
 generates the rest (PD disaggregation; the KV moves TE to TE over DistFlow,
 `flowserve/distflow.py`). Each group has an engine config and a target size the
-autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets. New TEs are forked
-from the warm template (`scaling/template.py`); with `--start-mode preloaded` a
-pre-warmed process from the pool (`scaling/prewarm.py`) is told to map the cached
-weights; with `--start-mode peer` such a process receives the weights from a running TE
-instead (DistFlow); with `--start-mode cold`, or while the template is down or the pool
-empty, a fresh interpreter starts.
+autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets.
+
+The cluster spans hosts (`scheduler/hosts.py`): one for the local backend, one per Ray
+node with `--backend ray` (`scaling/ray_backend.py` adds and removes them). A new TE goes
+to the host with the most room where it fits (`add_te`), and that host's node agent starts
+it: forked from the warm template (`scaling/template.py`), a pre-warmed process
+(`--start-mode preloaded|peer`, `scaling/prewarm.py`), or a fresh interpreter (`cold`).
+Each TE's threads are its host's cores divided among the host's TEs, re-balanced as TEs
+come and go. A heartbeat (`watch_health`) pings every TE each second; one silent past
+`health_timeout_s` (stopped, deadlocked, its host unreachable) is failed like a dead one.
 
 dist_sched is Algorithm 1 in two steps. At submit, the PD-aware step (`pd_aware`) picks
 the TE type: a cluster with both kinds asks the heatmap (`scheduler/pd_policy.py`) with
@@ -17,7 +21,9 @@ the predicted decode length; the task then waits in that type's pending queue (P
 in `prefill`'s). `_place_pending` hands it to a TE with a free batch slot, chosen by
 `dist_sched`: locality-aware over the group's global prompt tree
 (`PromptTree`, below) while loads are balanced, else load-aware; a PD task also
-takes the least-loaded decode TE, which reserves a slot for it before the prefill starts.
+takes the least-loaded decode TE, on the prefill TE's host if one is free there (KV then
+moves through shared memory, not TCP), which reserves a slot for it before the prefill
+starts.
 A task that finds no free slot (the group is busy, at zero, or all its TEs died) waits
 until a slot frees or a TE joins. Admission control bounds the tasks held so an overload
 gets a fast 429 instead of an ever-growing queue. A TE that dies is replaced, and its
@@ -27,15 +33,16 @@ never notice.
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import asdict, replace
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, cache_path
 from flowserve.protocol import FinishReason
 from flowserve.rtc import prefix_blocks
-from scaling.launch import TemplateHandle
-from scaling.prewarm import PrewarmPool
+from scaling.node import LocalNode
+from scheduler.hosts import GiB, Host, probe, te_bytes
 from scheduler.je import Overloaded, Task, TaskEvent
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
 from scheduler.te import TEHandle, TEState
@@ -44,6 +51,11 @@ log = logging.getLogger("deepflow.cluster")
 
 
 GROUPS = ("colocated", "prefill", "decode")
+HEARTBEAT_S = 1.0
+
+
+class NoRoom(RuntimeError):
+    """No live host has the memory for another TE of a group."""
 
 
 class PromptTree:
@@ -91,11 +103,14 @@ class PromptTree:
 
 class Cluster:
     def __init__(self, model_path: str, groups: dict[str, tuple[int, EngineConfig]],
-                 max_queued: int = 256, te_env: dict | None = None, start_mode: str = "fork",
+                 max_queued: int = 256, env: dict | None = None, start_mode: str = "fork",
                  prewarmed: int = 1, policy: str = "locality", imbalance: int = 4,
-                 kv_transport: str = "unix", heatmap: Heatmap | None = None):
+                 kv_transport: str = "unix", heatmap: Heatmap | None = None, hosts: list[Host] | None = None,
+                 threads_per_te: int = 0, health_timeout_s: float = 10.0):
         """`groups`: size and engine config of each of GROUPS (a missing one is empty).
-        `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory) or tcp."""
+        `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory), tcp, or
+        unix,tcp (each pair takes unix on one host, tcp across). `hosts`: where TEs run; by
+        default this one, its node agent in-process. `threads_per_te`: fixed (0: cores / TEs)."""
         self.model_path = model_path
         # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
@@ -104,19 +119,21 @@ class Cluster:
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
         self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer",
                                        kv_listen=kv_transport if g == "decode" else "") for g, (_, cfg) in groups.items()}
-        self.max_queued, self.te_env, self.start_mode = max_queued, te_env or {}, start_mode
+        self.max_queued, self.start_mode = max_queued, start_mode
+        self.hosts: list[Host] = hosts if hosts is not None else [
+            Host("local", "127.0.0.1", **probe(),
+                 node=LocalNode(model_path, start_mode, prewarmed, self.engine_cfgs["colocated"], env))]
+        self.threads_per_te, self.health_timeout_s = threads_per_te, health_timeout_s
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
         self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
         self.policy, self.imbalance = policy, imbalance
         self.heatmap, self.predictor = heatmap, DecodeLengthPredictor()
-        self.template: TemplateHandle | None = None
-        self.pool = PrewarmPool(prewarmed, self.engine_cfgs["colocated"], self.te_env) \
-            if start_mode in ("preloaded", "peer") else None
+        self.weights_bytes = weights_estimate(model_path)  # corrected by the first TE's Ready
         self._ids = itertools.count()
         self._rr = itertools.count()
-        self.closing = False
+        self.started = self.closing = False
         self.replacing = 0               # TEs being started to replace dead ones
         self._max_model_len = 0
         self.work_held = asyncio.Event()
@@ -135,69 +152,162 @@ class Cluster:
         return [te for te in self.ready_tes(group) if te.load < te.engine_cfg.max_num_seqs]
 
     async def start(self) -> None:
-        if self.start_mode == "fork":
-            await self._start_template()
-        if self.pool:
-            self.pool.fill()
-            await self.pool.wait_filled()
+        await asyncio.gather(*(host.node.start() for host in self.hosts))
+        if (missing := self.target_beyond_room()):
+            raise NoRoom(missing)
         await asyncio.gather(*(self.add_te(g) for g, n in self.target.items() for _ in range(n)))
-
-    async def _start_template(self) -> None:
-        self.template = TemplateHandle(self.model_path, {"OMP_NUM_THREADS": "1"})
-        self.template.on_death = self._on_template_death
-        await self.template.start()
-
-    def _on_template_death(self) -> None:
-        if not self.closing:  # running TEs are separate processes and keep serving
-            self._in_background(self._start_template())
+        self.started = True
+        self._in_background(self.watch_health())
 
     def _in_background(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    # ------------------------------------------------------------------ hosts and placement
+
+    def add_host(self, host: Host) -> None:
+        """A host joins (at start, or a Ray node that came up): groups short of their target refill."""
+        self.hosts.append(host)
+        log.info("host %s (%s): %d cores, %.1f GiB for TEs", host.name, host.address, host.cores, host.memory / GiB)
+        for group, n in self.target.items() if self.started else ():
+            for _ in range(n - len(self.live(group))):
+                self._refill(group)
+
+    def remove_host(self, host: Host, why: str) -> None:
+        """A host is gone (its node agent or its node died): its TEs are failed, and their
+        groups refill on the hosts left."""
+        if host not in self.hosts:
+            return
+        log.error("host %s lost: %s", host.name, why)
+        host.alive = False
+        self.hosts.remove(host)
+        for te in list(host.tes):
+            te.fail(f"lost with its host {host.name} ({why})")
+
+    def te_cost(self, group: str) -> int:
+        return te_bytes(self.engine_cfgs[group], self.start_mode, self.weights_bytes)
+
+    def room(self, group: str) -> int:
+        """How many more TEs of `group` fit on the live hosts."""
+        return sum(host.room(self.te_cost(group), self.weights_bytes) for host in self.hosts)
+
+    def live(self, group: str) -> list[TEHandle]:
+        return [te for te in self.groups[group] if not te.retiring]
+
+    def target_beyond_room(self, group: str | None = None, instances: int = 0) -> str:
+        """Why the target sizes (with `group` set to `instances`) do not fit, or "" if they do."""
+        target = {**self.target, **({group: instances} if group else {})}
+        need = {g: n - len(self.live(g)) for g, n in target.items() if n > len(self.live(g))}
+        free = {h.name: h.memory - h.used(self.weights_bytes) for h in self.hosts}
+        fits = {}
+        for g, n in need.items():  # greedily, as add_te would place them
+            cost, fits[g] = self.te_cost(g), 0
+            for name in free:
+                k = min(n - fits[g], max(0, free[name] // cost))
+                fits[g] += k
+                free[name] -= k * cost
+            if fits[g] < n:
+                cfg = self.engine_cfgs[g]
+                hosts = "; ".join(h.describe(self.weights_bytes) for h in self.hosts) or "no live host"
+                return (f"{target[g]} {g} TEs do not fit: {len(self.live(g)) + fits[g]} can run. Each new TE commits "
+                        f"{cost / GiB:.2f} GiB (KV pool {cfg.kv_cache_gb:g} GiB, runtime and activations"
+                        f"{', its own weights' if self.start_mode in ('cold', 'peer') else ''}); hosts: {hosts}. "
+                        f"Lower kv_cache_gb or add hosts.")
+        return ""
+
+    def _place(self, group: str) -> Host:
+        cost = self.te_cost(group)
+        fitting = [h for h in self.hosts if h.room(cost, self.weights_bytes)]
+        if not fitting:
+            raise NoRoom(self.target_beyond_room(group, len(self.live(group)) + 1) or f"no room for a {group} TE")
+        # the fewest TEs first (spread the load), then the most free memory
+        return min(fitting, key=lambda h: (len(h.tes), h.used(self.weights_bytes) - h.memory))
+
+    def rebalance(self, host: Host) -> None:
+        """Share the host's cores among its TEs again (its TE count changed)."""
+        if not self.threads_per_te:
+            for te in host.tes:
+                te.set_threads(host.threads_per_te())
+
+    def donor(self) -> str | None:
+        """A running TE's DistFlow weights address, spreading new hosts over the donors."""
+        donors = [te.weights_addr for te in self.ready_tes() if te.weights_addr]
+        return donors[next(self._rr) % len(donors)] if donors else None
+
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
-        te = TEHandle(f"te-{next(self._ids)}", group, self.model_path, self.engine_cfgs[group])
+        host = self._place(group)
+        cfg = replace(self.engine_cfgs[group], host=host.address,
+                      num_threads=self.threads_per_te or host.threads_per_te(extra=1))
+        te = TEHandle(f"te-{next(self._ids)}", group, cfg, host, self.te_cost(group))
         te.on_death = self._on_death
         te.on_free = lambda te: self._place_pending(te.group)
         te.tree = self.trees[group]
         self.groups[group].append(te)
-        template = self.template if self.template and self.template.alive else None
-        prewarmed = self.pool.take() if self.pool else None
-        donor = next((t.weights_addr for t in self.tes if t.weights_addr and t.state is TEState.READY), None)
+        host.tes.append(te)
+        self.rebalance(host)
         try:
-            await te.start(self.te_env, template, prewarmed, donor)
+            ready = await te.start(self.donor())
         except BaseException:  # failed or cancelled mid-start: leave no process behind
-            self.groups[group].remove(te)
+            self._forget(te)
             te.kill()
             raise
+        self.weights_bytes = ready.weights_bytes or self.weights_bytes
         self._max_model_len = self._max_model_len or te.max_model_len  # all TEs share one config
         self._place_pending(group)
         te.timings_ms["scaler_post"] = 1e3 * (time.perf_counter() - te.t_ready)
         te.timings_ms["total"] = 1e3 * (time.perf_counter() - t0)
-        log.info("TE %s ready (pid %d, %s): %s", te.id, te.pid, te.start_mode,
-                 {k: round(v, 1) for k, v in te.timings_ms.items()})
+        log.info("TE %s ready on %s (pid %d, %s, %d threads): %s", te.id, host.name, te.pid, te.start_mode,
+                 te.threads, {k: round(v, 1) for k, v in te.timings_ms.items()})
         return te
 
-    def _on_death(self, te: TEHandle) -> None:
-        self.groups[te.group].remove(te)
+    def _forget(self, te: TEHandle) -> None:
+        if te in self.groups[te.group]:
+            self.groups[te.group].remove(te)
+        if te in te.host.tes:
+            te.host.tes.remove(te)
+            self.rebalance(te.host)
         self.trees[te.group].remove_te(te.id)
-        if not self.closing and not te.retiring and len(self.groups[te.group]) < self.target[te.group]:
-            self.replacing += 1
-            self._in_background(self._replace(te.group))
+
+    def _on_death(self, te: TEHandle) -> None:
+        self._forget(te)
+        if not self.closing and not te.retiring and len(self.live(te.group)) < self.target[te.group]:
+            self._refill(te.group)
+
+    def _refill(self, group: str) -> None:
+        self.replacing += 1
+        self._in_background(self._replace(group))
 
     async def _replace(self, group: str) -> None:
         try:
             await self.add_te(group)
+        except NoRoom as e:  # a host that joins later refills the group
+            log.error("cannot replace a %s TE: %s", group, e)
+        except (RuntimeError, OSError, TimeoutError) as e:
+            log.error("a replacement %s TE failed to start: %s", group, e)
         finally:
             self.replacing -= 1
 
+    async def watch_health(self) -> None:
+        """The heartbeat: ping every serving TE each second (it answers with its stats, and
+        any frame counts); fail one that stayed silent past `health_timeout_s`."""
+        while not self.closing:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for te in self.tes:
+                if te.state not in (TEState.READY, TEState.DRAINING):
+                    continue
+                if now - te.last_heard > self.health_timeout_s:
+                    te.fail(f"answered no heartbeat for {now - te.last_heard:.0f} s")
+                else:
+                    te.ping()
+
     def scale_to(self, group: str, instances: int) -> None:
-        """Set the group's size: start TEs, or retire idle ones first (busy ones drain)."""
+        """Set the group's size: start TEs (as many as fit), or retire idle ones first (busy ones drain)."""
         self.target[group] = instances
-        live = [te for te in self.groups[group] if not te.retiring]
-        for _ in range(instances - len(live)):
+        live = self.live(group)
+        for _ in range(min(instances - len(live), self.room(group))):
             self._in_background(self.add_te(group))
         # starting TEs first, then the least busy: what retires soonest with least work lost
         surplus = sorted(live, key=lambda te: (te.state is TEState.READY, te.load))[:max(0, len(live) - instances)]
@@ -283,11 +393,14 @@ class Cluster:
             task = queue.popleft()
             te, why = self.dist_sched(task, free, group)
             task.placement.update(why)
-            if pd:
-                decode_te, task.placement["decode"] = self.dist_sched(task, free_decode, "decode")
+            task.placement["host"] = te.host.name
+            if pd:  # a decode TE on the prefill TE's host if one is free: KV moves through shared memory
+                near = [d for d in free_decode if d.host is te.host] or free_decode
+                decode_te, task.placement["decode"] = self.dist_sched(task, near, "decode")
+                task.placement["decode"]["host"] = decode_te.host.name
                 task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
                 decode_te.submit(task.decode)
-                te.submit(task, kv_to=decode_te.kv_addr)
+                te.submit(task, kv_to=decode_te.kv_addr_for(te.host))
             else:
                 te.submit(task)
 
@@ -322,17 +435,26 @@ class Cluster:
             while queue:
                 queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, error="server is shutting down"))
         await asyncio.gather(*(te.stop() for te in self.tes), return_exceptions=True)
-        if self.template:
-            await self.template.stop()
-        if self.pool:
-            await self.pool.stop()
+        await asyncio.gather(*(host.node.stop() for host in self.hosts), return_exceptions=True)
 
     def to_dict(self) -> dict:
-        return {"start_mode": self.start_mode,
-                "template_pid": self.template.proc.pid if self.template and self.template.alive else None,
-                "prewarmed_ready": len(self.pool.ready) if self.pool else 0,
+        local = self.hosts[0].node.to_dict() if len(self.hosts) == 1 else {}
+        return {"start_mode": self.start_mode, **local,
+                "hosts": [h.to_dict(self.weights_bytes) for h in self.hosts],
+                "te_cost_gb": {g: round(self.te_cost(g) / GiB, 3) for g in GROUPS},
+                "weights_gb": round(self.weights_bytes / GiB, 3),
                 "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],
                                   "pending": len(self.pending[name]), "engine_config": asdict(self.engine_cfgs[name])}
                            for name, tes in self.groups.items()},
                 "heatmap": self.heatmap and asdict(self.heatmap),
                 "tes": [te.to_dict() for te in self.tes]}
+
+
+def weights_estimate(model_path: str) -> int:
+    """The weights' size before any TE reported it: the loading-optimized cache if there is
+    one (what the template maps), else the model file."""
+    try:
+        cached = cache_path(model_path, "float32.safetensors")
+        return os.path.getsize(cached if cached.exists() else model_path)
+    except OSError:
+        return 0

@@ -40,11 +40,9 @@ async def burst_jct_ms(cluster: Cluster, prompt_len: int, output_len: int, burst
 
 async def profile(args: argparse.Namespace) -> Heatmap:
     model = args.model or default_model_path()
-    threads = max(1, (os.cpu_count() or 1) // 2)
-    cfg = EngineConfig(num_threads=threads, kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len)
-    env = {"OMP_NUM_THREADS": str(threads)}
-    colocated = Cluster(model, {"colocated": (2, cfg)}, te_env=env)
-    disagg = Cluster(model, {"prefill": (1, cfg), "decode": (1, cfg)}, te_env=env, kv_transport=args.kv_transport)
+    cfg = EngineConfig(kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len)
+    colocated = Cluster(model, {"colocated": (2, cfg)})  # two TEs either way: each gets half the cores
+    disagg = Cluster(model, {"prefill": (1, cfg), "decode": (1, cfg)}, kv_transport=args.kv_transport)
     rng = random.Random(0)
     try:
         for c in (colocated, disagg):
@@ -64,7 +62,8 @@ async def profile(args: argparse.Namespace) -> Heatmap:
         for c in (colocated, disagg):
             await c.shutdown()
     setup = (f"setup: bursts of {args.burst} requests; colocated = 2 colocated TEs, disaggregated = 1 prefill + "
-             f"1 decode TE ({args.kv_transport}); {threads} thread(s) per TE, {os.cpu_count()} cores; "
+             f"1 decode TE ({args.kv_transport}); {max(1, (os.cpu_count() or 1) // 2)} thread(s) per TE, "
+             f"{os.cpu_count()} cores; "
              f"{time.strftime('%Y-%m-%d %H:%M')}")
     return Heatmap(list(args.prefill_lens), list(args.ratios), table_c, table_d, setup)
 

@@ -1,24 +1,27 @@
 """The main process's handle on one TE process: start it, talk to it, notice its death.
 
-A TE is a `flowserve.te_shell` process (a fresh interpreter, or a fork of the warm template
-in `scaling/template.py`) holding one end of a unix socketpair; this side wraps the other
-end in asyncio streams. Commands go out as `flowserve/protocol.py` frames (`Add`, `Abort`,
-`Stop`); a reader task takes `Step` frames back, keeps the TE's latest `Stats` and routes
-each `TokenOut` to its task's event queue. EOF on the socket means the process died: every
-task still on it gets a clean error event at once. A prefill TE's task leaves it with
-`handoff` (its KV went to a decode TE), and a decode TE's task is announced with `await_kv`.
+A TE is a `flowserve.te_shell` process that its host's node agent started (`scaling/node.py`
+on this host, `scaling/node_agent.py` on a Ray node): a fresh interpreter, a pre-warmed
+one, or a fork of the warm template. It holds one end of a socket (a unix socketpair, or
+TCP from another host); this side wraps the other end in asyncio streams. Commands go
+out as `flowserve/protocol.py` frames (`Add`, `Abort`, `Stop`, `Ping`, `Threads`); a reader
+task takes `Step` frames back, keeps the TE's latest `Stats` and routes each `TokenOut`
+to its task's event queue. EOF on the socket means the process died, and so does silence
+past the health bound (`fail`, called by the cluster's heartbeat): every task still on it
+gets a clean error event at once. A prefill TE's task leaves it with `handoff` (its KV
+went to a decode TE), and a decode TE's task is announced with `await_kv`.
 """
 import asyncio
 import logging
-import os
-import signal
 import time
 from enum import Enum
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import (
-    Abort, Add, BadFrame, Error, FinishReason, Load, Message, Ready, Stats, Step, Stop, expect, pack, unpack_frames)
-from scaling.launch import next_frame, spawn_te_shell
+    Abort, Add, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, expect, pack,
+    unpack_frames)
+from scaling.launch import next_frame
+from scheduler.hosts import Host
 from scheduler.je import State, Task, TaskEvent
 
 log = logging.getLogger("deepflow.te")
@@ -32,9 +35,10 @@ class TEState(str, Enum):
 
 
 class TEHandle:
-    def __init__(self, te_id: str, group: str, model_path: str, engine_cfg: EngineConfig):
+    def __init__(self, te_id: str, group: str, engine_cfg: EngineConfig, host: Host, cost: int):
         self.id, self.group = te_id, group
-        self.model_path, self.engine_cfg = model_path, engine_cfg
+        self.engine_cfg, self.host, self.cost = engine_cfg, host, cost
+        self.threads = engine_cfg.num_threads
         self.state = TEState.STARTING
         self.pid: int | None = None
         self.proc: asyncio.subprocess.Process | None = None
@@ -51,34 +55,22 @@ class TEHandle:
         self.retiring = False          # being scaled in: its exit is expected
         self.t_ready = 0.0
         self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
-        self.kv_addr: str | None = None       # a decode TE: where prefill TEs send KV (DistFlow)
+        self.kv_addrs: list[str] = []         # a decode TE: where prefill TEs send KV (DistFlow)
+        self.last_heard = time.monotonic()    # any frame: the heartbeat's evidence of life
 
     @property
     def load(self) -> int:
         """Tasks on this TE, counted here (not from its stats), so it is current at once."""
         return len(self.tasks)
 
-    async def start(self, env: dict | None = None, template=None, prewarmed=None, weights_from: str | None = None,
-                    timeout: float = 300) -> None:
-        """Start the TE process: forked from the warm `template`, a `prewarmed` process (runtime
-        imported, waiting for a model) told to load (from the cache, or streamed from the TE at
-        `weights_from`), or a fresh interpreter. Returns once it is ready; records the
-        five-step timeline (the cluster adds scaler_post)."""
+    async def start(self, weights_from: str | None = None, timeout: float = 300) -> Ready:
+        """Have the host's node agent start the TE process (`weights_from`: a running TE to
+        stream the weights from, for a pre-warmed one). Returns its `Ready` once it serves;
+        records the five-step timeline (the cluster adds scaler_post)."""
         t0 = time.perf_counter()
-        buf = bytearray()
-        if template is not None:
-            self.start_mode = "fork"
-            parent, self.pid = await template.fork(self.id, self.engine_cfg)
-            reader, self.writer = await asyncio.open_unix_connection(sock=parent)
-        elif prewarmed is not None:
-            self.start_mode = "peer" if weights_from else "preloaded"  # else: the mmap'ed cache
-            self.proc, self.pid, reader, self.writer, buf = prewarmed
-            self.writer.write(pack(Load(self.model_path, self.engine_cfg, weights_from)))
-        else:
-            self.start_mode = "preloaded" if self.engine_cfg.use_weight_cache else "cold"
-            self.proc, parent = await spawn_te_shell(self.engine_cfg, env, self.model_path)
-            self.pid = self.proc.pid
-            reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        launched = await self.host.node.launch(self.id, self.engine_cfg, weights_from)
+        self.pid, self.proc, self.start_mode = launched.pid, launched.proc, launched.start_mode
+        reader, self.writer, buf = launched.reader, launched.writer, launched.buf
         t_started = time.perf_counter()
         ready = expect(await asyncio.wait_for(next_frame(reader, buf), timeout), Ready)
         if ready is None:
@@ -86,22 +78,24 @@ class TEHandle:
             raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
         self.t_ready = time.perf_counter()
         self.stats, self.max_model_len = ready.stats, ready.max_model_len
-        self.weights_addr = f"127.0.0.1:{ready.weights_port}" if ready.weights_port else None
-        self.kv_addr = ready.kv_addr
+        self.weights_addr, self.kv_addrs = ready.weights_addr, ready.kv_addrs
         te = ready.timings_ms
         # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
         # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and
         # imports, i.e. all the time before the load that the TE did not report.
         gap = 1e3 * (self.t_ready - t_started) - te.te_load - te.te_post_load
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
-                           "te_pre_load": te.te_pre_load if template or prewarmed else gap,
+                           "te_pre_load": gap if launched.fresh else te.te_pre_load,
                            "te_load": te.te_load, "te_post_load": te.te_post_load}
         self.state = TEState.READY
+        self.last_heard = time.monotonic()
         self.reader_task = asyncio.create_task(self._read_loop(reader, buf))
+        return ready
 
     async def _read_loop(self, reader: asyncio.StreamReader, buf: bytearray) -> None:
         try:
             while data := await reader.read(1 << 20):
+                self.last_heard = time.monotonic()
                 buf += data
                 for msg in unpack_frames(buf):
                     self._on_frame(msg)
@@ -138,17 +132,43 @@ class TEHandle:
         if self.on_free and len(self.tasks) < self.engine_cfg.max_num_seqs:
             self.on_free(self)
 
-    def _on_exit(self) -> None:
+    def _on_exit(self, why: str = "stopped") -> None:
+        if self.state is TEState.DEAD:
+            return  # `fail` got here first
         was = self.state
         self.state = TEState.DEAD
         for task in self.tasks.values():
-            task.events.put_nowait(TaskEvent([], FinishReason.ERROR, error=f"engine {self.id} stopped",
+            task.events.put_nowait(TaskEvent([], FinishReason.ERROR, error=f"engine {self.id} {why}",
                                              engine_lost=True))
         self.tasks.clear()
         if was is not TEState.DRAINING:
-            log.error("TE %s (pid %s) died", self.id, self.pid)
+            log.error("TE %s (pid %s) on %s %s", self.id, self.pid, self.host.name, why)
         if self.on_death:
             self.on_death(self)
+
+    def fail(self, why: str) -> None:
+        """Give the TE up now (it is silent past the health bound, or its host is gone): kill
+        it if its node agent still can, close its socket, and settle its tasks."""
+        self.kill()
+        if self.reader_task:
+            self.reader_task.cancel()
+        if self.writer:
+            self.writer.close()
+        self._on_exit(why)
+
+    def ping(self) -> None:
+        self._send(Ping())
+
+    def set_threads(self, n: int) -> None:
+        if n != self.threads:
+            self.threads = n
+            self._send(Threads(n))
+
+    def kv_addr_for(self, sender: Host) -> str:
+        """Where a prefill TE on `sender` sends KV: shared memory on this TE's own host, else TCP."""
+        if sender is self.host:
+            return next((a for a in self.kv_addrs if a.startswith("unix:")), self.kv_addrs[0])
+        return next(a for a in self.kv_addrs if a.startswith("tcp:"))
 
     def submit(self, task: Task, kv_to: str | None = None) -> None:
         """Run `task` here; with `kv_to`, only its prefill, then send its KV to that decode TE.
@@ -191,14 +211,12 @@ class TEHandle:
 
     def kill(self) -> None:
         if self.pid is not None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.host.node.kill(self.pid)
 
     def to_dict(self) -> dict:
         s = self.stats
-        return {"id": self.id, "group": self.group, "pid": self.pid, "state": self.state.value,
+        return {"id": self.id, "group": self.group, "host": self.host.name, "pid": self.pid, "state": self.state.value,
+                "threads": s.threads,
                 "running": s.running, "waiting": s.waiting, "tasks": self.load, "start_mode": self.start_mode,
                 "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "timeline_ms": self.timings_ms}

@@ -28,7 +28,7 @@ from tests.test_engine import GREEDY, assert_no_leak, make_engine, random_prompt
 
 def transfer(prefill, decode, transport: str) -> None:
     """Move every handed-off request from `prefill` to `decode` the way two TE-shells do."""
-    listener, address = listen_kv(transport)
+    [(listener, address)] = listen_kv(transport, "127.0.0.1")
     sender = KVSender()
     with listener:
         while prefill.handoffs:

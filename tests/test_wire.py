@@ -15,6 +15,7 @@ from flowserve.protocol import SamplingParams
 from flowserve.te_shell import TEShell
 from scheduler.je import StopStrings
 from scheduler.je import Task
+from scheduler.hosts import Host
 from scheduler.te import TEHandle, TEState
 
 
@@ -62,7 +63,7 @@ def test_te_answers_bad_frames_with_errors_and_keeps_serving(model_path, weights
 
 
 async def test_main_process_answers_bad_frames_and_keeps_reading():
-    te = TEHandle("te-x", "colocated", "model", EngineConfig())
+    te = TEHandle("te-x", "colocated", EngineConfig(), Host("local", "127.0.0.1", 1, 1 << 30, node=None), cost=0)
     ours, theirs = socket.socketpair()
     reader, te.writer = await asyncio.open_unix_connection(sock=ours)
     te.state = TEState.READY

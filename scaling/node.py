@@ -1,0 +1,81 @@
+"""The local backend's node agent: starts TEs on the main process's own host.
+
+Each TE gets a fresh socketpair with the main process, and comes from one of three places
+(`--start-mode`): forked from the warm template (`scaling/template.py`, restarted here if
+it dies); a pre-warmed process from the pool (`scaling/prewarm.py`) told to `Load`, from
+the mmap'ed cache (`preloaded`) or streamed from a running TE (`peer`); or a fresh
+interpreter (`cold`, and the fallback while the template is down or the pool is empty).
+`scaling/node_agent.py` is the same role on a Ray node, where the TE's socket is TCP.
+"""
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from flowserve.config import EngineConfig
+from flowserve.protocol import Load, pack
+from scaling.launch import Launched, TemplateHandle, spawn_te_shell
+from scaling.prewarm import PrewarmPool
+
+log = logging.getLogger("deepflow.node")
+
+
+class LocalNode:
+    def __init__(self, model_path: str, start_mode: str = "fork", prewarmed: int = 1,
+                 pool_cfg: EngineConfig | None = None, env: dict | None = None):
+        self.model_path, self.start_mode, self.env = model_path, start_mode, env or {}
+        self.template: TemplateHandle | None = None
+        self.pool = PrewarmPool(prewarmed, pool_cfg or EngineConfig(), self.env) \
+            if start_mode in ("preloaded", "peer") else None
+        self.closing = False
+
+    async def start(self) -> None:
+        if self.start_mode == "fork":
+            await self._start_template()
+        if self.pool:
+            self.pool.fill()
+            await self.pool.wait_filled()
+
+    async def _start_template(self) -> None:
+        self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"})
+        self.template.on_death = self._on_template_death
+        await self.template.start()
+
+    def _on_template_death(self) -> None:
+        if not self.closing:  # running TEs are separate processes and keep serving
+            asyncio.create_task(self._start_template())
+
+    async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
+        """Start one TE process; it is not serving yet (the caller waits for its `Ready`)."""
+        if self.pool and (te := self.pool.take()):
+            te.writer.write(pack(Load(self.model_path, cfg, weights_from)))
+            te.start_mode = "peer" if weights_from else "preloaded"
+            return te
+        ours, theirs = socket.socketpair()
+        with theirs:
+            if self.template and self.template.alive:
+                pid, mode, proc = await self.template.fork(te_id, cfg, theirs), "fork", None
+            else:
+                env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
+                proc = await spawn_te_shell(cfg, env, self.model_path, theirs)
+                pid, mode = proc.pid, "preloaded" if cfg.use_weight_cache else "cold"
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        return Launched(reader, writer, bytearray(), pid, mode, proc, fresh=proc is not None)
+
+    def kill(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    async def stop(self) -> None:
+        self.closing = True
+        if self.template:
+            await self.template.stop()
+        if self.pool:
+            await self.pool.stop()
+
+    def to_dict(self) -> dict:
+        return {"template_pid": self.template.proc.pid if self.template and self.template.alive else None,
+                "prewarmed_ready": len(self.pool.ready) if self.pool else 0}

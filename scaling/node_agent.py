@@ -1,0 +1,81 @@
+"""The node agent: one Ray actor per Ray node (`--backend ray`), pinned to it, reserving no CPUs.
+
+It owns its host's TE processes, as plain subprocesses: the warm template
+(`scaling/template.py`, which maps the model's cache, or receives the weights from a
+running TE of another host when this host's DRAM holds none) and cold spawns. Fork happens
+only inside the template, never here: a Ray worker runs gRPC threads, which make fork
+unsafe.
+
+To start a TE, the agent opens a TCP connection to the main process's TE listener
+(`scaling/ray_backend.py`), sends `Hello` with the secret the main process gave it for this
+TE, and hands that socket to the template's fork (SCM_RIGHTS) or to a fresh TE-shell: from
+then on the TE talks to the main process directly, with the project's own frames. Ray
+carries only these calls (start, kill, ping): never per-step traffic, never KV or weights.
+"""
+import logging
+import os
+import signal
+import socket
+
+from flowserve.protocol import Hello, decode_config, pack
+from scaling.launch import TemplateHandle, spawn_te_shell
+from scheduler.hosts import probe
+
+log = logging.getLogger("deepflow.node_agent")
+
+
+class NodeAgent:
+    def __init__(self, model_path: str, python: str):
+        """`python`: the project's interpreter (inside a Ray worker, sys.executable is Ray's choice)."""
+        self.model_path, self.python = model_path, python
+        self.template: TemplateHandle | None = None
+        self.procs: dict[int, object] = {}   # pid -> its process handle (cold spawns) or None (forks)
+
+    def probe(self) -> dict:
+        """This host's cores, memory for TEs, agent pid, and whether its DRAM cache holds the weights."""
+        from flowserve.config import cache_path
+        try:
+            has_weights = cache_path(self.model_path, "float32.safetensors").exists()
+        except OSError:
+            has_weights = False
+        return {**probe(), "pid": os.getpid(), "has_weights": has_weights}
+
+    async def start_template(self, weights_from: str | None) -> int:
+        self.template = TemplateHandle(self.model_path, {"OMP_NUM_THREADS": "1"}, self.python, weights_from)
+        await self.template.start()
+        return self.template.proc.pid
+
+    async def launch(self, te_id: str, engine_config: str, main_address: str, secret: bytes) -> tuple[int, str]:
+        """Start a TE connected to the main process; returns its pid and how it started."""
+        cfg = decode_config(engine_config)
+        host, port = main_address.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.setblocking(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames, sent at once
+        with sock:
+            sock.sendall(pack(Hello(te_id, secret)))
+            if self.template and self.template.alive:
+                pid, mode, proc = await self.template.fork(te_id, cfg, sock), "fork", None
+            else:
+                env = {"OMP_NUM_THREADS": str(cfg.num_threads or 1)}
+                proc = await spawn_te_shell(cfg, env, self.model_path, sock, self.python)
+                pid, mode = proc.pid, "preloaded" if cfg.use_weight_cache else "cold"
+        self.procs[pid] = proc
+        return pid, mode
+
+    def kill(self, pid: int) -> None:
+        if pid in self.procs:  # only what this agent started
+            del self.procs[pid]
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def ping(self) -> bool:
+        return True
+
+    async def shutdown(self) -> None:
+        for pid in list(self.procs):
+            self.kill(pid)
+        if self.template:
+            await self.template.stop()

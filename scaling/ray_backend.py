@@ -1,0 +1,201 @@
+"""`--backend ray`: the cluster's hosts are the nodes of a Ray cluster (main process side).
+
+Ray is cluster plumbing here, nothing more: it finds the nodes, pins one node agent
+(`scaling/node_agent.py`) to each, and tells us when an agent dies. `RayBackend` polls
+`ray.nodes()`: a node that joins becomes a `Host` (its agent probed for cores and memory,
+its template started, from the model's cache or, when that host's DRAM holds no weights,
+streamed from a running TE: `Cluster.donor`); a node that leaves, or an agent that fails
+its ping, takes its TEs with it (`Cluster.remove_host`) and the groups refill elsewhere.
+A host once lost is not taken back until its raylet re-registers (a new node id).
+
+TEs of every host connect back to `TEListener`, a TCP server on the main process's
+address. A connection counts only if its first frame is `Hello` with the TE's id and the
+secret made for that one start (`secrets.token_bytes`, handed to the agent in the `launch`
+call); anything else is closed unread. Frames are msgspec-typed msgpack: nothing is
+unpickled from a peer.
+
+Only `deepflow.serve` imports this module, and only with `--backend ray`.
+"""
+import asyncio
+import hmac
+import logging
+import os
+import secrets
+import socket
+import sys
+
+import ray
+from ray.exceptions import RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from flowserve.config import EngineConfig
+from flowserve.protocol import BadFrame, Hello, encode_config, expect
+from scaling.launch import ROOT, Launched, next_frame
+from scaling.node_agent import NodeAgent
+from scheduler.hosts import Host
+
+log = logging.getLogger("deepflow.ray")
+HELLO_TIMEOUT_S = 5
+POLL_S = 1.0
+
+
+class TEListener:
+    def __init__(self, address: str):
+        self.host, self.address = address, ""
+        self.expected: dict[str, tuple[bytes, asyncio.Future]] = {}
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._on_connection, self.host, 0)
+        self.address = f"{self.host}:{self.server.sockets[0].getsockname()[1]}"
+
+    def expect(self, te_id: str) -> tuple[bytes, asyncio.Future]:
+        secret, arrived = secrets.token_bytes(32), asyncio.get_running_loop().create_future()
+        self.expected[te_id] = (secret, arrived)
+        return secret, arrived
+
+    def forget(self, te_id: str) -> None:
+        self.expected.pop(te_id, None)
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer, buf = writer.get_extra_info("peername"), bytearray()
+        try:
+            hello = expect(await asyncio.wait_for(next_frame(reader, buf), HELLO_TIMEOUT_S), Hello)
+        except (BadFrame, TimeoutError, ConnectionError) as e:
+            hello, why = None, str(e) or type(e).__name__
+        else:
+            why = "closed before its hello"
+        entry = self.expected.get(hello.te_id) if hello else None
+        if entry is None or not hmac.compare_digest(hello.secret, entry[0]) or entry[1].done():
+            log.warning("TE connection from %s refused: %s", peer, "wrong TE id or secret" if hello else why)
+            writer.close()
+            return
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        entry[1].set_result((reader, writer, buf))
+
+
+class RayNode:
+    """The main process's handle on one node agent: the `node` of a Ray host."""
+
+    def __init__(self, node_id: str, agent, listener: TEListener, cluster):
+        self.node_id, self.agent, self.listener, self.cluster = node_id, agent, listener, cluster
+        self.info: dict = {}
+        self.template_pid: int | None = None
+
+    async def start(self) -> None:
+        """Start the host's template: from its DRAM cache, or streamed from a running TE."""
+        donor = None if self.info["has_weights"] else self.cluster.donor()
+        self.template_pid = await self.agent.start_template.remote(donor)
+        log.info("template on %s (pid %d) ready, weights from %s", self.info["address"], self.template_pid,
+                 donor or "this host's cache or model file")
+
+    async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
+        secret, arrived = self.listener.expect(te_id)
+        try:
+            pid, mode = await self.agent.launch.remote(te_id, encode_config(cfg), self.listener.address, secret)
+            reader, writer, buf = await asyncio.wait_for(arrived, HELLO_TIMEOUT_S)
+        finally:
+            self.listener.forget(te_id)
+        return Launched(reader, writer, buf, pid, mode, fresh=mode != "fork")
+
+    def kill(self, pid: int) -> None:
+        self.agent.kill.remote(pid)  # fire and forget: on a lost host nothing answers
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.agent.shutdown.remote(), 10)
+        except (RayError, TimeoutError):
+            pass
+        ray.kill(self.agent)
+
+    def to_dict(self) -> dict:
+        return {"node_id": self.node_id[:12], "agent_pid": self.info.get("pid"), "template_pid": self.template_pid}
+
+
+class RayBackend:
+    def __init__(self, cluster, address: str, model_path: str):
+        self.cluster, self.address, self.model_path = cluster, address, model_path
+        self.listener: TEListener | None = None
+        self.nodes: dict[str, Host] = {}
+        self.lost: set[str] = set()
+        self.watchers: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        # Agents import the project from its checkout, at the same path on every host.
+        await asyncio.to_thread(ray.init, address=self.address, logging_level=logging.WARNING, log_to_driver=False,
+                                runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        self.listener = TEListener(ray.util.get_node_ip_address())
+        await self.listener.start()
+        log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
+        await self.discover(start_templates=False)  # the cluster starts the first hosts' templates itself
+        if not self.cluster.hosts:
+            raise RuntimeError("the Ray cluster has no live node")
+        self.watchers = [asyncio.create_task(self.watch_agents()), asyncio.create_task(self.watch_nodes())]
+
+    async def discover(self, start_templates: bool = True) -> None:
+        """Adopt nodes that joined; drop hosts whose node left."""
+        alive = {n["NodeID"]: n for n in await asyncio.to_thread(ray.nodes) if n["Alive"]}
+        for node_id, host in list(self.nodes.items()):
+            if node_id not in alive:
+                self._lose(node_id, "its Ray node left the cluster")
+        new = [n for node_id, n in alive.items() if node_id not in self.nodes and node_id not in self.lost]
+        await asyncio.gather(*(self._adopt(n, start_templates) for n in new))
+
+    async def _adopt(self, node: dict, start_template: bool) -> None:
+        node_id, address = node["NodeID"], node["NodeManagerAddress"]
+        agent = ray.remote(NodeAgent).options(
+            num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(self.model_path, sys.executable)
+        ray_node = RayNode(node_id, agent, self.listener, self.cluster)
+        try:
+            ray_node.info = {**await agent.probe.remote(), "address": address}
+            if start_template:
+                await ray_node.start()
+        except RayError as e:
+            log.error("node %s (%s) could not be adopted: %s", node_id[:12], address, e)
+            self.lost.add(node_id)
+            return
+        info = ray_node.info
+        host = Host(address, address, info["cores"], info["memory"], ray_node)
+        self.nodes[node_id] = host
+        self.cluster.add_host(host)
+
+    def _lose(self, node_id: str, why: str) -> None:
+        host = self.nodes.pop(node_id)
+        self.lost.add(node_id)
+        self.cluster.remove_host(host, why)
+        try:
+            ray.kill(host.node.agent)
+        except RayError:
+            pass
+
+    async def watch_agents(self) -> None:
+        """Each second, ping every agent: one that fails, or stays silent past the cluster's
+        health bound, loses its host."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            hosts = list(self.nodes.items())
+            answers = await asyncio.gather(
+                *(asyncio.wait_for(host.node.agent.ping.remote(), self.cluster.health_timeout_s) for _, host in hosts),
+                return_exceptions=True)
+            for (node_id, _), answer in zip(hosts, answers):
+                if isinstance(answer, (RayError, TimeoutError)) and node_id in self.nodes:
+                    self._lose(node_id, f"its node agent failed: {type(answer).__name__}")
+
+    async def watch_nodes(self) -> None:
+        """Every few seconds, look for nodes that came or went."""
+        while True:
+            await asyncio.sleep(3 * POLL_S)
+            try:
+                await self.discover()
+            except RayError as e:
+                log.warning("could not list Ray nodes: %s", e)
+
+    async def stop(self) -> None:
+        """After the cluster's shutdown, which stopped the agents of the hosts it had."""
+        for task in self.watchers:
+            task.cancel()
+        if self.listener and self.listener.server:
+            self.listener.server.close()
+        await asyncio.to_thread(ray.shutdown)
