@@ -99,8 +99,9 @@ class TEHandle:
                 buf += data
                 for msg in unpack_frames(buf):
                     self._on_frame(msg)
-        except (ConnectionError, ValueError) as e:  # a frame past MAX_FRAME: the stream is lost
-            log.error("TE %s: bad stream: %s", self.id, e)
+        except (ConnectionError, ValueError) as e:  # a reset, or a frame past MAX_FRAME: the stream is lost
+            if self.state is TEState.READY:  # (a TE told to stop may reset a heartbeat it did not read)
+                log.error("TE %s: bad stream: %s", self.id, e)
         self._on_exit()
 
     def _on_frame(self, msg: Message | BadFrame) -> None:

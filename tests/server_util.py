@@ -29,14 +29,19 @@ class Server:
     checked only when the body succeeded; when it failed, its own exception propagates with
     the server's log attached as a note. The log file is removed once the server stopped."""
 
-    def __init__(self, *args: str, timeout: float = 180):
+    def __init__(self, *args: str, timeout: float = 180, env: dict | None = None, host: str = "127.0.0.1",
+                 prefix: tuple[str, ...] = ()):
+        """`prefix`: a command the server runs under, e.g. `ip netns exec NS` (it execs, so the
+        pid is the server's); `host`: the address it listens on there."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.log_path = Path(f"/tmp/deepflow-test-{self.port}.log")
         self.log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "deepflow.py"), "--log-level", "info", "serve", "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            [*prefix, sys.executable, str(ROOT / "deepflow.py"), "--log-level", "info", "serve", "--host", host,
+             "--port", str(self.port), *args],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True)  # its own process group, as under a terminal: tests may signal the group
         try:
             wait_until(self.healthy, timeout, interval=0.25)
