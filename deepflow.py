@@ -319,6 +319,10 @@ class Shutdown:
     def __init__(self):
         self.requested, self.signals = asyncio.Event(), 0
         self.je: JobExecutor | None = None
+        self.install()
+
+    def install(self) -> None:
+        """(Again after `ray.init`, whose own SIGTERM handler would only dump a stack.)"""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal)
@@ -361,6 +365,7 @@ async def serve(args: argparse.Namespace) -> None:
             from scaling.ray_backend import RayBackend
             backend = RayBackend(cluster, args.ray_address, model)
             await backend.start()
+            shutdown.install()
         await cluster.start()
     except BaseException as e:
         await cluster.shutdown()

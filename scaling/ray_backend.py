@@ -122,8 +122,8 @@ class RayBackend:
 
     async def start(self) -> None:
         # Agents import the project from its checkout, at the same path on every host.
-        await asyncio.to_thread(ray.init, address=self.address, logging_level=logging.WARNING, log_to_driver=False,
-                                runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
         self.listener = TEListener(ray.util.get_node_ip_address())
         await self.listener.start()
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
@@ -157,7 +157,8 @@ class RayBackend:
             self.lost.add(node_id)
             return
         info = ray_node.info
-        host = Host(address, address, info["cores"], info["memory"], ray_node)
+        taken = {h.name for h in self.nodes.values()}  # Ray's own test clusters put every node on one IP
+        host = Host(address if address not in taken else f"{address}/{node_id[:6]}", address, info["cores"], info["memory"], ray_node)
         self.nodes[node_id] = host
         self.cluster.add_host(host)
 
