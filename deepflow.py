@@ -357,7 +357,7 @@ async def serve(args: argparse.Namespace) -> None:
                       prewarmed=args.prewarmed, policy=args.policy, imbalance=args.imbalance,
                       kv_transport="unix,tcp" if ray else args.kv_transport, heatmap=heatmap,
                       hosts=[] if ray else None, threads_per_te=args.threads_per_te,
-                      health_timeout_s=args.health_timeout_s)
+                      health_timeout_s=args.health_timeout_s, weights_donors=ray)
     shutdown = Shutdown()
     backend = None
     try:

@@ -6,13 +6,14 @@ Each part starts `deepflow.py serve` on a free loopback port (tests/server_util.
    interpreter + mmap'ed cache, the DRAM pre-loading path; fork: the warm template), scale
    a group from zero with one request waiting, and report the TE's five-step timeline and
    the request's time to first token, all ratios against cold in the same run.
-2. scale: with the fork mode, `POST /admin/scale` to N TEs (small KV budget each, one
-   thread each) for N in --sizes: time until all N are ready and each has served one
+2. scale: at default flags but a small KV pool (--kv-cache-gb 0.02), `POST /admin/scale`
+   to N TEs for N in --sizes (threads follow the host: cores / TEs, at least one): time
+   until all N are ready and each has served one
    request, and the memory of all TE processes (PSS, which splits shared pages among their
    sharers) against N copies of the weights; plus one TE's shared/private split from
    /proc/<pid>/smaps_rollup.
 
-    python bench/scaling.py [--sizes 1,8,16,32,64] [--out bench/results/scaling.json]
+    python bench/scaling.py [--parts timeline,scale] [--sizes 1,8,16,32,64] [--out bench/results/scaling.json]
 """
 import argparse
 import concurrent.futures
@@ -84,7 +85,7 @@ def peer_timeline(weight_bytes: int) -> dict:
 
 
 def scale(n: int, weight_bytes: int) -> dict:
-    s = Server(*COMMON)
+    s = Server("--kv-cache-gb", "0.02")
     try:
         s.post("/admin/scale", {"group": "colocated", "instances": 0})
         wait_until(lambda: not s.get("/admin/cluster")["tes"], 600)
@@ -105,6 +106,7 @@ def scale(n: int, weight_bytes: int) -> dict:
                 "pss_total_mb": pss_mb, "n_x_weights_mb": n * weight_bytes / 2**20,
                 "one_te_shared_mb": (one["Shared_Clean"] + one["Shared_Dirty"]) / 1024,
                 "one_te_private_mb": (one["Private_Clean"] + one["Private_Dirty"]) / 1024,
+                "threads_per_te": sorted({te["threads"] for te in cluster["tes"]}),
                 "mean_timeline_ms": {k: sum(te["timeline_ms"][k] for te in cluster["tes"]) / n for k in STEPS}}
     finally:
         s.stop()
@@ -114,13 +116,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1,8,16,32,64")
     ap.add_argument("--modes", default="cold,preloaded,fork")  # then peer, which needs a running TE
+    ap.add_argument("--parts", default="timeline,scale")
     ap.add_argument("--out", default="bench/results/scaling.json")
     args = ap.parse_args()
     from flowserve.config import default_model_path
     from flowserve.weights import load_weights
     weight_bytes = sum(t.numel() * t.element_size() for t in load_weights(default_model_path())[1].values())
 
-    rows = [timeline(m) for m in args.modes.split(",")]
+    rows, scaled = [], []
+    if "timeline" in args.parts:
+        rows = timeline_table(args.modes.split(","), weight_bytes)
+    if "scale" in args.parts:
+        scaled = [scale(int(n), weight_bytes) for n in args.sizes.split(",") if n]
+        print("\n| TEs | all ready (s) | ready + each served one request (s) | TEs that served | threads per TE "
+              "| PSS of TEs + template (MB) | N x weights (MB) | one TE shared / private (MB) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in scaled:
+        print(f"| {r['tes']} | {r['ready_s']:.2f} | {r['ready_and_served_s']:.2f} | {r['tes_that_served']} | "
+              f"{r['threads_per_te']} | {r['pss_total_mb']:.0f} | {r['n_x_weights_mb']:.0f} | "
+              f"{r['one_te_shared_mb']:.0f} / {r['one_te_private_mb']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"timeline": rows, "scale": scaled}, indent=2))
+
+
+def timeline_table(modes: list[str], weight_bytes: int) -> list[dict]:
+    rows = [timeline(m) for m in modes]
     cold = next((r for r in rows if r["mode"] == "cold"), rows[0])
     print("| start mode | " + " | ".join(STEPS) + " | first token at zero TEs (ms) | vs cold "
           "| then a 1-token request, twice (ms) |")
@@ -135,17 +155,7 @@ def main() -> None:
           " | ".join(f"{peer[k]:.0f}" for k in STEPS) +
           f" | | | TE-Load at {peer['weights_gb_per_s']:.2f} GB/s of weights |")
     rows.append(peer)
-
-    scaled = [scale(int(n), weight_bytes) for n in args.sizes.split(",") if n]
-    print("\n| TEs | all ready (s) | ready + each served one request (s) | TEs that served | PSS of TEs + template (MB) "
-          "| N x weights (MB) | one TE shared / private (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for r in scaled:
-        print(f"| {r['tes']} | {r['ready_s']:.2f} | {r['ready_and_served_s']:.2f} | {r['tes_that_served']} | "
-              f"{r['pss_total_mb']:.0f} | {r['n_x_weights_mb']:.0f} | "
-              f"{r['one_te_shared_mb']:.0f} / {r['one_te_private_mb']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"timeline": rows, "scale": scaled}, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """TE-shell: the process main around one FlowServe engine (one TE).
 
-The main process starts it with one end of a unix socketpair (`--fd`), or the warm template
-forks it (`scaling/template.py`). The shell loads the engine, says `Ready` (with its
-start-up timings), then loops: read commands (`Add`, `Abort`, `Stop`: `flowserve/protocol.py`)
-without blocking while the engine has work, run one engine step, and send that step's
-`TokenOut`s plus the engine's `Stats` back in one `Step` frame. A frame it cannot decode is
+Its host's node agent starts it (`scaling/node.py`, `scaling/node_agent.py`) with its
+socket to the main process as `--fd` (a unix socketpair's end, or a TCP connection from
+another host), or the warm template forks it onto that socket (`scaling/template.py`).
+The shell loads the engine, says `Ready` (with its start-up timings and DistFlow
+addresses), then loops: read commands (`Add`, `Abort`, `Stop`, `Ping`, `Threads`:
+`flowserve/protocol.py`) without blocking while the engine has work, run one engine step,
+and send that step's `TokenOut`s plus the engine's `Stats` back in one `Step` frame. A
+`Ping` is answered between steps with an empty `Step`: a TE that stops stepping stops
+answering, and the main process replaces it. A frame it cannot decode is
 logged and answered with `Error`; the TE keeps serving. Single-threaded: the socket is only
 touched between steps, so the engine needs no locks.
 

@@ -81,13 +81,14 @@ class RayNode:
         self.node_id, self.agent, self.listener, self.cluster = node_id, agent, listener, cluster
         self.info: dict = {}
         self.template_pid: int | None = None
+        self.weights_from: str | None = None   # the donor TE its template took the weights from
 
     async def start(self) -> None:
         """Start the host's template: from its DRAM cache, or streamed from a running TE."""
-        donor = None if self.info["has_weights"] else self.cluster.donor()
-        self.template_pid = await self.agent.start_template.remote(donor)
+        self.weights_from = None if self.info["has_weights"] else self.cluster.donor()
+        self.template_pid = await self.agent.start_template.remote(self.weights_from)
         log.info("template on %s (pid %d) ready, weights from %s", self.info["address"], self.template_pid,
-                 donor or "this host's cache or model file")
+                 self.weights_from or "this host's cache or model file")
 
     async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
         secret, arrived = self.listener.expect(te_id)
@@ -109,7 +110,8 @@ class RayNode:
         ray.kill(self.agent)
 
     def to_dict(self) -> dict:
-        return {"node_id": self.node_id[:12], "agent_pid": self.info.get("pid"), "template_pid": self.template_pid}
+        return {"node_id": self.node_id[:12], "agent_pid": self.info.get("pid"), "template_pid": self.template_pid,
+                "weights_from": self.weights_from or "cache"}
 
 
 class RayBackend:

@@ -106,18 +106,19 @@ class Cluster:
                  max_queued: int = 256, env: dict | None = None, start_mode: str = "fork",
                  prewarmed: int = 1, policy: str = "locality", imbalance: int = 4,
                  kv_transport: str = "unix", heatmap: Heatmap | None = None, hosts: list[Host] | None = None,
-                 threads_per_te: int = 0, health_timeout_s: float = 10.0):
+                 threads_per_te: int = 0, health_timeout_s: float = 10.0, weights_donors: bool = False):
         """`groups`: size and engine config of each of GROUPS (a missing one is empty).
         `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory), tcp, or
         unix,tcp (each pair takes unix on one host, tcp across). `hosts`: where TEs run; by
-        default this one, its node agent in-process. `threads_per_te`: fixed (0: cores / TEs)."""
+        default this one, its node agent in-process. `threads_per_te`: fixed (0: cores / TEs).
+        `weights_donors`: every TE serves its weights (DistFlow) to hosts that lack them."""
         self.model_path = model_path
         # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
         # the warm template, which maps that cache once.
         # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
-        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer",
+        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer" or weights_donors,
                                        kv_listen=kv_transport if g == "decode" else "") for g, (_, cfg) in groups.items()}
         self.max_queued, self.start_mode = max_queued, start_mode
         self.hosts: list[Host] = hosts if hosts is not None else [

@@ -28,3 +28,19 @@ def weights(model_path):
 @pytest.fixture(scope="session")
 def tokenizer(model_path) -> Tokenizer:
     return Tokenizer.load(model_path)
+
+
+PROMPT = {"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}
+
+
+@pytest.fixture(scope="session")
+def engine_greedy_reference(model_path, weights, tokenizer) -> str:
+    """The in-process engine's greedy text for PROMPT: what every TE must give, on any host."""
+    from flowserve.config import EngineConfig
+    from flowserve.engine import Engine
+    from flowserve.protocol import SamplingParams
+    from flowserve.tokenizer import Detokenizer
+    engine = Engine(model_path, EngineConfig(kv_cache_gb=0.1), weights=weights)
+    prompt = tokenizer.encode(PROMPT["prompt"])
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=PROMPT["max_tokens"]))[0]
+    return Detokenizer(tokenizer, prompt).push(out)

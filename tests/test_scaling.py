@@ -9,10 +9,10 @@ import signal
 import aiohttp
 import pytest
 
+from tests.conftest import PROMPT
 from tests.server_util import Server, wait_until
 
 STEPS = ("scaler_pre", "te_pre_load", "te_load", "te_post_load", "scaler_post")
-PROMPT = {"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0}
 
 
 @pytest.mark.parametrize("mode", ["fork", "preloaded", "cold"])
@@ -25,19 +25,6 @@ def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_refe
         te = cluster["tes"][0]
         assert te["start_mode"] == mode
         assert all(te["timeline_ms"][k] >= 0 for k in STEPS), te["timeline_ms"]
-
-
-@pytest.fixture(scope="module")
-def engine_greedy_reference(model_path, weights, tokenizer) -> str:
-    """The in-process engine's greedy text for PROMPT: what every TE must give."""
-    from flowserve.config import EngineConfig
-    from flowserve.engine import Engine
-    from flowserve.protocol import SamplingParams
-    from flowserve.tokenizer import Detokenizer
-    engine = Engine(model_path, EngineConfig(kv_cache_gb=0.1), weights=weights)
-    prompt = tokenizer.encode(PROMPT["prompt"])
-    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=PROMPT["max_tokens"]))[0]
-    return Detokenizer(tokenizer, prompt).push(out)
 
 
 async def test_scale_to_zero_holds_requests_then_scales_out_and_in():
