@@ -255,6 +255,7 @@ class Cluster:
             te.kill()
             raise
         self.weights_bytes = ready.weights_bytes or self.weights_bytes
+        self.rebalance(host)  # TEs that joined while this one started
         self._max_model_len = self._max_model_len or te.max_model_len  # all TEs share one config
         self._place_pending(group)
         te.timings_ms["scaler_post"] = 1e3 * (time.perf_counter() - te.t_ready)

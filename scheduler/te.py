@@ -161,7 +161,8 @@ class TEHandle:
         self._send(Ping())
 
     def set_threads(self, n: int) -> None:
-        if n != self.threads:
+        """A starting TE keeps the count it was started with; the cluster re-balances once it is ready."""
+        if n != self.threads and self.state is TEState.READY:
             self.threads = n
             self._send(Threads(n))
 
