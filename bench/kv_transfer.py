@@ -8,9 +8,11 @@ side's ack, which comes after it has written the blocks into its own KV cache
 (`ModelRunner.write_kv`). The time is that whole round; GB/s = payload bytes / time. The
 first transfer of each size also grows the sender's staging buffer (shown apart).
 The receiver is this script run with `receive TRANSPORT` (the real model's engine, KV
-pool large enough for the largest size).
+pool large enough for the largest size). Transports: `unix` (memfd, one host), `tcp`
+(loopback), and `netns`: TCP to a receiver in a network namespace of its own, over a veth
+pair and a bridge (tests/netns_cluster.py), as between two hosts; needs root.
 
-    python bench/kv_transfer.py [--tokens 256 1024 4096 16384] [--repeats 5]
+    python bench/kv_transfer.py [--transports unix tcp netns] [--tokens 256 1024 4096 16384] [--repeats 5]
 """
 import argparse
 import os
@@ -28,6 +30,7 @@ from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.model import kv_block_bytes  # noqa: E402
 from flowserve.protocol import KVAck, KVHeader, pack  # noqa: E402
+from tests.netns_cluster import NetnsCluster  # noqa: E402
 
 KV_GB = 1.0
 
@@ -36,9 +39,9 @@ def engine() -> Engine:
     return Engine(default_model_path(), EngineConfig(kv_cache_gb=KV_GB, num_threads=1))
 
 
-def receive(transport: str) -> None:
+def receive(transport: str, host: str) -> None:
     runner = engine().runner
-    [(listener, address)] = listen_kv(transport, "127.0.0.1")
+    [(listener, address)] = listen_kv(transport, host)
     print(address, flush=True)
     while conn := accept_kv(listener):
         with conn:
@@ -52,19 +55,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("role", nargs="?", default="send", choices=["send", "receive"])
     ap.add_argument("transport", nargs="?", default="unix")
+    ap.add_argument("--host", default="127.0.0.1", help="receive: the address to listen on")
+    ap.add_argument("--transports", nargs="+", default=["unix", "tcp"], choices=["unix", "tcp", "netns"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     if args.role == "receive":
-        return receive(args.transport)
+        return receive(args.transport, args.host)
     eng = engine()
     runner, bs = eng.runner, eng.cfg.block_size
     print(f"KV per token: {kv_block_bytes(eng.model_cfg, 1, eng.dtype)} bytes ({eng.dtype}); "
           f"{args.repeats} transfers per size, median and best\n")
     print("| transport | prompt tokens | KV MB | first ms | median ms | median GB/s | best GB/s |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
-    for transport in ("unix", "tcp"):
-        peer = subprocess.Popen([sys.executable, __file__, "receive", transport], stdout=subprocess.PIPE, text=True)
+    for transport in args.transports:
+        hosts = None
+        receiver = [sys.executable, __file__, "receive", transport]
+        if transport == "netns":
+            hosts = NetnsCluster(1, prefix="dfkv", subnet="10.80.0").up(started=0)
+            receiver = ["ip", "netns", "exec", hosts.namespace(0), *receiver[:-1], "tcp", "--host", hosts.hosts[0]]
+        peer = subprocess.Popen(receiver, stdout=subprocess.PIPE, text=True)
         sender = KVSender()
         try:
             address = peer.stdout.readline().strip()
@@ -87,6 +97,8 @@ def main() -> None:
             sender.close()
             peer.kill()
             peer.wait()
+            if hosts:
+                hosts.down()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,13 @@ the decode TE's `KVAck` before freeing its blocks. Two transports behind one add
   copies straight into its KV cache. Nothing is named on disk, so nothing leaks when a TE
   dies, and the listener only accepts peers running as the same user (SO_PEERCRED).
 - `tcp:` (any hosts): the raw bytes follow the header on the stream.
-Plain bytes and `flowserve/protocol.py` frames on both paths, no pickle.
+Plain bytes and `flowserve/protocol.py` frames on both paths, no pickle. Listeners bind
+their host's address, so a peer of another host can reach them: a fetcher opens with a
+`Hello` and a KV sender's header carries a secret, the cluster's DistFlow secret that
+every TE and template inherits from the main process (`DEEPFLOW_DISTFLOW_SECRET`), and a
+peer without it gets nothing and gives nothing.
 """
+import hmac
 import logging
 import mmap
 import os
@@ -27,14 +32,22 @@ import threading
 import time
 from collections.abc import Callable
 
+import msgspec
 import torch
 
 from flowserve.config import ModelConfig
-from flowserve.protocol import KVAck, KVHeader, TensorSpec, WeightsHeader, expect, pack, recv_frame
+from flowserve.protocol import BadFrame, Hello, KVAck, KVHeader, TensorSpec, WeightsHeader, expect, pack, recv_frame
 
 log = logging.getLogger("flowserve.distflow")
 SOCKET_BUFFER = 16 << 20  # kernel buffers far above the defaults: fewer, larger copies per transfer
 STAGING_STEP = 16 << 20   # a KV sender's staging buffer grows in steps of this
+HELLO_TIMEOUT_S = 5
+SECRET = bytes.fromhex(os.environ.get("DEEPFLOW_DISTFLOW_SECRET", ""))
+
+
+def _check_secret(given: bytes, what: str) -> None:
+    if not hmac.compare_digest(given, SECRET):
+        raise ConnectionError(f"{what} without the cluster's DistFlow secret")
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -71,10 +84,14 @@ def serve_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], host: str)
         with conn:
             t0 = time.perf_counter()
             try:
+                conn.settimeout(HELLO_TIMEOUT_S)
+                hello = expect(recv_frame(conn, bytearray()), Hello)
+                _check_secret(hello.secret if hello else b"?", "a weights fetch")
+                conn.settimeout(None)
                 conn.sendall(header)
                 for t in cpu.values():
                     conn.sendall(_raw(t))
-            except OSError as e:
+            except (OSError, BadFrame) as e:
                 log.warning("weights to %s failed: %s", peer, e)
                 return
             log.info("sent weights to %s in %.3f s", peer, time.perf_counter() - t0)
@@ -93,6 +110,7 @@ def fetch_weights(address: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     with socket.socket() as conn:
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)  # before connect: sets the TCP window
         conn.connect((host, int(port)))
+        conn.sendall(pack(Hello("weights", SECRET)))
         buf = bytearray()
         head = expect(recv_frame(conn, buf), WeightsHeader)
         if head is None:
@@ -179,7 +197,7 @@ class KVSender:
         kind, _, where = address.partition(":")
         dtype = torch_dtype(head.dtype)
         size = nbytes(head.shape, dtype)
-        header = pack(head)
+        header = pack(msgspec.structs.replace(head, secret=SECRET))
         staging = self._staging(size)
         fill(_tensor_on(staging, head.shape, dtype, size))
         if kind == "unix":
@@ -214,6 +232,7 @@ def recv_kv(conn: socket.socket, timeout: float) -> tuple[KVHeader, torch.Tensor
         head = expect(recv_frame(conn, buf), KVHeader)
         if head is None:
             raise ConnectionError("prefill TE closed before its KV header")
+        _check_secret(head.secret, "a KV transfer")
         dtype = torch_dtype(head.dtype)
         if conn.family != socket.AF_UNIX:
             return head, _recv_tensor(conn, buf, head.shape, dtype)

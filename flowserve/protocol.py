@@ -104,7 +104,9 @@ class Threads(Message, tag=Op.THREADS.value):
 
 
 class Hello(Message, tag=Op.HELLO.value):
-    """The first frame on a TE's TCP connection to the main process: who it is, and proof."""
+    """The first frame on a TE's TCP connection to the main process (who it is, and the
+    secret made for its start), or on a weights fetch from a DistFlow donor (`te_id`
+    "weights", the cluster's DistFlow secret)."""
     te_id: str
     secret: bytes
 
@@ -194,6 +196,7 @@ class KVHeader(Message, tag=Op.KV_HEADER.value):
     shape: list[int]
     dtype: str                        # a torch dtype's name, e.g. "float32"
     rng_state: bytes | None = None    # a seeded request's generator, after the first token
+    secret: bytes = b""               # the cluster's DistFlow secret: the receiver takes KV only with it
 
 
 class KVAck(Message, tag=Op.KV_ACK.value):

@@ -25,9 +25,10 @@ log = logging.getLogger("deepflow.node_agent")
 
 
 class NodeAgent:
-    def __init__(self, model_path: str, python: str):
-        """`python`: the project's interpreter (inside a Ray worker, sys.executable is Ray's choice)."""
-        self.model_path, self.python = model_path, python
+    def __init__(self, model_path: str, python: str, env: dict):
+        """`python`: the project's interpreter (inside a Ray worker, sys.executable is Ray's
+        choice); `env`: added to its TE processes' environment (the cluster's DistFlow secret)."""
+        self.model_path, self.python, self.env = model_path, python, env
         self.template: TemplateHandle | None = None
         self.procs: dict[int, object] = {}   # pid -> its process handle (cold spawns) or None (forks)
 
@@ -41,7 +42,8 @@ class NodeAgent:
         return {**probe(), "pid": os.getpid(), "has_weights": has_weights}
 
     async def start_template(self, weights_from: str | None) -> int:
-        self.template = TemplateHandle(self.model_path, {"OMP_NUM_THREADS": "1"}, self.python, weights_from)
+        self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"}, self.python,
+                                       weights_from)
         await self.template.start()
         return self.template.proc.pid
 
@@ -57,7 +59,7 @@ class NodeAgent:
             if self.template and self.template.alive:
                 pid, mode, proc = await self.template.fork(te_id, cfg, sock), "fork", None
             else:
-                env = {"OMP_NUM_THREADS": str(cfg.num_threads or 1)}
+                env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
                 proc = await spawn_te_shell(cfg, env, self.model_path, sock, self.python)
                 pid, mode = proc.pid, "preloaded" if cfg.use_weight_cache else "cold"
         self.procs[pid] = proc

@@ -148,7 +148,7 @@ class RayBackend:
         agent = ray.remote(NodeAgent).options(
             num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.model_path, sys.executable)
+        ).remote(self.model_path, sys.executable, self.cluster.te_env)
         ray_node = RayNode(node_id, agent, self.listener, self.cluster)
         try:
             ray_node.info = {**await agent.probe.remote(), "address": address}

@@ -34,6 +34,7 @@ import asyncio
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from dataclasses import asdict, replace
@@ -111,7 +112,8 @@ class Cluster:
         `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory), tcp, or
         unix,tcp (each pair takes unix on one host, tcp across). `hosts`: where TEs run; by
         default this one, its node agent in-process. `threads_per_te`: fixed (0: cores / TEs).
-        `weights_donors`: every TE serves its weights (DistFlow) to hosts that lack them."""
+        `weights_donors`: every TE serves its weights (DistFlow) to hosts that lack them.
+        `env`: added to the environment of every TE process."""
         self.model_path = model_path
         # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
         # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
@@ -121,9 +123,11 @@ class Cluster:
         self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer" or weights_donors,
                                        kv_listen=kv_transport if g == "decode" else "") for g, (_, cfg) in groups.items()}
         self.max_queued, self.start_mode = max_queued, start_mode
+        # Every TE and template of this cluster inherits it; DistFlow peers must show it (flowserve/distflow.py).
+        self.te_env = {**(env or {}), "DEEPFLOW_DISTFLOW_SECRET": secrets.token_hex(32)}
         self.hosts: list[Host] = hosts if hosts is not None else [
             Host("local", "127.0.0.1", **probe(),
-                 node=LocalNode(model_path, start_mode, prewarmed, self.engine_cfgs["colocated"], env))]
+                 node=LocalNode(model_path, start_mode, prewarmed, self.engine_cfgs["colocated"], self.te_env))]
         self.threads_per_te, self.health_timeout_s = threads_per_te, health_timeout_s
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}

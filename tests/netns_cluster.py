@@ -162,13 +162,17 @@ class NetnsCluster:
         self.down()
 
     def up(self, started: int | None = None) -> Self:
-        """Create all n hosts' namespaces; start Ray on the first `started` (default all): the
-        others join later with `join(i)`, as machines added to a running cluster."""
+        """Create all n hosts' namespaces; start Ray on the first `started` (default all; 0: no
+        Ray, the network alone): the others join later with `join(i)`, as machines added to a
+        running cluster."""
         t0 = time.monotonic()
         self._cleanup()
         t1 = time.monotonic()
         self._make_network()
         t2 = time.monotonic()
+        if started == 0:
+            self.timings = {"cleanup": t1 - t0, "network": t2 - t1, "up": t2 - t0}
+            return self
         shutil.rmtree(self.state_dir, ignore_errors=True)
         os.makedirs(self.state_dir, mode=0o700)
         if self.auth == "token":

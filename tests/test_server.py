@@ -240,11 +240,13 @@ def test_models_health_metrics(server, client):
 
 
 def test_main_process_has_not_loaded_torch(server, client):
-    """The main process only schedules: torch, and its memory, stay in the TEs."""
+    """The main process only schedules: torch, and its memory, stay in the TEs; and the default
+    (local) backend never loads Ray."""
     client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2)
 
-    def torch_libs(pid: int) -> list[str]:
-        return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "libtorch" in line]
-    assert torch_libs(server.get("/admin/cluster")["tes"][0]["pid"])  # what the check looks for is there
-    assert torch_libs(server.proc.pid) == []
+    def libs(pid: int, name: str) -> list[str]:
+        return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if name in line]
+    assert libs(server.get("/admin/cluster")["tes"][0]["pid"], "libtorch")  # what the check looks for is there
+    assert libs(server.proc.pid, "libtorch") == []
+    assert libs(server.proc.pid, "_raylet") == [] and libs(server.proc.pid, "msgspec")  # (msgspec: the check works)
     assert rss_mb(server.proc.pid) < 200

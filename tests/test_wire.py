@@ -1,21 +1,23 @@
 """The seams between processes: `flowserve/protocol.py` frames survive garbage on both ends of a
-TE's socket, and the JE's `StopStrings` cuts text exactly at a stop string."""
+TE's socket, DistFlow peers need the cluster's secret, and the JE's `StopStrings` cuts text
+exactly at a stop string."""
 import asyncio
 import socket
 import threading
 
 import msgspec
 import pytest
+import torch
 
-from flowserve.config import EngineConfig
+from flowserve import distflow
+from flowserve.config import EngineConfig, ModelConfig
 from flowserve.engine import Engine
 from flowserve.protocol import (
-    HEADER, Add, Error, FinishReason, Ready, Stats, StartTimings, Step, Stop, TokenOut, pack, recv_frame, unpack_frames)
-from flowserve.protocol import SamplingParams
+    HEADER, Add, Error, FinishReason, Hello, KVHeader, Ready, SamplingParams, Stats, StartTimings, Step, Stop, TokenOut,
+    pack, recv_frame, unpack_frames)
 from flowserve.te_shell import TEShell
-from scheduler.je import StopStrings
-from scheduler.je import Task
 from scheduler.hosts import Host
+from scheduler.je import StopStrings, Task
 from scheduler.te import TEHandle, TEState
 
 
@@ -103,3 +105,23 @@ def test_stop_strings_hold_back_until_final():
     s = StopStrings(["END"])
     assert s.push("abcEN") == ("abc", False)
     assert s.push("", final=True) == ("EN", False)
+
+
+def test_distflow_peers_without_the_cluster_secret_get_nothing_and_give_nothing(monkeypatch):
+    """DistFlow listeners bind the host's address: a weights fetch or a KV transfer counts only
+    with the cluster's secret, which every TE inherits from the main process."""
+    monkeypatch.setattr(distflow, "SECRET", b"s" * 32)
+    cfg = ModelConfig(vocab_size=8, hidden_size=4, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                      head_dim=4)
+    address = distflow.serve_weights(cfg, {"w": torch.arange(4.0)}, "127.0.0.1")
+    assert torch.equal(distflow.fetch_weights(address)[1]["w"], torch.arange(4.0))  # with the secret
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port))) as peer:
+        peer.sendall(pack(Hello("weights", b"guess")))
+        assert recv_frame(peer, bytearray()) is None  # closed before any header
+
+    [(listener, kv_address)] = distflow.listen_kv("tcp", "127.0.0.1")
+    with listener, socket.create_connection(("127.0.0.1", int(kv_address.rsplit(":", 1)[1]))) as peer:
+        peer.sendall(pack(KVHeader("r", [1], 0, [1], "float32", secret=b"guess")) + b"\0" * 4)
+        with distflow.accept_kv(listener) as conn, pytest.raises(ConnectionError, match="secret"):
+            distflow.recv_kv(conn, 5)
