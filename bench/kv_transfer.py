@@ -16,6 +16,7 @@ pair and a bridge (tests/netns_cluster.py), as between two hosts; needs root.
 """
 import argparse
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
-from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_kv  # noqa: E402
+from flowserve.distflow import SOCKET_BUFFER, KVSender, accept_kv, dtype_name, listen_kv, recv_kv  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.model import kv_block_bytes  # noqa: E402
 from flowserve.protocol import KVAck, KVHeader, pack  # noqa: E402
@@ -39,13 +40,47 @@ def engine() -> Engine:
     return Engine(default_model_path(), EngineConfig(kv_cache_gb=KV_GB, num_threads=1))
 
 
+def sink(host: str) -> None:
+    """The raw-TCP baseline's receiver: for each connection, an 8-byte length, then that many
+    bytes (into a buffer kept across connections, as a decode TE's KV cache is), then one
+    byte back."""
+    listener = socket.create_server((host, 0))
+    print(f"tcp:{host}:{listener.getsockname()[1]}", flush=True)
+    buffer = bytearray()
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            size, got = int.from_bytes(conn.recv(8, socket.MSG_WAITALL), "big"), 0
+            buffer.extend(bytes(max(0, size - len(buffer))))
+            view = memoryview(buffer)[:size]
+            while got < size:
+                got += conn.recv_into(view[got:])
+            conn.sendall(b"k")
+
+
+def raw_tcp(address: str, payload: bytes) -> float:
+    """Seconds to push `payload` through a plain TCP stream to `sink` and hear back."""
+    host, port = address.removeprefix("tcp:").rsplit(":", 1)
+    t0 = time.perf_counter()
+    with socket.create_connection((host, int(port))) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        conn.sendall(len(payload).to_bytes(8, "big"))
+        conn.sendall(payload)
+        conn.recv(1)
+    return time.perf_counter() - t0
+
+
 def receive(transport: str, host: str) -> None:
+    if transport == "sink":
+        return sink(host)
     runner = engine().runner
     [(listener, address)] = listen_kv(transport, host)
     print(address, flush=True)
+    landing = bytearray()
     while conn := accept_kv(listener):
         with conn:
-            head, kv = recv_kv(conn, 60)
+            head, kv = recv_kv(conn, 60, landing)
             runner.write_kv(list(range(kv.shape[3])), kv)
             del kv
             conn.sendall(pack(KVAck(True)))
@@ -75,10 +110,14 @@ def main() -> None:
             hosts = NetnsCluster(1, prefix="dfkv", subnet="10.80.0").up(started=0)
             receiver = ["ip", "netns", "exec", hosts.namespace(0), *receiver[:-1], "tcp", "--host", hosts.hosts[0]]
         peer = subprocess.Popen(receiver, stdout=subprocess.PIPE, text=True)
+        baseline = None
+        if transport != "unix":  # the same path without DistFlow: a plain stream of the largest payload
+            baseline = subprocess.Popen([*receiver[:receiver.index("receive") + 1], "sink", "--host",
+                                         hosts.hosts[0] if hosts else "127.0.0.1"], stdout=subprocess.PIPE, text=True)
         sender = KVSender()
         try:
             address = peer.stdout.readline().strip()
-            for tokens in args.tokens:
+            for tokens in args.tokens:  # then the baseline, at the largest size
                 blocks = list(range(-(-tokens // bs)))
                 shape = runner.kv_shape(len(blocks))
                 nbytes = kv_block_bytes(eng.model_cfg, bs, eng.dtype) * len(blocks)
@@ -93,10 +132,18 @@ def main() -> None:
                 print(f"| {transport} | {tokens} | {nbytes / 1e6:.1f} | {1e3 * first:.1f} | {1e3 * med:.1f} | "
                       f"{nbytes / med / 1e9:.2f} "
                       f"| {nbytes / min(times) / 1e9:.2f} |", flush=True)
+            if baseline:  # nbytes: the largest size's
+                sink_address, payload = baseline.stdout.readline().strip(), bytes(nbytes)
+                times = [raw_tcp(sink_address, payload) for _ in range(args.repeats + 1)][1:]
+                med = statistics.median(times)
+                print(f"| {transport}, plain TCP stream (baseline) | | {nbytes / 1e6:.1f} | | {1e3 * med:.1f} | "
+                      f"{nbytes / med / 1e9:.2f} | {nbytes / min(times) / 1e9:.2f} |", flush=True)
         finally:
             sender.close()
-            peer.kill()
-            peer.wait()
+            for p in (peer, baseline):
+                if p:
+                    p.kill()
+                    p.wait()
             if hosts:
                 hosts.down()
 

@@ -119,9 +119,16 @@ def fetch_weights(address: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return head.config, tensors
 
 
-def _recv_tensor(conn: socket.socket, buf: bytearray, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """Read one tensor's raw bytes: first whatever `buf` already holds past the header."""
-    t = torch.empty(shape, dtype=dtype)
+def _recv_tensor(conn: socket.socket, buf: bytearray, shape: list[int], dtype: torch.dtype,
+                 landing: bytearray | None = None) -> torch.Tensor:
+    """Read one tensor's raw bytes: first whatever `buf` already holds past the header. Into
+    `landing` if given (grown as needed and reused: its pages are already faulted in)."""
+    if landing is None:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        size = nbytes(shape, dtype)
+        landing.extend(bytes(max(0, size - len(landing))))
+        t = torch.frombuffer(landing, dtype=torch.uint8, count=size).view(dtype).view(shape)
     view = _raw(t)
     got = min(len(buf), len(view))
     view[:got] = buf[:got]
@@ -220,9 +227,10 @@ class KVSender:
             raise ConnectionError(ack.error if ack else "decode TE closed the connection before its ack")
 
 
-def recv_kv(conn: socket.socket, timeout: float) -> tuple[KVHeader, torch.Tensor]:
+def recv_kv(conn: socket.socket, timeout: float, landing: bytearray | None = None) -> tuple[KVHeader, torch.Tensor]:
     """Receive one request's KV from a prefill TE: its header and the payload (for `unix:` a
-    view of the sender's memfd, unmapped when the tensor is freed). The caller acks."""
+    view of the sender's memfd, unmapped when the tensor is freed; for `tcp:` in `landing`
+    if given, valid until the next call). The caller acks."""
     conn.settimeout(timeout)
     buf, fds = bytearray(), []
     if conn.family == socket.AF_UNIX:
@@ -235,7 +243,7 @@ def recv_kv(conn: socket.socket, timeout: float) -> tuple[KVHeader, torch.Tensor
         _check_secret(head.secret, "a KV transfer")
         dtype = torch_dtype(head.dtype)
         if conn.family != socket.AF_UNIX:
-            return head, _recv_tensor(conn, buf, head.shape, dtype)
+            return head, _recv_tensor(conn, buf, head.shape, dtype, landing)
         if not fds:
             raise ConnectionError("KV header came without its memfd")
         size = nbytes(head.shape, dtype)

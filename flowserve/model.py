@@ -162,8 +162,11 @@ class ModelRunner:
         """Copy the K/V of `block_ids` into `out` (host memory, `kv_shape(len(block_ids))`)."""
         idx = torch.tensor(block_ids, device=self.device)
         for layer, kv in enumerate(self.kv_cache):
-            for i in (0, 1):
-                out[layer, i].copy_(kv[i].index_select(1, idx))
+            for i in (0, 1):  # on the CPU straight into the payload; from a device, gathered there first
+                if out.device == kv[i].device:
+                    torch.index_select(kv[i], 1, idx, out=out[layer, i])
+                else:
+                    out[layer, i].copy_(kv[i].index_select(1, idx))
 
     def write_kv(self, block_ids: list[int], kv_in: torch.Tensor) -> None:
         """The inverse of `read_kv`: fill `block_ids` from a received payload."""

@@ -56,6 +56,7 @@ class TEShell:
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
         self.awaiting: dict[str, Add] = {}   # decode side: request id -> its `Add`, until the KV comes
         self.kv_sender = KVSender()
+        self.kv_landing = bytearray()       # decode side: KV over TCP lands here, kept between transfers
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(pack(msg))
@@ -121,7 +122,7 @@ class TEShell:
         timeout = self.engine.cfg.kv_timeout_s
         with conn:
             try:
-                head, kv = recv_kv(conn, timeout)
+                head, kv = recv_kv(conn, timeout, self.kv_landing)
                 add = self.awaiting.pop(head.rid, None)
                 if add is None:  # aborted meanwhile (or never announced): the sender frees its blocks
                     conn.sendall(pack(KVAck(False, "request unknown to the decode TE")))
