@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from flowserve.config import EngineConfig
 
 GiB, MiB = 1 << 30, 1 << 20
-# Measured on SmolLM2-135M (bench/hosts_memory.md in docs/BENCHMARKS.md section 8): a forked TE's
-# private pages at rest are ~10 MiB besides its KV pool; a fresh interpreter's torch runtime
-# is ~300 MiB. A 512-token prefill peaks ~80 MiB above rest.
-RUNTIME_BYTES = {"fork": 32 * MiB, "other": 320 * MiB}
+# Measured on SmolLM2-135M (docs/BENCHMARKS.md section 8): besides its KV pool, a forked TE
+# owns ~5 MiB at rest and ~35 MiB after a 600-token prompt; a fresh interpreter's own
+# anonymous memory (torch's runtime) is ~175 MiB. A 512-token step peaks ~80 MiB above rest.
+RUNTIME_BYTES = {"fork": 32 * MiB, "other": 192 * MiB}
 ACTIVATION_BYTES_PER_TOKEN = 160 << 10
 HEADROOM = 0.9  # of the memory available at registration: the page cache and the OS keep the rest
 
