@@ -185,17 +185,10 @@ def load_weights(model_path: str, dtype: torch.dtype = torch.float32,
     log.info("loaded %s (%s) in %.3f s", model_path, "HF dir" if os.path.isdir(model_path) else "GGUF",
              time.perf_counter() - t0)
     if use_cache:
-        write_cache(model_path, cfg, tensors)
+        t1 = time.perf_counter()
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"deepflow.config": json.dumps(asdict(cfg))})
+        os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
+        log.info("wrote loading-optimized cache %s in %.3f s", cached, time.perf_counter() - t1)
     return cfg, tensors
-
-
-def write_cache(model_path: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Save `tensors` as `model_path`'s loading-optimized cache (in their own dtype)."""
-    t0 = time.perf_counter()
-    dtype = next(iter(tensors.values())).dtype
-    cached = cache_path(model_path, f"{str(dtype).removeprefix('torch.')}.safetensors")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"deepflow.config": json.dumps(asdict(cfg))})
-    os.replace(tmp, cached)  # atomic: a concurrent reader never sees half a file
-    log.info("wrote loading-optimized cache %s in %.3f s", cached, time.perf_counter() - t0)

@@ -4,7 +4,7 @@ It imports torch and flowserve and maps the model's weights once, from the
 loading-optimized cache (`flowserve.weights`: an mmap'ed safetensors file, so the pages
 live in the page cache and every process that maps them shares them), or, on a host
 whose DRAM holds no weights yet, receives them from a running TE of another host
-(`--weights-from`, DistFlow) and writes that cache first. Then it waits on a control socket from whoever started it
+(`--weights-from`, DistFlow). Then it waits on a control socket from whoever started it
 (the main process, or a node agent on another host). Each `fork` command carries, as
 SCM_RIGHTS ancillary data, the TE's socket (a socketpair's end, or a TCP connection to
 the main process); the template forks, and the child becomes a TE-shell over that socket
@@ -36,7 +36,7 @@ from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import Error, Fork, Forked, TemplateReady, pack, unpack_frames  # noqa: E402
 from flowserve.distflow import fetch_weights  # noqa: E402
 from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
-from flowserve.weights import load_weights, write_cache  # noqa: E402
+from flowserve.weights import load_weights  # noqa: E402
 
 log = logging.getLogger("scaling.template")
 
@@ -61,13 +61,9 @@ def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, wei
 
 def run_template(control: socket.socket, model: str, weights_from: str | None = None) -> None:
     torch.set_num_threads(1)
-    # Streamed from a running TE of another host (DistFlow) when this host's DRAM has no copy:
-    # written to this host's cache, then mapped like any cached model. Forks then share page-
-    # cache pages (a fork does not copy the page tables of file mappings, as it would for the
-    # received copy), and a restarted template needs no donor.
-    if weights_from:
-        write_cache(model, *fetch_weights(weights_from))
-    cfg, tensors = load_weights(model)  # mmap'ed from the cache; converts the model on first use
+    # mmap'ed from the cache (converting the model on first use), or streamed from a running
+    # TE of another host (DistFlow): then the forks share this process's copy.
+    cfg, tensors = fetch_weights(weights_from) if weights_from else load_weights(model)
     # Warm the CPU kernels once, here, on one thread: every fork inherits them and skips its
     # own warm-up (TE-Post-Load). A TE on an accelerator still warms up after the fork.
     warm_up(Engine(None, EngineConfig(device="cpu", num_kv_blocks=4, num_threads=1), weights=(cfg, tensors)))
