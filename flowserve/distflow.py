@@ -115,20 +115,24 @@ def fetch_weights(address: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         head = expect(recv_frame(conn, buf), WeightsHeader)
         if head is None:
             raise ConnectionError("weights peer closed before its header")
-        tensors = {t.name: _recv_tensor(conn, buf, t.shape, torch_dtype(t.dtype)) for t in head.tensors}
+        specs = [(t.name, t.shape, torch_dtype(t.dtype)) for t in head.tensors]
+        # All in one shared-memory file: a template that received them forks TEs that share
+        # these pages the way they share a page-cache mapping (a fork copies the page tables
+        # of private memory; of shared mappings it copies none).
+        sizes = [-(-nbytes(shape, dtype) // 64) * 64 for _, shape, dtype in specs]
+        fd = os.memfd_create("deepflow-weights", os.MFD_CLOEXEC)
+        os.ftruncate(fd, sum(sizes))
+        arena = mmap.mmap(fd, sum(sizes), flags=mmap.MAP_SHARED)
+        os.close(fd)  # the mapping keeps the memory
+        tensors, offset = {}, 0
+        for (name, shape, dtype), size in zip(specs, sizes):
+            tensors[name] = _recv_into(conn, buf, _tensor_on(arena, shape, dtype, nbytes(shape, dtype), offset))
+            offset += size
     return head.config, tensors
 
 
-def _recv_tensor(conn: socket.socket, buf: bytearray, shape: list[int], dtype: torch.dtype,
-                 landing: bytearray | None = None) -> torch.Tensor:
-    """Read one tensor's raw bytes: first whatever `buf` already holds past the header. Into
-    `landing` if given (grown as needed and reused: its pages are already faulted in)."""
-    if landing is None:
-        t = torch.empty(shape, dtype=dtype)
-    else:
-        size = nbytes(shape, dtype)
-        landing.extend(bytes(max(0, size - len(landing))))
-        t = torch.frombuffer(landing, dtype=torch.uint8, count=size).view(dtype).view(shape)
+def _recv_into(conn: socket.socket, buf: bytearray, t: torch.Tensor) -> torch.Tensor:
+    """Fill `t` with raw bytes from `conn`: first whatever `buf` already holds past the header."""
     view = _raw(t)
     got = min(len(buf), len(view))
     view[:got] = buf[:got]
@@ -243,7 +247,11 @@ def recv_kv(conn: socket.socket, timeout: float, landing: bytearray | None = Non
         _check_secret(head.secret, "a KV transfer")
         dtype = torch_dtype(head.dtype)
         if conn.family != socket.AF_UNIX:
-            return head, _recv_tensor(conn, buf, head.shape, dtype, landing)
+            if landing is None:
+                return head, _recv_into(conn, buf, torch.empty(head.shape, dtype=dtype))
+            size = nbytes(head.shape, dtype)
+            landing.extend(bytes(max(0, size - len(landing))))  # kept: its pages are already faulted in
+            return head, _recv_into(conn, buf, _tensor_on(landing, head.shape, dtype, size))
         if not fds:
             raise ConnectionError("KV header came without its memfd")
         size = nbytes(head.shape, dtype)
@@ -254,6 +262,7 @@ def recv_kv(conn: socket.socket, timeout: float, landing: bytearray | None = Non
             os.close(fd)  # a mapping outlives its descriptor
 
 
-def _tensor_on(mm: mmap.mmap, shape: list[int], dtype: torch.dtype, nbytes: int) -> torch.Tensor:
-    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+def _tensor_on(mem, shape: list[int], dtype: torch.dtype, nbytes: int, offset: int = 0) -> torch.Tensor:
+    """A tensor over `nbytes` of a writable buffer (an mmap, a bytearray), from `offset`."""
+    return torch.frombuffer(mem, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)
 
