@@ -80,8 +80,9 @@ def receive(transport: str, host: str) -> None:
     landing = bytearray()
     while conn := accept_kv(listener):
         with conn:
-            head, kv = recv_kv(conn, 60, landing)
-            runner.write_kv(list(range(kv.shape[3])), kv)
+            head, kv, arrived = recv_kv(conn, 60, landing)
+            for layer in arrived:
+                runner.write_kv(list(range(kv.shape[3])), kv, layer)
             del kv
             conn.sendall(pack(KVAck(True)))
 
@@ -125,7 +126,7 @@ def main() -> None:
                 for _ in range(args.repeats + 1):
                     t0 = time.perf_counter()
                     head = KVHeader("bench", [], 0, shape, dtype_name(eng.dtype))
-                    sender.send(address, head, lambda out: runner.read_kv(blocks, out), 60)
+                    sender.send(address, head, lambda out, layer: runner.read_kv(blocks, out, layer), 60)
                     times.append(time.perf_counter() - t0)
                 first, times = times[0], times[1:]
                 med = statistics.median(times)

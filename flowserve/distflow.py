@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 import torch
@@ -201,16 +201,19 @@ class KVSender:
             os.close(self.fd)
             self.fd, self.buffer = -1, None
 
-    def send(self, address: str, head: KVHeader, fill: Callable[[torch.Tensor], None], timeout: float) -> None:
-        """Send one request's KV to the decode TE at `address`: `fill` writes the payload
-        (`head.shape`, `head.dtype`) into the buffer it is given. Returns once the decode TE
-        has it in its cache; raises OSError (ConnectionError, TimeoutError) if it does not."""
+    def send(self, address: str, head: KVHeader, fill: Callable[[torch.Tensor, int], None], timeout: float) -> None:
+        """Send one request's KV to the decode TE at `address`: `fill(payload, layer)` writes
+        one layer of the payload (`head.shape`, `head.dtype`: layers first) into the buffer
+        it is given. Over TCP each layer goes out as soon as it is written, so reading the
+        next overlaps with the transfer (and, on the decode side, with writing the last).
+        Returns once the decode TE has it in its cache; raises OSError (ConnectionError,
+        TimeoutError) if it does not."""
         kind, _, where = address.partition(":")
         dtype = torch_dtype(head.dtype)
-        size = nbytes(head.shape, dtype)
+        size, layers = nbytes(head.shape, dtype), head.shape[0]
         header = pack(msgspec.structs.replace(head, secret=SECRET))
         staging = self._staging(size)
-        fill(_tensor_on(staging, head.shape, dtype, size))
+        payload = _tensor_on(staging, head.shape, dtype, size)
         if kind == "unix":
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.settimeout(timeout)
@@ -221,20 +224,28 @@ class KVSender:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         with conn:
             if kind == "unix":  # the decode TE maps the same pages: nothing is copied in between
+                for layer in range(layers):
+                    fill(payload, layer)
                 socket.send_fds(conn, [header], [self.fd])
             else:
                 conn.sendall(header)
+                per_layer = size // layers
                 with memoryview(staging) as view:
-                    conn.sendall(view[:size])
+                    for layer in range(layers):
+                        fill(payload, layer)
+                        conn.sendall(view[layer * per_layer:(layer + 1) * per_layer])
             ack = expect(recv_frame(conn, bytearray()), KVAck)
         if ack is None or not ack.ok:
             raise ConnectionError(ack.error if ack else "decode TE closed the connection before its ack")
 
 
-def recv_kv(conn: socket.socket, timeout: float, landing: bytearray | None = None) -> tuple[KVHeader, torch.Tensor]:
-    """Receive one request's KV from a prefill TE: its header and the payload (for `unix:` a
-    view of the sender's memfd, unmapped when the tensor is freed; for `tcp:` in `landing`
-    if given, valid until the next call). The caller acks."""
+def recv_kv(conn: socket.socket, timeout: float,
+            landing: bytearray | None = None) -> tuple[KVHeader, torch.Tensor, Iterator[int]]:
+    """Receive one request's KV from a prefill TE: its header, the payload tensor (for
+    `unix:` a view of the sender's memfd, unmapped when the tensor is freed; for `tcp:` in
+    `landing` if given, valid until the next call), and an iterator that yields each layer's
+    index once that layer is whole (over TCP it reads the layer from `conn` first: consume it
+    all before acking). The caller acks."""
     conn.settimeout(timeout)
     buf, fds = bytearray(), []
     if conn.family == socket.AF_UNIX:
@@ -246,20 +257,27 @@ def recv_kv(conn: socket.socket, timeout: float, landing: bytearray | None = Non
             raise ConnectionError("prefill TE closed before its KV header")
         _check_secret(head.secret, "a KV transfer")
         dtype = torch_dtype(head.dtype)
+        size = nbytes(head.shape, dtype)
         if conn.family != socket.AF_UNIX:
             if landing is None:
-                return head, _recv_into(conn, buf, torch.empty(head.shape, dtype=dtype))
-            size = nbytes(head.shape, dtype)
-            landing.extend(bytes(max(0, size - len(landing))))  # kept: its pages are already faulted in
-            return head, _recv_into(conn, buf, _tensor_on(landing, head.shape, dtype, size))
+                kv = torch.empty(head.shape, dtype=dtype)
+            else:
+                landing.extend(bytes(max(0, size - len(landing))))  # kept: its pages are already faulted in
+                kv = _tensor_on(landing, head.shape, dtype, size)
+            return head, kv, _layers_arriving(conn, buf, kv)
         if not fds:
             raise ConnectionError("KV header came without its memfd")
-        size = nbytes(head.shape, dtype)
         mapped = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        return head, _tensor_on(mapped, head.shape, dtype, size)
+        return head, _tensor_on(mapped, head.shape, dtype, size), iter(range(head.shape[0]))
     finally:
         for fd in fds:
             os.close(fd)  # a mapping outlives its descriptor
+
+
+def _layers_arriving(conn: socket.socket, buf: bytearray, kv: torch.Tensor) -> Iterator[int]:
+    for layer in range(kv.shape[0]):
+        _recv_into(conn, buf, kv[layer])
+        yield layer
 
 
 def _tensor_on(mem, shape: list[int], dtype: torch.dtype, nbytes: int, offset: int = 0) -> torch.Tensor:

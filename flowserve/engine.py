@@ -15,6 +15,7 @@ has sent them to a decode TE (`flowserve.distflow`) and calls `release`. On the 
 """
 import logging
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -68,19 +69,24 @@ class Engine:
         self.batcher.add(seq)
 
     def add_prefilled(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
-                      kv: torch.Tensor, num_cached: int, rng_state: torch.Tensor | None = None) -> None:
+                      kv: torch.Tensor, arrived: Iterable[int], num_cached: int,
+                      rng_state: torch.Tensor | None = None) -> None:
         """Continue a request a prefill TE started: `token_ids` is its prompt and first token,
-        `kv` the prompt's K/V blocks (`ModelRunner.kv_shape`), `rng_state` its seeded
-        generator's state after the first token (so a seeded request draws what it would
-        have drawn colocated). Without free blocks for the KV it waits and recomputes its
-        prompt here instead: slower, same tokens."""
+        `kv` the prompt's K/V blocks (`ModelRunner.kv_shape`), whose layers are whole as
+        `arrived` yields their indices (each is written while the next one is still on its
+        way), `rng_state` its seeded generator's state after the first token (so a seeded
+        request draws what it would have drawn colocated). Without free blocks for the KV it
+        waits and recomputes its prompt here instead: slower, same tokens."""
         self.add_request(request_id, token_ids, params)
         seq = self.seqs[request_id]
         seq.num_prompt, seq.num_cached = num_prompt, num_cached
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)
-        if self.batcher.admit_prefilled(seq):
-            self.runner.write_kv(seq.block_ids, kv)
+        admitted = self.batcher.admit_prefilled(seq)
+        for layer in arrived:  # all of it is taken either way: the sender waits for the ack after the last byte
+            if admitted:
+                self.runner.write_kv(seq.block_ids, kv, layer)
+        if admitted:
             self.rtc.cache_full_blocks(seq)
 
     def release(self, seq: Sequence) -> None:

@@ -158,22 +158,23 @@ class ModelRunner:
         heads, _, bs, dim = self.kv_cache[0][0].shape
         return [len(self.kv_cache), 2, heads, num_blocks, bs, dim]
 
-    def read_kv(self, block_ids: list[int], out: torch.Tensor) -> None:
-        """Copy the K/V of `block_ids` into `out` (host memory, `kv_shape(len(block_ids))`)."""
+    def read_kv(self, block_ids: list[int], out: torch.Tensor, layer: int) -> None:
+        """Copy one layer's K/V of `block_ids` into `out[layer]` (`out`: host memory,
+        `kv_shape(len(block_ids))`). One layer at a time: DistFlow sends each as the next is read."""
         idx = torch.tensor(block_ids, device=self.device)
-        for layer, kv in enumerate(self.kv_cache):
-            for i in (0, 1):  # on the CPU straight into the payload; from a device, gathered there first
-                if out.device == kv[i].device:
-                    torch.index_select(kv[i], 1, idx, out=out[layer, i])
-                else:
-                    out[layer, i].copy_(kv[i].index_select(1, idx))
+        kv = self.kv_cache[layer]
+        for i in (0, 1):  # on the CPU straight into the payload; from a device, gathered there first
+            if out.device == kv[i].device:
+                torch.index_select(kv[i], 1, idx, out=out[layer, i])
+            else:
+                out[layer, i].copy_(kv[i].index_select(1, idx))
 
-    def write_kv(self, block_ids: list[int], kv_in: torch.Tensor) -> None:
-        """The inverse of `read_kv`: fill `block_ids` from a received payload."""
+    def write_kv(self, block_ids: list[int], kv_in: torch.Tensor, layer: int) -> None:
+        """The inverse of `read_kv`: fill one layer of `block_ids` from a received payload."""
         idx = torch.tensor(block_ids, device=self.device)
-        for layer, kv in enumerate(self.kv_cache):
-            for i in (0, 1):
-                kv[i].index_copy_(1, idx, kv_in[layer, i].to(self.device, kv[i].dtype))
+        kv = self.kv_cache[layer]
+        for i in (0, 1):
+            kv[i].index_copy_(1, idx, kv_in[layer, i].to(self.device, kv[i].dtype))
 
     def run(self, step: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward one step. Returns logits [R, vocab] and the R sequences they belong to."""

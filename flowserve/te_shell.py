@@ -31,6 +31,7 @@ import select
 import socket
 import sys
 import time
+from functools import partial
 
 T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
 
@@ -122,13 +123,13 @@ class TEShell:
         timeout = self.engine.cfg.kv_timeout_s
         with conn:
             try:
-                head, kv = recv_kv(conn, timeout, self.kv_landing)
+                head, kv, arrived = recv_kv(conn, timeout, self.kv_landing)
                 add = self.awaiting.pop(head.rid, None)
                 if add is None:  # aborted meanwhile (or never announced): the sender frees its blocks
                     conn.sendall(pack(KVAck(False, "request unknown to the decode TE")))
                     return
                 rng = head.rng_state and torch.frombuffer(bytearray(head.rng_state), dtype=torch.uint8)
-                self.engine.add_prefilled(head.rid, head.token_ids, len(add.prompt), add.params, kv,
+                self.engine.add_prefilled(head.rid, head.token_ids, len(add.prompt), add.params, kv, arrived,
                                           head.num_cached, rng)
                 del kv
                 conn.sendall(pack(KVAck(True)))
@@ -149,7 +150,7 @@ class TEShell:
                 rng = seq.generator and seq.generator.get_state().numpy().tobytes()
                 head = KVHeader(add.kv_rid, seq.token_ids, seq.num_cached, engine.runner.kv_shape(len(seq.block_ids)),
                                 dtype_name(engine.dtype), rng)
-                self.kv_sender.send(add.kv_to, head, lambda out: engine.runner.read_kv(seq.block_ids, out),
+                self.kv_sender.send(add.kv_to, head, partial(engine.runner.read_kv, seq.block_ids),
                                     engine.cfg.kv_timeout_s)
                 ms = 1e3 * (time.perf_counter() - t0)
                 log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed, ms)
@@ -202,8 +203,8 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
                      [addr for _, addr in kv]))
     try:
         shell.run()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the main process is gone (TimeoutError: its host vanished, per TCP keepalive)
     log.info("TE %d exiting", os.getpid())
 
 

@@ -36,15 +36,15 @@ def transfer(prefill, decode, transport: str) -> None:
 
             def receive():
                 with accept_kv(listener) as conn:
-                    head, kv = recv_kv(conn, 10)
-                    decode.add_prefilled(head.rid, head.token_ids, seq.num_prompt, seq.params, kv,
+                    head, kv, arrived = recv_kv(conn, 10)
+                    decode.add_prefilled(head.rid, head.token_ids, seq.num_prompt, seq.params, kv, arrived,
                                          head.num_cached, seq.generator and seq.generator.get_state())
                     conn.sendall(pack(KVAck(True)))
             t = threading.Thread(target=receive)
             t.start()
             head = KVHeader(seq.request_id, seq.token_ids, 0, prefill.runner.kv_shape(len(seq.block_ids)),
                             dtype_name(prefill.dtype))
-            sender.send(address, head, lambda out: prefill.runner.read_kv(seq.block_ids, out), 10)
+            sender.send(address, head, lambda out, layer: prefill.runner.read_kv(seq.block_ids, out, layer), 10)
             t.join()
             prefill.release(seq)
     sender.close()
