@@ -47,7 +47,8 @@ async def autoscale(cluster, group: str, policy: ScalePolicy) -> None:
                 cluster.pending[group] or waiting > policy.waiting_per_te * len(ready))):
             log.info("group %s: scale out to %d (%d waiting)", group, size + 1, waiting)
             cluster.scale_to(group, size + 1)
-        elif (policy.max_tes is not None and size > policy.max_tes) or (size > policy.min_tes and time.monotonic() - idle_since > policy.idle_s):
+        elif (policy.max_tes is not None and size > policy.max_tes) or (
+                size > policy.min_tes and time.monotonic() - idle_since > policy.idle_s):
             log.info("group %s: scale in to %d (idle %.0f s)", group, size - 1, time.monotonic() - idle_since)
             cluster.scale_to(group, size - 1)
             idle_since = time.monotonic()

@@ -160,7 +160,8 @@ class RayBackend:
             return
         info = ray_node.info
         taken = {h.name for h in self.nodes.values()}  # Ray's own test clusters put every node on one IP
-        host = Host(address if address not in taken else f"{address}/{node_id[:6]}", address, info["cores"], info["memory"], ray_node)
+        name = address if address not in taken else f"{address}/{node_id[:6]}"
+        host = Host(name, address, info["cores"], info["memory"], ray_node)
         self.nodes[node_id] = host
         self.cluster.add_host(host)
 

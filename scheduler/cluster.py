@@ -8,7 +8,8 @@ autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets.
 
 The cluster spans hosts (`scheduler/hosts.py`): one for the local backend, one per Ray
 node with `--backend ray` (`scaling/ray_backend.py` adds and removes them). A new TE goes
-to the host with the most room where it fits (`add_te`), and that host's node agent starts
+to the host with the fewest TEs among those where it fits (`add_te`; each TE's memory is
+known before it starts), and that host's node agent starts
 it: forked from the warm template (`scaling/template.py`), a pre-warmed process
 (`--start-mode preloaded|peer`, `scaling/prewarm.py`), or a fresh interpreter (`cold`).
 Each TE's threads are its host's cores divided among the host's TEs, re-balanced as TEs
@@ -120,8 +121,10 @@ class Cluster:
         # the warm template, which maps that cache once.
         # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
-        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold", serve_weights=start_mode == "peer" or weights_donors,
-                                       kv_listen=kv_transport if g == "decode" else "") for g, (_, cfg) in groups.items()}
+        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold",
+                                       serve_weights=start_mode == "peer" or weights_donors,
+                                       kv_listen=kv_transport if g == "decode" else "")
+                            for g, (_, cfg) in groups.items()}
         self.max_queued, self.start_mode = max_queued, start_mode
         # Every TE and template of this cluster inherits it; DistFlow peers must show it (flowserve/distflow.py).
         self.te_env = {**(env or {}), "DEEPFLOW_DISTFLOW_SECRET": secrets.token_hex(32)}
@@ -444,7 +447,7 @@ class Cluster:
         await asyncio.gather(*(host.node.stop() for host in self.hosts), return_exceptions=True)
 
     def to_dict(self) -> dict:
-        local = self.hosts[0].node.to_dict() if len(self.hosts) == 1 else {}
+        local = self.hosts[0].node.to_dict() if len(self.hosts) == 1 else {}  # one host: its template, pool
         return {"start_mode": self.start_mode, **local,
                 "hosts": [h.to_dict(self.weights_bytes) for h in self.hosts],
                 "te_cost_gb": {g: round(self.te_cost(g) / GiB, 3) for g in GROUPS},
