@@ -351,8 +351,6 @@ async def serve(args: argparse.Namespace) -> None:
     heatmap = load_heatmap(args, shape)
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
     ray = args.backend == "ray"
-    if ray and args.start_mode not in ("fork", "cold"):
-        raise SystemExit("--backend ray starts TEs with --start-mode fork or cold")
     cluster = Cluster(model, shape, max_queued=args.max_queued, start_mode=args.start_mode,
                       prewarmed=args.prewarmed, policy=args.policy, imbalance=args.imbalance,
                       kv_transport="unix,tcp" if ray else args.kv_transport, heatmap=heatmap,
@@ -363,7 +361,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         if ray:  # imported here only: the default path never loads Ray
             from scaling.ray_backend import RayBackend
-            backend = RayBackend(cluster, args.ray_address, model)
+            backend = RayBackend(cluster, args.ray_address, model, args.prewarmed)
             await backend.start()
             shutdown.install()
         await cluster.start()

@@ -44,8 +44,7 @@ from flowserve.distflow import (  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
     Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Ping, Prewarmed, Ready,
-    SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, decode_config, expect, pack, recv_frame,
-    unpack_frames)
+    SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, decode_config, pack, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
 
@@ -208,23 +207,32 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     log.info("TE %d exiting", os.getpid())
 
 
-def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[Load, float]:
+def wait_for_model(sock: socket.socket, cfg: EngineConfig) -> tuple[Load, float, socket.socket]:
     """Pre-warmed: the runtime is imported; initialise the device, say so, and wait for a
-    `Load` command (the model, and maybe a TE to stream the weights from). Returns it and
-    when it came."""
+    `Load` command (the model, and maybe a TE to stream the weights from). Returns it, when
+    it came, and the socket to serve on: this one, or the one that came with the `Load`
+    (SCM_RIGHTS) when a node agent pre-warmed this TE and hands it a TCP connection to the
+    main process."""
     torch.zeros(1, device=pick_device(cfg.device))
     sock.sendall(pack(Prewarmed(os.getpid())))
-    buf = bytearray()
+    buf, fds = bytearray(), []
     while True:
-        try:
-            load = expect(recv_frame(sock, buf), Load)
+        msgs = unpack_frames(buf, 1)
+        if not msgs:
+            data, more, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+            if not data:
+                sys.exit(0)  # whoever started us is gone
+            buf += data
+            fds += more
+            continue
+        if isinstance(msgs[0], Load):
             break
-        except BadFrame as e:
-            log.error("bad frame while pre-warmed: %s", e)
-            sock.sendall(pack(Error(f"bad frame: {e}")))
-    if load is None:
-        sys.exit(0)  # the main process is gone
-    return load, time.perf_counter()
+        log.error("bad frame while pre-warmed: %s", msgs[0])
+        sock.sendall(pack(Error(f"bad frame: {msgs[0]}")))
+    if fds:
+        sock.close()
+        sock = socket.socket(fileno=fds[0])
+    return msgs[0], time.perf_counter(), sock
 
 
 def main() -> None:
@@ -240,7 +248,7 @@ def main() -> None:
     if args.model:
         serve_engine(sock, cfg, model=args.model)
     else:
-        load, t_start = wait_for_model(sock, cfg)  # the group it joins decides its engine config
+        load, t_start, sock = wait_for_model(sock, cfg)  # the group it joins decides its engine config
         serve_engine(sock, load.engine_config, model=load.model, weights_from=load.weights_from, t_start=t_start)
 
 

@@ -1,35 +1,41 @@
 """The node agent: one Ray actor per Ray node (`--backend ray`), pinned to it, reserving no CPUs.
 
-It owns its host's TE processes, as plain subprocesses: the warm template
-(`scaling/template.py`, which maps the model's cache, or receives the weights from a
-running TE of another host when this host's DRAM holds none) and cold spawns. Fork happens
-only inside the template, never here: a Ray worker runs gRPC threads, which make fork
-unsafe.
+It owns its host's TE processes, as plain subprocesses, per `--start-mode`: the warm
+template (`fork`; `scaling/template.py`, which maps the model's cache, or receives the
+weights from a running TE of another host when this host's DRAM holds none), a pool of
+pre-warmed TE-shells (`preloaded`, `peer`; `scaling/prewarm.py`), and fresh spawns (`cold`,
+and the fallback). Fork happens only inside the template, never here: a Ray worker runs
+gRPC threads, which make fork unsafe.
 
 To start a TE, the agent opens a TCP connection to the main process's TE listener
 (`scaling/ray_backend.py`), sends `Hello` with the secret the main process gave it for this
-TE, and hands that socket to the template's fork (SCM_RIGHTS) or to a fresh TE-shell: from
-then on the TE talks to the main process directly, with the project's own frames. Ray
-carries only these calls (start, kill, ping): never per-step traffic, never KV or weights.
+TE, and hands that socket (SCM_RIGHTS) to the template's fork, to a pre-warmed TE-shell
+with its `Load`, or to a fresh TE-shell: from then on the TE talks to the main process
+directly, with the project's own frames. Ray carries only these calls (start, launch,
+kill, ping): never per-step traffic, never KV or weights.
 """
 import logging
 import os
 import signal
 import socket
 
-from flowserve.protocol import Hello, decode_config, pack
+from flowserve.protocol import Hello, Load, decode_config, pack
 from scaling.launch import TemplateHandle, spawn_te_shell
+from scaling.prewarm import PrewarmPool
 from scheduler.hosts import probe
 
 log = logging.getLogger("deepflow.node_agent")
 
 
 class NodeAgent:
-    def __init__(self, model_path: str, python: str, env: dict):
+    def __init__(self, model_path: str, python: str, env: dict, start_mode: str, prewarmed: int, pool_config: str):
         """`python`: the project's interpreter (inside a Ray worker, sys.executable is Ray's
-        choice); `env`: added to its TE processes' environment (the cluster's DistFlow secret)."""
-        self.model_path, self.python, self.env = model_path, python, env
+        choice); `env`: added to its TE processes' environment (the cluster's DistFlow secret);
+        `prewarmed`, `pool_config`: the pool's size and engine config (`preloaded`, `peer`)."""
+        self.model_path, self.python, self.env, self.start_mode = model_path, python, env, start_mode
         self.template: TemplateHandle | None = None
+        self.pool = PrewarmPool(prewarmed, decode_config(pool_config), env, python) \
+            if start_mode in ("preloaded", "peer") else None
         self.procs: dict[int, object] = {}   # pid -> its process handle (cold spawns) or None (forks)
 
     def probe(self) -> dict:
@@ -41,14 +47,23 @@ class NodeAgent:
             has_weights = False
         return {**probe(), "pid": os.getpid(), "has_weights": has_weights}
 
-    async def start_template(self, weights_from: str | None) -> int:
+    async def start(self, weights_from: str | None) -> int | None:
+        """Start the template (`fork`; returns its pid) or fill the pre-warmed pool."""
+        if self.pool:
+            self.pool.fill()
+            await self.pool.wait_filled()
+        if self.start_mode != "fork":
+            return None
         self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"}, self.python,
                                        weights_from)
         await self.template.start()
         return self.template.proc.pid
 
-    async def launch(self, te_id: str, engine_config: str, main_address: str, secret: bytes) -> tuple[int, str]:
-        """Start a TE connected to the main process; returns its pid and how it started."""
+    async def launch(self, te_id: str, engine_config: str, main_address: str, secret: bytes,
+                     weights_from: str | None) -> tuple[int, str, bool]:
+        """Start a TE connected to the main process; returns its pid, how it started, and
+        whether it is a fresh interpreter (its imports then count in its start-up).
+        `weights_from`: a running TE to stream the weights from (a pre-warmed TE, `peer`)."""
         cfg = decode_config(engine_config)
         host, port = main_address.rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=10)
@@ -61,14 +76,20 @@ class NodeAgent:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
         with sock:
             sock.sendall(pack(Hello(te_id, secret)))
-            if self.template and self.template.alive:
-                pid, mode, proc = await self.template.fork(te_id, cfg, sock), "fork", None
+            if self.pool and (te := self.pool.take()):
+                pair = socket.socket(fileno=os.dup(te.writer.get_extra_info("socket").fileno()))
+                with pair:  # its `Load`, and the socket it serves on from then on
+                    socket.send_fds(pair, [pack(Load(self.model_path, cfg, weights_from))], [sock.fileno()])
+                te.writer.close()
+                pid, mode, proc, fresh = te.pid, "peer" if weights_from else "preloaded", te.proc, False
+            elif self.template and self.template.alive:
+                pid, mode, proc, fresh = await self.template.fork(te_id, cfg, sock), "fork", None, False
             else:
                 env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
                 proc = await spawn_te_shell(cfg, env, self.model_path, sock, self.python)
-                pid, mode = proc.pid, "preloaded" if cfg.use_weight_cache else "cold"
+                pid, mode, fresh = proc.pid, "preloaded" if cfg.use_weight_cache else "cold", True
         self.procs[pid] = proc
-        return pid, mode
+        return pid, mode, fresh
 
     def kill(self, pid: int) -> None:
         if pid in self.procs:  # only what this agent started
@@ -86,3 +107,5 @@ class NodeAgent:
             self.kill(pid)
         if self.template:
             await self.template.stop()
+        if self.pool:
+            await self.pool.stop()

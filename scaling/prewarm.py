@@ -9,6 +9,7 @@ off the critical path; the weights then come from the mmap'ed loading-optimized 
 import asyncio
 import logging
 import socket
+import sys
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import BadFrame, Prewarmed, expect
@@ -18,8 +19,8 @@ log = logging.getLogger("deepflow.prewarm")
 
 
 class PrewarmPool:
-    def __init__(self, size: int, engine_cfg: EngineConfig, env: dict | None = None):
-        self.size, self.engine_cfg, self.env = size, engine_cfg, env or {}
+    def __init__(self, size: int, engine_cfg: EngineConfig, env: dict | None = None, python: str = sys.executable):
+        self.size, self.engine_cfg, self.env, self.python = size, engine_cfg, env or {}, python
         self.ready: list[Launched] = []
         self._filling: set[asyncio.Task] = set()
 
@@ -35,7 +36,7 @@ class PrewarmPool:
     async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
         with theirs:
-            proc = await spawn_te_shell(self.engine_cfg, self.env, None, theirs)
+            proc = await spawn_te_shell(self.engine_cfg, self.env, None, theirs, self.python)
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         buf = bytearray()
         try:

@@ -4,7 +4,7 @@ Ray is cluster plumbing here, nothing more: it finds the nodes, pins one node ag
 (`scaling/node_agent.py`) to each, and tells us when an agent dies. `RayBackend` polls
 `ray.nodes()`: a node that joins becomes a `Host` (its agent probed for cores and memory,
 its template started, from the model's cache or, when that host's DRAM holds no weights,
-streamed from a running TE: `Cluster.donor`); a node that leaves, or an agent that fails
+streamed from a running TE: `Cluster.donor`; or its pre-warmed pool filled); a node that leaves, or an agent that fails
 its ping, takes its TEs with it (`Cluster.remove_host`) and the groups refill elsewhere.
 A host once lost is not taken back until its raylet re-registers (a new node id).
 
@@ -84,20 +84,22 @@ class RayNode:
         self.weights_from: str | None = None   # the donor TE its template took the weights from
 
     async def start(self) -> None:
-        """Start the host's template: from its DRAM cache, or streamed from a running TE."""
+        """Start the host's template (from its DRAM cache, or streamed from a running TE) or
+        its pool of pre-warmed TEs."""
         self.weights_from = None if self.info["has_weights"] else self.cluster.donor()
-        self.template_pid = await self.agent.start_template.remote(self.weights_from)
-        log.info("template on %s (pid %d) ready, weights from %s", self.info["address"], self.template_pid,
-                 self.weights_from or "this host's cache or model file")
+        self.template_pid = await self.agent.start.remote(self.weights_from)
+        log.info("node agent on %s ready (template pid %s), weights from %s", self.info["address"],
+                 self.template_pid, self.weights_from or "this host's cache or model file")
 
     async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
         secret, arrived = self.listener.expect(te_id)
         try:
-            pid, mode = await self.agent.launch.remote(te_id, encode_config(cfg), self.listener.address, secret)
+            pid, mode, fresh = await self.agent.launch.remote(te_id, encode_config(cfg), self.listener.address,
+                                                              secret, weights_from)
             reader, writer, buf = await asyncio.wait_for(arrived, HELLO_TIMEOUT_S)
         finally:
             self.listener.forget(te_id)
-        return Launched(reader, writer, buf, pid, mode, fresh=mode != "fork")
+        return Launched(reader, writer, buf, pid, mode, fresh=fresh)
 
     def kill(self, pid: int) -> None:
         self.agent.kill.remote(pid)  # fire and forget: on a lost host nothing answers
@@ -115,8 +117,8 @@ class RayNode:
 
 
 class RayBackend:
-    def __init__(self, cluster, address: str, model_path: str):
-        self.cluster, self.address, self.model_path = cluster, address, model_path
+    def __init__(self, cluster, address: str, model_path: str, prewarmed: int):
+        self.cluster, self.address, self.model_path, self.prewarmed = cluster, address, model_path, prewarmed
         self.listener: TEListener | None = None
         self.nodes: dict[str, Host] = {}
         self.lost: set[str] = set()
@@ -148,7 +150,8 @@ class RayBackend:
         agent = ray.remote(NodeAgent).options(
             num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.model_path, sys.executable, self.cluster.te_env)
+        ).remote(self.model_path, sys.executable, self.cluster.te_env, self.cluster.start_mode, self.prewarmed,
+                 encode_config(self.cluster.engine_cfgs["colocated"]))
         ray_node = RayNode(node_id, agent, self.listener, self.cluster)
         try:
             ray_node.info = {**await agent.probe.remote(), "address": address}

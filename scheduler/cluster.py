@@ -256,7 +256,7 @@ class Cluster:
         host.tes.append(te)
         self.rebalance(host)
         try:
-            ready = await te.start(self.donor())
+            ready = await te.start(self.donor() if self.start_mode == "peer" else None)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self._forget(te)
             te.kill()

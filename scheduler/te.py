@@ -52,6 +52,7 @@ class TEHandle:
         self.on_free = None            # callback(TEHandle) when a batch slot frees up
         self.tree = None               # the group's PromptTree, set by the cluster
         self.start_mode = ""           # fork | preloaded | peer | cold
+        self.fresh = False             # started as a new interpreter (not forked, not pre-warmed)
         self.retiring = False          # being scaled in: its exit is expected
         self.t_ready = 0.0
         self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
@@ -70,6 +71,7 @@ class TEHandle:
         t0 = time.perf_counter()
         launched = await self.host.node.launch(self.id, self.engine_cfg, weights_from)
         self.pid, self.proc, self.start_mode = launched.pid, launched.proc, launched.start_mode
+        self.fresh = launched.fresh
         reader, self.writer, buf = launched.reader, launched.writer, launched.buf
         t_started = time.perf_counter()
         ready = expect(await asyncio.wait_for(next_frame(reader, buf), timeout), Ready)
@@ -218,7 +220,7 @@ class TEHandle:
     def to_dict(self) -> dict:
         s = self.stats
         return {"id": self.id, "group": self.group, "host": self.host.name, "pid": self.pid, "state": self.state.value,
-                "threads": s.threads,
-                "running": s.running, "waiting": s.waiting, "tasks": self.load, "start_mode": self.start_mode,
+                "threads": s.threads, "running": s.running, "waiting": s.waiting, "tasks": self.load,
+                "start_mode": self.start_mode, "fresh_interpreter": self.fresh,
                 "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "timeline_ms": self.timings_ms}

@@ -110,15 +110,18 @@ def test_pd_pair_across_hosts(hosts, engine_greedy_reference):
 
 
 async def test_ray_cluster_utils_nodes_on_one_address(monkeypatch, engine_greedy_reference):
-    """Ray's own test cluster (no namespaces needed): two nodes, one TE on each."""
+    """Ray's own test cluster (no namespaces needed): two nodes, one TE on each, taken from
+    each node agent's pool of pre-warmed TEs (`--start-mode preloaded`)."""
     from ray.cluster_utils import Cluster
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the same mode for the nodes and the server's driver
     ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         ray_cluster.add_node(num_cpus=1)
-        with Server(*COMMON, "--ray-address", ray_cluster.address, "--num-tes", "2", "--policy", "rr") as s:
+        with Server(*COMMON, "--ray-address", ray_cluster.address, "--num-tes", "2", "--policy", "rr",
+                    "--start-mode", "preloaded") as s:
             names = [h["name"] for h in s.get("/admin/cluster")["hosts"]]
             assert len(set(names)) == 2 and {te["host"] for te in ready(s)} == set(names)
+            assert all(te["start_mode"] == "preloaded" and not te["fresh_interpreter"] for te in ready(s))
             for _ in range(2):
                 assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
     finally:
