@@ -69,3 +69,9 @@ def cache_path(model_path: str, variant: str) -> Path:
     key = f"{os.path.abspath(model_path)}|{st.st_size}|{st.st_mtime_ns}|{variant}|{CACHE_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{Path(model_path).stem}-{digest}.{variant}"
+
+
+def weights_cache_path(model_path: str, dtype: str = "float32") -> Path:
+    """The loading-optimized weights of `model_path` in `dtype` (a torch dtype's name): what
+    `flowserve.weights` writes and maps, and what tells a host its DRAM holds the weights."""
+    return cache_path(model_path, f"{dtype}.safetensors")

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flowserve.config import ModelConfig, cache_path
+from flowserve.config import ModelConfig, weights_cache_path
 
 log = logging.getLogger("flowserve.weights")
 
@@ -169,7 +169,7 @@ def load_weights(model_path: str, dtype: torch.dtype = torch.float32,
                  use_cache: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and CPU tensors for `model_path`; from the mmap'ed cache when there is one."""
     t0 = time.perf_counter()
-    cached = cache_path(model_path, f"{str(dtype).removeprefix('torch.')}.safetensors")
+    cached = weights_cache_path(model_path, str(dtype).removeprefix("torch."))
     if use_cache and cached.exists():
         with safe_open(str(cached), "pt") as f:  # mmap: pages come from the page cache on demand
             cfg = ModelConfig(**json.loads(f.metadata()["deepflow.config"]))

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 
+from flowserve.config import weights_cache_path
 from flowserve.protocol import Hello, Load, decode_config, pack
 from scaling.launch import TemplateHandle, spawn_te_shell
 from scaling.prewarm import PrewarmPool
@@ -40,9 +41,8 @@ class NodeAgent:
 
     def probe(self) -> dict:
         """This host's cores, memory for TEs, agent pid, and whether its DRAM cache holds the weights."""
-        from flowserve.config import cache_path
         try:
-            has_weights = cache_path(self.model_path, "float32.safetensors").exists()
+            has_weights = weights_cache_path(self.model_path).exists()
         except OSError:
             has_weights = False
         return {**probe(), "pid": os.getpid(), "has_weights": has_weights}

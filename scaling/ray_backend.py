@@ -131,21 +131,21 @@ class RayBackend:
         self.listener = TEListener(ray.util.get_node_ip_address())
         await self.listener.start()
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
-        await self.discover(start_templates=False)  # the cluster starts the first hosts' templates itself
+        await self.discover(start_nodes=False)  # the cluster starts the first hosts' agents itself
         if not self.cluster.hosts:
             raise RuntimeError("the Ray cluster has no live node")
         self.watchers = [asyncio.create_task(self.watch_agents()), asyncio.create_task(self.watch_nodes())]
 
-    async def discover(self, start_templates: bool = True) -> None:
+    async def discover(self, start_nodes: bool = True) -> None:
         """Adopt nodes that joined; drop hosts whose node left."""
         alive = {n["NodeID"]: n for n in await asyncio.to_thread(ray.nodes) if n["Alive"]}
         for node_id, host in list(self.nodes.items()):
             if node_id not in alive:
                 self._lose(node_id, "its Ray node left the cluster")
         new = [n for node_id, n in alive.items() if node_id not in self.nodes and node_id not in self.lost]
-        await asyncio.gather(*(self._adopt(n, start_templates) for n in new))
+        await asyncio.gather(*(self._adopt(n, start_nodes) for n in new))
 
-    async def _adopt(self, node: dict, start_template: bool) -> None:
+    async def _adopt(self, node: dict, start: bool) -> None:
         node_id, address = node["NodeID"], node["NodeManagerAddress"]
         agent = ray.remote(NodeAgent).options(
             num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
@@ -155,7 +155,7 @@ class RayBackend:
         ray_node = RayNode(node_id, agent, self.listener, self.cluster)
         try:
             ray_node.info = {**await agent.probe.remote(), "address": address}
-            if start_template:
+            if start:
                 await ray_node.start()
         except RayError as e:
             log.error("node %s (%s) could not be adopted: %s", node_id[:12], address, e)

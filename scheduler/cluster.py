@@ -40,7 +40,7 @@ import time
 from collections import deque
 from dataclasses import asdict, replace
 
-from flowserve.config import EngineConfig, cache_path
+from flowserve.config import EngineConfig, weights_cache_path
 from flowserve.protocol import FinishReason
 from flowserve.rtc import prefix_blocks
 from scaling.node import LocalNode
@@ -463,7 +463,7 @@ def weights_estimate(model_path: str) -> int:
     """The weights' size before any TE reported it: the loading-optimized cache if there is
     one (what the template maps), else the model file."""
     try:
-        cached = cache_path(model_path, "float32.safetensors")
+        cached = weights_cache_path(model_path)
         return os.path.getsize(cached if cached.exists() else model_path)
     except OSError:
         return 0

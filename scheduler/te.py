@@ -87,7 +87,7 @@ class TEHandle:
         # imports, i.e. all the time before the load that the TE did not report.
         gap = 1e3 * (self.t_ready - t_started) - te.te_load - te.te_post_load
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
-                           "te_pre_load": gap if launched.fresh else te.te_pre_load,
+                           "te_pre_load": gap if self.fresh else te.te_pre_load,
                            "te_load": te.te_load, "te_post_load": te.te_post_load}
         self.state = TEState.READY
         self.last_heard = time.monotonic()
