@@ -37,7 +37,7 @@ class StepInput:
     slot_mapping: torch.Tensor   # [T] flat KV slot (block * block_size + offset) per token
     num_decodes: int             # rows 0..num_decodes-1 are decode tokens, one per sequence
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], padded with 0
-    decode_mask: torch.Tensor | None          # [num_decodes, max_blocks * block_size] bool
+    decode_lens: torch.Tensor | None          # [num_decodes] tokens in the cache per decode (this one included)
     prefills: list[PrefillChunk]
     logits_rows: torch.Tensor    # [R] rows whose next token is sampled
 
@@ -110,7 +110,8 @@ class Llama:
             k = gather_blocks(k_cache, bt)           # [kvh, B, L, d]
             v = gather_blocks(v_cache, bt)
             qd = q[:n].view(n, kvh, group, d).transpose(0, 1)  # the group's query heads share K/V
-            o = attend(qd, k, v, step.decode_mask[None, :, None, :], self.scale)
+            mask = torch.arange(k.shape[2], device=q.device)[None, :] < step.decode_lens[:, None]
+            o = attend(qd, k, v, mask[None, :, None, :], self.scale)
             out[:n] = o.transpose(0, 1).reshape(n, cfg.num_heads, d)
         for c in step.prefills:
             k = gather_blocks(k_cache, c.block_ids[None])[:, 0, :c.context_len]  # [kvh, L, d]
@@ -197,17 +198,17 @@ class ModelRunner:
             if end == len(seq.token_ids):
                 rows.append(len(ids) - 1)
                 sampled.append(seq)
-        table, mask = None, None
+        table, lens = None, None
         if decode_tables:
             width = max(map(len, decode_tables))
             table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            mask = torch.arange(width * bs)[None, :] < torch.tensor(decode_lens)[:, None]
+            lens = torch.tensor(decode_lens)
         dev = self.device
         to = (lambda t: None if t is None else t.to(dev, non_blocking=True))
         inp = StepInput(
             input_ids=to(torch.tensor(ids)), positions=to(torch.tensor(pos)),
             slot_mapping=to(torch.tensor(slots)), num_decodes=len(decode_tables),
-            decode_block_tables=to(table), decode_mask=to(mask),
+            decode_block_tables=to(table), decode_lens=to(lens),
             prefills=[PrefillChunk(c.start, c.num_tokens, c.context_len, to(c.block_ids)) for c in prefills],
             logits_rows=to(torch.tensor(rows, dtype=torch.long)))
         return self.model.forward(inp, self.kv_cache), sampled
