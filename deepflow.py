@@ -47,7 +47,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     model = args.model or default_model_path()
     tok = Tokenizer.load(model)
-    engine = Engine(model, EngineConfig(device=args.device, num_threads=args.threads))
+    engine = Engine(model, EngineConfig(device=args.device, dtype=args.dtype, num_threads=args.threads,
+                                        async_scheduling=args.async_scheduling))
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens)
@@ -275,7 +276,8 @@ def cluster_shape(args: argparse.Namespace) -> dict[str, tuple[int, EngineConfig
         raise SystemExit("prefill and decode TEs come together: give both or neither")
     if sum(sizes.values()) < 1:
         raise SystemExit("the cluster needs at least one TE (use --min-tes 0 to allow scaling to zero)")
-    base = EngineConfig(device=args.device, kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+    base = EngineConfig(device=args.device, dtype=args.dtype, async_scheduling=args.async_scheduling,
+                        kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, kv_timeout_s=args.kv_timeout_s)
     return {g: (sizes[g], replace(base, **overrides[g])) for g in GROUPS}
@@ -406,7 +408,12 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA and NPU)")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    gen.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                     help="prepare each engine step while the device computes the one before (default: on for "
+                          "CUDA and NPU, off on CPU)")
     gen.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server over TE processes")
@@ -450,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
                           "them there (docs/DEPLOY.md)")
     srv.add_argument("--ray-address", default="auto", help="with --backend ray: the Ray cluster (HEAD_IP:PORT)")
     srv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA and NPU)")
+    srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                     help="prepare each engine step while the device computes the one before (default: on for "
+                          "CUDA and NPU, off on CPU)")
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")

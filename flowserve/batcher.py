@@ -8,6 +8,11 @@ sequences are admitted while budget, blocks and the cap allow, starting from the
 prefix in the RTC. When the KV pool runs out, the newest running sequence is preempted:
 its blocks are freed and it is recomputed later (its prefix is often still cached).
 
+With async scheduling (`flowserve.engine`) the batcher plans a step while the one before is
+still computing: a sequence's token being sampled there counts as uncomputed (`num_pending`),
+so its decode is scheduled before the token is known; one whose token being sampled is its
+last here leaves the batch at once (`retire`).
+
 A `Sequence` is a request inside the engine: its tokens, sampling parameters and block
 table. `Engine.add_request` creates it, the batcher moves it between its queues, the RTC
 gives it blocks, the model runner reads it to build each step's input.
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
 class SeqStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    ENDING = "ending"      # its last token here is being sampled: out of the batch, blocks still held
     FINISHED = "finished"
 
 
@@ -38,7 +44,8 @@ class Sequence:
     num_prompt: int
     params: SamplingParams
     status: SeqStatus = SeqStatus.WAITING
-    num_computed: int = 0         # leading tokens whose K/V are in the cache
+    num_computed: int = 0         # leading tokens whose K/V are in the cache (or enqueued: a pending one's too)
+    num_pending: int = 0          # tokens sampled by a step in flight, not yet in token_ids
     num_cached: int | None = None  # prompt tokens the prefix cache served at first admission
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
@@ -47,7 +54,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_pending - self.num_computed
 
     @property
     def output_ids(self) -> list[int]:
@@ -123,9 +130,12 @@ class Batcher:
         self.running.append(seq)
         return True
 
-    def hand_off(self, seq: Sequence) -> None:
-        """A prefill-only sequence is done here: it leaves the batch, its blocks still held."""
+    def retire(self, seq: Sequence) -> None:
+        """The token being sampled for a running sequence is its last here (a length limit, or a
+        prefill-only sequence's first token): it leaves the batch now, so no later step computes
+        it, and keeps its blocks until the engine finishes it or hands it off."""
         self.running.remove(seq)
+        seq.status = SeqStatus.ENDING
 
     def finish(self, seq: Sequence) -> None:
         if seq.status is SeqStatus.RUNNING:

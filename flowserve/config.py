@@ -36,6 +36,8 @@ class ModelConfig:
 class EngineConfig:
     """How a TE runs: where, with how much KV cache, and how large a step may be."""
     device: str = "auto"            # auto | cpu | cuda | npu
+    dtype: str = "auto"             # auto (float32 on CPU, bfloat16 elsewhere) | float32 | bfloat16 | float16
+    async_scheduling: bool | None = None  # prepare step N+1 while N computes (None: on for CUDA and NPU)
     block_size: int = 16            # tokens per KV block
     num_kv_blocks: int = 0          # 0: derive from kv_cache_gb
     kv_cache_gb: float = 0.5
@@ -48,6 +50,7 @@ class EngineConfig:
     kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
     host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
     kv_timeout_s: float = 10.0      # a KV transfer that takes longer fails (the peer froze)
+    cpu_kernels: bool = True        # float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp; False: plain torch
 
 
 def default_model_path() -> str:

@@ -22,6 +22,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (bfloat16 matmuls run several times slower there); bfloat16 on accelerators."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """The weights' and activations' dtype. `auto`: float32 on CPU, bfloat16 on accelerators.
+    Lower precision is not the default on CPU: bfloat16 matmuls run there, but SmolLM2-135M's
+    greedy answers in bfloat16 agree with float32 on only half of the prompts measured
+    (docs/BENCHMARKS.md, issue 13)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -8,6 +8,17 @@ sees token ids only; tokenization and detokenization live with the caller (the J
 that got a token or finished: the same struct the TE-shell sends, `flowserve/protocol.py`),
 `generate`, `stats`.
 
+Each step is launched, then resolved. Launch: the forward and the sampling are enqueued on the
+device, the sampled tokens stay there, and a copy of them to host memory is started. Resolve:
+wait for that copy, append the tokens, run the finish checks. Synchronous scheduling resolves
+a step right after launching it. Async scheduling (`EngineConfig.async_scheduling`, on by
+default where the device computes asynchronously: CUDA, NPU) resolves step N only after it has
+scheduled and launched step N+1, so the host prepares N+1 and emits N's tokens while the device
+computes; a decode in N+1 reads its input token, sampled by N, on the device. The tokens are
+the same in both modes: N+1 never computes a sequence that N's token surely ends (by length,
+or a prefill-only sequence's first token); a row computed after a stop token nobody could
+foresee is discarded.
+
 PD disaggregation adds two entries. On a prefill TE a request added with `handoff=True`
 stops after its first token with its blocks still held, in `handoffs`, until the TE-shell
 has sent them to a decode TE (`flowserve.distflow`) and calls `release`. On the decode TE,
@@ -16,6 +27,7 @@ has sent them to a decode TE (`flowserve.distflow`) and calls `release`. On the 
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -30,24 +42,37 @@ from flowserve.weights import load_weights
 log = logging.getLogger("flowserve.engine")
 
 
+@dataclass
+class InFlight:
+    """A launched step: its forward and sampling are enqueued on the device."""
+    seqs: list[Sequence]          # the sequences that get a token, one per row of `tokens`
+    tokens: torch.Tensor          # on the device: the next step's decodes read their input here
+    host: torch.Tensor            # the copy in host memory, whole once `copied` has fired
+    copied: torch.Event | None    # None on the CPU, where the step has run already
+
+
 class Engine:
     def __init__(self, model_path: str | None, cfg: EngineConfig | None = None,
-                 weights: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None):
+                 weights: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None,
+                 packed: dict[str, torch.Tensor] | None = None):
         self.cfg = cfg = cfg or EngineConfig()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = pick_device(cfg.device)
-        self.dtype = compute_dtype(self.device)
+        self.dtype = compute_dtype(self.device, cfg.dtype)
         t0 = time.perf_counter()
         self.model_cfg, tensors = weights or load_weights(model_path, self.dtype, cfg.use_weight_cache)
         tensors = {k: v.to(self.dtype) for k, v in tensors.items()}  # no copy when it already matches
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
-        self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype)
+        self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype, packed)
         self.rtc = RTC(self.runner.num_blocks, cfg.block_size)
         self.batcher = Batcher(cfg, self.rtc)
         self.seqs: dict[str, Sequence] = {}
         self.handoffs: list[Sequence] = []   # prefilled, blocks held for DistFlow
+        auto = self.device.type != "cpu"  # a CPU computes in this thread: nothing to overlap with
+        self.async_scheduling = auto if cfg.async_scheduling is None else cfg.async_scheduling
+        self.in_flight: InFlight | None = None  # async scheduling: the step launched, not yet resolved
 
     # ------------------------------------------------------------------ API
 
@@ -95,7 +120,9 @@ class Engine:
         seq.status = SeqStatus.FINISHED
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks. False if it is unknown or already finished."""
+        """Stop a request and free its blocks. False if it is unknown or already finished.
+        A step in flight may still compute it: its row is skipped when that step resolves, and
+        its blocks may be reused at once, since any step that writes them is enqueued after."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
@@ -103,27 +130,58 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.batcher.waiting or self.batcher.running)
+        return bool(self.batcher.waiting or self.batcher.running or self.in_flight)
 
     def step(self) -> list[TokenOut]:
-        """Run one batch. Returns an output for every sequence that got a token or finished."""
+        """Run one batch. Returns an output for every sequence that got a token or finished:
+        with async scheduling, those of the batch launched by the call before (a last call,
+        with nothing left to launch, resolves the last batch)."""
         work = self.batcher.schedule()
-        if not work:
-            return []
-        logits, sampled = self.runner.run(work)
+        launched = self.launch(work) if work else None
+        if not self.async_scheduling:
+            return self.resolve(launched) if launched else []
+        previous, self.in_flight = self.in_flight, launched
+        return self.resolve(previous) if previous else []
+
+    def launch(self, work: list[tuple[Sequence, int]]) -> InFlight:
+        """Enqueue a step's forward and sampling, and the copy of its tokens to the host."""
+        flight = self.in_flight
+        logits, sampled = self.runner.run(work, flight and (flight.seqs, flight.tokens))
         for seq, n in work:
             seq.num_computed += n
             self.rtc.cache_full_blocks(seq)  # before any finish frees them: a finished prompt is reusable too
-        new_tokens = sample(logits, sampled) if sampled else []
+        tokens = sample(logits, sampled)
+        for seq in sampled:
+            seq.num_pending += 1
+            if seq.handoff or self.at_length(seq, len(seq.token_ids) + seq.num_pending):
+                self.batcher.retire(seq)  # no later step may compute past this token
+        host = tokens.to("cpu", non_blocking=True)  # from CUDA into pinned memory: an async copy
+        copied = None
+        if self.device.type != "cpu":
+            copied = torch.Event(self.device)
+            copied.record()
+        return InFlight(sampled, tokens, host, copied)
+
+    def resolve(self, step: InFlight) -> list[TokenOut]:
+        """Append a launched step's tokens and run the finish checks. Waits for that step's
+        copy only, not for a step launched after it."""
+        if step.copied is not None:
+            step.copied.synchronize()
         outputs = []
-        for seq, token in zip(sampled, new_tokens):
-            seq.token_ids.append(token)
+        for seq, token in zip(step.seqs, step.host.tolist()):
+            seq.num_pending -= 1
+            if seq.status is SeqStatus.FINISHED:
+                # Aborted, or stopped by its token of the step before (async scheduling): this
+                # row is discarded. Its blocks are free already; the device computes this step
+                # before any later one that reuses them (one stream, in launch order).
+                continue
+            seq.token_ids.append(token)  # valid even if it was preempted meanwhile: it recomputes later
+            self.rtc.cache_full_blocks(seq)  # a block that ends with this token may be computed already
             reason = self.finish_reason(seq, token)
             if reason:
                 self.batcher.finish(seq)
                 del self.seqs[seq.request_id]
             elif seq.handoff:  # prefill done: keep the blocks for the decode TE
-                self.batcher.hand_off(seq)
                 del self.seqs[seq.request_id]
                 self.handoffs.append(seq)
             emitted = [] if reason is FinishReason.STOP else [token]
@@ -134,9 +192,13 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_cfg.eos_token_ids):
             return FinishReason.STOP
-        if len(seq.output_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if self.at_length(seq, len(seq.token_ids)):
             return FinishReason.LENGTH
         return None
+
+    def at_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `num_tokens` (prompt included) is as long as `seq` may grow."""
+        return num_tokens - seq.num_prompt >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run prompts to completion together; returns each one's generated token ids."""
@@ -163,11 +225,12 @@ class Engine:
 # ---------------------------------------------------------------------------- the sampler
 # Greedy rows are one batched argmax. Sampled rows apply temperature, top-k and top-p, then
 # draw with the sequence's own torch.Generator when it has a seed, so a seeded request gives
-# the same tokens whatever else shares its batch.
+# the same tokens whatever else shares its batch. Nothing here waits for the device: the
+# tokens stay there, for the next step's input (async scheduling).
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [len(seqs), vocab] float. Returns one token id per sequence."""
-    tokens = logits.argmax(dim=-1).tolist()
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits: [len(seqs), vocab] float. Returns one token id per sequence, on the logits' device."""
+    tokens = logits.argmax(dim=-1)
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.temperature > 0 and p.top_k != 1:
@@ -176,7 +239,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator | None) -> int:
+               generator: torch.Generator | None) -> torch.Tensor:
     logits = logits / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
@@ -186,6 +249,6 @@ def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
         probs = sorted_logits.softmax(dim=-1)
         # drop a token once the ones before it already cover top_p; the first always stays
         drop = (probs.cumsum(dim=-1) - probs) > top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -120,9 +120,10 @@ class RTC:
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Index every block that is now full of computed tokens."""
+        """Index every block that is now full of computed tokens whose ids are known: with async
+        scheduling a token still being sampled may be computed already (`Sequence.num_pending`)."""
         bs = self.block_size
-        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+        for i in range(len(seq.block_hashes), min(seq.num_computed, len(seq.token_ids)) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
             seq.block_hashes.append(h)

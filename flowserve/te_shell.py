@@ -179,16 +179,18 @@ def warm_up(engine: Engine) -> None:
 
 
 def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None, weights=None,
-                 weights_from: str | None = None, t_start: float = T_START, warmed_on_cpu: bool = False) -> None:
+                 weights_from: str | None = None, t_start: float = T_START, warmed_on_cpu: bool = False,
+                 packed: dict | None = None) -> None:
     """Build the engine (from `model`; from `weights` a warm template already holds; or from
     the weights a running TE streams from `weights_from`), warm it up, say `ready` with the
     TE's start-up timeline, and serve until told to stop. `t_start` is when this TE began:
     process start, the fork (scaling/template.py), or the `load` command (pre-warmed).
-    `warmed_on_cpu`: the process already ran a CPU warm-up before it was forked."""
+    `warmed_on_cpu`: the process already ran a CPU warm-up before it was forked, `packed`
+    holds the linears it packed then (`flowserve.model.pack_linears`)."""
     t_pre = time.perf_counter()
     if weights_from:
         weights = fetch_weights(weights_from)
-    engine = Engine(model, cfg, weights=weights)
+    engine = Engine(model, cfg, weights=weights, packed=packed)
     weights_addr = serve_weights(engine.model_cfg, engine.runner.model.w, cfg.host) if cfg.serve_weights else None
     kv = listen_kv(cfg.kv_listen, cfg.host) if cfg.kv_listen else []
     t_loaded = time.perf_counter()

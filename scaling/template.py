@@ -46,12 +46,13 @@ def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
     return msg, (fds[0] if fds else None)
 
 
-def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, weights, t_fork: float) -> None:
+def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, weights, packed,
+          t_fork: float) -> None:
     """Runs in the forked process: become one TE, then exit without returning to the template loop."""
     control.close()  # else the main process would not see the template's death while TEs live
     code = 0
     try:
-        serve_engine(te_sock, cfg, weights=weights, t_start=t_fork, warmed_on_cpu=True)
+        serve_engine(te_sock, cfg, weights=weights, packed=packed, t_start=t_fork, warmed_on_cpu=True)
     except BaseException:
         log.exception("forked TE failed")
         code = 1
@@ -66,7 +67,11 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
     cfg, tensors = fetch_weights(weights_from) if weights_from else load_weights(model)
     # Warm the CPU kernels once, here, on one thread: every fork inherits them and skips its
     # own warm-up (TE-Post-Load). A TE on an accelerator still warms up after the fork.
-    warm_up(Engine(None, EngineConfig(device="cpu", num_kv_blocks=4, num_threads=1), weights=(cfg, tensors)))
+    warm = Engine(None, EngineConfig(device="cpu", num_kv_blocks=4, num_threads=1), weights=(cfg, tensors))
+    warm_up(warm)
+    # The oneDNN-packed linears (flowserve.model.pack_linears) are made here, once: forks
+    # share their pages instead of each packing a private 0.5 GB copy.
+    packed = warm.runner.model.packed
     t_ready = time.perf_counter()
     control.sendall(pack(TemplateReady(os.getpid(), 1e3 * (t_ready - T_START))))
     buf = bytearray()
@@ -98,7 +103,7 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
-                child(te_sock, control, msg.engine_config, (cfg, tensors), t_fork)
+                child(te_sock, control, msg.engine_config, (cfg, tensors), packed, t_fork)
             te_sock.close()
             control.sendall(pack(Forked(msg.te_id, pid)))
             fd = None

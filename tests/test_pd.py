@@ -256,7 +256,8 @@ def test_cluster_shape_from_flags_and_toml(tmp_path):
 
     from deepflow import cluster_shape
     flags = dict(num_tes=1, prefill_tes=0, decode_tes=0, cluster=None, threads_per_te=0, device="cpu",
-                 kv_cache_gb=1.0, max_num_seqs=64, max_num_batched_tokens=512, max_model_len=0, kv_timeout_s=10.0)
+                 async_scheduling=None, dtype="auto", kv_cache_gb=1.0, max_num_seqs=64, max_num_batched_tokens=512,
+                 max_model_len=0, kv_timeout_s=10.0)
     toml = tmp_path / "cluster.toml"
     toml.write_text("[colocated]\ninstances = 0\n[prefill]\ninstances = 1\n[decode]\ninstances = 2\nkv_cache_gb = 2.5\n")
     shape = cluster_shape(argparse.Namespace(**{**flags, "cluster": str(toml)}))
