@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 BENCH=(--workload random --input-len 128 --output-len 128 --max-concurrency 32 --seed 1)
-PEERS=${PEERS:-llama-server}
+PEERS=${PEERS-llama-server}
 
 wait_up() { for _ in $(seq 180); do curl -sf "$1" >/dev/null && return; sleep 1; done; echo "no server at $1"; exit 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

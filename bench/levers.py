@@ -13,6 +13,7 @@ many of ten chat prompts get the same greedy answer (48 tokens) as in float32.
 """
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -28,10 +29,11 @@ from flowserve.tokenizer import Tokenizer  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
 
 
-def prefill_rate(engine: Engine, prompts: int = 8, length: int = 256) -> float:
-    """Prompt tokens/s of `prompts` prompts computed together (one output token each)."""
+def prefill_rate(engine: Engine, seed: int, prompts: int = 8, length: int = 256) -> float:
+    """Prompt tokens/s of `prompts` new random prompts computed together (one output token each)."""
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    ids = [[(7 * i + j) % 40000 + 100 for j in range(length)] for i in range(prompts)]
+    rng = random.Random(seed)  # prompts never seen before: no prefix-cache hit
+    ids = [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(prompts)]
     t = time.perf_counter()
     engine.generate(ids, params)
     return prompts * length / (time.perf_counter() - t)
@@ -69,12 +71,12 @@ def main() -> None:
     for e in engines.values():
         e.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     best: dict[str, dict] = {name: {"decode_tokens_per_s": 0.0, "prefill_tokens_per_s": 0.0} for name in engines}
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for name, e in engines.items():
             r = run_batch(e, args.batch, 128, args.output_len)
             b = best[name]
             b["decode_tokens_per_s"] = max(b["decode_tokens_per_s"], r["decode_tokens_per_s"])
-            b["prefill_tokens_per_s"] = max(b["prefill_tokens_per_s"], prefill_rate(e))
+            b["prefill_tokens_per_s"] = max(b["prefill_tokens_per_s"], prefill_rate(e, seed=rep))
     gflops = matmul_gflops()
     roofline = gflops * 1e9 / flops_per_token(cfg)
     base = best["plain torch"]

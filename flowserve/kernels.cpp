@@ -1,7 +1,8 @@
-// Two CPU kernels of the FlowServe decode step, float32, registered as torch ops
-// (torch.ops.deepflow.*); flowserve/kernels.py builds and loads them, flowserve/model.py
-// calls them. Their plain-torch references are model.apply_rope and Llama.attention's
-// gather path, which tests/test_kernels.py compares them against.
+// CPU kernels of the FlowServe step, float32, registered as torch ops (torch.ops.deepflow.*);
+// flowserve/kernels.py builds and loads them, flowserve/model.py calls them. Each has a
+// plain-torch reference in flowserve/model.py, which tests/test_kernels.py compares it to:
+// rope_ (apply_rope), paged_decode_attention (Llama.attention's gather path),
+// add_rms_norm_ and silu_mul (Llama.add_norm and Llama.mlp without kernels).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -69,7 +70,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       const float* qh = qp + b * q_row + kvh * G * q_head;
       const float* kh = kp + kvh * NB * BS * D;
       const float* vh = vp + kvh * NB * BS * D;
-      std::vector<float> best(G, -std::numeric_limits<float>::infinity());
+      std::vector<float> best(G, std::numeric_limits<float>::lowest());  // no infinities under -ffast-math
       for (int64_t t = 0; t < len; ++t) {
         const float* kt = kh + (bt[b * MB + t / BS] * BS + t % BS) * D;
         for (int64_t g = 0; g < G; ++g) {
@@ -85,7 +86,11 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * len;
         float sum = 0.f;
-        for (int64_t t = 0; t < len; ++t) sum += (sg[t] = std::exp(sg[t] - best[g]));
+        const float top = best[g];
+#pragma omp simd  // vectorized exp (glibc's libmvec, under -ffast-math)
+        for (int64_t t = 0; t < len; ++t) sg[t] = std::exp(sg[t] - top);
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) sum += sg[t];
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
       }
@@ -104,13 +109,62 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_
   });
 }
 
+// The residual stream's update and the next RMSNorm in one pass over each row:
+// h += delta (in place), out = h / sqrt(mean(h^2) + eps) * weight.
+void add_rms_norm_(torch::Tensor h, torch::Tensor delta, torch::Tensor weight, torch::Tensor out,
+                   double eps) {
+  TORCH_CHECK(h.is_contiguous() && delta.is_contiguous() && out.is_contiguous(), "add_rms_norm_: layout");
+  const int64_t T = h.size(0), C = h.size(1);
+  float* hp = h.data_ptr<float>();
+  const float* dp = delta.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* ht = hp + t * C;
+      const float* dt = dp + t * C;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < C; ++i) {
+        ht[i] += dt[i];
+        ss += ht[i] * ht[i];
+      }
+      const float r = 1.f / std::sqrt(ss / C + static_cast<float>(eps));
+      float* ot = op + t * C;
+#pragma omp simd
+      for (int64_t i = 0; i < C; ++i) ot[i] = ht[i] * r * wp[i];
+    }
+  });
+}
+
+// The gated MLP's activation: gate_up [T, 2I] (gate, then up) -> out [T, I] = silu(gate) * up.
+void silu_mul(torch::Tensor out, torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.is_contiguous() && out.is_contiguous(), "silu_mul: layout");
+  const int64_t T = out.size(0), I = out.size(1);
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = gp + t * 2 * I;
+      const float* u = g + I;
+      float* o = op + t * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+}
+
 TORCH_LIBRARY(deepflow, m) {
   m.def("rope_(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin, int num_heads, int head_dim) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, "
         "Tensor block_tables, Tensor lens, float scale) -> ()");
+  m.def("add_rms_norm_(Tensor(a!) h, Tensor delta, Tensor weight, Tensor(b!) out, float eps) -> ()");
+  m.def("silu_mul(Tensor(a!) out, Tensor gate_up) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(deepflow, CPU, m) {
   m.impl("rope_", rope_);
   m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("add_rms_norm_", add_rms_norm_);
+  m.impl("silu_mul", silu_mul);
 }
