@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
                           "CUDA and NPU, off on CPU)")
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
-    srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     srv.add_argument("--max-model-len", type=int, default=0, help="context length (0: the model's)")
     srv.add_argument("--max-queued", type=int, default=256, help="tasks waiting beyond running ones, then 429")
     srv.add_argument("--max-body-bytes", type=int, default=4 << 20)

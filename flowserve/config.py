@@ -42,7 +42,7 @@ class EngineConfig:
     num_kv_blocks: int = 0          # 0: derive from kv_cache_gb
     kv_cache_gb: float = 0.5
     max_num_seqs: int = 64          # sequences in one step
-    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 0          # 0: the model's context length
     num_threads: int = 0            # 0: leave torch's default
     use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)

@@ -24,6 +24,7 @@ from flowserve.config import EngineConfig, ModelConfig
 
 
 PACK_BATCH = 32  # oneDNN picks the packed layout for this many rows; all row counts work
+MKL_ROWS = 1024  # from this many rows MKL's sgemm on the plain weights beats oneDNN's packed ones
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Llama:
         self.kernels = fast and kernels.available()
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and x.shape[0] < MKL_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed[name], None, "none", [], "")
         return F.linear(x, self.linears[name])
 
