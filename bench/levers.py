@@ -6,7 +6,8 @@ on the same work: a batch of `--batch` random 128-token prompts, then decode ste
 whole batch. Reported per lever: decode tokens/s of the full batch, its fraction of this
 machine's float32 matmul roofline (bench/offline.py), prefill tokens/s, and the ratios to
 the plain engine, best of the rounds (the machine is shared: the best round is the least
-disturbed one). Last, `--dtype bfloat16` beside the float32 default: its speed, and how
+disturbed one). Also the default with asynchronous scheduling, which on the CPU has
+nothing to overlap (the forward runs in the calling thread). Last, `--dtype bfloat16` beside the float32 default: its speed, and how
 many of ten chat prompts get the same greedy answer (48 tokens) as in float32.
 
     python bench/levers.py [--batch 32] [--reps 3]
@@ -65,6 +66,8 @@ def main() -> None:
     ecfg = dict(max_num_seqs=args.batch, max_num_batched_tokens=2048, kv_cache_gb=1.0)
     engines = {name: Engine(model, EngineConfig(cpu_kernels=name != "plain torch", **ecfg), weights=(cfg, weights))
                for name in ("plain torch", "oneDNN-packed linears", "decode attention + RoPE kernels", "both")}
+    engines["both + async scheduling"] = Engine(model, EngineConfig(async_scheduling=True, **ecfg),
+                                                weights=(cfg, weights))
     engines["bfloat16 (--dtype)"] = Engine(model, EngineConfig(dtype="bfloat16", **ecfg))
     engines["oneDNN-packed linears"].runner.model.kernels = False
     engines["decode attention + RoPE kernels"].runner.model.packed = None

@@ -199,7 +199,8 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     t_warm = time.perf_counter()
     shell = TEShell(sock, engine, [listener for listener, _ in kv])
     timings = StartTimings(1e3 * (t_pre - t_start), 1e3 * (t_loaded - t_pre), 1e3 * (t_warm - t_loaded))
-    weights_bytes = sum(t.nbytes for t in engine.runner.model.w.values())
+    model = engine.runner.model  # its weights, and their oneDNN-packed copy where it has one
+    weights_bytes = sum(t.numel() * t.element_size() for t in [*model.w.values(), *(model.packed or {}).values()])
     shell.send(Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, weights_bytes, weights_addr,
                      [addr for _, addr in kv]))
     try:
