@@ -65,12 +65,12 @@ def main() -> None:
     cfg, weights = load_weights(model)
     ecfg = dict(max_num_seqs=args.batch, max_num_batched_tokens=2048, kv_cache_gb=1.0)
     engines = {name: Engine(model, EngineConfig(cpu_kernels=name != "plain torch", **ecfg), weights=(cfg, weights))
-               for name in ("plain torch", "oneDNN-packed linears", "decode attention + RoPE kernels", "both")}
+               for name in ("plain torch", "oneDNN-packed linears", "C++ kernels, fused prefill attention", "both")}
     engines["both + async scheduling"] = Engine(model, EngineConfig(async_scheduling=True, **ecfg),
                                                 weights=(cfg, weights))
     engines["bfloat16 (--dtype)"] = Engine(model, EngineConfig(dtype="bfloat16", **ecfg))
     engines["oneDNN-packed linears"].runner.model.kernels = False
-    engines["decode attention + RoPE kernels"].runner.model.packed = None
+    engines["C++ kernels, fused prefill attention"].runner.model.packed = None
     for e in engines.values():
         e.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     best: dict[str, dict] = {name: {"decode_tokens_per_s": 0.0, "prefill_tokens_per_s": 0.0} for name in engines}
