@@ -11,6 +11,12 @@ next token (sequences whose known tokens are now all computed), projected to log
 
 Weights come from `flowserve.weights` already fused (wqkv, w_gate_up) and in the HF
 (half-split) RoPE layout.
+
+Two paths compute the same thing. The plain torch one runs on every device and is the
+reference. On the CPU in float32 a fast path replaces some of its pieces, each one inside
+the method that names it (`linear`, `add_norm`, `mlp`, `attention`, the RoPE in `forward`):
+oneDNN-packed weights for the matmuls (`pack_linears`) and the C++ kernels of
+`flowserve.kernels`. tests/test_kernels.py holds each to its reference.
 """
 import logging
 from dataclasses import dataclass
@@ -167,10 +173,10 @@ class Llama:
                                                    attn_mask=mask if first else None, is_causal=not first,
                                                    enable_gqa=True)
                 out[c.start:c.start + c.num_tokens] = o[0].transpose(0, 1)
-                continue
-            qp = qc.view(c.num_tokens, kvh, group, d).permute(1, 2, 0, 3)
-            o = attend(qp, k[:, None], v[:, None], mask, self.scale)  # [kvh, group, n, d]
-            out[c.start:c.start + c.num_tokens] = o.permute(2, 0, 1, 3).reshape(c.num_tokens, cfg.num_heads, d)
+            else:
+                qp = qc.view(c.num_tokens, kvh, group, d).permute(1, 2, 0, 3)
+                o = attend(qp, k[:, None], v[:, None], mask, self.scale)  # [kvh, group, n, d]
+                out[c.start:c.start + c.num_tokens] = o.permute(2, 0, 1, 3).reshape(c.num_tokens, cfg.num_heads, d)
         return out.view(-1, self.q_size)
 
 
