@@ -25,8 +25,8 @@ def pick_device(name: str = "auto") -> torch.device:
 def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     """The weights' and activations' dtype. `auto`: float32 on CPU, bfloat16 on accelerators.
     Lower precision is not the default on CPU: bfloat16 matmuls run there, but SmolLM2-135M's
-    greedy answers in bfloat16 agree with float32 on only half of the prompts measured
-    (docs/BENCHMARKS.md, issue 13)."""
+    greedy answers in bfloat16 agree with float32 on only 6 of 10 chat prompts, and on this
+    CPU (no AVX-512) bfloat16 is also 3x slower (docs/BENCHMARKS.md section 9)."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -120,7 +120,8 @@ class Llama:
         cfg, w = self.cfg, self.w
         h = F.embedding(step.input_ids, w["embed"])  # the residual stream
         x = F.rms_norm(h, (cfg.hidden_size,), w["layers.0.attn_norm"], cfg.rms_norm_eps)
-        cos, sin = self.cos[step.positions], self.sin[step.positions]
+        if not self.kernels:  # the kernel reads the tables by position itself
+            cos, sin = self.cos[step.positions], self.sin[step.positions]
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             qkv = self.linear(x, p + "wqkv")
