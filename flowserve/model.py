@@ -166,19 +166,22 @@ class Llama:
             k = gather_blocks(k_cache, c.block_ids[None])[:, 0, :c.context_len]  # [kvh, L, d]
             v = gather_blocks(v_cache, c.block_ids[None])[:, 0, :c.context_len]
             qc = q[c.start:c.start + c.num_tokens]
-            first = c.context_len - c.num_tokens
-            rows = torch.arange(first, c.context_len, device=q.device)[:, None]
-            mask = torch.arange(c.context_len, device=q.device)[None, :] <= rows
+            first = c.context_len - c.num_tokens  # tokens of this sequence cached before the chunk
             if self.kernels:  # torch's fused CPU attention: 1.7-2.4x the matmuls' speed at 170-512 tokens
+                mask = causal_mask(first, c.context_len, q.device) if first else None
                 o = F.scaled_dot_product_attention(qc.transpose(0, 1)[None], k[None], v[None], scale=self.scale,
-                                                   attn_mask=mask if first else None, is_causal=not first,
-                                                   enable_gqa=True)
+                                                   attn_mask=mask, is_causal=not first, enable_gqa=True)
                 out[c.start:c.start + c.num_tokens] = o[0].transpose(0, 1)
             else:
                 qp = qc.view(c.num_tokens, kvh, group, d).permute(1, 2, 0, 3)
-                o = attend(qp, k[:, None], v[:, None], mask, self.scale)  # [kvh, group, n, d]
+                o = attend(qp, k[:, None], v[:, None], causal_mask(first, c.context_len, q.device), self.scale)
                 out[c.start:c.start + c.num_tokens] = o.permute(2, 0, 1, 3).reshape(c.num_tokens, cfg.num_heads, d)
         return out.view(-1, self.q_size)
+
+
+def causal_mask(first: int, length: int, device: torch.device) -> torch.Tensor:
+    """[length - first, length] keep-mask: query row i (position first + i) sees keys 0..first + i."""
+    return torch.arange(length, device=device)[None, :] <= torch.arange(first, length, device=device)[:, None]
 
 
 def pack_linears(linears: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
