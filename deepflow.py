@@ -31,6 +31,7 @@ from flowserve.config import EngineConfig, cache_dir, default_model_path
 from flowserve.protocol import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
+from scheduler.caches import ContextCaches
 from scheduler.cluster import GROUPS, Cluster, NoRoom
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
@@ -133,10 +134,11 @@ async def read_json(request: web.Request) -> dict:
     return parse_json(raw)
 
 
-def check_request(request: web.Request, req: protocol.ChatRequest | protocol.CompletionRequest) -> None:
+def check_request(request: web.Request,
+                  req: protocol.ChatRequest | protocol.CompletionRequest | protocol.CacheRequest) -> None:
     if req.model not in (None, request.app[FRONTEND].model_name):
         raise model_not_found(req.model)
-    if req.ignored_fields:  # accepted, as OpenAI's API evolves, but said
+    if getattr(req, "ignored_fields", None):  # accepted, as OpenAI's API evolves, but said
         log.info("%s: ignoring unknown fields %s", request.path, req.ignored_fields)
 
 
@@ -184,6 +186,32 @@ async def respond(request: web.Request, job, stop: list[str], stream: bool, incl
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+async def create_cache(request: web.Request) -> web.Response:
+    """`{"model", "messages" | "prompt", "ttl_seconds"}`: a context cache, computed and pinned
+    before the answer; chat and completion requests use it by `"cache_id"`."""
+    req = protocol.parse_cache(await read_json(request))
+    check_request(request, req)
+    je: JobExecutor = request.app[JE]
+    cache = await je.caches.create(request.app[FRONTEND].model_name, *je.context_tokens(req), req.ttl_seconds)
+    return json_response(cache.to_dict())
+
+
+async def list_caches(request: web.Request) -> web.Response:
+    caches = request.app[JE].caches
+    caches.expire()
+    return json_response({"object": "list", "data": [c.to_dict() for c in caches.caches.values()]})
+
+
+async def get_cache(request: web.Request) -> web.Response:
+    return json_response(request.app[JE].caches.get(request.match_info["cache_id"]).to_dict())
+
+
+async def delete_cache(request: web.Request) -> web.Response:
+    cache_id = request.match_info["cache_id"]
+    request.app[JE].caches.delete(cache_id)
+    return json_response({"id": cache_id, "object": "context_cache.deleted", "deleted": True})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -236,6 +264,10 @@ def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, policies: di
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/caches", create_cache)
+    app.router.add_get("/v1/caches", list_caches)
+    app.router.add_get("/v1/caches/{cache_id}", get_cache)
+    app.router.add_delete("/v1/caches/{cache_id}", delete_cache)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/cluster", admin_cluster)
@@ -377,7 +409,9 @@ async def serve(args: argparse.Namespace) -> None:
     policies = scale_policies(args, shape)
     autoscalers = [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
     metrics_ = Metrics(cluster, name)
-    shutdown.je = je = JobExecutor(cluster, tokenizer, name, metrics_)
+    caches = ContextCaches(cluster, args.cache_budget)
+    autoscalers.append(asyncio.create_task(caches.expire_loop()))
+    shutdown.je = je = JobExecutor(cluster, tokenizer, name, metrics_, caches)
     app = build_app(cluster, je, metrics_, policies, name, args.api_key, args.max_body_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -467,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     srv.add_argument("--max-model-len", type=int, default=0, help="context length (0: the model's)")
     srv.add_argument("--max-queued", type=int, default=256, help="tasks waiting beyond running ones, then 429")
+    srv.add_argument("--cache-budget", type=float, default=0.5,
+                     help="fraction of each TE's KV cache that context caches (/v1/caches) may pin; past it, 507")
     srv.add_argument("--max-body-bytes", type=int, default=4 << 20)
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight jobs")
     srv.set_defaults(func=lambda a: asyncio.run(serve(a)))

@@ -51,6 +51,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
     generator: "torch.Generator | None" = None
     handoff: bool = False         # prefill-only (PD): after the first token its blocks go to a decode TE
+    cache_id: str | None = None   # a context cache its prompt starts with (MatchByID)
+    pin_id: str | None = None     # when it finishes, pin its prompt's blocks as this context cache
 
     @property
     def num_uncomputed(self) -> int:

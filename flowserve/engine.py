@@ -77,7 +77,9 @@ class Engine:
     # ------------------------------------------------------------------ API
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    handoff: bool = False) -> None:
+                    handoff: bool = False, cache_id: str | None = None, pin: str | None = None) -> None:
+        """`cache_id`: the prompt starts with that context cache's (MatchByID). `pin`: once
+        finished, keep the prompt's blocks pinned as that context cache (`RTC.pin`)."""
         if request_id in self.seqs:
             raise ValueError(f"request {request_id!r} already exists")
         if not prompt_ids:
@@ -87,7 +89,8 @@ class Engine:
         longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         if -(-longest // self.cfg.block_size) > self.rtc.num_blocks_total:
             raise ValueError(f"{longest} tokens do not fit in the KV cache ({self.rtc.num_blocks_total} blocks)")
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, handoff=handoff)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, handoff=handoff,
+                       cache_id=cache_id, pin_id=pin)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
@@ -179,6 +182,8 @@ class Engine:
             self.rtc.cache_full_blocks(seq)  # a block that ends with this token may be computed already
             reason = self.finish_reason(seq, token)
             if reason:
+                if seq.pin_id is not None:
+                    self.rtc.pin(seq.pin_id, seq)
                 self.batcher.finish(seq)
                 del self.seqs[seq.request_id]
             elif seq.handoff:  # prefill done: keep the blocks for the decode TE
@@ -219,7 +224,8 @@ class Engine:
                      kv_usage=self.rtc.usage, kv_blocks_total=self.rtc.num_blocks_total,
                      kv_blocks_free=self.rtc.num_free, prefix_queries=self.rtc.prefix_queries,
                      prefix_hits=self.rtc.prefix_hits, preemptions=self.batcher.num_preemptions,
-                     threads=torch.get_num_threads(), cached=cached, evicted=evicted)
+                     threads=torch.get_num_threads(), cached=cached, evicted=evicted,
+                     pinned_blocks=self.rtc.num_pinned)
 
 
 # ---------------------------------------------------------------------------- the sampler

@@ -2,7 +2,7 @@
 
 - main process -> TE (`scheduler/te.py` -> `flowserve/te_shell.py`): `Add`, `Abort`, `Stop`,
   `Ping` (the heartbeat, answered by an empty `Step`), `Threads` (its host's TE count
-  changed), `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step`
+  changed), `Unpin` (context caches), `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step`
   per engine step (a `TokenOut` per request that moved, and the engine's `Stats`). On
   another host the TE's socket is TCP, and its first frame is `Hello`, carrying the secret
   the main process handed its node agent (`scaling/node_agent.py`).
@@ -42,6 +42,7 @@ class Op(str, Enum):
     TEMPLATE_READY = "template_ready"
     PING = "ping"
     THREADS = "threads"
+    UNPIN = "unpin"
     HELLO = "hello"
     KV_HEADER = "kv_header"
     KV_ACK = "kv_ack"
@@ -77,13 +78,15 @@ class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
 class Add(Message, tag=Op.ADD.value):
     """Run a request. `kv_to` (prefill TE): after its first token, send its KV to that decode
     TE's DistFlow address, where it is `kv_rid`. `await_kv` (decode TE): start it when its
-    KV arrives."""
+    KV arrives. `cache_id`, `pin`: explicit context caching (`flowserve.rtc`)."""
     rid: str
     prompt: list[int]
     params: SamplingParams
     kv_to: str | None = None
     kv_rid: str | None = None
     await_kv: bool = False
+    cache_id: str | None = None       # its prompt starts with this context cache's (MatchByID)
+    pin: str | None = None            # a context cache's build: pin the prompt's blocks under this id
 
 
 class Abort(Message, tag=Op.ABORT.value):
@@ -96,6 +99,11 @@ class Stop(Message, tag=Op.STOP.value):
 
 class Ping(Message, tag=Op.PING.value):
     pass
+
+
+class Unpin(Message, tag=Op.UNPIN.value):
+    """Release these context caches' pinned blocks (TTL ended, or deleted); answered by a `Step`."""
+    cache_ids: list[str]
 
 
 class Threads(Message, tag=Op.THREADS.value):
@@ -132,6 +140,7 @@ class Stats(msgspec.Struct):
     threads: int = 0
     cached: list[int] = []
     evicted: list[int] = []
+    pinned_blocks: int = 0            # held by context caches
 
 
 class TokenOut(msgspec.Struct, array_like=True):
@@ -220,7 +229,7 @@ class Error(Message, tag=Op.ERROR.value):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Threads | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
+_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Threads | Unpin | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
                                    | TemplateReady | KVHeader | KVAck | WeightsHeader | Error)
 
 

@@ -7,14 +7,20 @@ block covers every token before it too), so a new prompt can reuse the longest c
 prefix: MatchByPrefixToken. Blocks nobody references stay cached and are evicted least
 recently used first when a new block is needed.
 
-API, in the paper's words: `match_by_prefix_token`, `alloc_blocks` (AllocBlocks for a
-prefill chunk, AppendBlock for a decode step: both grow a block table), `cache_full_blocks`
-(index what was just computed), `free`.
+Explicit context caching (`POST /v1/caches`, scheduler/caches.py) adds a second index: a
+cache id names the full blocks of a context's prompt, pinned (a reference of their own, so
+no eviction takes them) until the main process unpins them at the TTL's end or a DELETE.
+A request that names the id starts from those blocks: MatchByID.
+
+API, in the paper's words: `match_by_prefix_token`, `match_by_id`, `alloc_blocks` (AllocBlocks
+for a prefill chunk, AppendBlock for a decode step: both grow a block table),
+`cache_full_blocks` (index what was just computed), `pin`, `unpin`, `free`.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the batcher, which holds sequences, imports the RTC
@@ -55,6 +61,7 @@ class RTC:
         # they are reused for something else.
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_index: dict[int, int] = {}   # chain hash -> block id
+        self.id_index: dict[str, tuple[list[int], tuple[int, ...]]] = {}  # cache id -> pinned blocks, their tokens
         self.prefix_queries = 0                  # prompt tokens looked up
         self.prefix_hits = 0                     # of which served from the cache
         # Blocks indexed and evicted since the last `drain_cache_events`: the TE reports them
@@ -85,18 +92,51 @@ class RTC:
             matched.append(block_id)
         return matched
 
+    def match_by_id(self, cache_id: str, token_ids: list[int]) -> list[int]:
+        """The blocks pinned under `cache_id` that hold a prefix of `token_ids`, as many as
+        `prefix_blocks` would take."""
+        blocks, tokens = self.id_index.get(cache_id, ([], ()))
+        bs, matched = self.block_size, []
+        for i, block_id in enumerate(blocks[:(len(token_ids) - 1) // bs]):
+            if tuple(token_ids[i * bs:(i + 1) * bs]) != tokens[i * bs:(i + 1) * bs]:
+                break
+            matched.append(block_id)
+        return matched
+
+    def pin(self, cache_id: str, seq: Sequence) -> None:
+        """Keep the computed full blocks of `seq`'s prompt under `cache_id` until `unpin`."""
+        self.unpin(cache_id)  # a context rebuilt on this TE replaces its older pin
+        n = seq.num_prompt // self.block_size
+        for block_id in seq.block_ids[:n]:
+            self._ref(block_id)
+        self.id_index[cache_id] = (seq.block_ids[:n], tuple(seq.token_ids[:n * self.block_size]))
+
+    def unpin(self, cache_id: str) -> bool:
+        """Drop a context's pin; its blocks stay in the prefix cache until evicted."""
+        blocks, _ = self.id_index.pop(cache_id, ([], ()))
+        for block_id in blocks:
+            self._unref(block_id)
+        return bool(blocks)
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(len(blocks) for blocks, _ in self.id_index.values())
+
     def count_prefix_lookup(self, num_prompt: int, num_hit: int) -> None:
         """A sequence's first admission: `num_hit` of its `num_prompt` tokens came from the cache."""
         self.prefix_queries += num_prompt
         self.prefix_hits += num_hit
 
     def attach_prefix(self, seq: Sequence) -> None:
-        """Start a sequence from its cached prefix."""
+        """Start a sequence from its cached prefix: the longer of what the prefix index and,
+        for a request on a context cache, the id index hold."""
         matched = self.match_by_prefix_token(seq.token_ids)
+        if seq.cache_id is not None:
+            matched = max(matched, self.match_by_id(seq.cache_id, seq.token_ids), key=len)
         for block_id in matched:
             self._ref(block_id)
         seq.block_ids = list(matched)
-        seq.block_hashes = [self.blocks[b].hash for b in matched]
+        seq.block_hashes = [h for h, _ in islice(prefix_blocks(seq.token_ids, self.block_size), len(matched))]
         seq.num_computed = len(matched) * self.block_size
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
@@ -142,13 +182,16 @@ class RTC:
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's references; cached blocks go to the LRU tail, others to the head."""
         for block_id in reversed(seq.block_ids):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_blocks[block_id] = None
-                if block.hash is None:
-                    self.free_blocks.move_to_end(block_id, last=False)
+            self._unref(block_id)
         seq.block_ids, seq.block_hashes, seq.num_computed = [], [], 0
+
+    def _unref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_blocks[block_id] = None
+            if block.hash is None:
+                self.free_blocks.move_to_end(block_id, last=False)
 
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -4,7 +4,7 @@ Its host's node agent starts it (`scaling/node.py`, `scaling/node_agent.py`) wit
 socket to the main process as `--fd` (a unix socketpair's end, or a TCP connection from
 another host), or the warm template forks it onto that socket (`scaling/template.py`).
 The shell loads the engine, says `Ready` (with its start-up timings and DistFlow
-addresses), then loops: read commands (`Add`, `Abort`, `Stop`, `Ping`, `Threads`:
+addresses), then loops: read commands (`Add`, `Abort`, `Stop`, `Ping`, `Threads`, `Unpin`:
 `flowserve/protocol.py`) without blocking while the engine has work, run one engine step,
 and send that step's `TokenOut`s plus the engine's `Stats` back in one `Step` frame. A
 `Ping` is answered between steps with an empty `Step`: a TE that stops stepping stops
@@ -44,7 +44,7 @@ from flowserve.distflow import (  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
     Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Ping, Prewarmed, Ready,
-    SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, decode_config, pack, unpack_frames)
+    SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, Unpin, decode_config, pack, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
 
@@ -68,7 +68,8 @@ class TEShell:
                 self.awaiting[msg.rid] = msg
             case Add():
                 try:
-                    self.engine.add_request(msg.rid, msg.prompt, msg.params, handoff=msg.kv_to is not None)
+                    self.engine.add_request(msg.rid, msg.prompt, msg.params, handoff=msg.kv_to is not None,
+                                            cache_id=msg.cache_id, pin=msg.pin)
                     if msg.kv_to is not None:
                         self.kv_to[msg.rid] = msg
                 except ValueError as e:
@@ -78,6 +79,10 @@ class TEShell:
                     self.engine.abort(rid)
                     self.awaiting.pop(rid, None)
                     self.kv_to.pop(rid, None)
+                self.send(Step([], self.engine.stats()))
+            case Unpin():
+                for cache_id in msg.cache_ids:
+                    self.engine.rtc.unpin(cache_id)
                 self.send(Step([], self.engine.stats()))
             case Ping():
                 self.send(Step([], self.engine.stats()))

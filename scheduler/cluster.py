@@ -25,6 +25,8 @@ in `prefill`'s). `_place_pending` hands it to a TE with a free batch slot, chose
 takes the least-loaded decode TE, on the prefill TE's host if one is free there (KV then
 moves through shared memory, not TCP), which reserves a slot for it before the prefill
 starts.
+A request on a context cache goes to a TE that pins it (the ID index, `id_index`, beside the
+prompt trees; scheduler/caches.py).
 A task that finds no free slot (the group is busy, at zero, or all its TEs died) waits
 until a slot frees or a TE joins. Admission control bounds the tasks held so an overload
 gets a fast 429 instead of an ever-growing queue. A TE that dies is replaced, and its
@@ -136,6 +138,8 @@ class Cluster:
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
         self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
+        self.id_index: dict[str, set[str]] = {}  # context cache id -> ids of the TEs that pin it
+        self.on_cache_lost = None                # callback(cache id) when no TE holds a context any more
         self.policy, self.imbalance = policy, imbalance
         self.heatmap, self.predictor = heatmap, DecodeLengthPredictor()
         self.weights_bytes = weights_estimate(model_path)  # corrected by the first TE's Ready
@@ -278,6 +282,11 @@ class Cluster:
             te.host.tes.remove(te)
             self.rebalance(te.host)
         self.trees[te.group].remove_te(te.id)
+        for cache_id, holders in list(self.id_index.items()):
+            if te.id in holders:
+                holders.discard(te.id)
+                if not holders and self.on_cache_lost:
+                    self.on_cache_lost(cache_id)
 
     def _on_death(self, te: TEHandle) -> None:
         self._forget(te)
@@ -340,6 +349,11 @@ class Cluster:
         """Algorithm 1, first step: run the task colocated or disaggregated? Returns the group
         whose queue it waits in. Only a cluster with both kinds has a choice: the heatmap
         decides, at the cell of the prompt length and the predicted decode length."""
+        if task.cache_id:  # where its context is pinned
+            group = self.cache_group()
+            task.placement = {"pd": {"choice": "disaggregated" if group == "prefill" else "colocated",
+                                     "why": "context cache"}}
+            return group
         prompt_len = len(task.prompt_ids)
         has_pd = self.target["prefill"] > 0 and self.target["decode"] > 0
         if not (has_pd and self.target["colocated"] > 0):
@@ -351,6 +365,11 @@ class Cluster:
                                  "predicted_output": predicted, **cell}}
         return "prefill" if disagg else "colocated"
 
+    def cache_group(self) -> str:
+        """Where context caches are pinned, and their requests run: colocated TEs if the
+        cluster has any, else prefill TEs."""
+        return "colocated" if self.target["colocated"] else "prefill"
+
     def dist_sched(self, task: Task, tes: list[TEHandle], group: str) -> tuple[TEHandle, dict]:
         """Algorithm 1, the TE within a group: when loads are balanced, the TE holding the
         longest prefix of the prompt (locality-aware); else the least loaded (load-aware).
@@ -359,6 +378,10 @@ class Cluster:
         are the baselines. Decode TEs get no prompt to compute, so they go by load alone.
         Returns the TE and why, for the task's placement record."""
         loads = {te.id: te.load for te in self.ready_tes(group)}
+        holders = [te for te in tes if te.id in self.id_index.get(task.cache_id, ())]
+        if holders:  # MatchByID there beats any prefix elsewhere
+            te = min(holders, key=lambda te: te.load)
+            return te, {"policy": "context_cache", "cache_id": task.cache_id, "loads": loads}
         if self.policy == "rr":
             return tes[next(self._rr) % len(tes)], {"policy": "rr", "loads": loads}
         balanced = max(loads.values()) - min(loads.values()) <= self.imbalance

@@ -8,8 +8,9 @@ of tokens either way. The states are explicit so `/admin/cluster` can show where
 is and where it ran.
 
 The chat JE applies the chat template, the completion JE takes the prompt as is; both
-tokenize here in the main process (TEs see token ids only), check the prompt against the
-context, and build the Job. `start` submits its tasks to the cluster (`scheduler/cluster.py`:
+tokenize here in the main process (TEs see token ids only), put a context cache's context
+first when the request names one (`cache_id`, scheduler/caches.py), check the prompt against
+the context length, and build the Job. `start` submits its tasks to the cluster (`scheduler/cluster.py`:
 `dist_sched` places them), and a worker per task turns the TE's token events into text
 with an incremental detokenizer and `StopStrings`; `stream` yields the resulting `Delta`s
 for the frontend to format. Whatever ends the job (finish, error, a client that went away),
@@ -32,13 +33,15 @@ from flowserve.tokenizer import Detokenizer, Tokenizer
 from scheduler.metrics import Metrics
 from scheduler.protocol import (
     APIError,
+    CacheRequest,
     ChatRequest,
     CompletionRequest,
     SamplingOptions,
     invalid,
 )
 
-if TYPE_CHECKING:  # the cluster imports this module for Task
+if TYPE_CHECKING:  # the cluster and the context caches import this module for Task
+    from scheduler.caches import ContextCaches
     from scheduler.cluster import Cluster
 
 log = logging.getLogger("deepflow.je")
@@ -89,6 +92,8 @@ class Task:
     t_done: float | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
     decode: "Task | None" = None   # disaggregated: the task that continues on a decode TE
+    cache_id: str | None = None    # its prompt starts with this context cache's
+    pin: str | None = None         # a context cache's build (scheduler/caches.py)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
@@ -147,36 +152,68 @@ class StopStrings:
 
 
 class JobExecutor:
-    def __init__(self, cluster: Cluster, tokenizer: Tokenizer, model_name: str, metrics: Metrics):
+    def __init__(self, cluster: Cluster, tokenizer: Tokenizer, model_name: str, metrics: Metrics,
+                 caches: ContextCaches):
         self.cluster, self.tok, self.model_name, self.metrics = cluster, tokenizer, model_name, metrics
+        self.caches = caches
         self.active: dict[str, Job] = {}
         self.recent: deque[Job] = deque(maxlen=64)
 
     # ---------------------------------------------------------------- request -> job
 
     def chat_job(self, req: ChatRequest) -> Job:
-        try:
-            text = self.tok.apply_chat_template(req.messages)
-        except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
-            raise invalid(f"chat template rejected the messages: {e}", "messages") from e
-        return self._job("chat", self.tok.encode(text), req.options, "messages")
+        """A chat request on a context cache is the cached messages, then its own: the same
+        conversation as sent whole, tokenized whole."""
+        cache = req.cache_id and self.caches.get(req.cache_id, "chat")
+        messages = cache.context + req.messages if cache else req.messages
+        prompt = self.tok.encode(self._template(messages, "messages"))
+        return self._job("chat", prompt, req.options, "messages", cache and cache.id)
 
     def completion_job(self, req: CompletionRequest) -> Job:
-        if isinstance(req.prompt, str):
-            prompt = self.tok.encode(req.prompt)
+        """A completion on a context cache prompts with the cached prompt, then its own (the
+        texts joined, or the token ids, where either is ids)."""
+        cache = req.cache_id and self.caches.get(req.cache_id, "completion")
+        if cache and isinstance(cache.context, str) and isinstance(req.prompt, str):
+            prompt = self._prompt_ids(cache.context + req.prompt)
         else:
-            prompt = req.prompt
-            if max(prompt) >= self.tok.vocab_size:
-                raise invalid(f"token id {max(prompt)} is outside the vocabulary ({self.tok.vocab_size})", "prompt")
-        return self._job("completion", prompt, req.options, "prompt")
+            prompt = (cache.token_ids if cache else []) + self._prompt_ids(req.prompt)
+        return self._job("completion", prompt, req.options, "prompt", cache and cache.id)
 
-    def _job(self, kind: str, prompt: list[int], o: SamplingOptions, param: str) -> Job:
+    def context_tokens(self, req: CacheRequest) -> tuple[str, list[dict] | str | list[int], list[int]]:
+        """A context cache's kind (the endpoint it prefixes), context and token ids: chat
+        messages templated without the assistant's turn, as they start a longer conversation."""
+        if req.messages is not None:
+            kind, context, prompt = "chat", req.messages, self.tok.encode(
+                self._template(req.messages, "messages", add_generation_prompt=False))
+        else:
+            kind, context, prompt = "completion", req.prompt, self._prompt_ids(req.prompt)
+        self._check_length(prompt, "messages" if kind == "chat" else "prompt")
+        return kind, context, prompt
+
+    def _template(self, messages: list[dict], param: str, add_generation_prompt: bool = True) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt)
+        except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
+            raise invalid(f"chat template rejected the messages: {e}", param) from e
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt)
+        if max(prompt) >= self.tok.vocab_size:
+            raise invalid(f"token id {max(prompt)} is outside the vocabulary ({self.tok.vocab_size})", "prompt")
+        return prompt
+
+    def _check_length(self, prompt: list[int], param: str) -> None:
         limit = self.cluster.max_model_len
         if not prompt:
             raise invalid("the prompt is empty", param)
         if len(prompt) >= limit:
             raise invalid(f"This model's maximum context length is {limit} tokens. However, your "
                           f"request has {len(prompt)} prompt tokens.", param)
+
+    def _job(self, kind: str, prompt: list[int], o: SamplingOptions, param: str, cache_id: str | None) -> Job:
+        limit = self.cluster.max_model_len
+        self._check_length(prompt, param)
         max_tokens = o.max_tokens or limit - len(prompt)
         if len(prompt) + max_tokens > limit:
             raise invalid(f"max_tokens={max_tokens} plus {len(prompt)} prompt tokens exceeds the "
@@ -187,7 +224,7 @@ class JobExecutor:
             params = SamplingParams(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, seed=seed,
                                     max_tokens=max_tokens, stop_token_ids=o.stop_token_ids,
                                     ignore_eos=o.ignore_eos)
-            job.tasks.append(Task(job.id, i, prompt, params))
+            job.tasks.append(Task(job.id, i, prompt, params, cache_id=cache_id))
         return job
 
     # ---------------------------------------------------------------- run
@@ -287,4 +324,5 @@ class JobExecutor:
                 "prompt_tokens_details": {"cached_tokens": job.tasks[0].num_cached}}
 
     def to_dict(self) -> dict:
-        return {"active": len(self.active), "recent_jobs": [j.to_dict() for j in reversed(self.recent)]}
+        return {"active": len(self.active), "context_caches": self.caches.to_dict(),
+                "recent_jobs": [j.to_dict() for j in reversed(self.recent)]}

@@ -8,7 +8,7 @@ running server, so the model name and context length in it are the served ones.
 """
 from pydantic import BaseModel
 
-from scheduler.protocol import ChatRequest, CompletionRequest, ScaleRequest
+from scheduler.protocol import CacheRequest, ChatRequest, CompletionRequest, ScaleRequest
 
 REF = "#/components/schemas/{model}"
 
@@ -43,7 +43,7 @@ def _op(summary: str, ok: dict, *errors: int, body: type[BaseModel] | None = Non
 
 def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
     schemas = {}
-    for model in (ChatRequest, CompletionRequest, ScaleRequest, Error):
+    for model in (ChatRequest, CompletionRequest, CacheRequest, ScaleRequest, Error):
         schema = model.model_json_schema(ref_template=REF)
         schemas |= schema.pop("$defs", {}) | {model.__name__: schema}
     obj = _content({"type": "object"})
@@ -59,6 +59,14 @@ def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
             "/v1/chat/completions": {"post": _op("chat completion", generated, *generate, body=ChatRequest, auth=auth)},
             "/v1/completions": {"post": _op("text completion", generated, *generate, body=CompletionRequest, auth=auth)},
             "/v1/models": {"get": _op("the served model", obj, 503, auth=auth)},
+            "/v1/caches": {
+                "post": _op("create a context cache: computed and pinned on a TE until its TTL ends", obj,
+                            400, 404, 429, 503, 507, body=CacheRequest, auth=auth),
+                "get": _op("the live context caches", obj, 503, auth=auth)},
+            "/v1/caches/{cache_id}": {
+                "parameters": [{"name": "cache_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "get": _op("one context cache", obj, 404, 503, auth=auth),
+                "delete": _op("delete a context cache: its TEs unpin it", obj, 404, 503, auth=auth)},
             "/health": {"get": {"summary": "ok, or 503 while TEs are missing or the server drains", "responses": {
                 "200": {"description": "ok", **obj}, "503": {"description": "degraded", **obj}}}},
             "/metrics": {"get": _op("Prometheus metrics", _content({"type": "string"}, "text/plain"))},

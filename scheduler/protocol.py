@@ -2,7 +2,7 @@
 them), response bodies and SSE chunks out.
 
 The HTTP frontend (deepflow.py) turns a body into a `ChatRequest`, `CompletionRequest` or
-`ScaleRequest` here (`parse_chat`, ...) before any job exists; the job executors
+`CacheRequest` or `ScaleRequest` here (`parse_chat`, ...) before any job exists; the job executors
 (scheduler/je.py) read the validated model: messages to template, prompt to tokenize,
 `options` (`SamplingOptions`) for the engine. A bad input becomes an `APIError` with OpenAI's
 error body, its `param` the field as the client wrote it (`messages[1].content[0]`). The
@@ -26,6 +26,8 @@ MAX_MESSAGES = 256
 MAX_STOP = 16
 MAX_TES = 256                   # per group, a bound on /admin/scale
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions defaults to 16 tokens (OpenAI, vLLM)
+DEFAULT_CACHE_TTL_S = 3600      # a context cache lives an hour unless told (as Gemini's)
+MAX_CACHE_TTL_S = 7 * 86400
 
 # OpenAI's error type and default code for each status we answer with.
 ERROR_KINDS: dict[int, tuple[str, str | None]] = {
@@ -34,6 +36,7 @@ ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     404: ("invalid_request_error", "not_found"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
+    507: ("server_error", "insufficient_storage"),
     500: ("server_error", None),
     503: ("server_error", "service_unavailable"),
 }
@@ -165,6 +168,7 @@ class _Request(_Unsupported):
     user: str | None = None
     ignore_eos: bool = False                        # vLLM extension
     stop_token_ids: list[TokenId] = []              # vLLM extension
+    cache_id: str | None = None                     # a context cache from POST /v1/caches: its context comes first
 
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +224,22 @@ class CompletionRequest(_Request):
         return prompt
 
 
+class CacheRequest(_Strict):
+    """POST /v1/caches: a context to keep computed, chat `messages` or a completion `prompt`;
+    requests name it by the id in the answer (`cache_id`)."""
+    model: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES),
+                        AfterValidator(_as_dicts)] | None = None
+    prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)]) | None = None
+    ttl_seconds: Annotated[int, Field(ge=1, le=MAX_CACHE_TTL_S)] = DEFAULT_CACHE_TTL_S
+
+    @model_validator(mode="after")
+    def _one_context(self):
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give either 'messages' (for chat) or 'prompt' (for completions)")
+        return self
+
+
 class ScaleRequest(_Strict):
     """POST /admin/scale: a group's size, set by hand (0 allowed); the autoscaler keeps it."""
     group: str = "colocated"
@@ -234,6 +254,8 @@ _DEPTH = {"messages": 4, "stream_options": 2}   # how deep a param goes: message
 def _api_error(e: ValidationError) -> APIError:
     """pydantic's first error as OpenAI's 400, its `loc` as the param the client knows."""
     err = e.errors(include_url=False)[0]
+    if not err["loc"]:  # a rule over the whole body
+        return invalid(f"{err['msg'].removeprefix('Value error, ')}.")
     loc = [x for x in err["loc"] if x not in ("str", "list")][:_DEPTH.get(err["loc"][0], 1)]
     param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
     name = [x for x in loc if isinstance(x, str)][-1]
@@ -260,6 +282,11 @@ def parse_chat(body: object) -> ChatRequest:
 def parse_completion(body: object) -> CompletionRequest:
     """Validate a /v1/completions body."""
     return _parse(CompletionRequest, body)
+
+
+def parse_cache(body: object) -> CacheRequest:
+    """Validate a POST /v1/caches body."""
+    return _parse(CacheRequest, body)
 
 
 def parse_scale(body: object) -> ScaleRequest:

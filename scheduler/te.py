@@ -18,8 +18,8 @@ from enum import Enum
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import (
-    Abort, Add, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, expect, pack,
-    unpack_frames)
+    Abort, Add, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, Unpin, expect,
+    pack, unpack_frames)
 from scaling.launch import next_frame
 from scheduler.hosts import Host
 from scheduler.je import State, Task, TaskEvent
@@ -180,7 +180,10 @@ class TEHandle:
         self.tasks[task.id] = task
         task.te_id, task.state = self.id, State.RUNNING
         self._send(Add(task.id, task.prompt_ids, task.params, kv_to, kv_to and task.decode.id,
-                       await_kv=self.group == "decode"))
+                       await_kv=self.group == "decode", cache_id=task.cache_id, pin=task.pin))
+
+    def unpin(self, cache_ids: list[str]) -> None:
+        self._send(Unpin(cache_ids))
 
     def abort(self, task_ids: list[str]) -> None:
         ids = [t for t in task_ids if self.tasks.pop(t, None) is not None]
@@ -222,5 +225,6 @@ class TEHandle:
         return {"id": self.id, "group": self.group, "host": self.host.name, "pid": self.pid, "state": self.state.value,
                 "threads": s.threads, "running": s.running, "waiting": s.waiting, "tasks": self.load,
                 "start_mode": self.start_mode, "fresh_interpreter": self.fresh,
-                "kv_usage": s.kv_usage, "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
+                "kv_usage": s.kv_usage, "kv_blocks_total": s.kv_blocks_total, "pinned_blocks": s.pinned_blocks,
+                "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "timeline_ms": self.timings_ms}

@@ -81,7 +81,14 @@ class Server:
 
     def post(self, path: str, body: dict, timeout: float = 600) -> tuple[int, dict]:
         """POST JSON; the status and the JSON answer (an error's body too)."""
-        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return self.request("POST", path, body, timeout)
+
+    def delete(self, path: str) -> tuple[int, dict]:
+        return self.request("DELETE", path)
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data, {"Content-Type": "application/json"}, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return r.status, json.loads(r.read())

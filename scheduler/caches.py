@@ -1,0 +1,176 @@
+"""Explicit context caching: the `/v1/caches` resources (the shape of Gemini's cachedContents
+and Moonshot's context caching, in OpenAI style) and their lifetime on the TEs.
+
+`POST /v1/caches` names a context (chat messages, or a completion prompt); the JE tokenizes it
+(`JobExecutor.context_cache`) and `create` builds it on a TE: a one-token task whose
+`Add.pin` has the TE's RTC pin the prompt's full KV blocks under the cache's id
+(`flowserve.rtc.RTC.pin`). The answer comes once those blocks are computed. The cluster's ID
+index (`Cluster.id_index`, next to the global prompt tree) records which TE holds which
+cache, so dist_sched sends a request carrying `cache_id` there, and that TE's RTC starts it
+from the pinned blocks (MatchByID).
+
+A context lives until its TTL ends (`expire`, each second) or a DELETE: its TEs then unpin
+it, and its blocks fall back to ordinary prefix-cache blocks. A TE that dies or retires takes
+its pins along: the cluster reports the cache lost (`Cluster.on_cache_lost`), and it is built
+again from its stored tokens on another TE. What contexts pin is bounded per TE by a budget,
+a fraction of the TE's KV blocks: a context past it gets 507.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flowserve.protocol import FinishReason, SamplingParams
+from scheduler.je import Overloaded, Task
+from scheduler.protocol import APIError, invalid
+
+if TYPE_CHECKING:
+    from scheduler.cluster import Cluster
+    from scheduler.te import TEHandle
+
+log = logging.getLogger("deepflow.caches")
+
+REBUILD_RETRY_S = 1.0
+
+
+@dataclass
+class ContextCache:
+    model: str
+    kind: str                         # chat | completion: the endpoint it prefixes
+    context: list[dict] | str | list[int]  # the messages, or the prompt, as created
+    token_ids: list[int]
+    blocks: int                       # full KV blocks it pins on a TE
+    ttl_s: int
+    id: str = field(default_factory=lambda: "cache-" + secrets.token_hex(12))
+    created: float = field(default_factory=time.time)
+    rebuilding: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def expires_at(self) -> float:
+        return self.created + self.ttl_s
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "object": "context_cache", "model": self.model, "kind": self.kind,
+                "tokens": len(self.token_ids), "created": int(self.created), "expires_at": int(self.expires_at)}
+
+
+class ContextCaches:
+    def __init__(self, cluster: Cluster, budget: float):
+        """`budget`: the fraction of a TE's KV blocks that contexts may pin."""
+        self.cluster, self.budget = cluster, budget
+        self.caches: dict[str, ContextCache] = {}
+        self._building: dict[str, int] = {}  # cache id -> blocks, while its first build runs
+        cluster.on_cache_lost = self._lost
+
+    def get(self, cache_id: str, kind: str | None = None) -> ContextCache:
+        """The live cache `cache_id` (404 if unknown or expired), for an endpoint of `kind`."""
+        cache = self.caches.get(cache_id)
+        if cache is None or cache.expires_at <= time.time():
+            raise APIError(404, f"context cache '{cache_id}' does not exist or has expired", "cache_id",
+                           code="cache_not_found")
+        if kind and kind != cache.kind:
+            other = "/v1/chat/completions" if cache.kind == "chat" else "/v1/completions"
+            raise invalid(f"context cache '{cache_id}' holds a {cache.kind} context: use it with {other}", "cache_id")
+        return cache
+
+    async def create(self, model: str, kind: str, context, token_ids: list[int], ttl_s: int) -> ContextCache:
+        """Build a context on the TE with the most pinning room and register it once its
+        blocks are pinned; 507 past the budget, 429 at capacity."""
+        bs = self.cluster.engine_cfgs[self.cluster.cache_group()].block_size
+        cache = ContextCache(model, kind, context, token_ids, len(token_ids) // bs, ttl_s)
+        try:
+            self.cluster.admit(1)
+        except Overloaded as e:
+            raise APIError(429, f"{e}; retry shortly") from e
+        for _ in range(2):  # a TE that dies mid-build: once more, elsewhere
+            if await self._build(cache, self._holder_for(cache)):
+                self.caches[cache.id] = cache
+                return cache
+        raise APIError(503, "the TEs building the context cache died; retry shortly")
+
+    def delete(self, cache_id: str) -> None:
+        self._drop(self.get(cache_id))
+
+    def expire(self) -> None:
+        now = time.time()
+        for cache in [c for c in self.caches.values() if c.expires_at <= now]:
+            log.info("context cache %s expired", cache.id)
+            self._drop(cache)
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.expire()
+
+    def pinned(self, te: TEHandle) -> int:
+        """Blocks that contexts pin on `te` (or are being built to pin)."""
+        return sum(self.caches[c].blocks if c in self.caches else self._building.get(c, 0)
+                   for c, tes in self.cluster.id_index.items() if te.id in tes)
+
+    def _holder_for(self, cache: ContextCache) -> TEHandle:
+        tes = self.cluster.ready_tes(self.cluster.cache_group())
+        if not tes:
+            raise APIError(503, "no TE is ready to hold a context cache; retry shortly")
+        allowed = {te.id: int(self.budget * te.stats.kv_blocks_total) for te in tes}
+        room = {te.id: allowed[te.id] - self.pinned(te) for te in tes}
+        if cache.blocks > max(allowed.values()):
+            raise APIError(507, f"a context of {len(cache.token_ids)} tokens pins {cache.blocks} KV blocks; a TE may "
+                                f"pin at most {max(allowed.values())} (--cache-budget {self.budget:g} of its KV cache)",
+                           code="insufficient_storage")
+        fits = [te for te in tes if room[te.id] >= cache.blocks]
+        if not fits:
+            raise APIError(507, f"the context caches' pinned-memory budget is full ({cache.blocks} more blocks do not "
+                                f"fit on any TE); delete a cache or wait for one to expire", code="insufficient_storage")
+        return max(fits, key=lambda te: (room[te.id], -te.load))
+
+    async def _build(self, cache: ContextCache, te: TEHandle) -> bool:
+        """Compute the context's prompt on `te` and pin it there; False if the TE died meanwhile."""
+        task = Task(f"cache-{cache.id}", 0, cache.token_ids, SamplingParams(temperature=0, max_tokens=1,
+                                                                           ignore_eos=True), pin=cache.id)
+        self._building[cache.id] = cache.blocks
+        self.cluster.id_index.setdefault(cache.id, set()).add(te.id)  # its budget is taken from now on
+        try:
+            te.submit(task)
+            ev = await task.events.get()
+        finally:
+            self._building.pop(cache.id, None)
+        if ev.finish_reason is FinishReason.ERROR:
+            self.cluster.id_index.get(cache.id, set()).discard(te.id)
+            if ev.engine_lost:
+                return False
+            raise APIError(400, ev.error or "the TE refused the context")
+        log.info("context cache %s: %d tokens pinned on %s", cache.id, len(cache.token_ids), te.id)
+        return True
+
+    def _drop(self, cache: ContextCache) -> None:
+        self.caches.pop(cache.id, None)
+        if cache.rebuilding:
+            cache.rebuilding.cancel()
+        holders = self.cluster.id_index.pop(cache.id, set())
+        for te in self.cluster.tes:
+            if te.id in holders:
+                te.unpin([cache.id])
+
+    def _lost(self, cache_id: str) -> None:
+        """The last TE holding the context is gone: build it again elsewhere."""
+        cache = self.caches.get(cache_id)
+        if cache is None or self.cluster.closing or (cache.rebuilding and not cache.rebuilding.done()):
+            return
+        log.warning("context cache %s lost with its TE: rebuilding it", cache_id)
+        cache.rebuilding = asyncio.create_task(self._rebuild(cache))
+
+    async def _rebuild(self, cache: ContextCache) -> None:
+        while self.caches.get(cache.id) is cache:
+            try:
+                if await self._build(cache, self._holder_for(cache)):
+                    return
+            except APIError as e:  # no TE yet (a replacement is starting), or no room now
+                log.info("context cache %s not rebuilt yet: %s", cache.id, e.message)
+            await asyncio.sleep(REBUILD_RETRY_S)
+
+    def to_dict(self) -> list[dict]:
+        return [{**c.to_dict(), "holders": sorted(self.cluster.id_index.get(c.id, ()))} for c in self.caches.values()]
