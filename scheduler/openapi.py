@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from scheduler.protocol import CacheRequest, ChatRequest, CompletionRequest, ScaleRequest
 
 REF = "#/components/schemas/{model}"
+CACHE_ID = {"name": "cache_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 class ErrorDetail(BaseModel):
@@ -64,9 +65,9 @@ def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
                             400, 404, 429, 503, 507, body=CacheRequest, auth=auth),
                 "get": _op("the live context caches", obj, 503, auth=auth)},
             "/v1/caches/{cache_id}": {
-                "parameters": [{"name": "cache_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "get": _op("one context cache", obj, 404, 503, auth=auth),
-                "delete": _op("delete a context cache: its TEs unpin it", obj, 404, 503, auth=auth)},
+                "get": {**_op("one context cache", obj, 404, 503, auth=auth), "parameters": [CACHE_ID]},
+                "delete": {**_op("delete a context cache: its TEs unpin it", obj, 404, 503, auth=auth),
+                           "parameters": [CACHE_ID]}},
             "/health": {"get": {"summary": "ok, or 503 while TEs are missing or the server drains", "responses": {
                 "200": {"description": "ok", **obj}, "503": {"description": "degraded", **obj}}}},
             "/metrics": {"get": _op("Prometheus metrics", _content({"type": "string"}, "text/plain"))},

@@ -262,7 +262,8 @@ def test_openapi_document(auth):
     ops = {(method.upper(), path): op for path, item in doc["paths"].items() for method, op in item.items()}
     assert set(ops) == {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
                         ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-                        ("GET", "/admin/cluster"), ("POST", "/admin/scale")}
+                        ("GET", "/admin/cluster"), ("POST", "/admin/scale"), ("POST", "/v1/caches"),
+                        ("GET", "/v1/caches"), ("GET", "/v1/caches/{cache_id}"), ("DELETE", "/v1/caches/{cache_id}")}
     for (method, path), op in ops.items():
         guarded = path.startswith("/v1/") or (method, path) == ("POST", "/admin/scale")
         assert ("security" in op) == ("401" in op["responses"]) == (auth and guarded), path
