@@ -116,7 +116,7 @@ def test_cache_id_answers_as_the_whole_conversation(server):
 def test_completion_cache_and_ttl_expiry(server):
     s = server
     prompt = "Once upon a time, in a valley between two rivers, there lived " * 8
-    code, cache = s.post("/v1/caches", {"prompt": prompt, "ttl_seconds": 3})
+    code, cache = s.post("/v1/caches", {"prompt": prompt, "ttl_seconds": 600})
     assert code == 200, cache
     own = "a fox who"
     code, a = s.post("/v1/completions", {"prompt": own, "cache_id": cache["id"], "max_tokens": 12, "temperature": 0})
@@ -126,7 +126,11 @@ def test_completion_cache_and_ttl_expiry(server):
     code, err = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                 "cache_id": cache["id"], "max_tokens": 4})
     assert code == 400 and "/v1/completions" in err["error"]["message"]
-    wait_until(lambda: s.status(f"/v1/caches/{cache['id']}") == 404, timeout=10)
+    assert s.delete(f"/v1/caches/{cache['id']}")[0] == 200
+
+    code, short = s.post("/v1/caches", {"prompt": prompt, "ttl_seconds": 2})
+    assert code == 200 and short["expires_at"] - short["created"] == 2
+    wait_until(lambda: s.status(f"/v1/caches/{short['id']}") == 404, timeout=10)
     wait_until(lambda: set(te_pins(s).values()) == {0}, timeout=5)
 
 
@@ -168,3 +172,17 @@ def test_cache_rebuilt_after_its_te_dies():
         assert after["choices"][0]["message"] == before["choices"][0]["message"]
         assert after["usage"]["prompt_tokens_details"]["cached_tokens"] == cache["tokens"] // 16 * 16
         assert time.monotonic() - t0 < 60
+
+
+def test_cache_on_a_pd_pair():
+    """Disaggregated: the context is pinned on the prefill TE, whose handoff carries the whole prompt's KV."""
+    with Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--max-model-len", "1024") as s:
+        code, cache = s.post("/v1/caches", {"messages": [{"role": "system", "content": SYSTEM}]})
+        assert code == 200
+        user = [{"role": "user", "content": "What do you sell?"}]
+        on_cache = chat(s, user, cache_id=cache["id"], temperature=0)
+        whole = chat(s, [{"role": "system", "content": SYSTEM}] + user, temperature=0)
+        assert on_cache["choices"][0]["message"] == whole["choices"][0]["message"]
+        assert on_cache["usage"]["prompt_tokens_details"]["cached_tokens"] == cache["tokens"] // 16 * 16
+        prefill = next(te for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill")
+        assert prefill["pinned_blocks"] == cache["tokens"] // 16
