@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 import orjson
 from aiohttp import web
 
-from flowserve.config import EngineConfig, cache_dir, default_model_path
+from flowserve.config import EngineConfig, cache_dir, check_tensor_parallel, default_model_path, read_model_config
 from flowserve.protocol import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
@@ -49,7 +49,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     tok = Tokenizer.load(model)
     engine = Engine(model, EngineConfig(device=args.device, dtype=args.dtype, num_threads=args.threads,
-                                        async_scheduling=args.async_scheduling))
+                                        async_scheduling=args.async_scheduling,
+                                        tensor_parallel_size=args.tensor_parallel_size),
+                    fork_executors=True)  # a fresh interpreter that has computed nothing yet
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens)
@@ -308,11 +310,28 @@ def cluster_shape(args: argparse.Namespace) -> dict[str, tuple[int, EngineConfig
         raise SystemExit("prefill and decode TEs come together: give both or neither")
     if sum(sizes.values()) < 1:
         raise SystemExit("the cluster needs at least one TE (use --min-tes 0 to allow scaling to zero)")
-    base = EngineConfig(device=args.device, dtype=args.dtype, async_scheduling=args.async_scheduling,
-                        kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, kv_timeout_s=args.kv_timeout_s)
-    return {g: (sizes[g], replace(base, **overrides[g])) for g in GROUPS}
+    try:  # EngineConfig checks its fields
+        base = EngineConfig(device=args.device, dtype=args.dtype, async_scheduling=args.async_scheduling,
+                            kv_cache_gb=args.kv_cache_gb, dram_kv_gb=args.dram_kv_gb, max_num_seqs=args.max_num_seqs,
+                            max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_model_len=args.max_model_len, kv_timeout_s=args.kv_timeout_s,
+                            tensor_parallel_size=args.tensor_parallel_size)
+        return {g: (sizes[g], replace(base, **overrides[g])) for g in GROUPS}
+    except ValueError as e:
+        raise SystemExit(f"cannot serve: {e}") from None
+
+
+def check_tensor_parallel_sizes(model: str, shape: dict[str, tuple[int, EngineConfig]]) -> None:
+    """Refuse, before anything starts, a TP size the model does not split into (any group's:
+    an empty one may be scaled up later)."""
+    sizes = {cfg.tensor_parallel_size for _, cfg in shape.values()} - {1}
+    if sizes:
+        model_cfg = read_model_config(model)
+        for size in sorted(sizes):
+            try:
+                check_tensor_parallel(model_cfg, size)
+            except ValueError as e:
+                raise SystemExit(f"cannot serve: {e}") from None
 
 
 def load_heatmap(args: argparse.Namespace, shape: dict[str, tuple[int, EngineConfig]]) -> Heatmap | None:
@@ -382,6 +401,7 @@ async def serve(args: argparse.Namespace) -> None:
     model = args.model or default_model_path()
     name = args.served_model_name or os.path.basename(model.rstrip("/")).removesuffix(".gguf")
     shape = cluster_shape(args)
+    check_tensor_parallel_sizes(model, shape)
     heatmap = load_heatmap(args, shape)
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
     ray = args.backend == "ray"
@@ -445,6 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights and activations (auto: float32 on CPU, bfloat16 on CUDA and NPU)")
     gen.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="split the model over this many executor processes (flowserve/tp.py)")
     gen.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                      help="prepare each engine step while the device computes the one before (default: on for "
                           "CUDA and NPU, off on CPU)")
@@ -497,6 +519,13 @@ def main(argv: list[str] | None = None) -> None:
                      help="prepare each engine step while the device computes the one before (default: on for "
                           "CUDA and NPU, off on CPU)")
     srv.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per TE")
+    srv.add_argument("--dram-kv-gb", type=float, default=0.0,
+                     help="the RTC's DRAM tier per TE: blocks evicted from the KV cache, and preempted "
+                          "requests, are kept in host memory and copied back where that beats recomputing")
+    srv.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="each TE is a master and this many executor processes, one shard of the model each "
+                          "(must divide its KV heads: 1 or 3 for SmolLM2-135M); per group: tensor_parallel_size "
+                          "in --cluster")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
     srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
     srv.add_argument("--max-model-len", type=int, default=0, help="context length (0: the model's)")

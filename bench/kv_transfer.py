@@ -1,12 +1,13 @@
 """DistFlow KV path alone: one request's KV blocks from a prefill engine to a decode engine
 in another process, for growing prompt lengths, over both transports.
 
-Each transfer is what a prefill TE does after the first token (`flowserve.te_shell.
-TEShell.hand_off`): gather the blocks out of its KV cache into the payload
-(`ModelRunner.read_kv`), send it (`flowserve.distflow.KVSender`), and wait for the decode
-side's ack, which comes after it has written the blocks into its own KV cache
-(`ModelRunner.write_kv`). The time is that whole round; GB/s = payload bytes / time. The
-first transfer of each size also grows the sender's staging buffer (shown apart).
+Each transfer is what a prefill TE does after the first token when it sends by request
+(`EngineConfig.kv_layerwise` off; `flowserve.te_shell.TEShell.hand_off`): gather the blocks
+out of its KV cache into the payload (`ModelRunner.read_kv`), send it over its link to the
+decode TE (`flowserve.distflow.KVSender`), and wait for the decode side's ack, which comes
+after it has written the blocks into its own KV cache (`ModelRunner.write_kv`). The time is
+that whole round; GB/s = payload bytes / time. The first transfer of each size also grows
+the sender's staging buffer (and the very first dials the link: shown apart).
 The receiver is this script run with `receive TRANSPORT` (the real model's engine, KV
 pool large enough for the largest size). Transports: `unix` (memfd, one host), `tcp`
 (loopback), and `netns`: TCP to a receiver in a network namespace of its own, over a veth
@@ -16,6 +17,7 @@ pair and a bridge (tests/netns_cluster.py), as between two hosts; needs root.
 """
 import argparse
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -27,10 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
-from flowserve.distflow import SOCKET_BUFFER, KVSender, accept_kv, dtype_name, listen_kv, recv_kv  # noqa: E402
+from flowserve.distflow import (  # noqa: E402
+    SOCKET_BUFFER, KVReceiver, KVSender, KVTransfer, accept_kv, dtype_name, listen_kv)
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.model import kv_block_bytes  # noqa: E402
-from flowserve.protocol import KVAck, KVHeader, pack  # noqa: E402
+from flowserve.protocol import KVAck, KVHeader, KVTrailer  # noqa: E402
 from tests.netns_cluster import NetnsCluster  # noqa: E402
 
 KV_GB = 1.0
@@ -77,14 +80,34 @@ def receive(transport: str, host: str) -> None:
     runner = engine().runner
     [(listener, address)] = listen_kv(transport, host)
     print(address, flush=True)
-    landing = bytearray()
-    while conn := accept_kv(listener):
-        with conn:
-            head, kv, arrived = recv_kv(conn, 60, landing)
-            for layer in arrived:
-                runner.write_kv(list(range(kv.shape[3])), kv, layer)
-            del kv
-            conn.sendall(pack(KVAck(True)))
+    links: list[KVReceiver] = []
+    while True:  # a decode TE's loop, without the engine steps: each layer into the KV cache as it lands
+        ready, _, _ = select.select([listener, *links], [], [])
+        if listener in ready:
+            links.append(KVReceiver(accept_kv(listener)))
+        for link in links:
+            if link in ready:
+                try:
+                    for event in link.pump():
+                        if isinstance(event, int):
+                            runner.write_kv(list(range(link.head.shape[3])), link.kv, event)
+                        elif isinstance(event, KVTrailer):
+                            link.reply(KVAck(True))
+                except ConnectionError:  # the sender is done
+                    return
+
+
+def send(sender: KVSender, address: str, head: KVHeader, read) -> float:
+    """Seconds for one transfer by request: all its layers ready, its trailer known."""
+    t = KVTransfer("bench", address, head, read, head.shape[3], ready=head.shape[0])
+    t0 = time.perf_counter()
+    sender.start(t, 60)
+    sender.finish(t, KVTrailer(0))
+    while not sender.completed():
+        select.select([sender.wake], [], [], 60)
+    if t.error:
+        raise ConnectionError(t.error)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -124,10 +147,9 @@ def main() -> None:
                 nbytes = kv_block_bytes(eng.model_cfg, bs, eng.dtype) * len(blocks)
                 times = []
                 for _ in range(args.repeats + 1):
-                    t0 = time.perf_counter()
                     head = KVHeader("bench", [], 0, shape, dtype_name(eng.dtype))
-                    sender.send(address, head, lambda out, layer: runner.read_kv(blocks, out, layer), 60)
-                    times.append(time.perf_counter() - t0)
+                    times.append(send(sender, address, head,
+                                      lambda first, out, layer: runner.read_kv(blocks[first:], out, layer)))
                 first, times = times[0], times[1:]
                 med = statistics.median(times)
                 print(f"| {transport} | {tokens} | {nbytes / 1e6:.1f} | {1e3 * first:.1f} | {1e3 * med:.1f} | "

@@ -6,7 +6,9 @@ decode costs one token, an unfinished prefill takes the next chunk that fits the
 so long prompts are split (chunked prefill) and share steps with decodes. Waiting
 sequences are admitted while budget, blocks and the cap allow, starting from their cached
 prefix in the RTC. When the KV pool runs out, the newest running sequence is preempted:
-its blocks are freed and it is recomputed later (its prefix is often still cached).
+its blocks are freed and it is recomputed later (its prefix is often still cached), or, with
+a DRAM tier where the cost model says copying beats recomputing, swapped out to DRAM and
+populated back when it is admitted again.
 
 With async scheduling (`flowserve.engine`) the batcher plans a step while the one before is
 still computing: a sequence's token being sampled there counts as uncomputed (`num_pending`),
@@ -34,6 +36,7 @@ class SeqStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     ENDING = "ending"      # its last token here is being sampled: out of the batch, blocks still held
+    LANDING = "landing"    # PD decode TE: its prompt's K/V are arriving; out of the batch, blocks held
     FINISHED = "finished"
 
 
@@ -53,6 +56,7 @@ class Sequence:
     handoff: bool = False         # prefill-only (PD): after the first token its blocks go to a decode TE
     cache_id: str | None = None   # a context cache its prompt starts with (MatchByID)
     pin_id: str | None = None     # when it finishes, pin its prompt's blocks as this context cache
+    dram_ids: list[int] = field(default_factory=list)  # swapped out: DRAM blocks holding its first num_computed tokens
 
     @property
     def num_uncomputed(self) -> int:
@@ -70,6 +74,7 @@ class Batcher:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # oldest first
         self.num_preemptions = 0
+        self.num_swaps = 0                  # of which swapped out to DRAM
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,11 +102,16 @@ class Batcher:
         # Admitting new work right after preempting would only thrash.
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            self.rtc.attach_prefix(seq)
-            n = min(seq.num_uncomputed, budget)
-            if not self.rtc.alloc_blocks(seq, n):
-                self.rtc.free(seq)
-                break
+            if seq.dram_ids:  # swapped out by a preemption: its blocks come back from DRAM
+                n = min(seq.num_uncomputed, budget)
+                if not self.rtc.swap_in(seq, n):
+                    break
+            else:
+                self.rtc.attach_prefix(seq)
+                n = min(seq.num_uncomputed, budget)
+                if not self.rtc.alloc_blocks(seq, n):
+                    self.rtc.free(seq)
+                    break
             if seq.num_cached is None:  # first admission: what the prefix cache saved
                 seq.num_cached = seq.num_computed
                 self.rtc.count_prefix_lookup(seq.num_prompt, seq.num_computed)
@@ -113,24 +123,30 @@ class Batcher:
         return step
 
     def preempt(self, seq: Sequence) -> None:
-        """Recompute later: free the blocks, requeue at the front."""
+        """Swap the blocks out to DRAM where the RTC finds that pays, else free them to
+        recompute later; requeue at the front."""
         self.running.remove(seq)
-        self.rtc.free(seq)
+        if self.rtc.swap_out(seq):
+            self.num_swaps += 1
+        else:
+            self.rtc.free(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def admit_prefilled(self, seq: Sequence) -> bool:
-        """Run a waiting sequence whose prompt K/V came from elsewhere (a prefill TE): give it
-        blocks for its prompt and put it straight into the running batch. False (it stays
-        waiting, to be recomputed) without a free slot or enough blocks."""
-        if len(self.running) >= self.cfg.max_num_seqs or not self.rtc.alloc_blocks(seq, seq.num_prompt):
-            return False
-        seq.num_computed = seq.num_prompt
-        self.waiting.remove(seq)
-        seq.status = SeqStatus.RUNNING
-        self.running.append(seq)
-        return True
+        """Run a landed sequence whose prompt K/V came from elsewhere (a prefill TE) into its
+        blocks: straight into the running batch. Without those blocks (the KV was dropped) or
+        a free slot it waits instead, to recompute its prompt here. True if it runs."""
+        if seq.block_ids and len(self.running) < self.cfg.max_num_seqs:
+            seq.num_computed = seq.num_prompt
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            return True
+        self.rtc.free(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+        return False
 
     def retire(self, seq: Sequence) -> None:
         """The token being sampled for a running sequence is its last here (a length limit, or a

@@ -1,12 +1,14 @@
 """Model and engine configuration for one FlowServe engine (one TE).
 
-`ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json) by
-`flowserve.weights`; `EngineConfig` holds the knobs a TE is started with (KV pool size,
-batch limits, device). Both are plain dataclasses so they can cross a process boundary as
-JSON.
+`ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json), here
+and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a TE is
+started with (KV pool size, batch limits, device, tensor parallelism). Both are plain
+dataclasses so they can cross a process boundary as JSON.
 """
 import hashlib
+import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,87 @@ class ModelConfig:
     name: str = "model"
 
 
+def gguf_fields(reader) -> dict:
+    """GGUF key/values as Python values (token lists excluded: they are the tokenizer's)."""
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key[15:] in ("tokens", "token_type", "merges", "scores"):
+            continue
+        out[key] = f.contents()
+    return out
+
+
+def config_from_gguf(meta: dict, name: str) -> ModelConfig:
+    arch = meta["general.architecture"]
+    if arch != "llama":
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (only llama-family)")
+    hidden = meta["llama.embedding_length"]
+    heads = meta["llama.attention.head_count"]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])),
+        hidden_size=hidden,
+        intermediate_size=meta["llama.feed_forward_length"],
+        num_layers=meta["llama.block_count"],
+        num_heads=heads,
+        num_kv_heads=meta.get("llama.attention.head_count_kv", heads),
+        head_dim=meta.get("llama.rope.dimension_count", hidden // heads),
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position=meta.get("llama.context_length", 2048),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[] if eos is None else [eos],
+        name=name,
+    )
+
+
+def config_from_hf(cfg: dict, name: str) -> ModelConfig:
+    heads = cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        max_position=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos if isinstance(eos, list) else ([] if eos is None else [eos]),
+        name=name,
+    )
+
+
+def read_model_config(model_path: str) -> ModelConfig:
+    """A model's shape without torch (the main process checks a TP size against it): from the
+    header of its loading-optimized cache when there is one (milliseconds), else from the
+    model's own metadata (an HF config.json, or a GGUF's key/values: seconds)."""
+    cached = weights_cache_path(model_path)
+    if cached.exists():
+        with open(cached, "rb") as f:  # safetensors: an 8-byte length, then a JSON header
+            (size,) = struct.unpack("<Q", f.read(8))
+            return ModelConfig(**json.loads(json.loads(f.read(size))["__metadata__"]["deepflow.config"]))
+    if os.path.isdir(model_path):
+        return config_from_hf(json.loads((Path(model_path) / "config.json").read_text()), Path(model_path).name)
+    from gguf import GGUFReader
+    return config_from_gguf(gguf_fields(GGUFReader(model_path)), Path(model_path).stem)
+
+
+def check_tensor_parallel(model: ModelConfig, size: int) -> None:
+    """Refuse a TP size the model does not split into: each rank takes whole KV heads (with
+    their query heads) and an equal share of the MLP; the vocabulary may split unevenly."""
+    if size < 1 or model.num_kv_heads % size or model.num_heads % size or model.intermediate_size % size:
+        fits = [n for n in range(1, model.num_kv_heads + 1)
+                if not (model.num_kv_heads % n or model.num_heads % n or model.intermediate_size % n)]
+        raise ValueError(f"tensor_parallel_size {size} does not split {model.name} ({model.num_heads} heads, "
+                         f"{model.num_kv_heads} KV heads, MLP {model.intermediate_size}): each rank takes whole KV "
+                         f"heads; use one of {fits}")
+
+
 @dataclass
 class EngineConfig:
     """How a TE runs: where, with how much KV cache, and how large a step may be."""
@@ -41,6 +124,7 @@ class EngineConfig:
     block_size: int = 16            # tokens per KV block
     num_kv_blocks: int = 0          # 0: derive from kv_cache_gb
     kv_cache_gb: float = 0.5
+    dram_kv_gb: float = 0.0         # the RTC's DRAM tier in host memory (0: none)
     max_num_seqs: int = 64          # sequences in one step
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 0          # 0: the model's context length
@@ -50,7 +134,15 @@ class EngineConfig:
     kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
     host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
     kv_timeout_s: float = 10.0      # a KV transfer that takes longer fails (the peer froze)
+    kv_layerwise: bool = True       # prefill TE: send each layer's KV as the forward computes it (False: after the step)
     cpu_kernels: bool = True        # float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp; False: plain torch
+    tensor_parallel_size: int = 1   # >1: a master drives this many executor processes, one shard each (flowserve/tp.py)
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.dram_kv_gb > 0:  # its block copies run in ModelRunner only
+            raise ValueError("a DRAM KV tier (dram_kv_gb) does not work with tensor_parallel_size > 1 yet")
 
 
 def default_model_path() -> str:

@@ -19,14 +19,30 @@ the same in both modes: N+1 never computes a sequence that N's token surely ends
 or a prefill-only sequence's first token); a row computed after a stop token nobody could
 foresee is discarded.
 
-PD disaggregation adds two entries. On a prefill TE a request added with `handoff=True`
-stops after its first token with its blocks still held, in `handoffs`, until the TE-shell
-has sent them to a decode TE (`flowserve.distflow`) and calls `release`. On the decode TE,
-`add_prefilled` starts a request from those blocks: its prompt is not computed again.
+PD disaggregation. On a prefill TE a request added with `handoff=True` stops after its
+first token with its blocks still held, in `handoffs`, until the TE-shell has sent them to a
+decode TE (`flowserve.distflow`) and calls `release`; with `stream_handoffs` set, the step
+that computes such a request's last prompt chunk tells the TE-shell as each layer's K/V is
+written, so the transfer overlaps the rest of the forward. On the decode TE a transfer's
+header makes a sequence that holds blocks for the KV (`add_prefilled`: the cached prefix the
+sender skipped, fresh blocks for the rest), each layer is written as it lands
+(`write_prefilled`), and the first token starts it (`start_prefilled`): its prompt is not
+computed again.
+
+With a DRAM tier (`EngineConfig.dram_kv_gb`) the engine measures the RTC's cost model at
+start (`calibrate`), and after each scheduling carries out the block copies the RTC decided
+(`move_kv`: Copy to DRAM, Populate back). They go on the device's one stream ahead of the
+step's forward, so a populated block is whole before a step reads it, and an evicted one is
+copied before a step overwrites it, with async scheduling too.
+
+With tensor parallelism (`EngineConfig.tensor_parallel_size` > 1) the engine is the master
+of its TE: its runner is a `flowserve.tp.TPRunner`, the same interface over executor
+processes that hold the model's shards, and it samples on the host from the logits they
+gather; the batcher, the RTC and everything above stay as they are.
 """
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +50,10 @@ import torch
 from flowserve.batcher import Batcher, SeqStatus, Sequence
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
-from flowserve.model import ModelRunner
+from flowserve.model import ModelRunner, kv_block_bytes
 from flowserve.protocol import FinishReason, SamplingParams, Stats, TokenOut
-from flowserve.rtc import RTC
+from flowserve.rtc import RTC, CostModel
+from flowserve.tp import TPRunner
 from flowserve.weights import load_weights
 
 log = logging.getLogger("flowserve.engine")
@@ -54,9 +71,17 @@ class InFlight:
 class Engine:
     def __init__(self, model_path: str | None, cfg: EngineConfig | None = None,
                  weights: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None,
-                 packed: dict[str, torch.Tensor] | None = None):
+                 packed: dict[str, torch.Tensor] | list[dict[str, torch.Tensor] | None] | None = None,
+                 fork_executors: bool = False):
+        """`packed`: the oneDNN-packed linears a warm template made (`pack_linears`), one per
+        rank with tensor parallelism. `fork_executors` (tensor parallelism): this process has
+        run no multi-threaded torch op (a TE-shell), so it may fork its executors
+        (`flowserve/tp.py`); else they are spawned."""
         self.cfg = cfg = cfg or EngineConfig()
-        if cfg.num_threads:
+        self.tp = cfg.tensor_parallel_size > 1
+        if self.tp and fork_executors:
+            torch.set_num_threads(1)  # a master only samples; and a child forked after an OpenMP pool started hangs
+        elif cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.device = pick_device(cfg.device)
         self.dtype = compute_dtype(self.device, cfg.dtype)
@@ -65,11 +90,21 @@ class Engine:
         tensors = {k: v.to(self.dtype) for k, v in tensors.items()}  # no copy when it already matches
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
-        self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype, packed)
-        self.rtc = RTC(self.runner.num_blocks, cfg.block_size)
+        if self.tp:  # a master: its executors hold the model, and it samples on the host
+            self.runner = TPRunner(self.model_cfg, cfg, tensors, self.dtype, model_path, packed, fork_executors)
+            self.device = torch.device("cpu")
+        else:
+            self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype, packed)
+        num_dram = self.runner.alloc_dram(cfg.dram_kv_gb) if cfg.dram_kv_gb > 0 else 0
+        self.rtc = RTC(self.runner.num_blocks, cfg.block_size, num_dram)
+        if num_dram:
+            self.rtc.cost = self.calibrate()
         self.batcher = Batcher(cfg, self.rtc)
         self.seqs: dict[str, Sequence] = {}
         self.handoffs: list[Sequence] = []   # prefilled, blocks held for DistFlow
+        # PD, layer by layer (the TE-shell's): called with the sequences whose last prompt chunk a
+        # step computes, before its forward; returns what the forward calls as each layer is written.
+        self.stream_handoffs: Callable[[list[Sequence]], Callable[[int], None] | None] | None = None
         auto = self.device.type != "cpu"  # a CPU computes in this thread: nothing to overlap with
         self.async_scheduling = auto if cfg.async_scheduling is None else cfg.async_scheduling
         self.in_flight: InFlight | None = None  # async scheduling: the step launched, not yet resolved
@@ -96,25 +131,41 @@ class Engine:
         self.seqs[request_id] = seq
         self.batcher.add(seq)
 
-    def add_prefilled(self, request_id: str, token_ids: list[int], num_prompt: int, params: SamplingParams,
-                      kv: torch.Tensor, arrived: Iterable[int], num_cached: int,
-                      rng_state: torch.Tensor | None = None) -> None:
-        """Continue a request a prefill TE started: `token_ids` is its prompt and first token,
-        `kv` the prompt's K/V blocks (`ModelRunner.kv_shape`), whose layers are whole as
-        `arrived` yields their indices (each is written while the next one is still on its
-        way), `rng_state` its seeded generator's state after the first token (so a seeded
-        request draws what it would have drawn colocated). Without free blocks for the KV it
-        waits and recomputes its prompt here instead: slower, same tokens."""
-        self.add_request(request_id, token_ids, params)
+    def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_cached: int,
+                      kv_skip: int = 0) -> Sequence | None:
+        """Decode TE, a KV transfer's header: the sequence whose prompt K/V a prefill TE is
+        sending, out of the batch until `start_prefilled`, holding blocks for them: its cached
+        prefix (at least the `kv_skip` blocks the sender leaves out) and fresh ones for the
+        rest. None if the RTC no longer holds those `kv_skip` blocks (evicted since placement):
+        the sender must send them all. Without enough free blocks it holds none: the KV is
+        dropped and the prompt recomputed here (slower, same tokens)."""
+        self.add_request(request_id, prompt_ids, params)
         seq = self.seqs[request_id]
-        seq.num_prompt, seq.num_cached = num_prompt, num_cached
+        self.batcher.waiting.remove(seq)
+        seq.status, seq.num_cached = SeqStatus.LANDING, num_cached
+        self.rtc.attach_prefix(seq)
+        if seq.num_computed < kv_skip * self.cfg.block_size:
+            self.abort(request_id)
+            return None
+        if not self.rtc.alloc_blocks(seq, seq.num_prompt - seq.num_computed):
+            self.rtc.free(seq)
+        self.move_kv()  # a block it took may have to reach DRAM before its KV overwrites it
+        return seq
+
+    def write_prefilled(self, seq: Sequence, kv: torch.Tensor, layer: int, kv_skip: int) -> None:
+        """One layer of a transfer's payload (`kv`: the blocks from `kv_skip` on) into the
+        blocks of `seq` past its cached prefix."""
+        if seq.block_ids:  # none: dropped for want of blocks, or aborted meanwhile
+            held = seq.num_computed // self.cfg.block_size
+            self.runner.write_kv(seq.block_ids[held:], kv.narrow(3, held - kv_skip, len(seq.block_ids) - held), layer)
+
+    def start_prefilled(self, seq: Sequence, token: int, rng_state: torch.Tensor | None = None) -> None:
+        """A transfer's trailer: `seq` goes on from its first token, `token`, and its seeded
+        generator from `rng_state` (so it draws what it would have drawn colocated)."""
+        seq.token_ids.append(token)
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)
-        admitted = self.batcher.admit_prefilled(seq)
-        for layer in arrived:  # all of it is taken either way: the sender waits for the ack after the last byte
-            if admitted:
-                self.runner.write_kv(seq.block_ids, kv, layer)
-        if admitted:
+        if self.batcher.admit_prefilled(seq):
             self.rtc.cache_full_blocks(seq)
 
     def release(self, seq: Sequence) -> None:
@@ -132,6 +183,14 @@ class Engine:
         self.batcher.finish(seq)
         return True
 
+    def set_threads(self, n: int) -> None:
+        """Use `n` torch threads (its host's cores, shared among its TEs); a TP master, which
+        only samples, hands them to its executors."""
+        if self.tp:
+            self.runner.set_threads(n)
+        else:
+            torch.set_num_threads(n)
+
     def has_work(self) -> bool:
         return bool(self.batcher.waiting or self.batcher.running or self.in_flight)
 
@@ -140,6 +199,7 @@ class Engine:
         with async scheduling, those of the batch launched by the call before (a last call,
         with nothing left to launch, resolves the last batch)."""
         work = self.batcher.schedule()
+        self.move_kv()
         launched = self.launch(work) if work else None
         if not self.async_scheduling:
             return self.resolve(launched) if launched else []
@@ -149,7 +209,11 @@ class Engine:
     def launch(self, work: list[tuple[Sequence, int]]) -> InFlight:
         """Enqueue a step's forward and sampling, and the copy of its tokens to the host."""
         flight = self.in_flight
-        logits, sampled = self.runner.run(work, flight and (flight.seqs, flight.tokens))
+        on_layer = None
+        if self.stream_handoffs is not None:
+            ending = [seq for seq, n in work if seq.handoff and seq.num_computed + n == len(seq.token_ids)]
+            on_layer = self.stream_handoffs(ending) if ending else None
+        logits, sampled = self.runner.run(work, flight and (flight.seqs, flight.tokens), on_layer)
         for seq, n in work:
             seq.num_computed += n
             self.rtc.cache_full_blocks(seq)  # before any finish frees them: a finished prompt is reusable too
@@ -225,7 +289,59 @@ class Engine:
                      kv_blocks_free=self.rtc.num_free, prefix_queries=self.rtc.prefix_queries,
                      prefix_hits=self.rtc.prefix_hits, preemptions=self.batcher.num_preemptions,
                      threads=torch.get_num_threads(), cached=cached, evicted=evicted,
-                     pinned_blocks=self.rtc.num_pinned)
+                     pinned_blocks=self.rtc.num_pinned, dram_blocks_total=len(self.rtc.dram_blocks),
+                     dram_blocks_free=self.rtc.num_dram_free,
+                     copy_bytes_per_s=self.rtc.cost.copy_bytes_per_s if self.rtc.cost else 0.0,
+                     prefill_tokens_per_s=self.rtc.cost.prefill_tokens_per_s if self.rtc.cost else 0.0,
+                     dram_copied=self.rtc.dram_copied, dram_populated=self.rtc.dram_populated,
+                     dram_recomputed=self.rtc.dram_recomputed, swaps=self.batcher.num_swaps)
+
+    # ------------------------------------------------------------------ the DRAM tier
+
+    def move_kv(self) -> None:
+        """Carry out the block copies the RTC queued, in its order: ahead of anything enqueued
+        later (the next forward, a DistFlow write), so ahead of whatever reuses those blocks."""
+        for to_dram, src, dst in self.rtc.drain_moves():
+            if to_dram:
+                self.runner.copy_to_dram(src, dst)
+            else:
+                self.runner.populate(src, dst)
+
+    def calibrate(self) -> CostModel:
+        """The RTC's cost model, measured once (~0.2 s on this repo's CPU): copy bytes/s, a few
+        blocks copied to DRAM and back, and prefill tokens/s, one prefill chunk, each after a
+        smaller untimed run (the first creates kernels). Nothing is cached yet: the blocks it
+        writes hold nothing."""
+        runner, bs = self.runner, self.cfg.block_size
+        blocks = list(range(min(8, runner.num_blocks, len(self.rtc.dram_blocks))))
+        tokens = min(64, self.cfg.max_num_batched_tokens, runner.num_blocks * bs)
+
+        def seconds(num_tokens: int, num_blocks: int) -> tuple[float, float]:
+            seq = Sequence("calibrate", [0] * num_tokens, num_tokens, SamplingParams(),
+                           block_ids=list(range(-(-num_tokens // bs))))
+            t0 = time.perf_counter()
+            runner.run([(seq, num_tokens)])
+            self.wait()
+            t1 = time.perf_counter()
+            runner.copy_to_dram(blocks[:num_blocks], blocks[:num_blocks])
+            runner.populate(blocks[:num_blocks], blocks[:num_blocks])
+            self.wait()
+            return t1 - t0, time.perf_counter() - t1
+
+        seconds(min(bs, tokens), 1)
+        prefill, copy = seconds(tokens, len(blocks))
+        block_bytes = kv_block_bytes(self.model_cfg, bs, self.dtype)
+        cost = CostModel(block_bytes, 2 * len(blocks) * block_bytes / copy, tokens / prefill)
+        log.info("DRAM tier cost model: copy %.2f GB/s, prefill %.0f tokens/s", cost.copy_bytes_per_s / 1e9,
+                 cost.prefill_tokens_per_s)
+        return cost
+
+    def wait(self) -> None:
+        """Return once the device has run everything enqueued so far."""
+        if self.device.type != "cpu":
+            done = torch.Event(self.device)
+            done.record()
+            done.synchronize()
 
 
 # ---------------------------------------------------------------------------- the sampler

@@ -17,16 +17,25 @@ reference. On the CPU in float32 a fast path replaces some of its pieces, each o
 the method that names it (`linear`, `add_norm`, `mlp`, `attention`, the RoPE in `forward`):
 oneDNN-packed weights for the matmuls (`pack_linears`) and the C++ kernels of
 `flowserve.kernels`. tests/test_kernels.py holds each to its reference.
+
+Tensor parallelism (`flowserve/tp.py`): a TP executor's `Llama` holds one rank's shard
+(`shard_weights`: heads, a slice of the MLP and of the vocabulary) and sums the ranks'
+partial results where Megatron's split needs it (`Llama.reduce`, torch.distributed). The
+step's inputs are first planned as plain lists (`plan_step`), the form a TP master sends its
+executors, then made tensors on the device (`step_input`).
 """
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from flowserve import kernels
 from flowserve.batcher import Sequence
 from flowserve.config import EngineConfig, ModelConfig
+from flowserve.protocol import PrefillPlan, StepPlan
 
 
 PACK_BATCH = 32  # oneDNN picks the packed layout for this many rows; all row counts work
@@ -76,9 +85,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 class Llama:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 cpu_kernels: bool = True, packed: dict[str, torch.Tensor] | None = None):
-        self.cfg = cfg
-        self.w = {k: v.to(device) for k, v in weights.items()}
+                 cpu_kernels: bool = True, packed: dict[str, torch.Tensor] | None = None,
+                 rank: int = 0, world: int = 1):
+        """`weights`: the whole model's. With tensor parallelism over `world` ranks this holds
+        rank `rank`'s shard of them (`shard_weights`), `self.cfg` is the shape of its share
+        (its heads, its slice of the MLP), and the forward sums the ranks' partial results."""
+        self.rank, self.world = rank, world
+        self.vocab_start = rank * -(-cfg.vocab_size // world)  # the first id of its slice of the vocabulary
+        self.w = {k: v.to(device) for k, v in shard_weights(cfg, weights, rank, world).items()}
+        self.cfg = cfg = cfg if world == 1 else replace(
+            cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world,
+            intermediate_size=cfg.intermediate_size // world)
         # the weights the matmuls use, by name (views of self.w; the head may be the embedding)
         self.linears = {k: v for k, v in self.w.items() if k.endswith(("wqkv", "wo", "w_gate_up", "w_down"))}
         self.linears["lm_head"] = self.w.get("lm_head", self.w["embed"])
@@ -94,6 +111,23 @@ class Llama:
         if self.packed is not None and x.shape[0] < MKL_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed[name], None, "none", [], "")
         return F.linear(x, self.linears[name])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start. Vocabulary-parallel: a rank looks up the ids of its
+        slice of the table and leaves zeros for the others; the sum over ranks is exact."""
+        table = self.w["embed"]
+        if self.world == 1:
+            return F.embedding(ids, table)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= table.shape[0])
+        return self.reduce(F.embedding(local.clamp(0, table.shape[0] - 1), table).masked_fill_(outside[:, None], 0))
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor parallelism: make whole, on every rank, what each holds a part of (the
+        output of a row-parallel matmul, a vocabulary-parallel lookup): an in-place all-reduce."""
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Add `delta` to the residual stream `h` (in place) and return RMSNorm(h) * weight."""
@@ -112,13 +146,16 @@ class Llama:
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        return self.linear(act, p + "w_down")
+        return self.reduce(self.linear(act, p + "w_down"))
 
     @torch.inference_mode()
-    def forward(self, step: StepInput, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Logits [R, vocab] for `step.logits_rows`; writes this step's K/V into kv_cache."""
+    def forward(self, step: StepInput, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Logits [R, vocab] for `step.logits_rows` (with tensor parallelism, this rank's slice
+        of the vocabulary); writes this step's K/V into kv_cache.
+        `on_layer(i)` runs once layer i's K/V are written (PD: DistFlow sends them meanwhile)."""
         cfg, w = self.cfg, self.w
-        h = F.embedding(step.input_ids, w["embed"])  # the residual stream
+        h = self.embed(step.input_ids)  # the residual stream
         x = F.rms_norm(h, (cfg.hidden_size,), w["layers.0.attn_norm"], cfg.rms_norm_eps)
         if not self.kernels:  # the kernel reads the tables by position itself
             cos, sin = self.cos[step.positions], self.sin[step.positions]
@@ -139,8 +176,10 @@ class Llama:
             # yields each sequence's keys contiguous per head, ready for a batched matmul.
             k_cache.flatten(1, 2).index_copy_(1, step.slot_mapping, k.transpose(0, 1))
             v_cache.flatten(1, 2).index_copy_(1, step.slot_mapping, v.transpose(0, 1))
+            if on_layer is not None:
+                on_layer(i)
             o = self.attention(q, k_cache, v_cache, step)
-            x = self.add_norm(h, self.linear(o, p + "wo"), w[p + "ffn_norm"])
+            x = self.add_norm(h, self.reduce(self.linear(o, p + "wo")), w[p + "ffn_norm"])
             last = i + 1 == cfg.num_layers  # the next norm: the next layer's, or the final one
             x = self.add_norm(h, self.mlp(x, p), w["norm"] if last else w[f"layers.{i + 1}.attn_norm"])
         return self.linear(x[step.logits_rows], "lm_head")
@@ -184,6 +223,40 @@ def causal_mask(first: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(length, device=device)[None, :] <= torch.arange(first, length, device=device)[:, None]
 
 
+def shard_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], rank: int,
+                  world: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s share of the weights for tensor parallelism over `world` ranks (Megatron's
+    split). Column-parallel, output rows split: wqkv (the rank's query heads and their KV
+    heads) and w_gate_up (its slice of the MLP). Row-parallel, input columns split, the
+    outputs summed over ranks: wo and w_down. Vocabulary-parallel, by rows: the embedding and
+    the head. Norms whole. A slice of one weight is a view of its pages; wqkv and w_gate_up
+    fuse parts whose slices lie apart, so their shards are copies."""
+    if world == 1:
+        return weights
+    d, kv = cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q_rows, kv_rows, mlp_rows = cfg.num_heads * d // world, kv // world, cfg.intermediate_size // world
+    vocab_rows = -(-cfg.vocab_size // world)  # the last rank's slice may be shorter
+
+    def part(t: torch.Tensor, rows: int) -> torch.Tensor:
+        return t[rank * rows:(rank + 1) * rows]
+
+    out = {}
+    for name, t in weights.items():
+        if name.endswith("wqkv"):
+            q, k, v = t.split([cfg.num_heads * d, kv, kv])
+            out[name] = torch.cat([part(q, q_rows), part(k, kv_rows), part(v, kv_rows)])
+        elif name.endswith("w_gate_up"):
+            gate, up = t.chunk(2)
+            out[name] = torch.cat([part(gate, mlp_rows), part(up, mlp_rows)])
+        elif name.endswith(("wo", "w_down")):
+            out[name] = part(t.T, q_rows if name.endswith("wo") else mlp_rows).T
+        elif name in ("embed", "lm_head"):
+            out[name] = part(t, vocab_rows)
+        else:
+            out[name] = t
+    return out
+
+
 def pack_linears(linears: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The linear weights (`Llama.linears`) in oneDNN's blocked layout, for a float32 step
     on the CPU: its GEMMs at decode batch sizes run ~1.6x faster than MKL's on the plain
@@ -201,6 +274,17 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
 
 # ---------------------------------------------------------------------------- the runner
 
+def runs(ids: list[int]) -> list[list[int]]:
+    """[index in `ids`, first id, length] of each stretch of consecutive ids: one copy each."""
+    out: list[list[int]] = []
+    for i, block_id in enumerate(ids):
+        if out and out[-1][1] + out[-1][2] == block_id:
+            out[-1][2] += 1
+        else:
+            out.append([i, block_id, 1])
+    return out
+
+
 log = logging.getLogger("flowserve.model")
 
 
@@ -208,18 +292,75 @@ def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * dtype.itemsize
 
 
+def num_kv_blocks(mcfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> int:
+    """The KV pool's size in blocks: `num_kv_blocks`, else as many as `kv_cache_gb` holds."""
+    return ecfg.num_kv_blocks or max(1, int(ecfg.kv_cache_gb * 2**30) // kv_block_bytes(mcfg, ecfg.block_size, dtype))
+
+
+def plan_step(step: list[tuple[Sequence, int]], block_size: int, in_flight: list[Sequence] | None = None
+              ) -> tuple[StepPlan, list[Sequence], list[tuple[int, int]]]:
+    """The flat inputs of one step of (sequence, new tokens) work. Returns them, the
+    sequences that get a token (one per logits row), and (row, index in `in_flight`) for
+    each input token that the step in flight is still sampling (async scheduling; the plan
+    holds 0 there)."""
+    # Single-token work (decodes) first, as one batch; then prefill chunks one by one.
+    step = sorted(step, key=lambda item: item[1] > 1)
+    plan = StepPlan([], [], [], [], [], [], [])
+    ids, sampled, pending = plan.input_ids, [], []
+    in_flight_row = {id(seq): i for i, seq in enumerate(in_flight)} if in_flight else {}
+    bs = block_size
+    for seq, n in step:
+        start, end = seq.num_computed, seq.num_computed + n
+        row0 = len(ids)
+        ids += seq.token_ids[start:end]
+        if end > len(seq.token_ids):  # the last input token is still being sampled
+            pending.append((len(ids), in_flight_row[id(seq)]))
+            ids.append(0)
+        plan.positions.extend(range(start, end))
+        plan.slot_mapping.extend(seq.block_ids[p // bs] * bs + p % bs for p in range(start, end))
+        if n == 1:
+            plan.decode_block_tables.append(seq.block_ids[:-(-end // bs)])
+            plan.decode_lens.append(end)
+        else:
+            plan.prefills.append(PrefillPlan(row0, n, end, seq.block_ids[:-(-end // bs)]))
+        if end == len(seq.token_ids) + seq.num_pending:
+            plan.logits_rows.append(len(ids) - 1)
+            sampled.append(seq)
+    return plan, sampled, pending
+
+
+def step_input(plan: StepPlan, device: torch.device) -> StepInput:
+    """A plan's lists as tensors on `device` (copies from host memory that nothing waits for)."""
+    def to(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+    table, lens = None, None
+    if plan.decode_block_tables:
+        width = max(map(len, plan.decode_block_tables))
+        table = to([t + [0] * (width - len(t)) for t in plan.decode_block_tables])
+        lens = to(plan.decode_lens)
+    return StepInput(
+        input_ids=to(plan.input_ids), positions=to(plan.positions), slot_mapping=to(plan.slot_mapping),
+        num_decodes=len(plan.decode_block_tables), decode_block_tables=table, decode_lens=lens,
+        prefills=[PrefillChunk(c.start, c.num_tokens, c.context_len, to(c.block_ids)) for c in plan.prefills],
+        logits_rows=to(plan.logits_rows))
+
+
 class ModelRunner:
     def __init__(self, mcfg: ModelConfig, ecfg: EngineConfig, weights: dict[str, torch.Tensor],
-                 device: torch.device, dtype: torch.dtype, packed: dict[str, torch.Tensor] | None = None):
+                 device: torch.device, dtype: torch.dtype, packed: dict[str, torch.Tensor] | None = None,
+                 rank: int = 0, world: int = 1):
+        """`rank`, `world`: a TP executor's (`flowserve/executor.py`): its shard of the model
+        and its KV heads' share of the cache."""
         self.device, self.block_size = device, ecfg.block_size
-        self.model = Llama(mcfg, weights, device, ecfg.cpu_kernels, packed)
-        self.num_blocks = ecfg.num_kv_blocks or max(
-            1, int(ecfg.kv_cache_gb * 2**30) // kv_block_bytes(mcfg, ecfg.block_size, dtype))
-        shape = (mcfg.num_kv_heads, self.num_blocks, ecfg.block_size, mcfg.head_dim)
+        self.model = Llama(mcfg, weights, device, ecfg.cpu_kernels, packed, rank, world)
+        self.num_blocks = num_kv_blocks(mcfg, ecfg, dtype)
+        local = self.model.cfg
+        shape = (local.num_kv_heads, self.num_blocks, ecfg.block_size, mcfg.head_dim)
         self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(mcfg.num_layers)]
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, ecfg.block_size,
-                 self.num_blocks * kv_block_bytes(mcfg, ecfg.block_size, dtype) / 2**30)
+                 self.num_blocks * kv_block_bytes(local, ecfg.block_size, dtype) / 2**30)
 
     def kv_shape(self, num_blocks: int) -> list[int]:
         """Shape of the KV of `num_blocks` blocks as DistFlow moves it: [layers, K/V, heads, blocks, block, dim]."""
@@ -244,51 +385,47 @@ class ModelRunner:
         for i in (0, 1):
             kv[i].index_copy_(1, idx, kv_in[layer, i].to(self.device, kv[i].dtype))
 
-    def run(self, step: list[tuple[Sequence, int]], in_flight: tuple[list[Sequence], torch.Tensor] | None = None
-            ) -> tuple[torch.Tensor, list[Sequence]]:
+    def alloc_dram(self, gb: float) -> int:
+        """The RTC's DRAM tier (`EngineConfig.dram_kv_gb`): `self.dram`, host memory of `gb`
+        GiB in blocks; returns how many. A block's K/V of every layer lie in one piece
+        ([layers * K/V, heads, block, dim]), so one copy moves it; pinned where the device is
+        not the CPU, so those copies run asynchronously."""
+        heads, _, bs, dim = self.kv_cache[0][0].shape
+        dtype = self.kv_cache[0][0].dtype
+        num_blocks = max(1, int(gb * 2**30) // kv_block_bytes(self.model.cfg, bs, dtype))
+        self.dram = torch.zeros((num_blocks, 2 * len(self.kv_cache), heads, bs, dim), dtype=dtype,
+                                pin_memory=self.device.type != "cpu")
+        log.info("DRAM KV tier: %d blocks (%.2f GiB)", num_blocks, self.dram.nbytes / 2**30)
+        return num_blocks
+
+    def copy_to_dram(self, device_ids: list[int], dram_ids: list[int]) -> None:
+        """Copy: the K/V of device blocks into DRAM blocks, every layer. Enqueued on the
+        device's one stream, after the steps that wrote those blocks and before any that
+        reuses them, so nothing waits; on the CPU done at once."""
+        idx = torch.tensor(device_ids).to(self.device, non_blocking=True)
+        staged = torch.stack([c.index_select(1, idx).transpose(0, 1) for kv in self.kv_cache for c in kv], dim=1)
+        for i, first, n in runs(dram_ids):
+            self.dram[first:first + n].copy_(staged[i:i + n], non_blocking=True)
+
+    def populate(self, dram_ids: list[int], device_ids: list[int]) -> None:
+        """Populate: the inverse of `copy_to_dram`, enqueued before the forward that reads the
+        blocks (the device runs its stream in order: a step starts once the copy has landed)."""
+        staged = torch.empty((len(dram_ids), *self.dram.shape[1:]), dtype=self.dram.dtype, device=self.device)
+        for i, first, n in runs(dram_ids):
+            staged[i:i + n].copy_(self.dram[first:first + n], non_blocking=True)
+        idx = torch.tensor(device_ids).to(self.device, non_blocking=True)
+        for j, cache in enumerate(c for kv in self.kv_cache for c in kv):
+            cache.index_copy_(1, idx, staged[:, j].transpose(0, 1))
+
+    def run(self, step: list[tuple[Sequence, int]], in_flight: tuple[list[Sequence], torch.Tensor] | None = None,
+            on_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[Sequence]]:
         """Forward one step. Returns logits [R, vocab] and the R sequences they belong to.
         `in_flight` (async scheduling): the step still computing, as its sampled sequences and
         their tokens on the device. A decode whose input token is one of those (`num_pending`)
         takes it there: building this step waits for nothing."""
-        # Single-token work (decodes) first, as one batch; then prefill chunks one by one.
-        step = sorted(step, key=lambda item: item[1] > 1)
-        ids, pos, slots, rows, sampled = [], [], [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
-        in_flight_row = {id(seq): i for i, seq in enumerate(in_flight[0])} if in_flight else {}
-        pending_rows, pending_from = [], []  # rows whose input token is in flight, and its index there
-        bs = self.block_size
-        for seq, n in step:
-            start, end = seq.num_computed, seq.num_computed + n
-            row0 = len(ids)
-            ids += seq.token_ids[start:end]
-            if end > len(seq.token_ids):  # the last input token is still being sampled
-                pending_rows.append(len(ids))
-                pending_from.append(in_flight_row[id(seq)])
-                ids.append(0)
-            pos += range(start, end)
-            slots += [seq.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            if n == 1:
-                decode_tables.append(seq.block_ids[:-(-end // bs)])
-                decode_lens.append(end)
-            else:
-                prefills.append(PrefillChunk(row0, n, end, torch.tensor(seq.block_ids[:-(-end // bs)])))
-            if end == len(seq.token_ids) + seq.num_pending:
-                rows.append(len(ids) - 1)
-                sampled.append(seq)
-        table, lens = None, None
-        if decode_tables:
-            width = max(map(len, decode_tables))
-            table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            lens = torch.tensor(decode_lens)
-        dev = self.device
-        to = (lambda t: None if t is None else t.to(dev, non_blocking=True))
-        input_ids = to(torch.tensor(ids))
-        if pending_rows:
-            input_ids[to(torch.tensor(pending_rows))] = in_flight[1][to(torch.tensor(pending_from))]
-        inp = StepInput(
-            input_ids=input_ids, positions=to(torch.tensor(pos)),
-            slot_mapping=to(torch.tensor(slots)), num_decodes=len(decode_tables),
-            decode_block_tables=to(table), decode_lens=to(lens),
-            prefills=[PrefillChunk(c.start, c.num_tokens, c.context_len, to(c.block_ids)) for c in prefills],
-            logits_rows=to(torch.tensor(rows, dtype=torch.long)))
-        return self.model.forward(inp, self.kv_cache), sampled
+        plan, sampled, pending = plan_step(step, self.block_size, in_flight and in_flight[0])
+        inp = step_input(plan, self.device)
+        if pending:
+            rows, src = (torch.tensor(ix).to(self.device, non_blocking=True) for ix in zip(*pending))
+            inp.input_ids[rows] = in_flight[1][src]
+        return self.model.forward(inp, self.kv_cache, on_layer), sampled

@@ -7,7 +7,10 @@
   another host the TE's socket is TCP, and its first frame is `Hello`, carrying the secret
   the main process handed its node agent (`scaling/node_agent.py`).
 - main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
-- TE -> TE (DistFlow, `flowserve/distflow.py`): `KVHeader` + KV bytes, answered by `KVAck`;
+- TP master <-> its executors (`flowserve/tp.py`, `flowserve/executor.py`): `ExecStart`,
+  then `ExecStep`, `ExecKV`, `Threads`, each answered by `ExecDone` (but `Threads`).
+- TE -> TE (DistFlow, `flowserve/distflow.py`), on a link that carries many transfers:
+  `KVHeader`, the KV layer by layer, `KVTrailer` (the first token), answered by `KVAck`;
   `WeightsHeader` + every tensor's bytes.
 - Whoever gets a frame it cannot decode answers `Error` and carries on.
 
@@ -45,9 +48,14 @@ class Op(str, Enum):
     UNPIN = "unpin"
     HELLO = "hello"
     KV_HEADER = "kv_header"
+    KV_TRAILER = "kv_trailer"
     KV_ACK = "kv_ack"
     WEIGHTS_HEADER = "weights_header"
     ERROR = "error"
+    EXEC_START = "exec_start"
+    EXEC_STEP = "exec_step"
+    EXEC_KV = "exec_kv"
+    EXEC_DONE = "exec_done"
 
 
 class FinishReason(str, Enum):
@@ -84,6 +92,7 @@ class Add(Message, tag=Op.ADD.value):
     params: SamplingParams
     kv_to: str | None = None
     kv_rid: str | None = None
+    kv_skip: int = 0                  # with kv_to: leading blocks the decode TE caches, not sent (whole blocks)
     await_kv: bool = False
     cache_id: str | None = None       # its prompt starts with this context cache's (MatchByID)
     pin: str | None = None            # a context cache's build: pin the prompt's blocks under this id
@@ -141,6 +150,17 @@ class Stats(msgspec.Struct):
     cached: list[int] = []
     evicted: list[int] = []
     pinned_blocks: int = 0            # held by context caches
+    # The RTC's DRAM tier: its pool, its cost model's rates (measured at start), and since start
+    # the blocks copied there (evictions, swap-outs), copied back (Populate, swap-ins), found
+    # there but left to recompute, and the preemptions that swapped instead of recomputing.
+    dram_blocks_total: int = 0
+    dram_blocks_free: int = 0
+    copy_bytes_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    dram_copied: int = 0
+    dram_populated: int = 0
+    dram_recomputed: int = 0
+    swaps: int = 0
 
 
 class TokenOut(msgspec.Struct, array_like=True):
@@ -177,7 +197,8 @@ class Step(Message, tag=Op.STEP.value):
     outs: list[TokenOut]
     stats: Stats
     error: str | None = None          # with an ERROR finish: what went wrong
-    kv_ms: float | None = None        # with a HANDOFF finish: the KV transfer's time
+    kv_ms: float | None = None        # with a HANDOFF finish: prefill end (first token) to the decode TE's ack
+    kv_bytes: int | None = None       # with a HANDOFF finish: the KV payload bytes sent
 
 
 class Fork(Message, tag=Op.FORK.value):
@@ -198,19 +219,28 @@ class TemplateReady(Message, tag=Op.TEMPLATE_READY.value):
 
 
 class KVHeader(Message, tag=Op.KV_HEADER.value):
-    """Precedes one request's KV payload (`ModelRunner.kv_shape`), bytes or a memfd."""
+    """Opens one request's KV transfer: its payload (`ModelRunner.kv_shape` of the blocks past
+    `kv_skip`) follows layer by layer, as bytes (tcp) or as a one-byte mark per layer of the
+    memfd that came with this frame (unix); then a `KVTrailer`."""
     rid: str                          # the request's id on the decode TE
-    token_ids: list[int]              # prompt and first token
+    token_ids: list[int]              # its prompt
     num_cached: int
     shape: list[int]
     dtype: str                        # a torch dtype's name, e.g. "float32"
+    kv_skip: int = 0                  # leading blocks not sent: the decode TE's own cache holds them
+    secret: bytes = b""               # the cluster's DistFlow secret, checked on every transfer
+
+
+class KVTrailer(Message, tag=Op.KV_TRAILER.value):
+    """Closes a KV transfer, once the prefill TE has sampled the request's first token."""
+    token_id: int | None              # None: the request ended on the prefill TE (a stop, an abort): drop it
     rng_state: bytes | None = None    # a seeded request's generator, after the first token
-    secret: bytes = b""               # the cluster's DistFlow secret: the receiver takes KV only with it
 
 
 class KVAck(Message, tag=Op.KV_ACK.value):
     ok: bool
     error: str | None = None
+    send_all: bool = False            # the decode TE lost the prefix it was to keep: send every block
 
 
 class TensorSpec(msgspec.Struct, array_like=True):
@@ -228,9 +258,64 @@ class Error(Message, tag=Op.ERROR.value):
     message: str
 
 
+class PrefillPlan(msgspec.Struct, array_like=True):
+    start: int                        # its first row in the step
+    num_tokens: int
+    context_len: int                  # the sequence's tokens in the cache once this chunk is written
+    block_ids: list[int]
+
+
+class StepPlan(msgspec.Struct, array_like=True):
+    """One engine step's inputs as plain lists (`flowserve.model.plan_step`): what a model
+    runner turns into tensors (`StepInput`), and what a TP master sends its executors."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    decode_block_tables: list[list[int]]   # one per decode row (rows 0..len-1), unpadded
+    decode_lens: list[int]
+    prefills: list[PrefillPlan]
+    logits_rows: list[int]
+
+
+class ExecStart(Message, tag=Op.EXEC_START.value):
+    """TP master -> an executor it started (`flowserve/tp.py`), its first frame: its rank,
+    and where the others and the shared arena are (file descriptors it inherited)."""
+    rank: int
+    world: int
+    master_pid: int
+    store_port: int                   # the torch.distributed rendezvous (a TCPStore on 127.0.0.1)
+    store_fd: int                     # rank 0 serves the store on this listening socket; -1 elsewhere
+    arena_fd: int                     # memfd: the logits rows, and one layer's KV on its way in or out
+    max_rows: int
+    max_blocks: int
+    threads: int
+    engine_config: EngineConfig       # num_kv_blocks: the master's count
+    dtype: str
+    model: str | None = None          # a spawned executor maps this model's weights (a forked one has them)
+
+
+class ExecStep(Message, tag=Op.EXEC_STEP.value):
+    """TP master -> every executor: run this step, each rank writing its vocabulary slice of
+    the logits into the arena."""
+    plan: StepPlan
+
+
+class ExecKV(Message, tag=Op.EXEC_KV.value):
+    """TP master -> every executor: one layer's K/V of `block_ids` between each rank's cache
+    and its KV heads' slice of the arena (`write`: arena to cache; else cache to arena)."""
+    block_ids: list[int]
+    layer: int
+    write: bool
+
+
+class ExecDone(Message, tag=Op.EXEC_DONE.value):
+    """Executor -> master: started, or the last `ExecStep`/`ExecKV` is done."""
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Threads | Unpin | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
-                                   | TemplateReady | KVHeader | KVAck | WeightsHeader | Error)
+                                   | TemplateReady | KVHeader | KVTrailer | KVAck | WeightsHeader | Error | ExecStart
+                                   | ExecStep | ExecKV | ExecDone)
 
 
 class BadFrame(ValueError):

@@ -13,11 +13,15 @@ logged and answered with `Error`; the TE keeps serving. Single-threaded: the soc
 touched between steps, so the engine needs no locks.
 
 PD disaggregation: on a prefill TE an `Add` with `kv_to` (a decode TE's DistFlow address)
-and `kv_rid` (the request's id there) runs the prompt and first token, then the shell sends
-the request's KV blocks there (`flowserve.distflow.KVSender`), frees them whatever
-happened, and reports `handoff` (or `error`). A decode TE (`kv_listen` set) gets an `Add`
-with `await_kv` first, and starts that request when its KV arrives on the DistFlow
-listener, which it polls with the socket.
+and `kv_rid` (the request's id there) runs the prompt and first token, and the shell sends
+the request's KV blocks there (`flowserve.distflow.KVSender`, over a link kept per decode
+TE), all but the `kv_skip` leading ones the decode TE caches. With `kv_layerwise` the
+transfer starts with the step that computes the prompt's last chunk, each layer sent as the
+forward writes it; else once that step is over. The first token follows (the trailer) once
+sampled. Once the decode TE acks, or the transfer failed, the shell frees the blocks and
+reports `handoff` (or `error`). A decode TE (`kv_listen` set) gets an `Add` with `await_kv`
+first; it keeps the links prefill TEs open in its select set, writes each layer between its
+steps as it lands, and starts the request when the trailer lands.
 
     python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}'
 
@@ -31,6 +35,7 @@ import select
 import socket
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 
 T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
@@ -39,12 +44,14 @@ import torch  # noqa: E402
 
 from flowserve.config import EngineConfig  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
+from flowserve.batcher import SeqStatus, Sequence  # noqa: E402
 from flowserve.distflow import (  # noqa: E402
-    KVSender, accept_kv, dtype_name, fetch_weights, listen_kv, recv_kv, serve_weights)
+    KVReceiver, KVSender, KVTransfer, accept_kv, dtype_name, fetch_weights, listen_kv, serve_weights)
 from flowserve.engine import Engine  # noqa: E402
+from flowserve.tp import ExecutorLost  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
-    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, Load, Message, Ping, Prewarmed, Ready,
-    SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, Unpin, decode_config, pack, unpack_frames)
+    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, KVTrailer, Load, Message, Ping, Prewarmed,
+    Ready, SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, Unpin, decode_config, pack, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
 
@@ -54,9 +61,14 @@ class TEShell:
         self.sock, self.engine, self.kv_listeners = sock, engine, list(kv_listeners)
         self.buf = bytearray()
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
-        self.awaiting: dict[str, Add] = {}   # decode side: request id -> its `Add`, until the KV comes
+        self.sending: dict[str, tuple[Sequence, KVTransfer]] = {}  # prefill side: transfers not yet acked
         self.kv_sender = KVSender()
-        self.kv_landing = bytearray()       # decode side: KV over TCP lands here, kept between transfers
+        if engine.cfg.kv_layerwise:
+            engine.stream_handoffs = self.stream_handoffs
+        self.awaiting: dict[str, Add] = {}   # decode side: request id -> its `Add`, until the KV comes
+        self.kv_links: list[KVReceiver] = []  # decode side: links from prefill TEs
+        self.landing: dict[KVReceiver, tuple[Add | None, Sequence | None]] = {}  # a link's transfer in progress
+        self.executors = engine.runner.pidfds if engine.tp else []  # TP: readable once an executor has exited
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(pack(msg))
@@ -79,6 +91,7 @@ class TEShell:
                     self.engine.abort(rid)
                     self.awaiting.pop(rid, None)
                     self.kv_to.pop(rid, None)
+                self.hand_off()  # a transfer started for one of them waits for no token
                 self.send(Step([], self.engine.stats()))
             case Unpin():
                 for cache_id in msg.cache_ids:
@@ -87,7 +100,7 @@ class TEShell:
             case Ping():
                 self.send(Step([], self.engine.stats()))
             case Threads():
-                torch.set_num_threads(msg.n)
+                self.engine.set_threads(msg.n)
             case Stop():
                 return False
             case _:  # undecodable, or not a command: say so, keep serving
@@ -95,17 +108,21 @@ class TEShell:
                 self.send(Error(f"bad frame: {msg}"))
         return True
 
-    def report(self, rid: str, finish: FinishReason, error: str | None = None, kv_ms: float | None = None) -> None:
-        self.send(Step([TokenOut(rid, [], finish)], self.engine.stats(), error, kv_ms))
+    def report(self, rid: str, finish: FinishReason, error: str | None = None, kv_ms: float | None = None,
+               kv_bytes: int | None = None) -> None:
+        self.send(Step([TokenOut(rid, [], finish)], self.engine.stats(), error, kv_ms, kv_bytes))
 
     def poll(self, block: bool) -> bool:
-        """Read whatever commands (and, on a decode TE, KV transfers) have arrived; wait for one
-        if `block`. False means stop."""
-        watch = [self.sock] + self.kv_listeners
+        """Read whatever commands, KV transfers (decode side) and finished transfers (prefill
+        side) have come; wait for one if `block`. False means stop."""
         while True:
+            watch = [self.sock, self.kv_sender.wake, *self.kv_listeners, *self.kv_links, *self.executors]
             ready, _, _ = select.select(watch, [], [], None if block else 0)
             if not ready:
                 return True
+            if any(fd in ready for fd in self.executors):
+                log.error("a TP executor exited: the TE ends")
+                return False
             if self.sock in ready:  # commands first: a transfer's `add` may be among them
                 data = self.sock.recv(1 << 20)
                 if not data:
@@ -114,68 +131,139 @@ class TEShell:
                 for msg in unpack_frames(self.buf):
                     if not self.handle(msg):
                         return False
+            if self.kv_sender.wake in ready:
+                self.collect()
             for listener in self.kv_listeners:
-                if listener in ready:
-                    self.receive_kv(listener)
+                if listener in ready and (conn := accept_kv(listener)):
+                    self.kv_links.append(KVReceiver(conn))
+            for link in list(self.kv_links):
+                if link in ready:
+                    self.receive_kv(link)
             block = False
 
-    def receive_kv(self, listener: socket.socket) -> None:
-        """Decode side: take one request's KV from a prefill TE, start the request, ack."""
-        conn = accept_kv(listener)
-        if conn is None:
+    # ------------------------------------------------------------------ decode side
+
+    def receive_kv(self, link: KVReceiver) -> None:
+        """Take what has come on a link: a transfer's header makes the request's sequence
+        (blocks for its KV), each layer is written as it lands, the trailer starts it."""
+        try:
+            for event in link.pump():
+                match event:
+                    case KVHeader():
+                        self.landing[link] = self.begin_landing(event)
+                    case KVTrailer():
+                        self.land(link, event)
+                    case int():
+                        add, seq = self.landing[link]
+                        if seq is not None:
+                            self.engine.write_prefilled(seq, link.kv, event, link.head.kv_skip)
+        except (OSError, ValueError) as e:  # BadFrame is a ValueError
+            # A transfer cut short frees its blocks and stays awaited: its sender dials again.
+            landing = self.landing.pop(link, None)
+            log.log(logging.WARNING if landing else logging.INFO, "KV link closed: %s", e)
+            if landing and landing[1] is not None:
+                self.engine.abort(landing[1].request_id)
+            self.kv_links.remove(link)
+            link.close()
+
+    def begin_landing(self, head: KVHeader) -> tuple[Add | None, Sequence | None]:
+        """A transfer's header: its request's `Add` (None: aborted meanwhile, or never
+        announced) and the sequence holding blocks for its KV (None: the decode TE lost the
+        prefix the sender skips)."""
+        add = self.awaiting.get(head.rid)
+        if add is None:
+            return None, None
+        try:
+            return add, self.engine.add_prefilled(head.rid, head.token_ids, add.params, head.num_cached, head.kv_skip)
+        except ValueError as e:  # it cannot run here (a shorter context than the prefill TE's)
+            del self.awaiting[head.rid]
+            self.report(head.rid, FinishReason.ERROR, error=str(e))
+            return None, None
+
+    def land(self, link: KVReceiver, trailer: KVTrailer) -> None:
+        """A transfer's trailer: start its request (or not), and ack."""
+        add, seq = self.landing.pop(link)
+        if add is not None and seq is None:  # the prefix it was to keep is gone: it waits for all of it
+            link.reply(KVAck(False, "the decode TE lost the prefix", send_all=True))
             return
-        timeout = self.engine.cfg.kv_timeout_s
-        with conn:
-            try:
-                head, kv, arrived = recv_kv(conn, timeout, self.kv_landing)
-                add = self.awaiting.pop(head.rid, None)
-                if add is None:  # aborted meanwhile (or never announced): the sender frees its blocks
-                    conn.sendall(pack(KVAck(False, "request unknown to the decode TE")))
-                    return
-                rng = head.rng_state and torch.frombuffer(bytearray(head.rng_state), dtype=torch.uint8)
-                self.engine.add_prefilled(head.rid, head.token_ids, len(add.prompt), add.params, kv, arrived,
-                                          head.num_cached, rng)
-                del kv
-                conn.sendall(pack(KVAck(True)))
-            except (OSError, ValueError) as e:  # BadFrame is a ValueError
-                log.warning("KV transfer in failed: %s", e)
+        if seq is None or seq.status is SeqStatus.FINISHED or trailer.token_id is None:
+            if seq is not None:
+                self.engine.abort(seq.request_id)  # no-op once aborted
+            link.reply(KVAck(False, "request unknown to the decode TE"))
+            return
+        del self.awaiting[seq.request_id]
+        rng = trailer.rng_state and torch.frombuffer(bytearray(trailer.rng_state), dtype=torch.uint8)
+        self.engine.start_prefilled(seq, trailer.token_id, rng)
+        link.reply(KVAck(True))
+
+    # ------------------------------------------------------------------ prefill side
+
+    def stream_handoffs(self, seqs: list[Sequence]) -> Callable[[int], None] | None:
+        """Engine hook (`kv_layerwise`): the step about to run computes the last prompt chunk
+        of `seqs`. Their transfers start now; the forward tells them as each layer is written."""
+        transfers = [t for seq in seqs if (t := self.start_transfer(seq, ready=0))]
+        return partial(self.kv_sender.layer_done, transfers) if transfers else None
+
+    def start_transfer(self, seq: Sequence, ready: int) -> KVTransfer | None:
+        """Send `seq`'s KV (`ready` of its layers computed) to its decode TE. None: aborted."""
+        add = self.kv_to.pop(seq.request_id, None)
+        if add is None:
+            return None
+        engine, blocks = self.engine, list(seq.block_ids)  # a copy: an abort empties the sequence's
+        skip = min(add.kv_skip, len(blocks) - 1)
+        head = KVHeader(add.kv_rid, seq.token_ids[:seq.num_prompt], seq.num_cached or 0,
+                        engine.runner.kv_shape(len(blocks) - skip), dtype_name(engine.dtype), skip)
+        t = KVTransfer(seq.request_id, add.kv_to, head,
+                       lambda first, out, layer: engine.runner.read_kv(blocks[first:], out, layer), len(blocks), ready)
+        self.sending[seq.request_id] = seq, t
+        self.kv_sender.start(t, engine.cfg.kv_timeout_s)
+        return t
 
     def hand_off(self) -> None:
-        """Prefill side: send each prefilled request's KV to its decode TE, then free it here."""
-        engine = self.engine
-        while engine.handoffs:
-            seq = engine.handoffs.pop()
-            add = self.kv_to.pop(seq.request_id, None)
-            error = None
-            try:
-                if add is None:
-                    raise ConnectionError("aborted before its KV was sent")
-                t0 = time.perf_counter()
-                rng = seq.generator and seq.generator.get_state().numpy().tobytes()
-                head = KVHeader(add.kv_rid, seq.token_ids, seq.num_cached, engine.runner.kv_shape(len(seq.block_ids)),
-                                dtype_name(engine.dtype), rng)
-                self.kv_sender.send(add.kv_to, head, partial(engine.runner.read_kv, seq.block_ids),
-                                    engine.cfg.kv_timeout_s)
-                ms = 1e3 * (time.perf_counter() - t0)
-                log.info("KV of %s (%d tokens) sent in %.1f ms", seq.request_id, seq.num_computed, ms)
-            except OSError as e:
-                error = f"KV transfer to the decode TE failed: {e}"
+        """After a step: each request it prefilled has its first token, the last thing its
+        transfer waits for (one not started yet starts now, all its layers ready)."""
+        engine, layers = self.engine, self.engine.model_cfg.num_layers
+        for seq in engine.handoffs:
+            if seq.request_id not in self.sending and not self.start_transfer(seq, ready=layers):
+                engine.release(seq)  # aborted before its KV was sent
+                continue
+            rng = seq.generator and seq.generator.get_state().numpy().tobytes()
+            self.kv_sender.finish(self.sending[seq.request_id][1], KVTrailer(seq.token_ids[-1], rng))
+        engine.handoffs.clear()
+        for seq, t in self.sending.values():
+            if t.trailer is None and seq.status is SeqStatus.FINISHED:  # ended here (a stop token, an abort)
+                self.kv_sender.finish(t, KVTrailer(None))
+
+    def collect(self) -> None:
+        """Free the blocks of each transfer acked or failed, and report it."""
+        for t in self.kv_sender.completed():
+            seq, _ = self.sending.pop(t.request_id)
+            self.engine.release(seq)
+            if t.trailer.token_id is None:
+                continue  # ended here: reported already
+            if t.error:
+                error = f"KV transfer to the decode TE failed: {t.error}"
                 log.warning("%s: %s", seq.request_id, error)
-            finally:
-                engine.release(seq)
-            if error:
                 self.report(seq.request_id, FinishReason.ERROR, error=error)
             else:
-                self.report(seq.request_id, FinishReason.HANDOFF, kv_ms=ms)
+                log.info("KV of %s (%d bytes) handed off %.1f ms after its prefill", seq.request_id, t.nbytes,
+                         1e3 * t.handoff_s)
+                self.report(seq.request_id, FinishReason.HANDOFF, kv_ms=1e3 * t.handoff_s, kv_bytes=t.nbytes)
 
     def run(self) -> None:
-        while self.poll(block=not self.engine.has_work()):
-            if not self.engine.has_work():
-                continue
-            outs = self.engine.step()
-            if outs:
-                self.send(Step(outs, self.engine.stats()))
-            self.hand_off()  # after the first tokens went out: the client sees them before the transfer
+        try:
+            while self.poll(block=not self.engine.has_work()):
+                if not self.engine.has_work():
+                    continue
+                outs = self.engine.step()
+                self.hand_off()
+                if outs:
+                    self.send(Step(outs, self.engine.stats()))
+                self.collect()  # after the first tokens went out: a handoff is never reported before them
+        finally:
+            self.kv_sender.close()
+            for link in self.kv_links:
+                link.close()
 
 
 def warm_up(engine: Engine) -> None:
@@ -185,33 +273,43 @@ def warm_up(engine: Engine) -> None:
 
 def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None, weights=None,
                  weights_from: str | None = None, t_start: float = T_START, warmed_on_cpu: bool = False,
-                 packed: dict | None = None) -> None:
+                 packed: dict | list | None = None) -> None:
     """Build the engine (from `model`; from `weights` a warm template already holds; or from
     the weights a running TE streams from `weights_from`), warm it up, say `ready` with the
     TE's start-up timeline, and serve until told to stop. `t_start` is when this TE began:
     process start, the fork (scaling/template.py), or the `load` command (pre-warmed).
     `warmed_on_cpu`: the process already ran a CPU warm-up before it was forked, `packed`
-    holds the linears it packed then (`flowserve.model.pack_linears`)."""
+    holds the linears it packed then (`flowserve.model.pack_linears`; one per rank for a TP
+    TE). A TP TE forks its executors here (`flowserve/tp.py`): in each start mode this
+    process has run no multi-threaded torch op yet."""
     t_pre = time.perf_counter()
     if weights_from:
         weights = fetch_weights(weights_from)
-    engine = Engine(model, cfg, weights=weights, packed=packed)
-    weights_addr = serve_weights(engine.model_cfg, engine.runner.model.w, cfg.host) if cfg.serve_weights else None
+    engine = Engine(model, cfg, weights=weights, packed=packed, fork_executors=True)
+    # its weights (a TP master holds them mapped, whole), and the oneDNN-packed linears it shares
+    tensors, packs = ((engine.runner.weights, [p for p in packed or [] if p]) if engine.tp else
+                      (engine.runner.model.w, [engine.runner.model.packed or {}]))
+    weights_addr = serve_weights(engine.model_cfg, tensors, cfg.host) if cfg.serve_weights else None
     kv = listen_kv(cfg.kv_listen, cfg.host) if cfg.kv_listen else []
     t_loaded = time.perf_counter()
-    if not (warmed_on_cpu and engine.device.type == "cpu"):
+    if engine.tp or not (warmed_on_cpu and engine.device.type == "cpu"):  # TP executors warm up their shapes
         warm_up(engine)
     t_warm = time.perf_counter()
     shell = TEShell(sock, engine, [listener for listener, _ in kv])
     timings = StartTimings(1e3 * (t_pre - t_start), 1e3 * (t_loaded - t_pre), 1e3 * (t_warm - t_loaded))
-    model = engine.runner.model  # its weights, and their oneDNN-packed copy where it has one
-    weights_bytes = sum(t.numel() * t.element_size() for t in [*model.w.values(), *(model.packed or {}).values()])
+    weights_bytes = sum(t.numel() * t.element_size()
+                        for t in [*tensors.values(), *(t for p in packs for t in p.values())])
     shell.send(Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, weights_bytes, weights_addr,
                      [addr for _, addr in kv]))
     try:
         shell.run()
     except (BrokenPipeError, ConnectionResetError, TimeoutError):
         pass  # the main process is gone (TimeoutError: its host vanished, per TCP keepalive)
+    except ExecutorLost as e:
+        log.error("%s: the TE ends", e)
+    finally:
+        if engine.tp:
+            engine.runner.close()  # the executors exit at EOF on their links; reaped here
     log.info("TE %d exiting", os.getpid())
 
 

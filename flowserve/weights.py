@@ -23,66 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flowserve.config import ModelConfig, weights_cache_path
+from flowserve.config import ModelConfig, config_from_gguf, config_from_hf, gguf_fields, weights_cache_path
 
 log = logging.getLogger("flowserve.weights")
-
-# ---------------------------------------------------------------- config from metadata
-
-def gguf_fields(reader) -> dict:
-    """GGUF key/values as Python values (token lists excluded: they are the tokenizer's)."""
-    out = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key[15:] in ("tokens", "token_type", "merges", "scores"):
-            continue
-        out[key] = f.contents()
-    return out
-
-
-def config_from_gguf(meta: dict, name: str) -> ModelConfig:
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (only llama-family)")
-    hidden = meta["llama.embedding_length"]
-    heads = meta["llama.attention.head_count"]
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig(
-        vocab_size=meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])),
-        hidden_size=hidden,
-        intermediate_size=meta["llama.feed_forward_length"],
-        num_layers=meta["llama.block_count"],
-        num_heads=heads,
-        num_kv_heads=meta.get("llama.attention.head_count_kv", heads),
-        head_dim=meta.get("llama.rope.dimension_count", hidden // heads),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position=meta.get("llama.context_length", 2048),
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=[] if eos is None else [eos],
-        name=name,
-    )
-
-
-def config_from_hf(cfg: dict, name: str) -> ModelConfig:
-    heads = cfg["num_attention_heads"]
-    eos = cfg.get("eos_token_id")
-    return ModelConfig(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_layers=cfg["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads", heads),
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        max_position=cfg.get("max_position_embeddings", 2048),
-        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos if isinstance(eos, list) else ([] if eos is None else [eos]),
-        name=name,
-    )
-
 
 # ---------------------------------------------------------------- raw tensors, per format
 

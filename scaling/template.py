@@ -9,7 +9,9 @@ whose DRAM holds no weights yet, receives them from a running TE of another host
 SCM_RIGHTS ancillary data, the TE's socket (a socketpair's end, or a TCP connection to
 the main process); the template forks, and the child becomes a TE-shell over that socket
 with the weights it already holds: TE-Pre-Load (interpreter start, imports) and most of
-TE-Load are gone from the critical path.
+TE-Load are gone from the critical path. A TP TE (`tensor_parallel_size` N) forks its N
+executors at once (`flowserve/tp.py`), so they hold these pages too, and the packed linears
+of their shards, which the template makes at the first fork of a TE of that size.
 
 The template itself never runs a multi-threaded torch op (one intra-op thread; its only
 compute is a warm-up request on the CPU) and never touches an accelerator: forking after an OpenMP pool or a
@@ -31,8 +33,9 @@ T_START = time.perf_counter()
 
 import torch  # noqa: E402
 
-from flowserve.config import EngineConfig  # noqa: E402
+from flowserve.config import EngineConfig, ModelConfig, check_tensor_parallel  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
+from flowserve.model import Llama  # noqa: E402
 from flowserve.protocol import Error, Fork, Forked, TemplateReady, pack, unpack_frames  # noqa: E402
 from flowserve.distflow import fetch_weights  # noqa: E402
 from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
@@ -60,6 +63,14 @@ def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, wei
         os._exit(code)  # never run the template's cleanup (atexit, finalizers) in a child
 
 
+def tp_packed(cfg: ModelConfig, tensors: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Each rank's packed linears for tensor parallelism over `size` ranks, made here at the
+    first fork of a TE of that size (~1.5 s for SmolLM2-135M at 3): the executors of that TE
+    and of every later one share their pages (`flowserve/tp.py` forks them from the TE)."""
+    check_tensor_parallel(cfg, size)
+    return [Llama(cfg, tensors, torch.device("cpu"), rank=rank, world=size).packed for rank in range(size)]
+
+
 def run_template(control: socket.socket, model: str, weights_from: str | None = None) -> None:
     torch.set_num_threads(1)
     # mmap'ed from the cache (converting the model on first use), or streamed from a running
@@ -72,6 +83,7 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
     # The oneDNN-packed linears (flowserve.model.pack_linears) are made here, once: forks
     # share their pages instead of each packing a private 0.5 GB copy.
     packed = warm.runner.model.packed
+    shards: dict[int, list[dict[str, torch.Tensor]]] = {}  # TP size -> each rank's packed linears
     t_ready = time.perf_counter()
     control.sendall(pack(TemplateReady(os.getpid(), 1e3 * (t_ready - T_START))))
     buf = bytearray()
@@ -100,10 +112,20 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
                 control.sendall(pack(Error(f"bad frame: {msg}")))
                 continue
             te_sock = socket.socket(fileno=fd)
+            size = msg.engine_config.tensor_parallel_size
+            if size > 1 and packed is not None and size not in shards:  # on the TE's Scaler-Pre
+                try:
+                    shards[size] = tp_packed(cfg, tensors, size)
+                except ValueError as e:  # a TP size the model does not split into: that TE fails
+                    te_sock.close()
+                    control.sendall(pack(Error(str(e))))
+                    fd = None
+                    continue
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
-                child(te_sock, control, msg.engine_config, (cfg, tensors), packed, t_fork)
+                child(te_sock, control, msg.engine_config, (cfg, tensors), shards.get(size) if size > 1 else packed,
+                      t_fork)
             te_sock.close()
             control.sendall(pack(Forked(msg.te_id, pid)))
             fd = None

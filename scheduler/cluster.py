@@ -23,8 +23,9 @@ in `prefill`'s). `_place_pending` hands it to a TE with a free batch slot, chose
 `dist_sched`: locality-aware over the group's global prompt tree
 (`PromptTree`, below) while loads are balanced, else load-aware; a PD task also
 takes the least-loaded decode TE, on the prefill TE's host if one is free there (KV then
-moves through shared memory, not TCP), which reserves a slot for it before the prefill
-starts.
+moves through shared memory, not TCP), and of those the one whose cache holds the longest
+prefix of the prompt (the decode group's prompt tree): the prefill TE sends only the blocks
+past it (`kv_skip`). That reserves a decode slot for it before the prefill starts.
 A request on a context cache goes to a TE that pins it (the ID index, `id_index`, beside the
 prompt trees; scheduler/caches.py).
 A task that finds no free slot (the group is busy, at zero, or all its TEs died) waits
@@ -428,13 +429,25 @@ class Cluster:
             task.placement["host"] = te.host.name
             if pd:  # a decode TE on the prefill TE's host if one is free: KV moves through shared memory
                 near = [d for d in free_decode if d.host is te.host] or free_decode
+                near, cached = self.decode_candidates(task, near)
                 decode_te, task.placement["decode"] = self.dist_sched(task, near, "decode")
-                task.placement["decode"]["host"] = decode_te.host.name
+                task.placement["decode"].update(host=decode_te.host.name, matched_tokens=cached)
                 task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
                 decode_te.submit(task.decode)
-                te.submit(task, kv_to=decode_te.kv_addr_for(te.host))
+                te.submit(task, kv_to=decode_te.kv_addr_for(te.host),
+                          kv_skip=cached // self.engine_cfgs["decode"].block_size)
             else:
                 te.submit(task)
+
+    def decode_candidates(self, task: Task, tes: list[TEHandle]) -> tuple[list[TEHandle], int]:
+        """A PD task's decode TEs to choose from: the least loaded of `tes`, and of those the
+        ones whose RTC caches the longest prefix of the prompt (the decode group's prompt
+        tree); with that length in tokens: the prefill TE sends only the blocks past it."""
+        least = min(te.load for te in tes)
+        tes = [te for te in tes if te.load == least]
+        matched = self.trees["decode"].matched_tokens(task.prompt_ids, [te.id for te in tes])
+        best = max(matched.values())
+        return [te for te in tes if matched[te.id] == best], best
 
     def resubmit(self, task: Task) -> None:
         """Place a task again after its TE died (held until the refill if no TE is left)."""

@@ -5,12 +5,13 @@ the memory TEs may use, the TEs on it, and its node agent, which starts TEs ther
 local backend's `scaling.node.LocalNode`, or a Ray actor through `scaling.ray_backend.
 RayNode`). The local backend is a cluster of one host.
 
-A TE's cost is known before it starts (`te_bytes`): its KV pool (allocated and zeroed at
-start, so the memory is really committed), its runtime's private pages and its
-activations, and its own copy of the weights when it does not share the host's (a cold
-start reads the model file; a peer start receives a copy). The weights a host's template
-maps count once per host. Placement (`Cluster.add_te`) only starts a TE where it fits;
-threads follow the host's cores divided among its TEs, re-balanced as that count changes.
+A TE's cost is known before it starts (`te_bytes`): its KV pool and its RTC's DRAM tier
+(allocated and zeroed at start, so the memory is really committed), its runtime's private
+pages and its activations, and its own copy of the weights when it does not share the
+host's (a cold start reads the model file; a peer start receives a copy). The weights a
+host's template maps count once per host. Placement (`Cluster.add_te`) only starts a TE
+where it fits; threads follow the host's cores divided among its TEs, re-balanced as that
+count changes.
 """
 import os
 from dataclasses import dataclass, field
@@ -27,10 +28,20 @@ HEADROOM = 0.9  # of the memory available at registration: the page cache and th
 
 
 def te_bytes(cfg: EngineConfig, start_mode: str, weights_bytes: int) -> int:
-    """Memory one TE of `cfg` commits on its host, besides the weights the host shares."""
+    """Memory one TE of `cfg` commits on its host, besides the weights the host shares. A TP
+    TE (flowserve/tp.py) adds its executors, forks of its master: each its runtime pages, and
+    between them a copy of the fused column-parallel weights (wqkv, w_gate_up: their shards
+    are not slices of one piece), ~1/4 of `weights_bytes` when that counts the packed linears
+    the template made for the shards too (fork); in the other modes they also pack their
+    shards themselves, and `weights_bytes` counts the weights alone: ~3/2 of it in all
+    (measured on SmolLM2-135M by bench/tp.py)."""
     own_weights = weights_bytes if start_mode in ("cold", "peer") else 0
     runtime = RUNTIME_BYTES["fork" if start_mode == "fork" else "other"]
-    return int(cfg.kv_cache_gb * GiB) + runtime + cfg.max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN + own_weights
+    if cfg.tensor_parallel_size > 1:
+        runtime += cfg.tensor_parallel_size * RUNTIME_BYTES["fork"]
+        own_weights += weights_bytes // 4 if start_mode == "fork" else 3 * weights_bytes // 2
+    kv = int(cfg.kv_cache_gb * GiB) + int(cfg.dram_kv_gb * GiB)
+    return kv + runtime + cfg.max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN + own_weights
 
 
 def probe() -> dict:

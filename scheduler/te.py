@@ -128,6 +128,7 @@ class TEHandle:
                 del self.tasks[out.rid]
             if out.finish is FinishReason.HANDOFF:  # its decode task carries on, on the decode TE
                 task.placement["kv_transfer_ms"] = round(msg.kv_ms, 1)
+                task.placement["kv_transfer_bytes"] = msg.kv_bytes
                 continue
             # an error on a prefill TE: the KV transfer failed, not the request
             lost = out.finish is FinishReason.ERROR and task.decode is not None
@@ -174,12 +175,12 @@ class TEHandle:
             return next((a for a in self.kv_addrs if a.startswith("unix:")), self.kv_addrs[0])
         return next(a for a in self.kv_addrs if a.startswith("tcp:"))
 
-    def submit(self, task: Task, kv_to: str | None = None) -> None:
-        """Run `task` here; with `kv_to`, only its prefill, then send its KV to that decode TE.
-        On a decode TE the task waits for its KV."""
+    def submit(self, task: Task, kv_to: str | None = None, kv_skip: int = 0) -> None:
+        """Run `task` here; with `kv_to`, only its prefill, then send its KV to that decode TE,
+        but for the `kv_skip` leading blocks it caches. On a decode TE the task waits for its KV."""
         self.tasks[task.id] = task
         task.te_id, task.state = self.id, State.RUNNING
-        self._send(Add(task.id, task.prompt_ids, task.params, kv_to, kv_to and task.decode.id,
+        self._send(Add(task.id, task.prompt_ids, task.params, kv_to, kv_to and task.decode.id, kv_skip,
                        await_kv=self.group == "decode", cache_id=task.cache_id, pin=task.pin))
 
     def unpin(self, cache_ids: list[str]) -> None:

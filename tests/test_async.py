@@ -22,9 +22,9 @@ def traced(engine: Engine) -> Engine:
     engine.steps = []
     run = engine.runner.run
 
-    def tracing(work, in_flight=None):
+    def tracing(work, *args):
         engine.steps.append([(seq.num_prompt, seq.num_computed, n, seq.num_pending) for seq, n in work])
-        return run(work, in_flight)
+        return run(work, *args)
     engine.runner.run = tracing
     return engine
 

@@ -1,9 +1,12 @@
 """PD disaggregation: a prefill TE computes the prompt and first token, DistFlow moves the
-KV blocks to a decode TE, which continues. Engine level first (two in-process engines and a
-real transfer over both transports), then the real server."""
+KV blocks to a decode TE, which continues. Engine level first (two engines, each served by
+a real TE-shell in a thread, and a real transfer over both transports), then the real
+server."""
 import asyncio
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,9 +19,10 @@ import pytest
 from openai import OpenAI
 
 from flowserve.config import EngineConfig
-from flowserve.distflow import KVSender, accept_kv, dtype_name, listen_kv, recv_kv
-from flowserve.protocol import KVAck, KVHeader, pack
-from flowserve.protocol import SamplingParams
+from flowserve.distflow import listen_kv
+from flowserve.engine import Engine
+from flowserve.protocol import Abort, Add, FinishReason, SamplingParams, Step, Stop, pack, unpack_frames
+from flowserve.te_shell import TEShell
 from scheduler.cluster import GROUPS, Cluster
 from scheduler.je import Task
 from scheduler.pd_policy import Heatmap
@@ -26,55 +30,92 @@ from tests.server_util import ROOT, Server, async_wait_until, data_lines
 from tests.test_engine import GREEDY, assert_no_leak, make_engine, random_prompts
 
 
-def transfer(prefill, decode, transport: str) -> None:
-    """Move every handed-off request from `prefill` to `decode` the way two TE-shells do."""
-    [(listener, address)] = listen_kv(transport, "127.0.0.1")
-    sender = KVSender()
-    with listener:
-        while prefill.handoffs:
-            seq = prefill.handoffs.pop()
+class PDPair:
+    """A prefill and a decode engine, each served by a TE-shell in a thread of this process
+    as it would be in a TE process, and the test as the main process: it sends `Add`s and
+    reads the `Step`s back. Use as a context manager: on exit both shells stop, and neither
+    engine may hold a block."""
 
-            def receive():
-                with accept_kv(listener) as conn:
-                    head, kv, arrived = recv_kv(conn, 10)
-                    decode.add_prefilled(head.rid, head.token_ids, seq.num_prompt, seq.params, kv, arrived,
-                                         head.num_cached, seq.generator and seq.generator.get_state())
-                    conn.sendall(pack(KVAck(True)))
-            t = threading.Thread(target=receive)
+    def __init__(self, prefill: Engine, decode: Engine, transport: str = "unix"):
+        self.engines = prefill, decode
+        [(listener, self.address)] = listen_kv(transport, "127.0.0.1")
+        self.socks, self.shells, self.threads = [], [], []
+        for engine, listeners in ((prefill, []), (decode, [listener])):
+            ours, theirs = socket.socketpair()
+            shell = TEShell(theirs, engine, listeners)
+            self.socks.append(ours)
+            self.shells.append(shell)
+            self.threads.append(threading.Thread(target=shell.run, daemon=True))
+        self.bufs = [bytearray(), bytearray()]
+        self.n = 0
+        for t in self.threads:
             t.start()
-            head = KVHeader(seq.request_id, seq.token_ids, 0, prefill.runner.kv_shape(len(seq.block_ids)),
-                            dtype_name(prefill.dtype))
-            sender.send(address, head, lambda out, layer: prefill.runner.read_kv(seq.block_ids, out, layer), 10)
-            t.join()
-            prefill.release(seq)
-    sender.close()
+
+    def __enter__(self) -> "PDPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sock, t, shell in zip(self.socks, self.threads, self.shells):
+            sock.sendall(pack(Stop()))
+            t.join(30)
+            assert not t.is_alive()
+            sock.close()
+            shell.sock.close()
+        for listener in self.shells[1].kv_listeners:
+            listener.close()
+        if exc[0] is None:
+            for engine in self.engines:
+                assert_no_leak(engine)
+
+    def run(self, prompts, params, kv_skip: int | list[int] = 0) -> tuple[list[list[int]], list[Step]]:
+        """Each prompt's tokens (the first from the prefill TE, the rest from the decode TE),
+        and the prefill TE's `Step` that reported its handoff."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        skips = kv_skip if isinstance(kv_skip, list) else [kv_skip] * len(prompts)
+        rids = [f"r{self.n + i}" for i in range(len(prompts))]
+        self.n += len(prompts)
+        for rid, p, sp in zip(rids, prompts, params):  # the decode TE hears first, as from the cluster
+            self.socks[1].sendall(pack(Add(rid, p, sp, await_kv=True)))
+        for rid, p, sp, skip in zip(rids, prompts, params, skips):
+            self.socks[0].sendall(pack(Add(rid, p, sp, kv_to=self.address, kv_rid=rid, kv_skip=skip)))
+        tokens = {rid: [] for rid in rids}
+        handoffs, open_ = {}, {rid: 2 for rid in rids}  # each waits for its prefill's and its decode's end
+        deadline = time.monotonic() + 120
+        while any(open_.values()):
+            assert time.monotonic() < deadline, f"stuck: {open_}"
+            ready, _, _ = select.select(self.socks, [], [], 1)
+            for side, sock in enumerate(self.socks):
+                if sock not in ready:
+                    continue
+                self.bufs[side] += sock.recv(1 << 20)
+                for step in unpack_frames(self.bufs[side]):
+                    for out in step.outs:
+                        if out.rid not in tokens:
+                            continue  # another request of the engine's (a test's own)
+                        assert out.finish is not FinishReason.ERROR, step.error
+                        tokens[out.rid] += out.token_ids
+                        if out.finish is FinishReason.HANDOFF:
+                            handoffs[out.rid] = step
+                        if out.finish is not None:
+                            open_[out.rid] -= 1
+                        if side == 0 and out.finish in (FinishReason.STOP, FinishReason.LENGTH):
+                            self.socks[1].sendall(pack(Abort([out.rid])))  # ended at its first token
+                            open_[out.rid] -= 1
+        return [tokens[rid] for rid in rids], [handoffs.get(rid) for rid in rids]
 
 
 def disaggregated(prefill, decode, prompts, params, transport="unix") -> list[list[int]]:
     """Each prompt's tokens: the first from `prefill`, the rest from `decode`."""
-    params = params if isinstance(params, list) else [params] * len(prompts)
-    firsts = {}
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        prefill.add_request(f"r{i}", p, sp, handoff=True)
-    while prefill.has_work():
-        for o in prefill.step():
-            assert o.finish is None
-            firsts[o.rid] = o.token_ids
-    transfer(prefill, decode, transport)
-    assert_no_leak(prefill)
-    rest = {f"r{i}": [] for i in range(len(prompts))}
-    while decode.has_work():
-        for o in decode.step():
-            rest.get(o.rid, []).extend(o.token_ids)
-    assert_no_leak(decode)
-    return [firsts[f"r{i}"] + rest[f"r{i}"] for i in range(len(prompts))]
+    with PDPair(prefill, decode, transport) as pair:
+        return pair.run(prompts, params)[0]
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_disaggregated_tokens_equal_colocated(model_path, weights, transport):
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_disaggregated_tokens_equal_colocated(model_path, weights, transport, layerwise):
     prompts = random_prompts(4, 20, 200, seed=3)
     colocated = make_engine(model_path, weights).generate(prompts, GREEDY)
-    prefill, decode = make_engine(model_path, weights), make_engine(model_path, weights)
+    prefill, decode = make_engine(model_path, weights, kv_layerwise=layerwise), make_engine(model_path, weights)
     assert disaggregated(prefill, decode, prompts, GREEDY, transport) == colocated
 
 
@@ -94,11 +135,14 @@ def test_decode_engine_without_free_blocks_recomputes_the_prompt(model_path, wei
     prompts = random_prompts(2, 100, 160, seed=9)
     colocated = make_engine(model_path, weights).generate(prompts, GREEDY)
     prefill, decode = make_engine(model_path, weights), make_engine(model_path, weights, num_kv_blocks=24)
-    hog = [1] * (16 * 20)  # holds 20 of the decode engine's 24 blocks until it finishes
-    decode.add_request("hog", hog, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    hog = [1] * (16 * 18)  # holds 18 of the decode engine's 24 blocks, then all 24, for 96 steps
+    decode.add_request("hog", hog, SamplingParams(temperature=0, max_tokens=96, ignore_eos=True))
     decode.step()
-    assert decode.rtc.num_free < 11  # too few for either prompt's KV
+    assert decode.rtc.num_free < 9  # too few for either prompt's KV (9 and 10 blocks)
+    admitted, admit = [], decode.batcher.admit_prefilled
+    decode.batcher.admit_prefilled = lambda seq: admitted.append(admit(seq)) or admitted[-1]
     assert disaggregated(prefill, decode, prompts, GREEDY) == colocated
+    assert admitted == [False, False]  # both recomputed their prompts
 
 
 # ---------------------------------------------------------------------------- dist_sched's PD-aware step
@@ -186,7 +230,11 @@ def test_server_places_by_heatmap_with_identical_greedy_tokens(tmp_path):
         chunks = client.completions.create(model=None, prompt=prompt, max_tokens=12, temperature=0, stream=True,
                                            extra_body={"ignore_eos": True})
         assert "".join(c.choices[0].text for c in chunks) == short["choices"][0]["text"]
-        assert job_record(s)["placement"]["pd"]["choice"] == "disaggregated"
+        again = job_record(s)["placement"]
+        assert again["pd"]["choice"] == "disaggregated"
+        # the decode TE cached the prompt: only the blocks past what it holds were sent
+        assert again["decode"]["matched_tokens"] > 0 and rec["placement"]["decode"]["matched_tokens"] == 0
+        assert 0 < again["kv_transfer_bytes"] < rec["placement"]["kv_transfer_bytes"]
         # seeded sampling too: the generator's state travels with the KV
         short_seeded = completion(s, prompt, 12, **seeded)
         assert job_record(s)["placement"]["pd"]["choice"] == "disaggregated"
@@ -256,8 +304,8 @@ def test_cluster_shape_from_flags_and_toml(tmp_path):
 
     from deepflow import cluster_shape
     flags = dict(num_tes=1, prefill_tes=0, decode_tes=0, cluster=None, threads_per_te=0, device="cpu",
-                 async_scheduling=None, dtype="auto", kv_cache_gb=1.0, max_num_seqs=64, max_num_batched_tokens=512,
-                 max_model_len=0, kv_timeout_s=10.0)
+                 async_scheduling=None, dtype="auto", kv_cache_gb=1.0, dram_kv_gb=0.0, max_num_seqs=64,
+                 max_num_batched_tokens=512, max_model_len=0, kv_timeout_s=10.0, tensor_parallel_size=1)
     toml = tmp_path / "cluster.toml"
     toml.write_text("[colocated]\ninstances = 0\n[prefill]\ninstances = 1\n[decode]\ninstances = 2\nkv_cache_gb = 2.5\n")
     shape = cluster_shape(argparse.Namespace(**{**flags, "cluster": str(toml)}))

@@ -2,6 +2,7 @@
 TE's socket, DistFlow peers need the cluster's secret, and the JE's `StopStrings` cuts text
 exactly at a stop string."""
 import asyncio
+import select
 import socket
 import threading
 
@@ -124,4 +125,5 @@ def test_distflow_peers_without_the_cluster_secret_get_nothing_and_give_nothing(
     with listener, socket.create_connection(("127.0.0.1", int(kv_address.rsplit(":", 1)[1]))) as peer:
         peer.sendall(pack(KVHeader("r", [1], 0, [1], "float32", secret=b"guess")) + b"\0" * 4)
         with distflow.accept_kv(listener) as conn, pytest.raises(ConnectionError, match="secret"):
-            distflow.recv_kv(conn, 5)
+            select.select([conn], [], [], 5)
+            list(distflow.KVReceiver(conn).pump())
