@@ -48,10 +48,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     model = args.model or default_model_path()
     tok = Tokenizer.load(model)
-    engine = Engine(model, EngineConfig(device=args.device, dtype=args.dtype, num_threads=args.threads,
-                                        async_scheduling=args.async_scheduling,
-                                        tensor_parallel_size=args.tensor_parallel_size),
-                    fork_executors=True)  # a fresh interpreter that has computed nothing yet
+    cfg = EngineConfig(device=args.device, dtype=args.dtype, num_threads=args.threads,
+                       async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
+    check_tensor_parallel_sizes(model, {"colocated": (1, cfg)})
+    engine = Engine(model, cfg, fork_executors=True)  # a fresh interpreter that has computed nothing yet
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": args.prompt}]))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                             max_tokens=args.max_tokens)
@@ -331,7 +331,7 @@ def check_tensor_parallel_sizes(model: str, shape: dict[str, tuple[int, EngineCo
             try:
                 check_tensor_parallel(model_cfg, size)
             except ValueError as e:
-                raise SystemExit(f"cannot serve: {e}") from None
+                raise SystemExit(f"cannot run: {e}") from None
 
 
 def load_heatmap(args: argparse.Namespace, shape: dict[str, tuple[int, EngineConfig]]) -> Heatmap | None:
