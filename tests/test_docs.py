@@ -127,9 +127,12 @@ def bad_flags(scope: str, last_script: str | None) -> list[str]:
                 or re.fullmatch(r"(bench|tests)/\w+\.(py|sh)", tok):
             program = Path(tok).name if not tok.startswith(("bench/", "tests/")) else tok
         elif re.fullmatch(r"--[a-z][\w-]*(=.*)?", tok) and program not in OUTSIDE_PROGRAMS:  # not an --arrow->
-            known = flags[None] | script_flags(last_script) if program is None \
-                else flags.get(program, flags[None]) if program in flags or program == "deepflow.py" \
-                else script_flags(program)
+            if program is None:
+                known = flags[None] | script_flags(last_script)
+            elif program.startswith(("bench/", "tests/")):
+                known = script_flags(program)
+            else:  # a deepflow.py subcommand, or deepflow.py before one
+                known = flags.get(program, flags[None])
             if tok.split("=")[0] not in known | OUTSIDE.keys():
                 bad.append(f"{tok.split('=')[0]} (for {program or 'deepflow.py'})")
     return bad
