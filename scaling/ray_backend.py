@@ -42,14 +42,11 @@ POLL_S = 1.0
 
 
 class HostPool(Protocol):
-    """What the backend tells the cluster, and asks it."""
-
+    """What the backend tells the cluster (hosts come and go), and asks it (a running TE's
+    DistFlow weights address, if any, for a host whose DRAM lacks the weights)."""
     def add_host(self, host: Host) -> None: ...
-
     def remove_host(self, host: Host, why: str) -> None: ...
-
-    def donor(self) -> str | None:
-        """A running TE's DistFlow weights address, if any."""
+    def donor(self) -> str | None: ...
 
 
 class TEListener:

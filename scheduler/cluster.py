@@ -69,10 +69,8 @@ class Cluster:
         every TE serves its weights (DistFlow) to hosts that lack them. `place_timeout_s`: a
         task that no TE takes within it fails with 503."""
         self.model_path = model_path
-        # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
-        # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
-        # the warm template, which maps that cache once.
-        # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
+        # cold: every TE reads the model file; preloaded, fork: a pre-warmed TE or the warm
+        # template maps the loading-optimized cache; peer: weights from a running TE (DistFlow).
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
         self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold",
                                        serve_weights=start_mode == "peer" or weights_donors,
@@ -302,9 +300,9 @@ class Cluster:
     def pd_aware(self, task: Task) -> str:
         """Algorithm 1, first step (dist_sched): the group whose queue the task waits in. The
         decode length is predicted only where the heatmap is asked."""
-        group, why = dist_sched.pd_group(self.target, task.cache_id and self.cache_group(), bool(self.heatmap)) \
-            or dist_sched.pd_aware(len(task.prompt_ids), self.predictor.predict(task.prompt_ids, task.params.max_tokens),
-                                   self.heatmap)
+        fixed = dist_sched.pd_group(self.target, task.cache_id and self.cache_group(), self.heatmap is not None)
+        group, why = fixed or dist_sched.pd_aware(
+            len(task.prompt_ids), self.predictor.predict(task.prompt_ids, task.params.max_tokens), self.heatmap)
         task.placement = {"pd": why}
         return group
 
@@ -375,25 +373,23 @@ class Cluster:
         for group, queue in self.pending.items():
             while queue and now - queue[0].t_queued > self.place_timeout_s:
                 queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, status=503, error=(
-                    f"no {group} TE became free within {self.place_timeout_s:g} s: {self.why_full(group)}")))
+                    f"no {group} TE became free within {self.place_timeout_s:g} s: {self._why_waiting(group)}")))
 
-    def why_full(self, group: str) -> str:
-        """What keeps `group`'s tasks waiting (for a PD task, the decode group's state too)."""
-        says = []
-        for g in ("prefill", "decode") if group == "prefill" else (group,):
-            live, ready = self.live(g), self.ready_tes(g)
-            if ready:
-                says.append(f"the {g} group's {len(ready)} ready TE(s) are busy")
-            elif live:
-                says.append(f"the {g} group's {len(live)} TE(s) are still starting")
-            elif self.room(g):
-                says.append(f"the {g} group has 0 TEs (its target is {self.target[g]})")
-            else:
-                says.append(f"the {g} group has 0 TEs and cannot grow ({self.target_beyond_room(g, 1)})")
-        return "; ".join(says)
+    def _why_waiting(self, group: str) -> str:
+        """What keeps `group`'s tasks waiting (for a PD task, the decode group too)."""
+        def why(g: str) -> str:
+            if ready := self.ready_tes(g):
+                return f"the {g} group's {len(ready)} ready TE(s) are busy"
+            if live := self.live(g):
+                return f"the {g} group's {len(live)} TE(s) are still starting"
+            if self.room(g):
+                return f"the {g} group has 0 TEs (its target is {self.target[g]})"
+            return f"the {g} group has 0 TEs and cannot grow ({self.target_beyond_room(g, 1)})"
+        return "; ".join(map(why, ("prefill", "decode") if group == "prefill" else (group,)))
 
     def resubmit(self, task: Task) -> None:
-        """Place a task again after its TE died (held until the refill if no TE is left)."""
+        """Place a task again after its TE died (held until the refill if no TE is left, at
+        most `place_timeout_s`)."""
         if self.closing:
             raise Overloaded("server is shutting down")
         task.retries += 1
@@ -419,10 +415,7 @@ class Cluster:
 
     def pin_dropped(self, cache_id: str, te_id: str) -> None:
         """`te_id` holds the context no more (its build failed, or the TE is gone)."""
-        holders = self.id_index.get(cache_id, set())
-        holders.discard(te_id)
-        if not holders:
-            self.id_index.pop(cache_id, None)
+        self.id_index.get(cache_id, set()).discard(te_id)
 
     def unpin(self, cache_id: str) -> None:
         """The context is deleted or expired: its TEs unpin it."""

@@ -5,14 +5,12 @@
         if TEs are load-balanced: locality_aware    # the longest cached prefix wins
         else:                     load_aware        # the least loaded wins
 
-The cluster (scheduler/cluster.py) keeps the state and acts: it feeds each group's
-`PromptTree` from its TEs' steps, and for each task hands these functions plain values
-(TE ids, their loads, the prompt tokens each one caches, a context cache's holders, the
-heatmap and a predicted decode length) and gets back a choice and the reason it records in
-the task's placement (`/admin/cluster`): the group the task waits in (`pd_group` where
-there is nothing to choose, else `pd_aware`), the TE that runs it (`choose_te`), and for a
-disaggregated task the decode TE that takes its KV (`decode_candidates`, then
-`choose_te`). No sockets, no asyncio, no TE handles.
+The cluster (scheduler/cluster.py) keeps the state, feeding each group's `PromptTree`
+from its TEs' steps; for each task it hands these functions plain values (TE ids, loads,
+cached prompt tokens, a context cache's holders, the heatmap, a predicted decode length)
+and acts on the choice, recording the reason in the task's placement: the group it waits
+in (`pd_group`, else `pd_aware`), its TE (`choose_te`), and for a disaggregated task the
+decode TE that takes its KV (`decode_candidates`, then `choose_te`).
 """
 from flowserve.rtc import prefix_blocks
 from scheduler.pd_policy import Heatmap
@@ -20,13 +18,11 @@ from scheduler.pd_policy import Heatmap
 class PromptTree:
     """The global prompt tree of one TE group: which TE holds which prompt prefix.
 
-    Each TE's RTC indexes full KV blocks by a chain hash (`flowserve.rtc.chain_hash`): a
-    block's hash covers its tokens and, through its parent's hash, every token before it. A
-    chain hash therefore names one node of a radix tree over token ids at block granularity,
-    and a map from chain hash to the TEs holding that block *is* that tree, stored flat. TEs
-    report the blocks they index and evict with every step (`Stats.cached`, `Stats.evicted`
-    in `flowserve/protocol.py`), so the tree mirrors their caches without asking them.
-    `matched_tokens` walks a prompt with the RTC's own `prefix_blocks`.
+    Each TE's RTC indexes full KV blocks by a chain hash (`flowserve.rtc.chain_hash`), which
+    covers a block's tokens and, through its parent's hash, every token before it: it names
+    one node of a radix tree over token ids, and a map from chain hash to the TEs holding
+    that block *is* that tree, stored flat. TEs report the blocks they index and evict with
+    every step (`Stats.cached`, `Stats.evicted`), so the tree mirrors their caches.
     """
 
     def __init__(self, block_size: int):
@@ -64,10 +60,9 @@ def _pd(group: str, **why) -> dict:
 
 
 def pd_group(targets: dict[str, int], cache_group: str | None, has_heatmap: bool) -> tuple[str, dict] | None:
-    """The group a task waits in when there is nothing to choose: its context cache's
-    (`cache_group`), or the only kind of TE the cluster has (`targets`: each group's size;
-    a PD task waits in "prefill"), or colocated when the cluster has both kinds but no
-    heatmap. None when the heatmap decides (`pd_aware`)."""
+    """The group a task waits in when there is nothing to choose: its context cache's, the
+    only kind of TE the cluster has (`targets`: group sizes; PD tasks wait in "prefill"), or
+    colocated where both kinds lack a heatmap. None: the heatmap decides (`pd_aware`)."""
     if cache_group:
         return cache_group, _pd(cache_group, why="context cache")
     has_pd = targets["prefill"] > 0 and targets["decode"] > 0
@@ -78,9 +73,8 @@ def pd_group(targets: dict[str, int], cache_group: str | None, has_heatmap: bool
 
 
 def pd_aware(prompt_len: int, predicted_output: int, heatmap: Heatmap) -> tuple[str, dict]:
-    """Algorithm 1, first step: colocated or disaggregated, whichever was faster in the
-    heatmap's cell at the prompt length and the predicted decode length. Returns the group
-    the task waits in ("colocated" or "prefill") and why."""
+    """Algorithm 1, first step: colocated or disaggregated ("prefill"), whichever was faster
+    in the heatmap's cell at the prompt length and the predicted decode length."""
     disagg, cell = heatmap.choose(prompt_len, predicted_output)
     group = "prefill" if disagg else "colocated"
     return group, _pd(group, predicted_output=predicted_output, **cell)
@@ -93,16 +87,15 @@ def _least_loaded(ids: list[str], loads: dict[str, int]) -> list[str]:
 
 def choose_te(free: dict[str, int], loads: dict[str, int], matched: dict[str, int], policy: str,
               imbalance: int, turn: int, holders: set[str] = frozenset()) -> tuple[str, dict]:
-    """Algorithm 1, the TE within a group. `free`: the TEs with a free batch slot, and
-    their loads (tasks on them); `loads`: every ready TE of the group; `matched`: the
-    prompt tokens each free TE caches (empty where there is no prompt to compute: decode
-    TEs); `holders`: the TEs that pin the task's context cache; `turn`: a round-robin count.
+    """Algorithm 1, the TE within a group. `free`: the TEs with a free batch slot and their
+    loads (tasks); `loads`: every ready TE of the group; `matched`: the prompt tokens each
+    free TE caches (empty for decode TEs: no prompt to compute); `holders`: the TEs that pin
+    the task's context cache; `turn`: a round-robin count.
 
-    A holder of the context cache first (MatchByID there beats any prefix elsewhere). Then,
-    while loads are balanced (the spread of `loads` is at most `imbalance`), the longest
-    cached prefix (locality-aware); else the least loaded (load-aware). Ties: the least
-    loaded, then round-robin. `policy` "load" (never locality) and "rr" are the baselines.
-    Returns the TE's id and why."""
+    A holder of the context cache first (MatchByID there beats any prefix). Then, while the
+    spread of `loads` is at most `imbalance`, the longest cached prefix (locality-aware);
+    else the least loaded (load-aware). Ties: least loaded, then round-robin. `policy`
+    "load" and "rr" are the baselines."""
     if held := [te for te in free if te in holders]:
         return _least_loaded(held, free)[0], {"policy": "context_cache", "loads": loads}
     ids = list(free)
@@ -120,11 +113,10 @@ def choose_te(free: dict[str, int], loads: dict[str, int], matched: dict[str, in
 
 
 def decode_candidates(free: dict[str, int], same_host: set[str], matched: dict[str, int]) -> tuple[list[str], int]:
-    """A disaggregated task's decode TEs to choose from, of `free` (id -> load): those on
-    the prefill TE's host (`same_host`) if any is free there (its KV then moves through
-    shared memory, not TCP); of those the least loaded; of those the ones whose cache holds
-    the longest prefix of the prompt (`matched`, the decode group's prompt tree). Also that
-    length in tokens: the prefill TE sends only the blocks past it."""
+    """A disaggregated task's decode TEs to choose from, of `free` (id -> load): on the
+    prefill TE's host (`same_host`) if any is free there (KV through shared memory, not
+    TCP); of those the least loaded; of those the ones caching the longest prefix of the
+    prompt (`matched`), and that length: the prefill TE sends only the blocks past it."""
     ids = _least_loaded([te for te in free if te in same_host] or list(free), free)
     best = max(matched.get(te, 0) for te in ids)
     return [te for te in ids if matched.get(te, 0) == best], best

@@ -36,16 +36,11 @@ class TEState(str, Enum):
 
 
 class TEObserver(Protocol):
-    """What a TE handle reports to."""
-
-    def on_step(self, te: "TEHandle") -> None:
-        """A step came: its stats (prefix-cache changes included) are new; a slot may be free."""
-
-    def on_free(self, te: "TEHandle") -> None:
-        """Tasks left it before finishing (aborted): their slots are free."""
-
-    def on_death(self, te: "TEHandle") -> None:
-        """It died, or was given up: its tasks have their error events."""
+    """What a TE handle reports to: each step (new stats, prefix-cache changes included; a
+    slot may be free), aborted tasks (free slots), its death (its tasks have their errors)."""
+    def on_step(self, te: "TEHandle") -> None: ...
+    def on_free(self, te: "TEHandle") -> None: ...
+    def on_death(self, te: "TEHandle") -> None: ...
 
 
 class TEHandle:
