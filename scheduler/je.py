@@ -203,7 +203,7 @@ class JobExecutor:
                 continue
             if ev.finish_reason is FinishReason.ERROR:
                 task.state = State.FAILED
-                out.put_nowait(APIError(ev.status, ev.error or "engine error"))
+                out.put_nowait(APIError(503 if ev.engine_lost else ev.status, ev.error or "engine error"))
                 return
             if ev.token_ids and task.t_first_token is None:
                 task.t_first_token = time.monotonic()

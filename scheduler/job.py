@@ -40,7 +40,7 @@ class TaskEvent:
     num_cached: int = 0
     error: str | None = None
     engine_lost: bool = False  # a TE died or a KV transfer failed: the task may be placed again if it sent nothing yet
-    status: int = 400          # the HTTP status of an error
+    status: int = 400          # an error's HTTP status (503 where engine_lost)
 
 
 @dataclass

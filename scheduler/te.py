@@ -137,8 +137,7 @@ class TEHandle:
                 continue
             # an error on a prefill TE: the KV transfer failed, not the request
             lost = out.finish is FinishReason.ERROR and task.decode is not None
-            task.events.put_nowait(TaskEvent(out.token_ids, out.finish, out.num_cached, msg.error, engine_lost=lost,
-                                             status=503 if lost else 400))
+            task.events.put_nowait(TaskEvent(out.token_ids, out.finish, out.num_cached, msg.error, engine_lost=lost))
         self.observer.on_step(self)
 
     def _on_exit(self, why: str = "stopped") -> None:
@@ -148,7 +147,7 @@ class TEHandle:
         self.state = TEState.DEAD
         for task in self.tasks.values():
             task.events.put_nowait(TaskEvent([], FinishReason.ERROR, error=f"engine {self.id} {why}",
-                                             engine_lost=True, status=503))
+                                             engine_lost=True))
         self.tasks.clear()
         if was is not TEState.DRAINING:
             log.error("TE %s (pid %s) on %s %s", self.id, self.pid, self.host.name, why)
