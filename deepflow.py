@@ -31,6 +31,7 @@ from flowserve.config import EngineConfig, cache_dir, check_tensor_parallel, def
 from flowserve.protocol import SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
+from scaling.node import local_host
 from scheduler.caches import ContextCaches
 from scheduler.cluster import GROUPS, Cluster, NoRoom
 from scheduler.je import JobExecutor
@@ -405,17 +406,19 @@ async def serve(args: argparse.Namespace) -> None:
     heatmap = load_heatmap(args, shape)
     tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
     ray = args.backend == "ray"
-    cluster = Cluster(model, shape, max_queued=args.max_queued, start_mode=args.start_mode,
-                      prewarmed=args.prewarmed, policy=args.policy, imbalance=args.imbalance,
+    # The local backend is this host; Ray hosts join as the backend finds them.
+    hosts = [] if ray else [local_host(model, args.start_mode, args.prewarmed, shape["colocated"][1])]
+    cluster = Cluster(model, shape, hosts, max_queued=args.max_queued, start_mode=args.start_mode,
+                      policy=args.policy, imbalance=args.imbalance,
                       kv_transport="unix,tcp" if ray else args.kv_transport, heatmap=heatmap,
-                      hosts=[] if ray else None, threads_per_te=args.threads_per_te,
-                      health_timeout_s=args.health_timeout_s, weights_donors=ray)
+                      threads_per_te=args.threads_per_te, health_timeout_s=args.health_timeout_s, weights_donors=ray)
     shutdown = Shutdown()
     backend = None
     try:
         if ray:  # imported here only: the default path never loads Ray
             from scaling.ray_backend import RayBackend
-            backend = RayBackend(cluster, args.ray_address, model, args.prewarmed)
+            backend = RayBackend(cluster, args.ray_address, model, args.start_mode, args.prewarmed, shape["colocated"][1],
+                                 args.health_timeout_s)
             await backend.start()
             shutdown.install()
         await cluster.start()

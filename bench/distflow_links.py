@@ -39,7 +39,7 @@ from flowserve.distflow import KVReceiver, accept_kv, dial_kv, listen_kv  # noqa
 from flowserve.protocol import (  # noqa: E402
     Add, FinishReason, KVAck, KVHeader, KVTrailer, Ready, SamplingParams, Step, Stop, encode_config, expect, pack,
     recv_frame, unpack_frames)
-from scheduler.cluster import PromptTree  # noqa: E402
+from scheduler.dist_sched import PromptTree  # noqa: E402
 
 SHAPE = [1, 2, 1, 1, 16, 64]  # one layer, one block of one head: 8 KiB, so the set-up dominates
 

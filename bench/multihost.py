@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))  # the warm cache
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from scheduler.cluster import weights_estimate  # noqa: E402
-from scheduler.hosts import GiB, te_bytes  # noqa: E402
+from scaling.hosts import GiB, te_bytes  # noqa: E402
 from tests.netns_cluster import NetnsCluster, can_create_namespaces  # noqa: E402
 from tests.server_util import Server, wait_until  # noqa: E402
 

@@ -19,6 +19,7 @@ msgspec decodes straight into the typed struct, checking every field, ~30x faste
 dataclasses + orjson on a step frame (bench/wire_frame.py). Never pickle: a socket is a
 trust boundary. Torch-free: the main process imports it too.
 """
+import asyncio
 import socket
 import struct
 from dataclasses import dataclass, field
@@ -358,6 +359,20 @@ def recv_frame(sock: socket.socket, buf: bytearray) -> Message | None:
     if isinstance(msgs[0], BadFrame):
         raise msgs[0]
     return msgs[0]
+
+
+async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | None:
+    """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
+    while True:
+        msgs = unpack_frames(buf, 1)
+        if msgs:
+            if isinstance(msgs[0], BadFrame):
+                raise msgs[0]
+            return msgs[0]
+        data = await reader.read(1 << 20)
+        if not data:
+            return None
+        buf += data
 
 
 def expect(msg: Message | None, kind: type) -> Message | None:

@@ -3,8 +3,8 @@ agent on another host); neither imports torch.
 
 `spawn_te_shell` starts `python -m flowserve.te_shell` on a given socket, with a model (a
 cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`);
-`next_frame` reads the one frame such a process sends before it serves (`Prewarmed` or
-`Ready`). `TemplateHandle` is the other way in: it starts the warm template
+`flowserve.protocol.next_frame` reads the one frame such a process sends before it serves
+(`Prewarmed` or `Ready`). `TemplateHandle` is the other way in: it starts the warm template
 (`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
 (its TEs are separate processes and keep serving). The socket is a socketpair's end on the
 main process's host, or a TCP connection to the main process on another host.
@@ -18,8 +18,7 @@ import threading
 from dataclasses import dataclass
 
 from flowserve.config import EngineConfig
-from flowserve.protocol import BadFrame, Fork, Forked, Message, TemplateReady, encode_config, expect, pack, \
-    recv_frame, unpack_frames
+from flowserve.protocol import Fork, Forked, TemplateReady, encode_config, expect, pack, recv_frame
 
 log = logging.getLogger("deepflow.launch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,20 +51,6 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path:
         "--engine-config", encode_config(engine_cfg),
         "--log-level", _log_level(), pass_fds=[te_sock.fileno()], env={**os.environ, **(env or {})}, cwd=ROOT,
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
-
-
-async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | None:
-    """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
-    while True:
-        msgs = unpack_frames(buf, 1)
-        if msgs:
-            if isinstance(msgs[0], BadFrame):
-                raise msgs[0]
-            return msgs[0]
-        data = await reader.read(1 << 20)
-        if not data:
-            return None
-        buf += data
 
 
 class TemplateHandle:

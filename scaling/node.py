@@ -6,6 +6,7 @@ it dies); a pre-warmed process from the pool (`scaling/prewarm.py`) told to `Loa
 the mmap'ed cache (`preloaded`) or streamed from a running TE (`peer`); or a fresh
 interpreter (`cold`, and the fallback while the template is down or the pool is empty).
 `scaling/node_agent.py` is the same role on a Ray node, where the TE's socket is TCP.
+`local_host` is this machine as a cluster's one host, with such a node agent.
 """
 import asyncio
 import logging
@@ -15,6 +16,7 @@ import socket
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import Load, pack
+from scaling.hosts import Host, probe, secret_env
 from scaling.launch import Launched, TemplateHandle, spawn_te_shell
 from scaling.prewarm import PrewarmPool
 
@@ -79,3 +81,10 @@ class LocalNode:
     def to_dict(self) -> dict:
         return {"template_pid": self.template.proc.pid if self.template and self.template.alive else None,
                 "prewarmed_ready": len(self.pool.ready) if self.pool else 0}
+
+
+def local_host(model_path: str, start_mode: str = "fork", prewarmed: int = 1,
+               pool_cfg: EngineConfig | None = None) -> Host:
+    """This machine as a deployment's one host, its TEs sharing a new DistFlow secret."""
+    return Host("local", "127.0.0.1", **probe(),
+                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, secret_env()))

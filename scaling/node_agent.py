@@ -21,9 +21,9 @@ import socket
 
 from flowserve.config import weights_cache_path
 from flowserve.protocol import Hello, Load, decode_config, pack
+from scaling.hosts import probe
 from scaling.launch import TemplateHandle, spawn_te_shell
 from scaling.prewarm import PrewarmPool
-from scheduler.hosts import probe
 
 log = logging.getLogger("deepflow.node_agent")
 

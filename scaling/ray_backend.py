@@ -4,9 +4,10 @@ Ray is cluster plumbing here, nothing more: it finds the nodes, pins one node ag
 (`scaling/node_agent.py`) to each, and tells us when an agent dies. `RayBackend` polls
 `ray.nodes()`: a node that joins becomes a `Host` (its agent probed for cores and memory,
 its template started, from the model's cache or, when that host's DRAM holds no weights,
-streamed from a running TE: `Cluster.donor`; or its pre-warmed pool filled); a node that leaves, or an agent that fails
-its ping, takes its TEs with it (`Cluster.remove_host`) and the groups refill elsewhere.
-A host once lost is not taken back until its raylet re-registers (a new node id).
+streamed from a running TE: `HostPool.donor`; or its pre-warmed pool filled); a node that leaves, or an agent
+that fails its ping, takes its TEs with it (`HostPool.remove_host`) and the groups refill elsewhere.
+A host once lost is not taken back until its raylet re-registers (a new node id). The
+backend knows the cluster (scheduler/cluster.py) only as the `HostPool` it was given.
 
 TEs of every host connect back to `TEListener`, a TCP server on the main process's
 address. A connection counts only if its first frame is `Hello` with the TE's id and the
@@ -23,20 +24,29 @@ import os
 import secrets
 import socket
 import sys
+from typing import Protocol
 
 import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowserve.config import EngineConfig
-from flowserve.protocol import BadFrame, Hello, encode_config, expect
-from scaling.launch import ROOT, Launched, next_frame
+from flowserve.protocol import BadFrame, Hello, encode_config, expect, next_frame
+from scaling.hosts import Host, secret_env
+from scaling.launch import ROOT, Launched
 from scaling.node_agent import NodeAgent
-from scheduler.hosts import Host
 
 log = logging.getLogger("deepflow.ray")
 HELLO_TIMEOUT_S = 5
 POLL_S = 1.0
+
+
+class HostPool(Protocol):
+    """What the backend tells the cluster (hosts come and go), and asks it (a running TE's
+    DistFlow weights address, if any, for a host whose DRAM lacks the weights)."""
+    def add_host(self, host: Host) -> None: ...
+    def remove_host(self, host: Host, why: str) -> None: ...
+    def donor(self) -> str | None: ...
 
 
 class TEListener:
@@ -77,8 +87,8 @@ class TEListener:
 class RayNode:
     """The main process's handle on one node agent: the `node` of a Ray host."""
 
-    def __init__(self, node_id: str, agent, listener: TEListener, cluster):
-        self.node_id, self.agent, self.listener, self.cluster = node_id, agent, listener, cluster
+    def __init__(self, node_id: str, agent, listener: TEListener, pool: HostPool):
+        self.node_id, self.agent, self.listener, self.pool = node_id, agent, listener, pool
         self.info: dict = {}
         self.template_pid: int | None = None
         self.weights_from: str | None = None   # the donor TE its template took the weights from
@@ -86,7 +96,7 @@ class RayNode:
     async def start(self) -> None:
         """Start the host's template (from its DRAM cache, or streamed from a running TE) or
         its pool of pre-warmed TEs."""
-        self.weights_from = None if self.info["has_weights"] else self.cluster.donor()
+        self.weights_from = None if self.info["has_weights"] else self.pool.donor()
         self.template_pid = await self.agent.start.remote(self.weights_from)
         log.info("node agent on %s ready (template pid %s), weights from %s", self.info["address"],
                  self.template_pid, self.weights_from or "this host's cache or model file")
@@ -117,8 +127,13 @@ class RayNode:
 
 
 class RayBackend:
-    def __init__(self, cluster, address: str, model_path: str, prewarmed: int):
-        self.cluster, self.address, self.model_path, self.prewarmed = cluster, address, model_path, prewarmed
+    def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
+                 pool_cfg: EngineConfig, health_timeout_s: float):
+        """`pool`: where hosts go (the cluster); `start_mode`, `prewarmed`, `pool_cfg`: how each
+        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host."""
+        self.pool, self.address, self.model_path = pool, address, model_path
+        self.start_mode, self.prewarmed, self.pool_cfg = start_mode, prewarmed, pool_cfg
+        self.health_timeout_s, self.env = health_timeout_s, secret_env()
         self.listener: TEListener | None = None
         self.nodes: dict[str, Host] = {}
         self.lost: set[str] = set()
@@ -132,7 +147,7 @@ class RayBackend:
         await self.listener.start()
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
         await self.discover(start_nodes=False)  # the cluster starts the first hosts' agents itself
-        if not self.cluster.hosts:
+        if not self.nodes:
             raise RuntimeError("the Ray cluster has no live node")
         self.watchers = [asyncio.create_task(self.watch_agents()), asyncio.create_task(self.watch_nodes())]
 
@@ -150,9 +165,9 @@ class RayBackend:
         agent = ray.remote(NodeAgent).options(
             num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.model_path, sys.executable, self.cluster.te_env, self.cluster.start_mode, self.prewarmed,
-                 encode_config(self.cluster.engine_cfgs["colocated"]))
-        ray_node = RayNode(node_id, agent, self.listener, self.cluster)
+        ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
+                 encode_config(self.pool_cfg))
+        ray_node = RayNode(node_id, agent, self.listener, self.pool)
         try:
             ray_node.info = {**await agent.probe.remote(), "address": address}
             if start:
@@ -166,25 +181,25 @@ class RayBackend:
         name = address if address not in taken else f"{address}/{node_id[:6]}"
         host = Host(name, address, info["cores"], info["memory"], ray_node)
         self.nodes[node_id] = host
-        self.cluster.add_host(host)
+        self.pool.add_host(host)
 
     def _lose(self, node_id: str, why: str) -> None:
         host = self.nodes.pop(node_id)
         self.lost.add(node_id)
-        self.cluster.remove_host(host, why)
+        self.pool.remove_host(host, why)
         try:
             ray.kill(host.node.agent)
         except RayError:
             pass
 
     async def watch_agents(self) -> None:
-        """Each second, ping every agent: one that fails, or stays silent past the cluster's
+        """Each second, ping every agent: one that fails, or stays silent past the
         health bound, loses its host."""
         while True:
             await asyncio.sleep(POLL_S)
             hosts = list(self.nodes.items())
             answers = await asyncio.gather(
-                *(asyncio.wait_for(host.node.agent.ping.remote(), self.cluster.health_timeout_s) for _, host in hosts),
+                *(asyncio.wait_for(host.node.agent.ping.remote(), self.health_timeout_s) for _, host in hosts),
                 return_exceptions=True)
             for (node_id, _), answer in zip(hosts, answers):
                 if isinstance(answer, (RayError, TimeoutError)) and node_id in self.nodes:

@@ -2,35 +2,31 @@
 and Moonshot's context caching, in OpenAI style) and their lifetime on the TEs.
 
 `POST /v1/caches` names a context (chat messages, or a completion prompt); the JE tokenizes it
-(`JobExecutor.context_cache`) and `create` builds it on a TE: a one-token task whose
+(`JobExecutor.context_tokens`) and `create` builds it on a TE: a one-token task whose
 `Add.pin` has the TE's RTC pin the prompt's full KV blocks under the cache's id
 (`flowserve.rtc.RTC.pin`). The answer comes once those blocks are computed. The cluster's ID
-index (`Cluster.id_index`, next to the global prompt tree) records which TE holds which
-cache, so dist_sched sends a request carrying `cache_id` there, and that TE's RTC starts it
-from the pinned blocks (MatchByID).
+index (`Cluster.pin_started`, `Cluster.holders`, next to the global prompt tree) records
+which TE holds which cache, so dist_sched sends a request carrying `cache_id` there, and
+that TE's RTC starts it from the pinned blocks (MatchByID).
 
 A context lives until its TTL ends (`expire`, each second) or a DELETE: its TEs then unpin
-it, and its blocks fall back to ordinary prefix-cache blocks. A TE that dies or retires takes
-its pins along: the cluster reports the cache lost (`Cluster.on_cache_lost`), and it is built
-again from its stored tokens on another TE. What contexts pin is bounded per TE by a budget,
-a fraction of the TE's KV blocks: a context past it gets 507.
+it (`Cluster.unpin`), and its blocks fall back to ordinary prefix-cache blocks. A TE that
+dies or retires takes its pins along: a context no TE holds any more is lost, and the same
+once-a-second loop (`rebuild_lost`) builds it again from its stored tokens on another TE.
+What contexts pin is bounded per TE by a budget, a fraction of the TE's KV blocks: a
+context past it gets 507.
 """
-from __future__ import annotations
-
 import asyncio
 import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from flowserve.protocol import FinishReason, SamplingParams
-from scheduler.je import Overloaded, Task
+from scheduler.cluster import Cluster
+from scheduler.job import Overloaded, Task
 from scheduler.protocol import APIError, invalid
-
-if TYPE_CHECKING:
-    from scheduler.cluster import Cluster
-    from scheduler.te import TEHandle
+from scheduler.te import TEHandle
 
 log = logging.getLogger("deepflow.caches")
 
@@ -64,7 +60,6 @@ class ContextCaches:
         self.cluster, self.budget = cluster, budget
         self.caches: dict[str, ContextCache] = {}
         self._building: dict[str, int] = {}  # cache id -> blocks, while its first build runs
-        cluster.on_cache_lost = self._lost
 
     def get(self, cache_id: str, kind: str | None = None) -> ContextCache:
         """The live cache `cache_id` (404 if unknown or expired), for an endpoint of `kind`."""
@@ -105,11 +100,12 @@ class ContextCaches:
         while True:
             await asyncio.sleep(1.0)
             self.expire()
+            self.rebuild_lost()
 
     def pinned(self, te: TEHandle) -> int:
         """Blocks that contexts pin on `te` (or are being built to pin)."""
         return sum(self.caches[c].blocks if c in self.caches else self._building.get(c, 0)
-                   for c, tes in self.cluster.id_index.items() if te.id in tes)
+                   for c in self.cluster.pins_on(te.id))
 
     def _holder_for(self, cache: ContextCache) -> TEHandle:
         tes = self.cluster.ready_tes(self.cluster.cache_group())
@@ -132,14 +128,14 @@ class ContextCaches:
         task = Task(f"cache-{cache.id}", 0, cache.token_ids, SamplingParams(temperature=0, max_tokens=1,
                                                                            ignore_eos=True), pin=cache.id)
         self._building[cache.id] = cache.blocks
-        self.cluster.id_index.setdefault(cache.id, set()).add(te.id)  # its budget is taken from now on
+        self.cluster.pin_started(cache.id, te.id)
         try:
             te.submit(task)
             ev = await task.events.get()
         finally:
             self._building.pop(cache.id, None)
         if ev.finish_reason is FinishReason.ERROR:
-            self.cluster.id_index.get(cache.id, set()).discard(te.id)
+            self.cluster.pin_dropped(cache.id, te.id)
             if ev.engine_lost:
                 return False
             raise APIError(400, ev.error or "the TE refused the context")
@@ -150,18 +146,16 @@ class ContextCaches:
         self.caches.pop(cache.id, None)
         if cache.rebuilding:
             cache.rebuilding.cancel()
-        holders = self.cluster.id_index.pop(cache.id, set())
-        for te in self.cluster.tes:
-            if te.id in holders:
-                te.unpin([cache.id])
+        self.cluster.unpin(cache.id)
 
-    def _lost(self, cache_id: str) -> None:
-        """The last TE holding the context is gone: build it again elsewhere."""
-        cache = self.caches.get(cache_id)
-        if cache is None or self.cluster.closing or (cache.rebuilding and not cache.rebuilding.done()):
-            return
-        log.warning("context cache %s lost with its TE: rebuilding it", cache_id)
-        cache.rebuilding = asyncio.create_task(self._rebuild(cache))
+    def rebuild_lost(self) -> None:
+        """Build again, elsewhere, the contexts whose last TE is gone."""
+        for cache in self.caches.values():
+            if self.cluster.holders(cache.id) or self.cluster.closing or (
+                    cache.rebuilding and not cache.rebuilding.done()):
+                continue
+            log.warning("context cache %s lost with its TE: rebuilding it", cache.id)
+            cache.rebuilding = asyncio.create_task(self._rebuild(cache))
 
     async def _rebuild(self, cache: ContextCache) -> None:
         while self.caches.get(cache.id) is cache:
@@ -173,4 +167,4 @@ class ContextCaches:
             await asyncio.sleep(REBUILD_RETRY_S)
 
     def to_dict(self) -> list[dict]:
-        return [{**c.to_dict(), "holders": sorted(self.cluster.id_index.get(c.id, ()))} for c in self.caches.values()]
+        return [{**c.to_dict(), "holders": sorted(self.cluster.holders(c.id))} for c in self.caches.values()]

@@ -1,4 +1,4 @@
-"""The cluster as the main process sees it: TE groups, placement (dist_sched), admission, size.
+"""The cluster as the main process sees it: TE groups, placement, admission, size.
 
 A TE group is the TEs of one model in one mode: `colocated` TEs run whole jobs; a
 `prefill` TE runs prompts and first tokens and hands their KV to a `decode` TE, which
@@ -6,49 +6,43 @@ generates the rest (PD disaggregation; the KV moves TE to TE over DistFlow,
 `flowserve/distflow.py`). Each group has an engine config and a target size the
 autoscaler (`scaling/autoscaler.py`) or `POST /admin/scale` sets.
 
-The cluster spans hosts (`scheduler/hosts.py`): one for the local backend, one per Ray
-node with `--backend ray` (`scaling/ray_backend.py` adds and removes them). A new TE goes
-to the host with the fewest TEs among those where it fits (`add_te`; each TE's memory is
-known before it starts), and that host's node agent starts
-it: forked from the warm template (`scaling/template.py`), a pre-warmed process
-(`--start-mode preloaded|peer`, `scaling/prewarm.py`), or a fresh interpreter (`cold`).
-Each TE's threads are its host's cores divided among the host's TEs, re-balanced as TEs
-come and go. A heartbeat (`watch_health`) pings every TE each second; one silent past
-`health_timeout_s` (stopped, deadlocked, its host unreachable) is failed like a dead one.
+The cluster spans the hosts it is given (`scaling/hosts.py`): this one for the local
+backend (`deepflow.serve` builds it), one per Ray node with `--backend ray` (`scaling/
+ray_backend.py` adds and removes them). A new TE goes to the host with the fewest TEs among
+those where it fits (`add_te`; each TE's memory is known before it starts), and that
+host's node agent starts it: forked from the warm template (`scaling/template.py`), a
+pre-warmed process (`--start-mode preloaded|peer`, `scaling/prewarm.py`), or a fresh
+interpreter (`cold`). Each TE's threads are its host's cores divided among the host's TEs,
+re-balanced as TEs come and go. A heartbeat (`watch_health`) pings every TE each second;
+one silent past `health_timeout_s` (stopped, deadlocked, its host unreachable) is failed
+like a dead one.
 
-dist_sched is Algorithm 1 in two steps. At submit, the PD-aware step (`pd_aware`) picks
-the TE type: a cluster with both kinds asks the heatmap (`scheduler/pd_policy.py`) with
-the predicted decode length; the task then waits in that type's pending queue (PD tasks
-in `prefill`'s). `_place_pending` hands it to a TE with a free batch slot, chosen by
-`dist_sched`: locality-aware over the group's global prompt tree
-(`PromptTree`, below) while loads are balanced, else load-aware; a PD task also
-takes the least-loaded decode TE, on the prefill TE's host if one is free there (KV then
-moves through shared memory, not TCP), and of those the one whose cache holds the longest
-prefix of the prompt (the decode group's prompt tree): the prefill TE sends only the blocks
-past it (`kv_skip`). That reserves a decode slot for it before the prefill starts.
-A request on a context cache goes to a TE that pins it (the ID index, `id_index`, beside the
-prompt trees; scheduler/caches.py).
-A task that finds no free slot (the group is busy, at zero, or all its TEs died) waits
-until a slot frees or a TE joins. Admission control bounds the tasks held so an overload
-gets a fast 429 instead of an ever-growing queue. A TE that dies is replaced, and its
-tasks that had produced no token yet are placed again (`resubmit`), so their clients
-never notice.
+Placement is dist_sched (`scheduler/dist_sched.py`): the cluster hands it plain values and
+acts on its answers. At submit, `pd_aware` picks the group the task waits in (PD tasks
+wait in `prefill`'s queue). `_place_pending` hands it to a TE with a free batch slot,
+chosen over the group's global prompt tree (fed from the TEs' steps, `on_step`) and loads;
+a PD task also reserves a decode slot before its prefill starts. A request on a context
+cache goes to a TE that pins it: the cluster keeps the ID index (`pin_started`,
+`holders`, ...; scheduler/caches.py builds the contexts). A task that finds no free slot
+waits until one frees or a TE joins, at most `place_timeout_s`: then it ends with a 503
+that says why. Admission control bounds the tasks held so an overload gets a fast 429
+instead of an ever-growing queue. A TE that dies is replaced, and its tasks that had
+produced no token yet are placed again (`resubmit`), so their clients never notice.
 """
 import asyncio
 import itertools
 import logging
 import os
-import secrets
 import time
 from collections import deque
 from dataclasses import asdict, replace
 
 from flowserve.config import EngineConfig, weights_cache_path
 from flowserve.protocol import FinishReason
-from flowserve.rtc import prefix_blocks
-from scaling.node import LocalNode
-from scheduler.hosts import GiB, Host, probe, te_bytes
-from scheduler.je import Overloaded, Task, TaskEvent
+from scaling.hosts import GiB, Host, te_bytes
+from scheduler import dist_sched
+from scheduler.dist_sched import PromptTree
+from scheduler.job import Overloaded, Task, TaskEvent
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
 from scheduler.te import TEHandle, TEState
 
@@ -63,89 +57,40 @@ class NoRoom(RuntimeError):
     """No live host has the memory for another TE of a group."""
 
 
-class PromptTree:
-    """The global prompt tree: which TE holds which prompt prefix (PAPER.md section 3).
-
-    Each TE's RTC indexes full KV blocks by a chain hash (`flowserve.rtc.chain_hash`): a
-    block's hash covers its tokens and, through its parent's hash, every token before it. A
-    chain hash therefore names one node of a radix tree over token ids at block granularity,
-    and a map from chain hash to the TEs holding that block *is* that tree, stored flat. TEs
-    report the blocks they index and evict with every step (`Stats.cached`, `Stats.evicted`
-    in `flowserve/protocol.py`), so the tree mirrors their caches without asking them.
-    `dist_sched` asks it for the longest cached prefix of a prompt on each TE, walking the
-    prompt with the RTC's own `prefix_blocks`.
-    """
-
-    def __init__(self, block_size: int):
-        self.block_size = block_size
-        self.holders: dict[int, set[str]] = {}   # chain hash -> ids of the TEs that cache that block
-
-    def update(self, te_id: str, cached: list[int], evicted: list[int]) -> None:
-        for h in evicted:
-            tes = self.holders.get(h)
-            if tes:
-                tes.discard(te_id)
-                if not tes:
-                    del self.holders[h]
-        for h in cached:
-            self.holders.setdefault(h, set()).add(te_id)
-
-    def remove_te(self, te_id: str) -> None:
-        self.update(te_id, [], [h for h, tes in self.holders.items() if te_id in tes])
-
-    def matched_tokens(self, token_ids: list[int], te_ids: list[str]) -> dict[str, int]:
-        """For each TE, how many leading tokens of `token_ids` its RTC would reuse."""
-        matched = dict.fromkeys(te_ids, 0)
-        alive = set(te_ids)
-        for i, (h, _) in enumerate(prefix_blocks(token_ids, self.block_size)):
-            alive &= self.holders.get(h, set())
-            if not alive:
-                break
-            for te in alive:
-                matched[te] = (i + 1) * self.block_size
-        return matched
-
-
 class Cluster:
-    def __init__(self, model_path: str, groups: dict[str, tuple[int, EngineConfig]],
-                 max_queued: int = 256, env: dict | None = None, start_mode: str = "fork",
-                 prewarmed: int = 1, policy: str = "locality", imbalance: int = 4,
-                 kv_transport: str = "unix", heatmap: Heatmap | None = None, hosts: list[Host] | None = None,
-                 threads_per_te: int = 0, health_timeout_s: float = 10.0, weights_donors: bool = False):
+    def __init__(self, model_path: str, groups: dict[str, tuple[int, EngineConfig]], hosts: list[Host] | None = None,
+                 max_queued: int = 256, start_mode: str = "fork", policy: str = "locality", imbalance: int = 4,
+                 kv_transport: str = "unix", heatmap: Heatmap | None = None, threads_per_te: int = 0,
+                 health_timeout_s: float = 10.0, weights_donors: bool = False, place_timeout_s: float = 60.0):
         """`groups`: size and engine config of each of GROUPS (a missing one is empty).
-        `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory), tcp, or
-        unix,tcp (each pair takes unix on one host, tcp across). `hosts`: where TEs run; by
-        default this one, its node agent in-process. `threads_per_te`: fixed (0: cores / TEs).
-        `weights_donors`: every TE serves its weights (DistFlow) to hosts that lack them.
-        `env`: added to the environment of every TE process."""
+        `hosts`: where TEs run (more may join: `add_host`). `kv_transport`: how prefill TEs
+        send KV to decode TEs, unix (shared memory), tcp, or unix,tcp (each pair takes unix
+        on one host, tcp across). `threads_per_te`: fixed (0: cores / TEs). `weights_donors`:
+        every TE serves its weights (DistFlow) to hosts that lack them. `place_timeout_s`: a
+        task that no TE takes within it fails with 503."""
         self.model_path = model_path
-        # cold: every TE reads the model file; preloaded: a pre-warmed TE maps the loading-
-        # optimized cache (DRAM pre-loading: the pages stay in the page cache); fork: from
-        # the warm template, which maps that cache once.
-        # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
+        # cold: every TE reads the model file; preloaded, fork: a pre-warmed TE or the warm
+        # template maps the loading-optimized cache; peer: weights from a running TE (DistFlow).
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
         self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold",
                                        serve_weights=start_mode == "peer" or weights_donors,
                                        kv_listen=kv_transport if g == "decode" else "")
                             for g, (_, cfg) in groups.items()}
         self.max_queued, self.start_mode = max_queued, start_mode
-        # Every TE and template of this cluster inherits it; DistFlow peers must show it (flowserve/distflow.py).
-        self.te_env = {**(env or {}), "DEEPFLOW_DISTFLOW_SECRET": secrets.token_hex(32)}
-        self.hosts: list[Host] = hosts if hosts is not None else [
-            Host("local", "127.0.0.1", **probe(),
-                 node=LocalNode(model_path, start_mode, prewarmed, self.engine_cfgs["colocated"], self.te_env))]
+        self.hosts: list[Host] = list(hosts or ())
         self.threads_per_te, self.health_timeout_s = threads_per_te, health_timeout_s
+        self.place_timeout_s = place_timeout_s
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
         self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
         self.id_index: dict[str, set[str]] = {}  # context cache id -> ids of the TEs that pin it
-        self.on_cache_lost = None                # callback(cache id) when no TE holds a context any more
         self.policy, self.imbalance = policy, imbalance
-        self.heatmap, self.predictor = heatmap, DecodeLengthPredictor()
+        # The predictor learns only where the PD-aware step can ask it: beside a heatmap.
+        self.heatmap, self.predictor = heatmap, DecodeLengthPredictor() if heatmap else None
         self.weights_bytes = weights_estimate(model_path)  # corrected by the first TE's Ready
-        self._ids = itertools.count()
-        self._rr = itertools.count()
+        self._ids, self._rr = itertools.count(), itertools.count()
+        self._turns = {g: itertools.count() for g in GROUPS}  # round-robin, per group
         self.started = self.closing = False
         self.replacing = 0               # TEs being started to replace dead ones
         self._max_model_len = 0
@@ -253,10 +198,7 @@ class Cluster:
         host = self._place(group)
         cfg = replace(self.engine_cfgs[group], host=host.address,
                       num_threads=self.threads_per_te or host.threads_per_te(extra=1))
-        te = TEHandle(f"te-{next(self._ids)}", group, cfg, host, self.te_cost(group))
-        te.on_death = self._on_death
-        te.on_free = lambda te: self._place_pending(te.group)
-        te.tree = self.trees[group]
+        te = TEHandle(f"te-{next(self._ids)}", group, cfg, host, self.te_cost(group), observer=self)
         self.groups[group].append(te)
         host.tes.append(te)
         self.rebalance(host)
@@ -283,13 +225,20 @@ class Cluster:
             te.host.tes.remove(te)
             self.rebalance(te.host)
         self.trees[te.group].remove_te(te.id)
-        for cache_id, holders in list(self.id_index.items()):
-            if te.id in holders:
-                holders.discard(te.id)
-                if not holders and self.on_cache_lost:
-                    self.on_cache_lost(cache_id)
+        for cache_id in self.pins_on(te.id):  # its contexts are lost with it (caches.py rebuilds them)
+            self.pin_dropped(cache_id, te.id)
 
-    def _on_death(self, te: TEHandle) -> None:
+    # ------------------------------------------------------------------ what TE handles report (TEObserver)
+
+    def on_step(self, te: TEHandle) -> None:
+        self.trees[te.group].update(te.id, te.stats.cached, te.stats.evicted)
+        if te.load < te.engine_cfg.max_num_seqs:
+            self._place_pending(te.group)
+
+    def on_free(self, te: TEHandle) -> None:
+        self._place_pending(te.group)
+
+    def on_death(self, te: TEHandle) -> None:
         self._forget(te)
         if not self.closing and not te.retiring and len(self.live(te.group)) < self.target[te.group]:
             self._refill(te.group)
@@ -310,10 +259,12 @@ class Cluster:
 
     async def watch_health(self) -> None:
         """The heartbeat: ping every serving TE each second (it answers with its stats, and
-        any frame counts); fail one that stayed silent past `health_timeout_s`."""
+        any frame counts); fail one that stayed silent past `health_timeout_s`. And fail
+        the tasks that waited for a TE past `place_timeout_s`."""
         while not self.closing:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
+            self._expire_pending(now)
             for te in self.tes:
                 if te.state not in (TEState.READY, TEState.DRAINING):
                     continue
@@ -347,56 +298,23 @@ class Cluster:
         return self._max_model_len
 
     def pd_aware(self, task: Task) -> str:
-        """Algorithm 1, first step: run the task colocated or disaggregated? Returns the group
-        whose queue it waits in. Only a cluster with both kinds has a choice: the heatmap
-        decides, at the cell of the prompt length and the predicted decode length."""
-        if task.cache_id:  # where its context is pinned
-            group = self.cache_group()
-            task.placement = {"pd": {"choice": "disaggregated" if group == "prefill" else "colocated",
-                                     "why": "context cache"}}
-            return group
-        prompt_len = len(task.prompt_ids)
-        has_pd = self.target["prefill"] > 0 and self.target["decode"] > 0
-        if not (has_pd and self.target["colocated"] > 0):
-            task.placement = {"pd": {"choice": "disaggregated" if has_pd else "colocated", "why": "only kind"}}
-            return "prefill" if has_pd else "colocated"
-        predicted = self.predictor.predict(task.prompt_ids, task.params.max_tokens)
-        disagg, cell = self.heatmap.choose(prompt_len, predicted)
-        task.placement = {"pd": {"choice": "disaggregated" if disagg else "colocated",
-                                 "predicted_output": predicted, **cell}}
-        return "prefill" if disagg else "colocated"
+        """Algorithm 1, first step (dist_sched): the group whose queue the task waits in. The
+        decode length is predicted only where the heatmap is asked."""
+        fixed = dist_sched.pd_group(self.target, task.cache_id and self.cache_group(), self.heatmap is not None)
+        group, why = fixed or dist_sched.pd_aware(
+            len(task.prompt_ids), self.predictor.predict(task.prompt_ids, task.params.max_tokens), self.heatmap)
+        task.placement = {"pd": why}
+        return group
+
+    def learn_decode_lengths(self, tasks: list[Task]) -> None:
+        """Finished tasks teach the decode-length predictor, where there is one."""
+        for t in tasks if self.predictor else ():
+            self.predictor.observe(t.prompt_ids, t.num_output)
 
     def cache_group(self) -> str:
         """Where context caches are pinned, and their requests run: colocated TEs if the
         cluster has any, else prefill TEs."""
         return "colocated" if self.target["colocated"] else "prefill"
-
-    def dist_sched(self, task: Task, tes: list[TEHandle], group: str) -> tuple[TEHandle, dict]:
-        """Algorithm 1, the TE within a group: when loads are balanced, the TE holding the
-        longest prefix of the prompt (locality-aware); else the least loaded (load-aware).
-        Load = tasks on a TE; balanced = the spread of loads across the group's ready TEs is
-        at most `imbalance` tasks. Ties: least loaded, then round-robin. `--policy load|rr`
-        are the baselines. Decode TEs get no prompt to compute, so they go by load alone.
-        Returns the TE and why, for the task's placement record."""
-        loads = {te.id: te.load for te in self.ready_tes(group)}
-        holders = [te for te in tes if te.id in self.id_index.get(task.cache_id, ())]
-        if holders:  # MatchByID there beats any prefix elsewhere
-            te = min(holders, key=lambda te: te.load)
-            return te, {"policy": "context_cache", "cache_id": task.cache_id, "loads": loads}
-        if self.policy == "rr":
-            return tes[next(self._rr) % len(tes)], {"policy": "rr", "loads": loads}
-        balanced = max(loads.values()) - min(loads.values()) <= self.imbalance
-        locality = self.policy == "locality" and balanced and group != "decode"
-        matched = self.trees[group].matched_tokens(task.prompt_ids, [te.id for te in tes]) \
-            if group != "decode" else dict.fromkeys((te.id for te in tes), 0)
-        if locality:
-            best = max(matched.values())
-            tes = [te for te in tes if matched[te.id] == best]
-        least = min(te.load for te in tes)
-        tes = [te for te in tes if te.load == least]
-        te = tes[next(self._rr) % len(tes)]
-        return te, {"policy": "locality" if locality else "load", "balanced": balanced,
-                    "matched_tokens": matched[te.id], "loads": loads}
 
     def admit(self, num_tasks: int) -> None:
         """Refuse work past the bound: tasks beyond what the TEs run at once wait in queues.
@@ -409,8 +327,18 @@ class Cluster:
 
     def submit(self, task: Task) -> None:
         group = self.pd_aware(task)
+        task.t_queued = time.monotonic()
         self.pending[group].append(task)
         self._place_pending(group)
+
+    def _choose(self, task: Task, tes: list[TEHandle], group: str, locality: bool) -> tuple[TEHandle, dict]:
+        """dist_sched's TE of `tes` (free TEs of `group`) for `task`, and why."""
+        by_id = {te.id: te for te in tes}
+        matched = self.trees[group].matched_tokens(task.prompt_ids, list(by_id)) if locality else {}
+        te_id, why = dist_sched.choose_te({te.id: te.load for te in tes},
+                                          {te.id: te.load for te in self.ready_tes(group)}, matched, self.policy,
+                                          self.imbalance, next(self._turns[group]), self.holders(task.cache_id))
+        return by_id[te_id], why
 
     def _place_pending(self, group: str) -> None:
         """Hand held tasks to TEs with a free batch slot, oldest first. The rest wait here, not
@@ -424,33 +352,44 @@ class Cluster:
                 self.work_held.set()  # wakes the autoscaler now, not at its next tick
                 return
             task = queue.popleft()
-            te, why = self.dist_sched(task, free, group)
-            task.placement.update(why)
-            task.placement["host"] = te.host.name
-            if pd:  # a decode TE on the prefill TE's host if one is free: KV moves through shared memory
-                near = [d for d in free_decode if d.host is te.host] or free_decode
-                near, cached = self.decode_candidates(task, near)
-                decode_te, task.placement["decode"] = self.dist_sched(task, near, "decode")
-                task.placement["decode"].update(host=decode_te.host.name, matched_tokens=cached)
-                task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
-                decode_te.submit(task.decode)
-                te.submit(task, kv_to=decode_te.kv_addr_for(te.host),
-                          kv_skip=cached // self.engine_cfgs["decode"].block_size)
-            else:
+            te, why = self._choose(task, free, group, locality=True)
+            task.placement.update(why, host=te.host.name)
+            if not pd:
                 te.submit(task)
+                continue
+            ids, cached = dist_sched.decode_candidates(
+                {d.id: d.load for d in free_decode}, {d.id for d in free_decode if d.host is te.host},
+                self.trees["decode"].matched_tokens(task.prompt_ids, [d.id for d in free_decode]))
+            decode_te, task.placement["decode"] = self._choose(task, [d for d in free_decode if d.id in ids],
+                                                               "decode", locality=False)
+            task.placement["decode"].update(host=decode_te.host.name, matched_tokens=cached)
+            task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
+            decode_te.submit(task.decode)
+            te.submit(task, kv_to=decode_te.kv_addr_for(te.host),
+                      kv_skip=cached // self.engine_cfgs["decode"].block_size)
 
-    def decode_candidates(self, task: Task, tes: list[TEHandle]) -> tuple[list[TEHandle], int]:
-        """A PD task's decode TEs to choose from: the least loaded of `tes`, and of those the
-        ones whose RTC caches the longest prefix of the prompt (the decode group's prompt
-        tree); with that length in tokens: the prefill TE sends only the blocks past it."""
-        least = min(te.load for te in tes)
-        tes = [te for te in tes if te.load == least]
-        matched = self.trees["decode"].matched_tokens(task.prompt_ids, [te.id for te in tes])
-        best = max(matched.values())
-        return [te for te in tes if matched[te.id] == best], best
+    def _expire_pending(self, now: float) -> None:
+        """End the tasks that waited for a TE past `place_timeout_s` with a 503 and why."""
+        for group, queue in self.pending.items():
+            while queue and now - queue[0].t_queued > self.place_timeout_s:
+                queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, status=503, error=(
+                    f"no {group} TE became free within {self.place_timeout_s:g} s: {self._why_waiting(group)}")))
+
+    def _why_waiting(self, group: str) -> str:
+        """What keeps `group`'s tasks waiting (for a PD task, the decode group too)."""
+        def why(g: str) -> str:
+            if ready := self.ready_tes(g):
+                return f"the {g} group's {len(ready)} ready TE(s) are busy"
+            if live := self.live(g):
+                return f"the {g} group's {len(live)} TE(s) are still starting"
+            if self.room(g):
+                return f"the {g} group has 0 TEs (its target is {self.target[g]})"
+            return f"the {g} group has 0 TEs and cannot grow ({self.target_beyond_room(g, 1)})"
+        return "; ".join(map(why, ("prefill", "decode") if group == "prefill" else (group,)))
 
     def resubmit(self, task: Task) -> None:
-        """Place a task again after its TE died (held until the refill if no TE is left)."""
+        """Place a task again after its TE died (held until the refill if no TE is left, at
+        most `place_timeout_s`)."""
         if self.closing:
             raise Overloaded("server is shutting down")
         task.retries += 1
@@ -468,6 +407,29 @@ class Cluster:
         for te in self.tes:
             te.abort([t.id for t in tasks if t.te_id == te.id])
 
+    # ------------------------------------------------------------------ the ID index (context caches)
+
+    def pin_started(self, cache_id: str, te_id: str) -> None:
+        """A context's build on `te_id` began: its pinning budget there is taken from now on."""
+        self.id_index.setdefault(cache_id, set()).add(te_id)
+
+    def pin_dropped(self, cache_id: str, te_id: str) -> None:
+        """`te_id` holds the context no more (its build failed, or the TE is gone)."""
+        self.id_index.get(cache_id, set()).discard(te_id)
+
+    def unpin(self, cache_id: str) -> None:
+        """The context is deleted or expired: its TEs unpin it."""
+        holders = self.id_index.pop(cache_id, set())
+        for te in self.tes:
+            if te.id in holders:
+                te.unpin([cache_id])
+
+    def holders(self, cache_id: str | None) -> set[str]:
+        return self.id_index.get(cache_id, set())
+
+    def pins_on(self, te_id: str) -> list[str]:
+        return [c for c, holders in self.id_index.items() if te_id in holders]
+
     def healthy(self) -> bool:
         """False while a dead TE's replacement is starting, or a non-empty group has no TE ready."""
         return self.replacing == 0 and all(self.ready_tes(g) or not self.target[g] for g in self.groups)
@@ -478,7 +440,8 @@ class Cluster:
             t.cancel()
         for queue in self.pending.values():
             while queue:
-                queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, error="server is shutting down"))
+                queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, error="server is shutting down",
+                                                            status=503))
         await asyncio.gather(*(te.stop() for te in self.tes), return_exceptions=True)
         await asyncio.gather(*(host.node.stop() for host in self.hosts), return_exceptions=True)
 

@@ -1,11 +1,4 @@
-"""Request -> job -> task (PAPER.md section 1), and the job executors (JEs) that run them.
-
-An HTTP request triggers one Job (chat or completion). A Job is made of Tasks, one per
-choice (`n`). On a PD-colocated TE a task is the whole generation. Disaggregated, a choice
-is two tasks: the prefill task (prompt and first token, on a prefill TE) and its `decode`
-task (the rest, on a decode TE), which share one event queue, so the JE reads one stream
-of tokens either way. The states are explicit so `/admin/cluster` can show where every job
-is and where it ran.
+"""The job executors (JEs, PAPER.md section 1): an HTTP request in, its Job run, text out.
 
 The chat JE applies the chat template, the completion JE takes the prompt as is; both
 tokenize here in the main process (TEs see token ids only), put a context cache's context
@@ -16,20 +9,18 @@ with an incremental detokenizer and `StopStrings`; `stream` yields the resulting
 for the frontend to format. Whatever ends the job (finish, error, a client that went away),
 `close` aborts its unfinished tasks in their TEs.
 """
-from __future__ import annotations
-
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from flowserve.protocol import FinishReason, SamplingParams
 from flowserve.tokenizer import Detokenizer, Tokenizer
+from scheduler.caches import ContextCaches
+from scheduler.cluster import Cluster
+from scheduler.job import Job, Overloaded, State, Task
 from scheduler.metrics import Metrics
 from scheduler.protocol import (
     APIError,
@@ -40,85 +31,9 @@ from scheduler.protocol import (
     invalid,
 )
 
-if TYPE_CHECKING:  # the cluster and the context caches import this module for Task
-    from scheduler.caches import ContextCaches
-    from scheduler.cluster import Cluster
-
 log = logging.getLogger("deepflow.je")
 
 MAX_RETRIES = 2  # placements after a TE death, for a task that has sent no token yet
-
-
-class Overloaded(Exception):
-    """The cluster holds as much work as it may: the request gets a 429."""
-
-
-class State(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    ABORTED = "aborted"
-
-
-_ids = itertools.count()
-
-
-@dataclass
-class TaskEvent:
-    """What a TE reported for one task in one step."""
-    token_ids: list[int]
-    finish_reason: FinishReason | None
-    num_cached: int = 0
-    error: str | None = None
-    engine_lost: bool = False  # a TE died or a KV transfer failed: the task may be placed again if it sent nothing yet
-
-
-@dataclass
-class Task:
-    job_id: str
-    index: int                     # the choice index this task produces
-    prompt_ids: list[int]
-    params: SamplingParams
-    id: str = field(default_factory=lambda: f"task-{next(_ids)}")
-    state: State = State.QUEUED
-    te_id: str | None = None
-    retries: int = 0               # times it was placed again after its TE died
-    placement: dict = field(default_factory=dict)  # why dist_sched chose its TE
-    num_output: int = 0
-    num_cached: int = 0
-    finish_reason: FinishReason | None = None
-    t_first_token: float | None = None
-    t_done: float | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue, repr=False)
-    decode: "Task | None" = None   # disaggregated: the task that continues on a decode TE
-    cache_id: str | None = None    # its prompt starts with this context cache's
-    pin: str | None = None         # a context cache's build (scheduler/caches.py)
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
-                "decode_te": self.decode and self.decode.te_id,
-                "retries": self.retries, "placement": self.placement,
-                "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
-                "output_tokens": self.num_output, "finish_reason": self.finish_reason}
-
-
-@dataclass
-class Job:
-    kind: str                      # chat | completion
-    model: str
-    tasks: list[Task] = field(default_factory=list)
-    id: str = field(default_factory=lambda: f"job-{next(_ids)}")
-    state: State = State.QUEUED
-    created: float = field(default_factory=time.time)
-    t_arrival: float = field(default_factory=time.monotonic)
-    error: str | None = None
-    out: asyncio.Queue | None = field(default=None, repr=False)      # deltas from the JE's workers
-    workers: list[asyncio.Task] = field(default_factory=list, repr=False)
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "state": self.state.value, "created": self.created,
-                "error": self.error, "tasks": [t.to_dict() for t in self.tasks]}
 
 
 @dataclass
@@ -256,8 +171,7 @@ class JobExecutor:
                 yield item
             job.state = State.FINISHED
             self.metrics.job_done(job)
-            for t in job.tasks:  # what the PD-aware step learns decode lengths from
-                self.cluster.predictor.observe(t.prompt_ids, t.num_output)
+            self.cluster.learn_decode_lengths(job.tasks)
         except APIError as e:
             job.state, job.error = State.FAILED, e.message
             raise
@@ -289,7 +203,7 @@ class JobExecutor:
                 continue
             if ev.finish_reason is FinishReason.ERROR:
                 task.state = State.FAILED
-                out.put_nowait(APIError(503 if ev.engine_lost else 400, ev.error or "engine error"))
+                out.put_nowait(APIError(503 if ev.engine_lost else ev.status, ev.error or "engine error"))
                 return
             if ev.token_ids and task.t_first_token is None:
                 task.t_first_token = time.monotonic()

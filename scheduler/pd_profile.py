@@ -16,8 +16,9 @@ import time
 
 from flowserve.config import EngineConfig, default_model_path
 from flowserve.protocol import FinishReason, SamplingParams
+from scaling.node import local_host
 from scheduler.cluster import Cluster
-from scheduler.je import Task
+from scheduler.job import Task
 from scheduler.pd_policy import Heatmap
 
 
@@ -41,8 +42,9 @@ async def burst_jct_ms(cluster: Cluster, prompt_len: int, output_len: int, burst
 async def profile(args: argparse.Namespace) -> Heatmap:
     model = args.model or default_model_path()
     cfg = EngineConfig(kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len)
-    colocated = Cluster(model, {"colocated": (2, cfg)})  # two TEs either way: each gets half the cores
-    disagg = Cluster(model, {"prefill": (1, cfg), "decode": (1, cfg)}, kv_transport=args.kv_transport)
+    colocated = Cluster(model, {"colocated": (2, cfg)}, [local_host(model)])  # two TEs either way: half the cores each
+    disagg = Cluster(model, {"prefill": (1, cfg), "decode": (1, cfg)}, [local_host(model)],
+                     kv_transport=args.kv_transport)
     rng = random.Random(0)
     try:
         for c in (colocated, disagg):

@@ -18,8 +18,8 @@ import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
-if TYPE_CHECKING:  # the JE imports this module
-    from scheduler.je import Job
+if TYPE_CHECKING:
+    from scheduler.job import Job
 
 MAX_TOKENS_LIMIT = 1_000_000    # a sanity bound; the frontend checks the context length later
 MAX_MESSAGES = 256

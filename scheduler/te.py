@@ -9,20 +9,21 @@ task takes `Step` frames back, keeps the TE's latest `Stats` and routes each `To
 to its task's event queue. EOF on the socket means the process died, and so does silence
 past the health bound (`fail`, called by the cluster's heartbeat): every task still on it
 gets a clean error event at once. A prefill TE's task leaves it with `handoff` (its KV
-went to a decode TE), and a decode TE's task is announced with `await_kv`.
+went to a decode TE), and a decode TE's task is announced with `await_kv`. The handle
+reports its steps, freed slots and death to the `TEObserver` it was built with (the cluster).
 """
 import asyncio
 import logging
 import time
 from enum import Enum
+from typing import Protocol
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import (
     Abort, Add, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, Unpin, expect,
-    pack, unpack_frames)
-from scaling.launch import next_frame
-from scheduler.hosts import Host
-from scheduler.je import State, Task, TaskEvent
+    next_frame, pack, unpack_frames)
+from scaling.hosts import Host
+from scheduler.job import State, Task, TaskEvent
 
 log = logging.getLogger("deepflow.te")
 
@@ -34,9 +35,18 @@ class TEState(str, Enum):
     DEAD = "dead"
 
 
+class TEObserver(Protocol):
+    """What a TE handle reports to: each step (new stats, prefix-cache changes included; a
+    slot may be free), aborted tasks (free slots), its death (its tasks have their errors)."""
+    def on_step(self, te: "TEHandle") -> None: ...
+    def on_free(self, te: "TEHandle") -> None: ...
+    def on_death(self, te: "TEHandle") -> None: ...
+
+
 class TEHandle:
-    def __init__(self, te_id: str, group: str, engine_cfg: EngineConfig, host: Host, cost: int):
-        self.id, self.group = te_id, group
+    def __init__(self, te_id: str, group: str, engine_cfg: EngineConfig, host: Host, cost: int,
+                 observer: TEObserver):
+        self.id, self.group, self.observer = te_id, group, observer
         self.engine_cfg, self.host, self.cost = engine_cfg, host, cost
         self.threads = engine_cfg.num_threads
         self.state = TEState.STARTING
@@ -48,9 +58,6 @@ class TEHandle:
         self.tasks: dict[str, Task] = {}
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task | None = None
-        self.on_death = None           # callback(TEHandle), set by the cluster
-        self.on_free = None            # callback(TEHandle) when a batch slot frees up
-        self.tree = None               # the group's PromptTree, set by the cluster
         self.start_mode = ""           # fork | preloaded | peer | cold
         self.fresh = False             # started as a new interpreter (not forked, not pre-warmed)
         self.retiring = False          # being scaled in: its exit is expected
@@ -118,8 +125,6 @@ class TEHandle:
 
     def _on_step(self, msg: Step) -> None:
         self.stats = msg.stats
-        if self.tree is not None:  # mirror this TE's prefix cache in the scheduler's prompt tree
-            self.tree.update(self.id, msg.stats.cached, msg.stats.evicted)
         for out in msg.outs:
             task = self.tasks.get(out.rid)
             if task is None:
@@ -133,8 +138,7 @@ class TEHandle:
             # an error on a prefill TE: the KV transfer failed, not the request
             lost = out.finish is FinishReason.ERROR and task.decode is not None
             task.events.put_nowait(TaskEvent(out.token_ids, out.finish, out.num_cached, msg.error, engine_lost=lost))
-        if self.on_free and len(self.tasks) < self.engine_cfg.max_num_seqs:
-            self.on_free(self)
+        self.observer.on_step(self)
 
     def _on_exit(self, why: str = "stopped") -> None:
         if self.state is TEState.DEAD:
@@ -147,8 +151,7 @@ class TEHandle:
         self.tasks.clear()
         if was is not TEState.DRAINING:
             log.error("TE %s (pid %s) on %s %s", self.id, self.pid, self.host.name, why)
-        if self.on_death:
-            self.on_death(self)
+        self.observer.on_death(self)
 
     def fail(self, why: str) -> None:
         """Give the TE up now (it is silent past the health bound, or its host is gone): kill
@@ -190,8 +193,7 @@ class TEHandle:
         ids = [t for t in task_ids if self.tasks.pop(t, None) is not None]
         if ids:
             self._send(Abort(ids))
-            if self.on_free:
-                self.on_free(self)
+            self.observer.on_free(self)
 
     def _send(self, msg: Message) -> None:
         if self.state in (TEState.READY, TEState.DRAINING) and not self.writer.is_closing():

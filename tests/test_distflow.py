@@ -11,10 +11,6 @@ from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.model import kv_block_bytes
 from flowserve.protocol import SamplingParams
-from flowserve.rtc import prefix_blocks
-from scheduler.cluster import Cluster
-from scheduler.je import Task
-from scheduler.te import TEHandle
 from tests.test_engine import GREEDY, make_engine, random_prompts
 from tests.test_pd import PDPair
 
@@ -124,15 +120,3 @@ def test_a_request_that_ends_at_its_first_token_abandons_its_transfer(tiny):
         assert tokens == expected and handoffs[0] is None and handoffs[1] is not None
         assert pair.shells[1].kv_links[0].served == 2
 
-
-def test_the_decode_te_caching_the_longest_prefix_wins_among_the_least_loaded():
-    cluster = Cluster("model", {"prefill": (1, EngineConfig()), "decode": (3, EngineConfig())})
-    tes = [TEHandle(f"d{i}", "decode", EngineConfig(), None, 0) for i in range(3)]
-    prompt = list(range(1000, 1100))
-    hashes = [h for h, _ in prefix_blocks(prompt, 16)]
-    cluster.trees["decode"].update("d1", hashes[:2], [])
-    cluster.trees["decode"].update("d2", hashes[:4], [])
-    task = Task("j", 0, prompt, GREEDY)
-    assert cluster.decode_candidates(task, tes) == ([tes[2]], 64)
-    tes[2].tasks["busy"] = task  # loads first: the longest prefix among the least loaded
-    assert cluster.decode_candidates(task, tes) == ([tes[1]], 32)

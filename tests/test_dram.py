@@ -249,5 +249,5 @@ def test_no_dram_tier_by_default(model_path, weights):
 
 def test_the_host_counts_the_dram_tier():
     from flowserve.config import EngineConfig
-    from scheduler.hosts import GiB, te_bytes
+    from scaling.hosts import GiB, te_bytes
     assert te_bytes(EngineConfig(dram_kv_gb=2.0), "fork", 0) - te_bytes(EngineConfig(), "fork", 0) == 2 * GiB

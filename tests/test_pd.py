@@ -24,7 +24,7 @@ from flowserve.engine import Engine
 from flowserve.protocol import Abort, Add, FinishReason, SamplingParams, Step, Stop, pack, unpack_frames
 from flowserve.te_shell import TEShell
 from scheduler.cluster import GROUPS, Cluster
-from scheduler.je import Task
+from scheduler.job import Task
 from scheduler.pd_policy import Heatmap
 from tests.server_util import ROOT, Server, async_wait_until, data_lines
 from tests.test_engine import GREEDY, assert_no_leak, make_engine, random_prompts

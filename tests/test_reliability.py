@@ -12,7 +12,17 @@ import urllib.request
 
 import aiohttp
 import orjson
+import pytest
 
+from flowserve.config import EngineConfig, default_model_path
+from flowserve.protocol import SamplingParams
+from flowserve.tokenizer import Tokenizer
+from scheduler.caches import ContextCaches
+from scheduler.cluster import Cluster
+from scheduler.je import JobExecutor
+from scheduler.job import Job, Task
+from scheduler.metrics import Metrics
+from scheduler.protocol import APIError
 from tests.server_util import Server, async_wait_until, data_lines, pid_alive, rss_mb, wait_until
 
 
@@ -68,6 +78,30 @@ async def test_te_crash():
             await async_wait_until(lambda: not pid_alive(idle["pid"]) and not pid_alive(busy["pid"]), timeout=5)
             async with http.post(url, json=short) as r:
                 assert (await r.json())["choices"][0]["message"]["content"] == expected
+
+
+async def test_a_task_no_te_can_take_ends_with_503_and_why():
+    """A group at zero that cannot grow (here: no host at all) holds a task at most
+    `place_timeout_s`, then the request ends with a 503 that says why, not a silent wait."""
+    cluster = Cluster("model", {"colocated": (0, EngineConfig())}, place_timeout_s=0.5)
+    await cluster.start()
+    je = JobExecutor(cluster, Tokenizer.load(default_model_path()), "m", Metrics(cluster, "m"),
+                     ContextCaches(cluster, 0.5))
+    job = Job("chat", "m")
+    job.tasks.append(Task(job.id, 0, [1, 2, 3], SamplingParams(max_tokens=4)))
+    try:
+        t0 = time.monotonic()
+        je.start(job, [])
+        with pytest.raises(APIError) as e:
+            async with asyncio.timeout(5):
+                async for _ in je.stream(job):
+                    pass
+        assert 0.5 <= time.monotonic() - t0 < 3  # the bound, checked each heartbeat
+        assert e.value.status == 503 and e.value.message.startswith(
+            "no colocated TE became free within 0.5 s: the colocated group has 0 TEs and cannot grow (")
+        assert "no live host" in e.value.message and not cluster.pending["colocated"]
+    finally:
+        await cluster.shutdown()
 
 
 async def test_overload_burst_is_bounded():

@@ -5,7 +5,6 @@ import contextlib
 
 import aiohttp
 
-from scheduler.cluster import PromptTree
 from tests.server_util import Server, data_lines
 
 PIRATE = "You are a pirate captain. Answer every question in pirate speak, with nautical words. " * 8
@@ -15,22 +14,6 @@ CHEF = "You are a French chef. Answer every question with a recipe and a culinar
 def chat(system: str, question: str, **extra) -> dict:
     return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
             "max_tokens": 1, "temperature": 0, **extra}
-
-
-def test_prompt_tree_mirrors_cached_blocks():
-    tree, bs = PromptTree(block_size=4), 4
-    from flowserve.rtc import chain_hash
-    prompt = list(range(13))
-    h1 = chain_hash(None, tuple(prompt[0:4]))
-    h2 = chain_hash(h1, tuple(prompt[4:8]))
-    tree.update("te-0", [h1, h2], [])
-    tree.update("te-1", [h1], [])
-    assert tree.matched_tokens(prompt, ["te-0", "te-1", "te-2"]) == {"te-0": 2 * bs, "te-1": bs, "te-2": 0}
-    assert tree.matched_tokens(prompt[:8], ["te-0"]) == {"te-0": bs}  # one token is always left to compute
-    tree.update("te-0", [], [h1])
-    assert tree.matched_tokens(prompt, ["te-0", "te-1"]) == {"te-0": 0, "te-1": bs}
-    tree.remove_te("te-1")
-    assert tree.holders == {h2: {"te-0"}}
 
 
 async def run_sequence(policy: str) -> tuple[int, dict[str, set[str]]]:

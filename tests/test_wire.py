@@ -5,6 +5,7 @@ import asyncio
 import select
 import socket
 import threading
+from unittest.mock import Mock
 
 import msgspec
 import pytest
@@ -17,8 +18,9 @@ from flowserve.protocol import (
     HEADER, Add, Error, FinishReason, Hello, KVHeader, Ready, SamplingParams, Stats, StartTimings, Step, Stop, TokenOut,
     pack, recv_frame, unpack_frames)
 from flowserve.te_shell import TEShell
-from scheduler.hosts import Host
-from scheduler.je import StopStrings, Task
+from scaling.hosts import Host
+from scheduler.je import StopStrings
+from scheduler.job import Task
 from scheduler.te import TEHandle, TEState
 
 
@@ -66,7 +68,8 @@ def test_te_answers_bad_frames_with_errors_and_keeps_serving(model_path, weights
 
 
 async def test_main_process_answers_bad_frames_and_keeps_reading():
-    te = TEHandle("te-x", "colocated", EngineConfig(), Host("local", "127.0.0.1", 1, 1 << 30, node=None), cost=0)
+    te = TEHandle("te-x", "colocated", EngineConfig(), Host("local", "127.0.0.1", 1, 1 << 30, node=None), cost=0,
+                  observer=Mock())
     ours, theirs = socket.socketpair()
     reader, te.writer = await asyncio.open_unix_connection(sock=ours)
     te.state = TEState.READY

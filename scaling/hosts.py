@@ -1,19 +1,20 @@
-"""Hosts as the cluster manager sees them: where TEs run, and what each one costs there.
+"""Hosts: where TEs start, and what each one costs there.
 
 A `Host` is one machine (or, in the tests, one network namespace): its address, its cores,
 the memory TEs may use, the TEs on it, and its node agent, which starts TEs there (the
 local backend's `scaling.node.LocalNode`, or a Ray actor through `scaling.ray_backend.
-RayNode`). The local backend is a cluster of one host.
+RayNode`). The local backend is a cluster of one host (`scaling.node.local_host`).
 
 A TE's cost is known before it starts (`te_bytes`): its KV pool and its RTC's DRAM tier
 (allocated and zeroed at start, so the memory is really committed), its runtime's private
 pages and its activations, and its own copy of the weights when it does not share the
 host's (a cold start reads the model file; a peer start receives a copy). The weights a
-host's template maps count once per host. Placement (`Cluster.add_te`) only starts a TE
-where it fits; threads follow the host's cores divided among its TEs, re-balanced as that
-count changes.
+host's template maps count once per host. Placement (`scheduler/cluster.py`) only starts
+a TE where it fits; threads follow the host's cores divided among its TEs, re-balanced as
+that count changes.
 """
 import os
+import secrets
 from dataclasses import dataclass, field
 
 from flowserve.config import EngineConfig
@@ -42,6 +43,12 @@ def te_bytes(cfg: EngineConfig, start_mode: str, weights_bytes: int) -> int:
         own_weights += weights_bytes // 4 if start_mode == "fork" else 3 * weights_bytes // 2
     kv = int(cfg.kv_cache_gb * GiB) + int(cfg.dram_kv_gb * GiB)
     return kv + runtime + cfg.max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN + own_weights
+
+
+def secret_env() -> dict[str, str]:
+    """A new deployment's DistFlow secret, for the environment of every TE and template it
+    starts on any host: DistFlow peers must show it (flowserve/distflow.py)."""
+    return {"DEEPFLOW_DISTFLOW_SECRET": secrets.token_hex(32)}
 
 
 def probe() -> dict:
