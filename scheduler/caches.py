@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from flowserve.protocol import FinishReason, SamplingParams
 from scheduler.je import Overloaded, Task
-from scheduler.protocol import APIError, invalid
+from scheduler.api import APIError, invalid
 
 if TYPE_CHECKING:
     from scheduler.cluster import Cluster

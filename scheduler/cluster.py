@@ -111,7 +111,8 @@ class Cluster:
                  max_queued: int = 256, env: dict | None = None, start_mode: str = "fork",
                  prewarmed: int = 1, policy: str = "locality", imbalance: int = 4,
                  kv_transport: str = "unix", heatmap: Heatmap | None = None, hosts: list[Host] | None = None,
-                 threads_per_te: int = 0, health_timeout_s: float = 10.0, weights_donors: bool = False):
+                 threads_per_te: int = 0, health_timeout_s: float = 10.0, weights_donors: bool = False,
+                 place_timeout_s: float = 60.0):
         """`groups`: size and engine config of each of GROUPS (a missing one is empty).
         `kv_transport`: how prefill TEs send KV to decode TEs, unix (shared memory), tcp, or
         unix,tcp (each pair takes unix on one host, tcp across). `hosts`: where TEs run; by
@@ -135,6 +136,7 @@ class Cluster:
             Host("local", "127.0.0.1", **probe(),
                  node=LocalNode(model_path, start_mode, prewarmed, self.engine_cfgs["colocated"], self.te_env))]
         self.threads_per_te, self.health_timeout_s = threads_per_te, health_timeout_s
+        self.place_timeout_s = place_timeout_s  # placeholder: the h-sched branch enforces it
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
