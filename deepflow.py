@@ -10,7 +10,8 @@ TE processes (`flowserve/te_shell.py`). One chat request: `chat_completions` -> 
 chat_job` (template, tokenize) -> `JobExecutor.start` -> `Cluster.submit` -> `Cluster.
 dist_sched` -> `TEHandle.submit` -> the TE's engine step loop -> `TEHandle._on_step` -> `JobExecutor._choice`
 (detokenize, stop strings) -> `respond` (SSE chunk or JSON body). docs/WALKTHROUGH.md
-follows it in detail.
+follows it in detail. The flags of `serve` and `generate` are the fields of `ServeConfig`,
+`GenerateConfig` and flowserve's `EngineConfig` (`add_flags`).
 """
 import argparse
 import asyncio
@@ -41,7 +42,6 @@ from scheduler.metrics import Metrics
 from scheduler.openapi import openapi
 from scheduler.pd_policy import Heatmap
 from scheduler.pd_profile import add_profile_parser
-
 
 MODEL_HELP = "GGUF file or HF directory (default: packaged SmolLM2-135M-Instruct)"
 

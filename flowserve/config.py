@@ -138,7 +138,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if default is MISSING:
             kw["required"] = True
-        elif kind is not bool and default is not None and "default" not in kw["help"]:  # argparse says a bool's
+        elif default is not None and "default" not in kw["help"]:
             kw["help"] += f" (default: {default})"
         action = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
         parser.add_argument(name, dest=f.name, default=None if default is MISSING else default, **action, **kw)
