@@ -3,14 +3,18 @@
 `ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json), here
 and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a TE is
 started with (KV pool size, batch limits, device, tensor parallelism). Both are plain
-dataclasses so they can cross a process boundary as JSON.
+dataclasses so they can cross a process boundary as JSON. The user-facing fields of
+EngineConfig, and of deepflow.py's ServeConfig and GenerateConfig, are made with `flag`:
+`add_flags` turns them into command-line flags and `from_args` reads those back.
 """
+import argparse
 import hashlib
 import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any, get_args
 
 CACHE_FORMAT = 1  # bump when the loading-optimized cache layout changes
 
@@ -115,28 +119,70 @@ def check_tensor_parallel(model: ModelConfig, size: int) -> None:
                          f"heads; use one of {fits}")
 
 
+def flag(help: str, default=None, **argparse_kw) -> Any:
+    """A user-facing setting: a dataclass field whose default, help and argparse extras
+    (`choices`, `flag`: another name) make its command-line flag (`add_flags`), so each
+    setting has one default, where its dataclass defines it."""
+    return field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """A flag for each field of dataclass `cls` made with `flag` (but those in `skip`): its
+    type (a bool is --x/--no-x), default, help and choices."""
+    for f in fields(cls):
+        if "help" not in f.metadata or f.name in skip:
+            continue
+        kw = dict(f.metadata)
+        name = kw.pop("flag", "--" + f.name.replace("_", "-"))
+        kind = next(t for t in get_args(f.type) or (f.type,) if t is not type(None))
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if default is MISSING:
+            kw["required"] = True
+        elif default is not None and "default" not in kw["help"]:
+            kw["help"] += f" (default: {default})"
+        action = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        parser.add_argument(name, dest=f.name, default=None if default is MISSING else default, **action, **kw)
+
+
+def from_args(cls: type, args: argparse.Namespace):
+    """The dataclass `cls` from the parsed flags (`add_flags`); fields without a flag keep their
+    default. Settings the dataclass refuses end the program with its reason."""
+    try:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)
+                      if "help" in f.metadata and hasattr(args, f.name)})
+    except ValueError as e:
+        raise SystemExit(f"cannot run: {e}") from None
+
+
 @dataclass
 class EngineConfig:
-    """How a TE runs: where, with how much KV cache, and how large a step may be."""
-    device: str = "auto"            # auto | cpu | cuda | npu
-    dtype: str = "auto"             # auto (float32 on CPU, bfloat16 elsewhere) | float32 | bfloat16 | float16
-    async_scheduling: bool | None = None  # prepare step N+1 while N computes (None: on for CUDA and NPU)
-    block_size: int = 16            # tokens per KV block
-    num_kv_blocks: int = 0          # 0: derive from kv_cache_gb
-    kv_cache_gb: float = 0.5
-    dram_kv_gb: float = 0.0         # the RTC's DRAM tier in host memory (0: none)
-    max_num_seqs: int = 64          # sequences in one step
-    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
-    max_model_len: int = 0          # 0: the model's context length
-    num_threads: int = 0            # 0: leave torch's default
+    """How a TE runs: where, with how much KV cache, and how large a step may be. The fields
+    made with `flag` are `serve` and `generate` flags and `--cluster` TOML keys; the others
+    are set by the platform when it launches a TE."""
+    device: str = flag("where the engine runs", "auto", choices=["auto", "cpu", "cuda", "npu"])
+    dtype: str = flag("weights and activations (auto: float32 on CPU, bfloat16 on CUDA and NPU)", "auto",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    async_scheduling: bool | None = flag("prepare each engine step while the device computes the one before "
+                                         "(default: on for CUDA and NPU, off on CPU)")
+    block_size: int = flag("tokens per KV block", 16)
+    num_kv_blocks: int = flag("KV blocks per TE (0: as many as --kv-cache-gb holds)", 0)
+    kv_cache_gb: float = flag("KV cache per TE", 1.0)
+    dram_kv_gb: float = flag("the RTC's DRAM tier per TE: blocks evicted from the KV cache, and preempted requests, "
+                             "are kept in host memory and copied back where that beats recomputing", 0.0)
+    max_num_seqs: int = flag("sequences per engine step", 64)
+    max_num_batched_tokens: int = flag("token budget per engine step (prefill chunks + decodes)", 2048)
+    max_model_len: int = flag("context length (0: the model's)", 0)
+    num_threads: int = flag("torch threads (0: torch's default)", 0, flag="--threads")
     use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
     serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
     kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
     host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
-    kv_timeout_s: float = 10.0      # a KV transfer that takes longer fails (the peer froze)
-    kv_layerwise: bool = True       # prefill TE: send each layer's KV as the forward computes it (False: after the step)
-    cpu_kernels: bool = True        # float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp; False: plain torch
-    tensor_parallel_size: int = 1   # >1: a master drives this many executor processes, one shard each (flowserve/tp.py)
+    kv_timeout_s: float = flag("a KV transfer that takes longer fails (the peer froze)", 10.0)
+    kv_layerwise: bool = flag("prefill TE: send each layer's KV as the forward computes it (else after the step)",
+                              True)
+    cpu_kernels: bool = flag("float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp (else plain torch)", True)
+    tensor_parallel_size: int = flag("each TE is a master and this many executor processes, one shard of the model "
+                                     "each (must divide its KV heads: 1 or 3 for SmolLM2-135M; flowserve/tp.py)", 1)
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:

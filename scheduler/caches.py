@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from flowserve.protocol import FinishReason, SamplingParams
 from scheduler.cluster import Cluster
 from scheduler.job import Overloaded, Task
-from scheduler.protocol import APIError, invalid
+from scheduler.api import APIError, invalid
 from scheduler.te import TEHandle
 
 log = logging.getLogger("deepflow.caches")

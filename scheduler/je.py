@@ -22,14 +22,7 @@ from scheduler.caches import ContextCaches
 from scheduler.cluster import Cluster
 from scheduler.job import Job, Overloaded, State, Task
 from scheduler.metrics import Metrics
-from scheduler.protocol import (
-    APIError,
-    CacheRequest,
-    ChatRequest,
-    CompletionRequest,
-    SamplingOptions,
-    invalid,
-)
+from scheduler.api import APIError, CacheRequest, ChatRequest, CompletionRequest, GenerationRequest, invalid
 
 log = logging.getLogger("deepflow.je")
 
@@ -82,7 +75,7 @@ class JobExecutor:
         cache = req.cache_id and self.caches.get(req.cache_id, "chat")
         messages = cache.context + req.messages if cache else req.messages
         prompt = self.tok.encode(self._template(messages, "messages"))
-        return self._job("chat", prompt, req.options, "messages", cache and cache.id)
+        return self._job("chat", prompt, req, "messages", cache and cache.id)
 
     def completion_job(self, req: CompletionRequest) -> Job:
         """A completion on a context cache prompts with the cached prompt, then its own (the
@@ -92,7 +85,7 @@ class JobExecutor:
             prompt = self._prompt_ids(cache.context + req.prompt)
         else:
             prompt = (cache.token_ids if cache else []) + self._prompt_ids(req.prompt)
-        return self._job("completion", prompt, req.options, "prompt", cache and cache.id)
+        return self._job("completion", prompt, req, "prompt", cache and cache.id)
 
     def context_tokens(self, req: CacheRequest) -> tuple[str, list[dict] | str | list[int], list[int]]:
         """A context cache's kind (the endpoint it prefixes), context and token ids: chat
@@ -126,20 +119,16 @@ class JobExecutor:
             raise invalid(f"This model's maximum context length is {limit} tokens. However, your "
                           f"request has {len(prompt)} prompt tokens.", param)
 
-    def _job(self, kind: str, prompt: list[int], o: SamplingOptions, param: str, cache_id: str | None) -> Job:
+    def _job(self, kind: str, prompt: list[int], req: GenerationRequest, param: str, cache_id: str | None) -> Job:
         limit = self.cluster.max_model_len
         self._check_length(prompt, param)
-        max_tokens = o.max_tokens or limit - len(prompt)
+        max_tokens = req.max_new_tokens or limit - len(prompt)
         if len(prompt) + max_tokens > limit:
             raise invalid(f"max_tokens={max_tokens} plus {len(prompt)} prompt tokens exceeds the "
                           f"context length of {limit}", "max_tokens")
         job = Job(kind, self.model_name)
-        for i in range(o.n):
-            seed = None if o.seed is None else o.seed + i  # n choices from one seed must differ
-            params = SamplingParams(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, seed=seed,
-                                    max_tokens=max_tokens, stop_token_ids=o.stop_token_ids,
-                                    ignore_eos=o.ignore_eos)
-            job.tasks.append(Task(job.id, i, prompt, params, cache_id=cache_id))
+        for i in range(req.n):
+            job.tasks.append(Task(job.id, i, prompt, req.to_sampling_params(max_tokens, i), cache_id=cache_id))
         return job
 
     # ---------------------------------------------------------------- run

@@ -14,7 +14,7 @@ import os
 import random
 import time
 
-from flowserve.config import EngineConfig, default_model_path
+from flowserve.config import EngineConfig, add_flags, default_model_path, from_args
 from flowserve.protocol import FinishReason, SamplingParams
 from scaling.node import local_host
 from scheduler.cluster import Cluster
@@ -41,7 +41,7 @@ async def burst_jct_ms(cluster: Cluster, prompt_len: int, output_len: int, burst
 
 async def profile(args: argparse.Namespace) -> Heatmap:
     model = args.model or default_model_path()
-    cfg = EngineConfig(kv_cache_gb=args.kv_cache_gb, max_model_len=args.max_model_len)
+    cfg = from_args(EngineConfig, args)  # the engine settings serve would run with
     colocated = Cluster(model, {"colocated": (2, cfg)}, [local_host(model)])  # two TEs either way: half the cores each
     disagg = Cluster(model, {"prefill": (1, cfg), "decode": (1, cfg)}, [local_host(model)],
                      kv_transport=args.kv_transport)
@@ -80,8 +80,7 @@ def add_profile_parser(sub, default_path) -> None:
                     help="decode tokens per prompt token")
     pp.add_argument("--burst", type=int, default=4, help="concurrent requests per measurement")
     pp.add_argument("--kv-transport", choices=["unix", "tcp"], default="unix")
-    pp.add_argument("--kv-cache-gb", type=float, default=0.5)
-    pp.add_argument("--max-model-len", type=int, default=0)
+    add_flags(pp, EngineConfig, skip=("num_threads",))  # threads: each TE gets half the cores
 
     def run(args: argparse.Namespace) -> None:
         path = args.out or default_path()

@@ -300,23 +300,18 @@ async def test_decode_te_killed_during_transfer():
 
 
 def test_cluster_shape_from_flags_and_toml(tmp_path):
-    import argparse
-
-    from deepflow import cluster_shape
-    flags = dict(num_tes=1, prefill_tes=0, decode_tes=0, cluster=None, threads_per_te=0, device="cpu",
-                 async_scheduling=None, dtype="auto", kv_cache_gb=1.0, dram_kv_gb=0.0, max_num_seqs=64,
-                 max_num_batched_tokens=512, max_model_len=0, kv_timeout_s=10.0, tensor_parallel_size=1)
+    from tests.test_config import shape
     toml = tmp_path / "cluster.toml"
     toml.write_text("[colocated]\ninstances = 0\n[prefill]\ninstances = 1\n[decode]\ninstances = 2\nkv_cache_gb = 2.5\n")
-    shape = cluster_shape(argparse.Namespace(**{**flags, "cluster": str(toml)}))
-    assert {g: n for g, (n, _) in shape.items()} == {"colocated": 0, "prefill": 1, "decode": 2}
-    assert shape["decode"][1].kv_cache_gb == 2.5 and shape["prefill"][1].kv_cache_gb == 1.0
+    got = shape("--num-tes", "1", "--cluster", str(toml))
+    assert {g: n for g, (n, _) in got.items()} == {"colocated": 0, "prefill": 1, "decode": 2}
+    assert got["decode"][1].kv_cache_gb == 2.5 and got["prefill"][1].kv_cache_gb == 1.0
     for bad in ("[decode]\ninstances = 1\n",                 # prefill without decode and vice versa
                 "[decoder]\ninstances = 1\n",                # no such group
                 "[decode]\ninstances = 1\nkv_listen = 'x'\n"):  # not a setting a user may set
         toml.write_text("[prefill]\ninstances = 0\n" + bad)
         with pytest.raises(SystemExit):
-            cluster_shape(argparse.Namespace(**{**flags, "cluster": str(toml)}))
+            shape("--cluster", str(toml))
 
 
 def test_profile_pd_saves_and_shows_a_heatmap(tmp_path):

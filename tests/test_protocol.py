@@ -1,20 +1,25 @@
-"""Unit tests for scheduler/protocol.py: OpenAI request parsing and validation, and the
-OpenAPI document generated from its models (no server)."""
+"""Unit tests for scheduler/api.py: OpenAI request parsing and validation, the response
+bodies as they go on the wire, and the OpenAPI document generated from its models (no server)."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from scheduler.protocol import (
+from flowserve.protocol import FinishReason, SamplingParams
+from scheduler.api import (
     APIError,
     ChatRequest,
     CompletionRequest,
-    SamplingOptions,
+    chunk,
+    first_chunks,
+    full_response,
     invalid,
     model_not_found,
     parse_chat,
     parse_completion,
     parse_json,
     parse_scale,
+    usage_chunk,
 )
 from scheduler.openapi import openapi
 
@@ -119,8 +124,8 @@ def test_bad_bodies_are_400(parse, body, param):
     assert err.status == 400
     assert err.param == param
     assert err.message and isinstance(err.message, str)
-    assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error",
-                                    "param": param, "code": None}}
+    assert err.body().model_dump() == {"error": {"message": err.message, "type": "invalid_request_error",
+                                                 "param": param, "code": None}}
 
 
 @pytest.mark.parametrize("raw", [b"", b"\xff\xfe{}", b"{\"a\": ", b"[1, 2]", b"\"s\"", b"null",
@@ -142,9 +147,8 @@ def test_parse_json_messages_say_what_is_wrong():
 def test_chat_minimal_defaults():
     req = parse_chat({"messages": HI})
     assert req == ChatRequest(messages=HI) and req.model is None
-    assert req.options == SamplingOptions() and req.ignored_fields == []
-    assert req.options.max_tokens is None and req.options.temperature == 1.0
-    assert req.options.top_k == -1 and req.options.stop == [] and not req.stream
+    assert req.to_sampling_params(100) == SamplingParams(max_tokens=100) and req.ignored_fields == []
+    assert req.max_new_tokens is None and req.n == 1 and req.stop_strings == [] and not req.stream
 
 
 def test_chat_full_body():
@@ -176,10 +180,11 @@ def test_chat_full_body():
         {"role": "assistant", "content": ""},
         {"role": "user", "content": ""},
     ]
-    assert req.options == SamplingOptions(max_tokens=7, temperature=0.0, top_p=0.5, top_k=-1,
-                                          n=2, seed=-3, stop=["\n\n"], stop_token_ids=[2, 0],
-                                          ignore_eos=True)
-    assert isinstance(req.options.temperature, float)
+    assert req.max_new_tokens == 7 and req.n == 2 and req.stop_strings == ["\n\n"]
+    assert [req.to_sampling_params(7, i) for i in range(2)] == [SamplingParams(
+        temperature=0.0, top_p=0.5, top_k=-1, seed=seed, max_tokens=7, stop_token_ids=[2, 0], ignore_eos=True)
+        for seed in (-3, -2)]  # n choices from one seed differ
+    assert isinstance(req.to_sampling_params(7).temperature, float)
     assert req.stream and req.include_usage and req.user == "u1"
     assert req.ignored_fields == ["metadata", "store"]
 
@@ -187,8 +192,8 @@ def test_chat_full_body():
 def test_max_tokens_alone_and_nulls_mean_default():
     req = parse_chat(chat(max_tokens=5, max_completion_tokens=None, temperature=None,
                           stop=None, stream_options=None, seed=None))
-    assert req.options.max_tokens == 5 and req.options.temperature == 1.0
-    assert req.options.stop == [] and req.options.seed is None and not req.include_usage
+    assert req.max_new_tokens == 5 and req.to_sampling_params(5) == SamplingParams(max_tokens=5)
+    assert req.stop_strings == [] and not req.include_usage
 
 
 def test_streaming_without_usage_option():
@@ -203,7 +208,7 @@ def test_chat_lists_prompt_as_ignored():
 def test_completion_text_and_defaults():
     req = parse_completion({"model": "m", "prompt": "Once upon", "echo": False, "best_of": 1})
     assert req == CompletionRequest(model="m", prompt="Once upon", echo=False, best_of=1)
-    assert req.options == SamplingOptions(max_tokens=16)
+    assert req.max_new_tokens == 16 and req.to_sampling_params(16) == SamplingParams(max_tokens=16)
     assert req.ignored_fields == []
 
 
@@ -215,7 +220,7 @@ def test_completion_text_and_defaults():
 def test_completion_prompt_forms(prompt, expected):
     req = parse_completion({"prompt": prompt, "max_tokens": 3, "stop": ["x", "y"]})
     assert req.prompt == expected
-    assert req.options.max_tokens == 3 and req.options.stop == ["x", "y"]
+    assert req.max_new_tokens == 3 and req.stop_strings == ["x", "y"]
 
 
 def test_completion_lists_messages_as_ignored():
@@ -226,14 +231,14 @@ def test_completion_lists_messages_as_ignored():
 
 def test_parsing_does_not_share_mutable_defaults():
     a = parse_chat(chat())
-    a.options.stop.append("zzz")
-    a.options.stop_token_ids.append(1)
+    a.stop_strings.append("zzz")
+    a.to_sampling_params(5).stop_token_ids.append(1)
     b = parse_chat(chat())
-    assert b.options.stop == [] and b.options.stop_token_ids == []
+    assert a.stop_strings == b.stop_strings == [] and b.to_sampling_params(5).stop_token_ids == []
 
 
 def test_error_kinds():
-    assert invalid("bad", "x").body() == {"error": {
+    assert invalid("bad", "x").body().model_dump() == {"error": {
         "message": "bad", "type": "invalid_request_error", "param": "x", "code": None}}
     e = model_not_found("gpt-9")
     assert (e.status, e.type, e.param, e.code) == (404, "invalid_request_error", "model",
@@ -275,6 +280,56 @@ def test_openapi_document(auth):
     text, schemas = json.dumps(doc), doc["components"]["schemas"]
     assert "$defs" not in text and ("securitySchemes" in doc["components"]) == auth
     refs = {r.split('"')[0] for r in text.split('"#/components/schemas/')[1:]}
-    assert refs <= schemas.keys() and {"Error", "Message", "ChatRequest", "CompletionRequest"} <= refs
+    assert refs <= schemas.keys() and {"ErrorResponse", "ChatMessage", "ChatRequest", "CompletionRequest",
+                                           "ChatCompletion", "Completion", "Usage", "ModelList"} <= refs
     chat = schemas["ChatRequest"]
     assert chat["required"] == ["messages"] and chat["properties"]["n"]["maximum"] == 16
+    ok = ops["POST", "/v1/chat/completions"]["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
+    assert "text/event-stream" in ok and "$ref" in json.dumps(ops["GET", "/v1/models"]["responses"]["200"])
+
+
+def _job(kind: str, n: int = 1):
+    return SimpleNamespace(kind=kind, id="job-7", created=1700000000.5, model="m",
+                           tasks=[SimpleNamespace(index=i) for i in range(n)])
+
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
+HEAD = b'"created":1700000000,"model":"m"'
+
+
+def test_chat_bodies_on_the_wire():
+    """OpenAI's shapes byte for byte: `logprobs` null, a delta holds only what it has, a chunk
+    has `usage` only when asked, and every chunk of one stream has the same id."""
+    job = _job("chat", n=2)
+    events = [*first_chunks(job), chunk(job, 1, "Hi", None), chunk(job, 1, "", FinishReason.STOP),
+              usage_chunk(job, USAGE)]
+    wire = [e.model_dump_json().encode() for e in events]
+    head = b'{"id":"chatcmpl-job-7","object":"chat.completion.chunk",' + HEAD
+    assert wire == [
+        head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}',
+        head + b',"choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}',
+        head + b',"choices":[{"index":1,"delta":{"content":"Hi"},"logprobs":null,"finish_reason":null}]}',
+        head + b',"choices":[{"index":1,"delta":{},"logprobs":null,"finish_reason":"stop"}]}',
+        head + b',"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,'
+               b'"prompt_tokens_details":{"cached_tokens":0}}}']
+    whole = full_response(job, ["a", "b\u00e9"], [FinishReason.STOP, FinishReason.LENGTH], USAGE)
+    assert whole.model_dump() == {
+        "id": "chatcmpl-job-7", "object": "chat.completion", "created": 1700000000, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "a"}, "logprobs": None,
+                     "finish_reason": "stop"},
+                    {"index": 1, "message": {"role": "assistant", "content": "b\u00e9"}, "logprobs": None,
+                     "finish_reason": "length"}],
+        "usage": USAGE}
+
+
+def test_completion_bodies_on_the_wire():
+    job = _job("completion")
+    head = b'{"id":"cmpl-job-7","object":"text_completion",' + HEAD
+    assert first_chunks(job) == []
+    assert [e.model_dump_json().encode() for e in (chunk(job, 0, "Hi", None), chunk(job, 0, "", FinishReason.LENGTH))] == [
+        head + b',"choices":[{"index":0,"text":"Hi","logprobs":null,"finish_reason":null}]}',
+        head + b',"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"length"}]}']
+    assert full_response(job, ["Hi"], ["stop"], USAGE).model_dump_json().encode() == (
+        head + b',"choices":[{"index":0,"text":"Hi","logprobs":null,"finish_reason":"stop"}],"usage":'
+               b'{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":0}}}')

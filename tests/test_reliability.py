@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 
 import aiohttp
 import orjson
@@ -22,7 +23,7 @@ from scheduler.cluster import Cluster
 from scheduler.je import JobExecutor
 from scheduler.job import Job, Task
 from scheduler.metrics import Metrics
-from scheduler.protocol import APIError
+from scheduler.api import APIError
 from tests.server_util import Server, async_wait_until, data_lines, pid_alive, rss_mb, wait_until
 
 
@@ -161,8 +162,10 @@ def test_slow_reader_does_not_stall_others():
 
 def test_openapi_fuzzing_finds_no_server_error(tmp_path, monkeypatch):
     """schemathesis generates valid and invalid requests from GET /openapi.json: at least
-    1,000 of them, no 5xx, no hang. The server runs a tiny random-weight model with a short
-    context, so that the valid requests, which generate tokens, stay quick (~1 min in all)."""
+    1,000 of them, no 5xx, no hang, every answer's body valid against its documented schema,
+    and at least a fifth of them 2xx (so the success bodies are checked, not only errors).
+    The server runs a tiny random-weight model with a short context, so that the valid
+    requests, which generate tokens, stay quick (~1 min in all)."""
     from tests.tiny_model import write_tiny_model
     model = write_tiny_model(tmp_path / "tiny")
     monkeypatch.setenv("DEEPFLOW_CACHE", str(tmp_path / "cache"))  # the server's weight cache
@@ -170,18 +173,22 @@ def test_openapi_fuzzing_finds_no_server_error(tmp_path, monkeypatch):
                 "--threads-per-te", "1") as s:  # 2 torch threads on 2 busy cores spin: 10x slower
         spec = s.get("/openapi.json")
         assert spec["openapi"] == "3.1.0" and "/v1/chat/completions" in spec["paths"]
-        report = tmp_path / "report.json"
+        report, har = tmp_path / "report.json", tmp_path / "report.har"
         run = subprocess.run(
             [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", s.url + "/openapi.json",
-             "--checks", "not_a_server_error", "--max-examples", "250", "--request-timeout", "60",
+             "--checks", "not_a_server_error,response_schema_conformance",
+             "--max-examples", "250", "--request-timeout", "60",
              "--phases", "coverage,fuzzing", "--workers", "1",
              "--exclude-path", "/admin/scale",  # valid bodies would start up to 256 TEs
              "--generation-deterministic", "--suppress-health-check", "all", "--no-color",
-             "--report", "json", "--report-json-path", str(report)],
+             "--report", "json,har", "--report-json-path", str(report), "--report-har-path", str(har)],
             check=False, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         cases = orjson.loads(report.read_bytes())["test_cases"]
         assert cases["generated"] >= 1000 and cases["with_failures"] == cases["errored"] == 0, cases
+        statuses = [e["response"]["status"] for e in orjson.loads(har.read_bytes())["log"]["entries"]]
+        assert len(statuses) >= 1000 and not [s for s in statuses if s >= 500]
+        assert sum(200 <= s < 300 for s in statuses) >= 0.2 * len(statuses), Counter(statuses)
         assert s.get("/health")["status"] == "ok"
 
 

@@ -1,22 +1,25 @@
-"""The OpenAI wire format: request bodies in (pydantic v2 models that validate and describe
-them), response bodies and SSE chunks out.
+"""The OpenAI HTTP API's bodies: requests in and responses out, as pydantic v2 models that
+validate, serialize and describe them.
 
-The HTTP frontend (deepflow.py) turns a body into a `ChatRequest`, `CompletionRequest` or
+The HTTP frontend (deepflow.py) turns a body into a `ChatRequest`, `CompletionRequest`,
 `CacheRequest` or `ScaleRequest` here (`parse_chat`, ...) before any job exists; the job executors
-(scheduler/je.py) read the validated model: messages to template, prompt to tokenize,
-`options` (`SamplingOptions`) for the engine. A bad input becomes an `APIError` with OpenAI's
-error body, its `param` the field as the client wrote it (`messages[1].content[0]`). The
-models' JSON schemas are the bodies in `GET /openapi.json` (scheduler/openapi.py). Going out,
-`full_response`, `first_chunks`, `chunk` and `usage_chunk` shape a Job's text as OpenAI's
-`chat.completion` / `text_completion` bodies and stream chunks. No aiohttp.
+(scheduler/je.py) read the validated model: messages to template, prompt to tokenize, and
+`to_sampling_params` for the engine (flowserve/protocol.py's `SamplingParams`). A bad input becomes
+an `APIError` with OpenAI's error body, its `param` the field as the client wrote it
+(`messages[1].content[0]`). Going out, `full_response`, `first_chunks`, `chunk` and `usage_chunk`
+shape a Job's text as `ChatCompletion`, `ChatCompletionChunk` or `Completion`, and the other routes
+answer with the models below them. Both directions' JSON schemas are `GET /openapi.json`
+(scheduler/openapi.py). No aiohttp.
 """
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
+
+from flowserve.protocol import SamplingParams
 
 if TYPE_CHECKING:
     from scheduler.job import Job
@@ -54,9 +57,8 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
         self.type, self.code = type or kind, code or default_code
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+    def body(self) -> "ErrorResponse":
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
 def invalid(message: str, param: str | None = None) -> APIError:
@@ -65,19 +67,6 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model '{model}' does not exist.", "model", code="model_not_found")
-
-
-@dataclass
-class SamplingOptions:
-    max_tokens: int | None = None   # None: up to the context length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1                 # -1: disabled
-    n: int = 1
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
 
 
 # --- the models ------------------------------------------------------------------------
@@ -103,7 +92,7 @@ class TextPart(_Strict):
     text: str
 
 
-class Message(_Strict):
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: _str_or(str, list[TextPart]) | None = Field(None, validate_default=True)
     tool_calls: Annotated[list, Field(max_length=0)] | None = None     # not supported
@@ -117,7 +106,7 @@ class Message(_Strict):
         return "\n".join(p.text for p in content) if isinstance(content, list) else content or ""
 
 
-def _as_dicts(messages: list[Message]) -> list[dict[str, str]]:
+def _as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """The messages as chat templates read them: {"role", "content"}, developer -> system."""
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
 
@@ -150,7 +139,7 @@ class _Unsupported(_Strict):
 _OFF = {*_Unsupported.model_fields, "tool_calls"}
 
 
-class _Request(_Unsupported):
+class GenerationRequest(_Unsupported):
     """What both endpoints accept. null means the default, as absent does; unknown fields
     are kept aside (`ignored_fields`, which the caller logs)."""
     model_config = ConfigDict(extra="allow")
@@ -190,24 +179,31 @@ class _Request(_Unsupported):
     def ignored_fields(self) -> list[str]:
         return list(self.model_extra or ())
 
-    @cached_property
-    def options(self) -> SamplingOptions:
-        mct = self.max_completion_tokens
-        return SamplingOptions(
-            max_tokens=self.max_tokens if mct is None else mct, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k or -1, n=self.n, seed=self.seed,  # top_k 0: off, as vLLM
-            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop),
-            stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos)
+    @property
+    def max_new_tokens(self) -> int | None:
+        """The newer name (max_completion_tokens) wins; None: up to the context length."""
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """What the engine samples choice `choice` with, `max_tokens` resolved against the context."""
+        seed = None if self.seed is None else self.seed + choice  # n choices from one seed must differ
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1,  # 0: off, as vLLM
+                              seed=seed, max_tokens=max_tokens, stop_token_ids=list(self.stop_token_ids),
+                              ignore_eos=self.ignore_eos)
 
 
-class ChatRequest(_Request):
+class ChatRequest(GenerationRequest):
     """POST /v1/chat/completions. Unknown fields are ignored; null means the default."""
     # validated into the {"role", "content"} dicts that chat templates read
-    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES),
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES),
                         AfterValidator(_as_dicts)]
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(GenerationRequest):
     """POST /v1/completions: one prompt, as text or token ids (or a batch of one of either).
     Unknown fields are ignored; null means the default."""
     prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)])
@@ -228,7 +224,7 @@ class CacheRequest(_Strict):
     """POST /v1/caches: a context to keep computed, chat `messages` or a completion `prompt`;
     requests name it by the id in the answer (`cache_id`)."""
     model: str | None = None
-    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES),
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES),
                         AfterValidator(_as_dicts)] | None = None
     prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)]) | None = None
     ttl_seconds: Annotated[int, Field(ge=1, le=MAX_CACHE_TTL_S)] = DEFAULT_CACHE_TTL_S
@@ -274,24 +270,10 @@ def _parse(model: type[BaseModel], body: object):
         raise _api_error(e) from None
 
 
-def parse_chat(body: object) -> ChatRequest:
-    """Validate a /v1/chat/completions body."""
-    return _parse(ChatRequest, body)
-
-
-def parse_completion(body: object) -> CompletionRequest:
-    """Validate a /v1/completions body."""
-    return _parse(CompletionRequest, body)
-
-
-def parse_cache(body: object) -> CacheRequest:
-    """Validate a POST /v1/caches body."""
-    return _parse(CacheRequest, body)
-
-
-def parse_scale(body: object) -> ScaleRequest:
-    """Validate a POST /admin/scale body."""
-    return _parse(ScaleRequest, body)
+parse_chat: Callable[[object], ChatRequest] = partial(_parse, ChatRequest)
+parse_completion: Callable[[object], CompletionRequest] = partial(_parse, CompletionRequest)
+parse_cache: Callable[[object], CacheRequest] = partial(_parse, CacheRequest)
+parse_scale: Callable[[object], ScaleRequest] = partial(_parse, ScaleRequest)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -312,42 +294,169 @@ def parse_json(raw: bytes) -> dict:
 
 
 # --- responses -------------------------------------------------------------------------
+# Serialized field by field as OpenAI does: `logprobs` is always there (null); a stream
+# delta and a chunk's `usage` only when they hold something.
 
-def _choice(kind: str, index: int, text: str | None, finish: str | None, stream: bool, first: bool = False) -> dict:
-    if kind == "completion":
-        return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-    if stream:
-        delta = {} if text is None else {"content": text}
-        if first:
-            delta = {"role": "assistant", "content": ""}
-        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": None, "finish_reason": finish}
+def _omitted_when_none(default=None):
+    return Field(default, exclude_if=lambda v: v is None)
 
 
-def _envelope(job: "Job", stream: bool, choices: list[dict]) -> dict:
-    obj = {("chat", False): "chat.completion", ("chat", True): "chat.completion.chunk",
-           ("completion", False): "text_completion", ("completion", True): "text_completion"}[job.kind, stream]
-    prefix = "chatcmpl-" if job.kind == "chat" else "cmpl-"
-    return {"id": prefix + job.id, "object": obj, "created": int(job.created), "model": job.model,
-            "choices": choices}
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
 
-def first_chunks(job: "Job") -> list[dict]:
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the answer of every error status (`APIError.body`)."""
+    error: ErrorDetail
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class _Generated(BaseModel):
+    """What every completion body and chunk starts with."""
+    id: str
+    object: str
+    created: int
+    model: str
+
+
+class ChatCompletion(_Generated):
+    """POST /v1/chat/completions, the whole answer."""
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = _omitted_when_none()
+    content: str | None = _omitted_when_none()
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Generated):
+    """One server-sent event of a chat stream; every chunk of a stream has the same `id`."""
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = _omitted_when_none()
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(_Generated):
+    """POST /v1/completions: the whole answer (with `usage`), or one event of its stream."""
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = _omitted_when_none()
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "deepflow"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ContextCacheInfo(BaseModel):
+    """A context cache (POST and GET /v1/caches/...)."""
+    id: str
+    object: Literal["context_cache"] = "context_cache"
+    model: str
+    kind: Literal["chat", "completion"]
+    tokens: int
+    created: int
+    expires_at: int
+
+
+class ContextCacheList(BaseModel):
+    """GET /v1/caches."""
+    object: Literal["list"] = "list"
+    data: list[ContextCacheInfo]
+
+
+class ContextCacheDeleted(BaseModel):
+    id: str
+    object: Literal["context_cache.deleted"] = "context_cache.deleted"
+    deleted: bool = True
+
+
+class Health(BaseModel):
+    """GET /health: 200 with ok, 503 with degraded."""
+    status: Literal["ok", "degraded"]
+    tes_ready: int
+
+
+def _head(job: "Job") -> dict:
+    return {"id": ("chatcmpl-" if job.kind == "chat" else "cmpl-") + job.id, "created": int(job.created),
+            "model": job.model}
+
+
+def first_chunks(job: "Job") -> list[ChatCompletionChunk]:
     """Chat streams open with one role-only chunk per choice."""
     if job.kind != "chat":
         return []
-    return [_envelope(job, True, [_choice("chat", t.index, None, None, True, first=True)]) for t in job.tasks]
+    return [ChatCompletionChunk(**_head(job), choices=[
+        ChatChunkChoice(index=t.index, delta=ChatDelta(role="assistant", content=""))]) for t in job.tasks]
 
 
-def chunk(job: "Job", index: int, text: str, finish: str | None) -> dict:
-    return _envelope(job, True, [_choice(job.kind, index, None if finish else text, finish, True)])
+def chunk(job: "Job", index: int, text: str, finish: str | None) -> ChatCompletionChunk | Completion:
+    """A choice's new text, or (with `finish`) its end."""
+    if job.kind == "chat":
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=None if finish else text), finish_reason=finish)
+        return ChatCompletionChunk(**_head(job), choices=[choice])
+    return Completion(**_head(job), choices=[CompletionChoice(index=index, text="" if finish else text,
+                                                              finish_reason=finish)])
 
 
-def usage_chunk(job: "Job", usage: dict) -> dict:
-    return {**_envelope(job, True, []), "usage": usage}
+def usage_chunk(job: "Job", usage: dict) -> ChatCompletionChunk | Completion:
+    return (ChatCompletionChunk if job.kind == "chat" else Completion)(**_head(job), choices=[], usage=usage)
 
 
-def full_response(job: "Job", texts: list[str], finishes: list[str], usage: dict) -> dict:
-    choices = [_choice(job.kind, i, texts[i], finishes[i], False) for i in range(len(texts))]
-    return {**_envelope(job, False, choices), "usage": usage}
+def full_response(job: "Job", texts: list[str], finishes: list[str], usage: dict) -> ChatCompletion | Completion:
+    if job.kind == "chat":
+        return ChatCompletion(**_head(job), usage=usage, choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+            for i, (t, f) in enumerate(zip(texts, finishes))])
+    return Completion(**_head(job), usage=usage, choices=[
+        CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finishes))])

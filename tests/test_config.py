@@ -1,0 +1,47 @@
+"""The command line made from the config dataclasses (flowserve/config.py: `flag`,
+`add_flags`): the flags and their defaults, one per setting, and the cluster a set of flags
+gives (no server)."""
+import pytest
+
+import deepflow
+from deepflow import ServeConfig
+from flowserve.config import EngineConfig, from_args
+
+
+def configs(*flags: str) -> tuple[ServeConfig, EngineConfig]:
+    args = deepflow.parser().parse_args(["serve", *flags])
+    return from_args(ServeConfig, args), from_args(EngineConfig, args)
+
+
+def shape(*flags: str) -> dict[str, tuple[int, EngineConfig]]:
+    return deepflow.cluster_shape(*configs(*flags))
+
+
+def test_flags_carry_the_dataclass_defaults():
+    serve, engine = configs()
+    assert engine == EngineConfig() and engine.kv_cache_gb == 1.0  # one default, where the docs say
+    assert (serve.host, serve.port, serve.num_tes, serve.place_timeout_s) == ("127.0.0.1", 8000, None, 60.0)
+    serve, engine = configs("--kv-cache-gb", "0.25", "--no-async-scheduling", "--policy", "rr",
+                            "--host", "0.0.0.0", "--place-timeout-s", "5")
+    assert (engine.kv_cache_gb, engine.async_scheduling, serve.policy, serve.place_timeout_s) == (0.25, False, "rr", 5)
+    assert engine == EngineConfig(kv_cache_gb=0.25, async_scheduling=False)  # --host is HTTP's, not a TE's
+    with pytest.raises(SystemExit):
+        configs("--policy", "random")
+    gen = deepflow.parser().parse_args(["generate", "--prompt", "hi", "--threads", "2"])
+    assert from_args(EngineConfig, gen).num_threads == 2 and gen.max_tokens == 256 and gen.temperature == 0.0
+
+
+def test_pd_flags_alone_make_a_pd_only_cluster(tmp_path, monkeypatch):
+    """`--prefill-tes 1 --decode-tes 1` needs no heatmap: without --num-tes there is no
+    colocated TE to choose against. With one, the refusal names the cause and the fixes."""
+    monkeypatch.setenv("DEEPFLOW_CACHE", str(tmp_path))  # no saved heatmap
+    cfg, engine = configs("--prefill-tes", "1", "--decode-tes", "1")
+    pd_only = deepflow.cluster_shape(cfg, engine)
+    assert {g: n for g, (n, _) in pd_only.items()} == {"colocated": 0, "prefill": 1, "decode": 1}
+    assert deepflow.load_heatmap(cfg, pd_only) is None
+    assert {g: n for g, (n, _) in shape().items()} == {"colocated": 1, "prefill": 0, "decode": 0}
+
+    cfg, engine = configs("--num-tes", "1", "--prefill-tes", "1", "--decode-tes", "1")
+    with pytest.raises(SystemExit) as e:
+        deepflow.load_heatmap(cfg, deepflow.cluster_shape(cfg, engine))
+    assert all(s in str(e.value) for s in ("both colocated TEs", "--num-tes", "profile-pd", "--pd-heatmap"))
