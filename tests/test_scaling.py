@@ -24,7 +24,11 @@ def test_start_modes_give_reference_tokens_and_timeline(mode, engine_greedy_refe
         assert cluster["start_mode"] == mode and (cluster["template_pid"] is not None) == (mode == "fork")
         te = cluster["tes"][0]
         assert te["start_mode"] == mode
-        assert all(te["timeline_ms"][k] >= 0 for k in STEPS), te["timeline_ms"]
+        timeline = te["timeline_ms"]
+        # every step took time; together they make up the start, which loading dominates
+        assert all(timeline[k] > 0 for k in STEPS), timeline
+        assert 0.9 * timeline["total"] < sum(timeline[k] for k in STEPS) <= timeline["total"] + 1, timeline
+        assert timeline["total"] < 60_000
 
 
 async def test_scale_to_zero_holds_requests_then_scales_out_and_in():
