@@ -207,7 +207,7 @@ async def stream_text(session, url, body) -> tuple[str, str]:
     return text, finish
 
 
-async def test_client_disconnect_aborts_and_frees_blocks(server):
+async def test_client_disconnect_frees_blocks(server):
     """A client that goes away mid-stream: its task is aborted in the TE long before its
     max_tokens, and the TE's KV blocks go back to what they were."""
     base = server.get("/admin/cluster")["tes"][0]["kv_usage"]
