@@ -1,6 +1,7 @@
 """Explicit context caching (`/v1/caches`, `cache_id`): pinned blocks found by ID, the same
-answers as the conversation sent whole, TTL and DELETE unpinning, a cache rebuilt after its
-TE dies, and the errors."""
+answers as the conversation sent whole to an engine that never saw the context (on the
+server, a request sent whole would read the pinned blocks through the prefix cache, i.e.
+the KV under test), TTL and DELETE unpinning, a cache rebuilt after its TE dies, and the errors."""
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.protocol import SamplingParams
 from flowserve.rtc import RTC
+from flowserve.tokenizer import Detokenizer
 from tests.server_util import Server, wait_until
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
@@ -78,12 +80,26 @@ def te_pins(s: Server) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
+def fresh(model_path, weights, tokenizer):
+    """`fresh(prompt, **sampling)`: the text of an in-process engine that computes the whole
+    prompt itself, the reference for an answer on a context cache."""
+    engine = Engine(model_path, EngineConfig(kv_cache_gb=0.05), weights=weights)
+
+    def answer(prompt: str | list[dict], max_tokens: int = 16, **sampling) -> str:
+        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt)
+        ids = tokenizer.encode(text)
+        out = engine.generate([ids], SamplingParams(max_tokens=max_tokens, **sampling))[0]
+        return Detokenizer(tokenizer, ids).push(out)
+    return answer
+
+
+@pytest.fixture(scope="module")
 def server():
     with Server("--max-model-len", "1024", "--kv-cache-gb", "0.05", "--cache-budget", "0.5") as s:
         yield s
 
 
-def test_cache_id_answers_as_the_whole_conversation(server):
+def test_cache_id_answers_as_the_whole_conversation(server, fresh):
     s = server
     code, cache = s.post("/v1/caches", {"messages": [{"role": "system", "content": SYSTEM}], "ttl_seconds": 600})
     assert code == 200, cache
@@ -98,7 +114,9 @@ def test_cache_id_answers_as_the_whole_conversation(server):
     for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 11}):
         with_cache = chat(s, user, cache_id=cache["id"], **sampling)
         sent_whole = chat(s, whole, **sampling)
-        assert with_cache["choices"][0]["message"] == sent_whole["choices"][0]["message"]
+        expected = fresh(whole, **sampling)
+        assert with_cache["choices"][0]["message"] == {"role": "assistant", "content": expected}
+        assert sent_whole["choices"][0]["message"]["content"] == expected
         assert with_cache["usage"]["prompt_tokens"] == sent_whole["usage"]["prompt_tokens"]
         assert with_cache["usage"]["prompt_tokens_details"]["cached_tokens"] == cache["tokens"] // 16 * 16
 
@@ -113,7 +131,7 @@ def test_cache_id_answers_as_the_whole_conversation(server):
     assert code == 404 and err["error"]["param"] == "cache_id"
 
 
-def test_completion_cache_and_ttl_expiry(server):
+def test_completion_cache_and_ttl_expiry(server, fresh):
     s = server
     prompt = "Once upon a time, in a valley between two rivers, there lived " * 8
     code, cache = s.post("/v1/caches", {"prompt": prompt, "ttl_seconds": 600})
@@ -121,7 +139,7 @@ def test_completion_cache_and_ttl_expiry(server):
     own = "a fox who"
     code, a = s.post("/v1/completions", {"prompt": own, "cache_id": cache["id"], "max_tokens": 12, "temperature": 0})
     code, b = s.post("/v1/completions", {"prompt": prompt + own, "max_tokens": 12, "temperature": 0})
-    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] == fresh(prompt + own, 12, temperature=0)
     assert a["usage"]["prompt_tokens_details"]["cached_tokens"] >= cache["tokens"] // 16 * 16 - 16
     code, err = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                 "cache_id": cache["id"], "max_tokens": 4})
@@ -154,12 +172,14 @@ def test_cache_errors(server):
     assert s.delete(f"/v1/caches/{first[1]['id']}")[0] == 200
 
 
-def test_cache_rebuilt_after_its_te_dies():
+def test_cache_rebuilt_after_its_te_dies(fresh):
     with Server("--max-model-len", "1024") as s:
         code, cache = s.post("/v1/caches", {"messages": [{"role": "system", "content": SYSTEM}]})
         assert code == 200
         user = [{"role": "user", "content": "Do you sell tarts?"}]
         before = chat(s, user, cache_id=cache["id"], temperature=0)
+        expected = fresh([{"role": "system", "content": SYSTEM}] + user, temperature=0)
+        assert before["choices"][0]["message"]["content"] == expected
         te = s.get("/admin/cluster")["tes"][0]
         os.kill(te["pid"], signal.SIGKILL)
         t0 = time.monotonic()
@@ -174,15 +194,15 @@ def test_cache_rebuilt_after_its_te_dies():
         assert time.monotonic() - t0 < 60
 
 
-def test_cache_on_a_pd_pair():
+def test_cache_on_a_pd_pair(fresh):
     """Disaggregated: the context is pinned on the prefill TE, whose handoff carries the whole prompt's KV."""
     with Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--max-model-len", "1024") as s:
         code, cache = s.post("/v1/caches", {"messages": [{"role": "system", "content": SYSTEM}]})
         assert code == 200
         user = [{"role": "user", "content": "What do you sell?"}]
         on_cache = chat(s, user, cache_id=cache["id"], temperature=0)
-        whole = chat(s, [{"role": "system", "content": SYSTEM}] + user, temperature=0)
-        assert on_cache["choices"][0]["message"] == whole["choices"][0]["message"]
+        expected = fresh([{"role": "system", "content": SYSTEM}] + user, temperature=0)
+        assert on_cache["choices"][0]["message"]["content"] == expected
         assert on_cache["usage"]["prompt_tokens_details"]["cached_tokens"] == cache["tokens"] // 16 * 16
         prefill = next(te for te in s.get("/admin/cluster")["tes"] if te["group"] == "prefill")
         assert prefill["pinned_blocks"] == cache["tokens"] // 16

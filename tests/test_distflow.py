@@ -47,9 +47,13 @@ def test_layer_by_layer_during_the_forward_gives_the_colocated_tokens(model_path
         return out
     prefill.runner.run = timed_run
     with PDPair(prefill, make_engine(model_path, weights, **SMALL), transport) as pair:
+        t0 = time.perf_counter()
         tokens, handoffs = pair.run(prompts, params)
+        wall_ms = 1e3 * (time.perf_counter() - t0)
     assert tokens == expected
-    assert all(h.kv_bytes and h.kv_ms >= 0 for h in handoffs)
+    per_block = kv_block_bytes(prefill.model_cfg, 16, prefill.dtype)
+    assert [h.kv_bytes for h in handoffs] == [-(-len(p) // 16) * per_block for p in prompts]  # every block, once
+    assert all(0 < h.kv_ms < wall_ms for h in handoffs), (handoffs, wall_ms)
     streamed = [end for hooked, end in forwards if hooked]
     assert streamed and reads[0] < streamed[0]  # sending began before that forward was over
     assert len(reads) == 2 * prefill.model_cfg.num_layers

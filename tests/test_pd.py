@@ -254,12 +254,19 @@ async def test_decode_te_killed_during_transfer():
     prefill TE dies before a first token: the client never notices."""
     with Server("--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--kv-timeout-s", "60",
                 "--max-model-len", "1024", "--kv-cache-gb", "0.2") as s:
-        # n choices and a stop string: two pairs; the stop string ends both halves of each
-        status, two = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name two colors."}],
-                                                      "n": 2, "seed": 1, "temperature": 0.9, "max_tokens": 60,
-                                                      "stop": [","], "ignore_eos": True})
+        # n choices and stop strings: two pairs; each choice ends exactly where the first of the
+        # stop strings (one from the middle of each choice's full answer) appears in it
+        ask = {"messages": [{"role": "user", "content": "Name two colors."}], "n": 2, "seed": 1, "temperature": 0.9,
+               "max_tokens": 40, "ignore_eos": True}
+        status, full = s.post("/v1/chat/completions", ask)
+        assert status == 200, full
+        texts = [c["message"]["content"] for c in full["choices"]]
+        assert texts[0] != texts[1] and all(len(t) > 40 for t in texts), texts
+        stops = [t[len(t) // 2:len(t) // 2 + 4] for t in texts]
+        status, two = s.post("/v1/chat/completions", {**ask, "stop": stops})
         assert status == 200 and [c["finish_reason"] for c in two["choices"]] == ["stop", "stop"], two
-        assert "," not in two["choices"][0]["message"]["content"] + two["choices"][1]["message"]["content"]
+        cut = [t[:min(t.index(x) for x in stops if x in t)] for t in texts]
+        assert [c["message"]["content"] for c in two["choices"]] == cut and all(cut), (texts, stops)
         await async_wait_until(lambda: all(te["tasks"] == 0 and te["kv_usage"] == 0 for te in tes(s)), 10)
 
         decode = next(te for te in tes(s) if te["group"] == "decode")

@@ -2,6 +2,9 @@
 burst, fuzzing from the server's own OpenAPI description, a client that stops reading.
 docs/RELIABILITY.md lists each fault with the test here that shows it."""
 import asyncio
+import contextlib
+import ctypes
+import http.client
 import os
 import signal
 import socket
@@ -136,28 +139,68 @@ async def test_overload_burst_is_bounded():
         assert s.get("/admin/cluster")["tes"][0]["running"] == 0
 
 
-def test_slow_reader_does_not_stall_others():
-    """A client that stops reading its stream: other requests are still answered, and its
-    abandoned connection is aborted (its task leaves the TE) once it goes away."""
-    with Server("--max-model-len", "2048") as s:
-        body = orjson.dumps({"messages": ask("Write a long story."), "max_tokens": 1500, "temperature": 0,
-                             "ignore_eos": True, "stream": True, "n": 4})
-        slow = socket.create_connection(("127.0.0.1", s.port))
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+CLONE_NEWNET = 0x40000000
 
-        def generating():  # all four of its choices: its small receive buffer is filling
-            jobs = s.get("/admin/cluster")["recent_jobs"]
-            return jobs and all(t["state"] == "running" and t["output_tokens"] for t in jobs[0]["tasks"])
-        wait_until(generating)
-        req = urllib.request.Request(s.url + "/v1/completions", orjson.dumps(
-            {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
-            {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert orjson.loads(r.read())["usage"]["completion_tokens"] > 0
+
+@contextlib.contextmanager
+def small_send_buffers():
+    """This thread, and the processes it starts, in a fresh network namespace whose TCP send
+    buffers stop at 16 KiB: the default 4 MiB would take in a whole long stream, so a client
+    that stops reading would never hold the server back. Skips where namespaces cannot be made."""
+    from tests.netns_cluster import can_create_namespaces
+    if reason := can_create_namespaces():
+        pytest.skip(f"cannot create network namespaces: {reason}")
+    name = f"dfslow{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "sh", "-c",
+                        "ip link set lo up && sysctl -qw net.ipv4.tcp_wmem='4096 16384 16384'"], check=True)
+        with open("/proc/thread-self/ns/net") as home, open(f"/var/run/netns/{name}") as ns:
+            assert libc.setns(ns.fileno(), CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+            try:
+                yield
+            finally:
+                assert libc.setns(home.fileno(), CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_slow_reader_does_not_stall_others():
+    """A client that stops reading a long stream (16 choices): once the socket buffers are
+    full, the server's writes to it wait (aiohttp back-pressure), so its job stays open after
+    the TE generated every token, while other clients are served; when it reads again, it
+    gets the whole stream, and the job ends."""
+    with small_send_buffers(), Server("--max-model-len", "512") as s:
+        slow = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        slow.sock = socket.socket()
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sock.connect(("127.0.0.1", s.port))
+        body = {"messages": ask("Write a long story."), "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+                "stream": True, "n": 16}  # ~800 chunks, ~160 KB: twice what the buffers hold
+        slow.request("POST", "/v1/chat/completions", orjson.dumps(body), {"Content-Type": "application/json"})
+
+        def job() -> dict:
+            return next(j for j in s.get("/admin/cluster")["recent_jobs"] if len(j["tasks"]) == 16)
+        wait_until(lambda: all(t["state"] == "finished" for t in job()["tasks"]), 120)
+        time.sleep(1)
+        assert job()["state"] == "running" and s.get("/admin/cluster")["active"] == 1  # held back
+
+        status, other = s.post("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8,
+                                                   "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert status == 200 and other["usage"]["completion_tokens"] == 8
+        assert job()["state"] == "running"
+
+        events = [line[6:] for line in slow.getresponse().read().decode().split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        texts, finishes = [""] * 16, [None] * 16
+        for chunk in map(orjson.loads, events[:-1]):
+            c = chunk["choices"][0]
+            texts[c["index"]] += c["delta"].get("content") or ""
+            finishes[c["index"]] = c["finish_reason"] or finishes[c["index"]]
+        assert finishes == ["length"] * 16 and len(set(texts)) == 1 and len(texts[0]) > 100  # greedy: one text
+        wait_until(lambda: job()["state"] == "finished", 10)
         slow.close()
-        wait_until(lambda: s.get("/admin/cluster")["tes"][0]["tasks"] == 0, 30)
 
 
 def test_openapi_fuzzing_finds_no_server_error(tmp_path, monkeypatch):

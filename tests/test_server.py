@@ -33,12 +33,24 @@ def ask(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 
 
+def check_envelope(bodies: list, kind: str, since: float) -> None:
+    """OpenAI's fields around the choices: one id for all of a stream's chunks, the served
+    model's name, the creation second, the object type."""
+    assert len({b.id for b in bodies}) == 1, {b.id for b in bodies}
+    assert bodies[0].id.startswith("chatcmpl-" if kind.startswith("chat") else "cmpl-")
+    assert {b.object for b in bodies} == {kind} and {b.model for b in bodies} == {MODEL}
+    assert len({b.created for b in bodies}) == 1 and int(since) <= bodies[0].created <= time.time()
+
+
 def test_openai_client_chat_stream_and_completion(client):
+    t0 = time.time()
     r = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
                                        temperature=0, max_tokens=30)
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    check_envelope([r], "chat.completion", t0)
 
     chunks = list(client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"),
                                                  temperature=0, max_tokens=30, stream=True,
@@ -48,29 +60,82 @@ def test_openai_client_chat_stream_and_completion(client):
     assert text == r.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+    check_envelope(chunks, "chat.completion.chunk", t0)
+    assert chunks[0].id != r.id  # an id per request
     # the same prompt again: its prefix is in the TE's cache
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
 
     c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
-    assert c.object == "text_completion" and len(c.choices[0].text) > 0
+    assert len(c.choices[0].text) > 0
     assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 8
+    assert c.usage.total_tokens == c.usage.prompt_tokens + 8 and c.usage.prompt_tokens == 5
+    check_envelope([c], "text_completion", t0)
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == c.choices[0].text
+    assert chunks[-1].usage.total_tokens == c.usage.total_tokens
+    check_envelope(chunks, "text_completion", t0)
+    assert chunks[0].id not in (c.id, r.id)
+
+
+def test_non_ascii_text_streams_as_it_answers(client, tokenizer):
+    """CJK, accents and emoji in and out: the stream, cut into tokens that split characters,
+    reads as the whole answer, and the prompt is counted as our tokenizer counts it
+    (tests/test_tokenizer.py holds that tokenizer to transformers')."""
+    prompt = "東京は日本の首都です。Ça, c'est très joli 🎉! 北京是"
+    body = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**body)
+    text = whole.choices[0].text
+    assert any(ord(ch) > 127 for ch in text), text  # the answer itself is not plain ASCII
+    assert "\ufffd" not in text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**body, stream=True))
+    assert streamed == text
+    assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt))
 
 
 def test_n_choices_and_seed(client):
-    r = client.chat.completions.create(model=MODEL, messages=ask("Tell me a story."), n=2, max_tokens=12,
+    r = client.chat.completions.create(model=MODEL, messages=ask("Tell me a story."), n=3, max_tokens=12,
                                        temperature=0.8, seed=7)
-    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert len({c.message.content for c in r.choices}) == 3  # n samples, not one copied n times
     again = client.chat.completions.create(model=MODEL, messages=ask("Tell me a story."), max_tokens=12,
                                            temperature=0.8, seed=7)
     assert again.choices[0].message.content == r.choices[0].message.content
 
 
+def test_temperature_and_top_p_change_the_answer(client):
+    """Seeded samples are reproducible; greedy ignores the seed; at one seed a different
+    temperature samples differently; a tiny top_p leaves only the most likely token, so it
+    gives the greedy answer whatever the temperature."""
+    def complete(**sampling) -> str:
+        return client.completions.create(model=MODEL, prompt="My favourite animal is", max_tokens=16,
+                                         extra_body={"ignore_eos": True}, **sampling).choices[0].text
+    greedy = complete(temperature=0, seed=1)
+    assert complete(temperature=0, seed=2) == greedy
+    hot = complete(temperature=1.5, seed=1)
+    assert hot == complete(temperature=1.5, seed=1)
+    assert hot != greedy
+    assert complete(temperature=0.7, seed=1) != hot
+    assert complete(temperature=1.5, seed=1, top_p=0.01) == greedy
+
+
 def test_stop_string(client):
-    full = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0)
-    stop = full.choices[0].text.strip()[:2]
-    cut = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0, stop=[stop])
-    assert cut.choices[0].finish_reason == "stop"
-    assert stop not in cut.choices[0].text and full.choices[0].text.startswith(cut.choices[0].text)
+    """A stop string from the middle of the greedy answer ends it there: the text before it,
+    exactly, without it, streamed or not."""
+    body = dict(model=MODEL, prompt="The three primary colors are", max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True})
+    full = client.completions.create(**body).choices[0].text
+    middle = len(full) // 2
+    stop = full[middle:middle + 4]
+    before = full[:full.index(stop)]
+    assert len(before) >= 8, (full, stop)
+    cut = client.completions.create(**body, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == before
+    assert cut.usage.completion_tokens < 24
+    chunks = list(client.completions.create(**body, stop=["never appears", stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == before
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
@@ -143,19 +208,24 @@ async def stream_text(session, url, body) -> tuple[str, str]:
 
 
 async def test_client_disconnect_frees_blocks(server):
+    """A client that goes away mid-stream: its task is aborted in the TE long before its
+    max_tokens, and the TE's KV blocks go back to what they were."""
     base = server.get("/admin/cluster")["tes"][0]["kv_usage"]
     async with aiohttp.ClientSession() as s:
-        body = {**GOOD, "max_tokens": 500, "stream": True, "ignore_eos": True}
+        body = {**GOOD, "max_tokens": 1500, "stream": True, "ignore_eos": True}
         async with s.post(server.url + "/v1/chat/completions", json=body, headers=AUTH) as r:
-            for _ in range(4):
-                await r.content.readline()
-            assert server.get("/admin/cluster")["tes"][0]["running"] == 1
+            await data_lines(r, 4)
+            te = server.get("/admin/cluster")["tes"][0]
+            assert te["running"] == 1 and te["kv_usage"] > base
         # leaving the block closed the connection mid-stream
 
     def freed():
         te = server.get("/admin/cluster")["tes"][0]
         return te["running"] == 0 and te["kv_usage"] <= base
     await async_wait_until(freed, 5)
+    job = server.get("/admin/cluster")["recent_jobs"][0]
+    assert job["state"] == "aborted" and job["tasks"][0]["state"] == "aborted", job
+    assert 3 <= job["tasks"][0]["output_tokens"] < 1000  # stopped where the client left, not run out
 
 
 async def test_32_concurrent_streams_match_alone(server):
@@ -223,20 +293,54 @@ async def test_signal_drains_streams_and_leaves_no_process(how):
     wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
 
 
+def scrape(server: Server) -> dict[str, float]:
+    """/metrics as {sample name with its labels but the model's: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
 def test_models_health_metrics(server, client):
-    for _ in range(2):  # the second one hits the prefix cache
-        client.completions.create(model=MODEL, prompt="Once upon a time " * 20, max_tokens=1)
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert server.get("/health")["status"] == "ok"
-    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
-    for name in ("time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
-                 "e2e_request_latency_seconds_count", "num_requests_running", "num_requests_waiting",
-                 "kv_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total",
-                 "prompt_tokens_total", "generation_tokens_total", "te_start_step_milliseconds"):
-        assert f"deepflow:{name}" in text, name
-    hits = float(next(line.split()[-1] for line in text.splitlines()
-                      if line.startswith("deepflow:prefix_cache_hits_total")))
-    assert hits > 0
+    before = scrape(server)
+    prompt = "Once upon a time " * 20
+    usages = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, extra_body={"ignore_eos": True},
+                                        temperature=0).usage for _ in range(2)]  # the second hits the prefix cache
+    stopped = client.completions.create(model=MODEL, prompt="Count: 1, 2,", max_tokens=16, stop=[","],
+                                        temperature=0)
+    assert stopped.choices[0].finish_reason == "stop"
+    wait_until(lambda: scrape(server)["deepflow:num_requests_running"] == 0, 10)
+    after = scrape(server)
+
+    def moved(name: str) -> float:
+        return after.get(f"deepflow:{name}", 0) - before.get(f"deepflow:{name}", 0)
+    assert moved("e2e_request_latency_seconds_count") == 3
+    assert moved("time_to_first_token_seconds_count") == 3
+    assert moved("time_per_output_token_seconds_count") == 2 + (stopped.usage.completion_tokens > 1)
+    assert moved("request_success_total{finished_reason=length}") == 2
+    assert moved("request_success_total{finished_reason=stop}") == 1
+    prompt_tokens = 2 * usages[0].prompt_tokens + stopped.usage.prompt_tokens
+    assert moved("prompt_tokens_total") == prompt_tokens
+    assert moved("generation_tokens_total") == 6 + stopped.usage.completion_tokens
+    assert moved("prefix_cache_queries_total") == prompt_tokens
+    assert moved("prefix_cache_hits_total") == sum(u.prompt_tokens_details.cached_tokens for u in usages) + \
+        stopped.usage.prompt_tokens_details.cached_tokens
+    assert usages[1].prompt_tokens_details.cached_tokens >= usages[0].prompt_tokens // 16 * 16 - 16 > 0
+    # latencies fall in the buckets they took
+    e2e = after["deepflow:e2e_request_latency_seconds_sum"] - before.get("deepflow:e2e_request_latency_seconds_sum", 0)
+    assert 0 < e2e < 60
+    assert after["deepflow:kv_cache_usage_perc"] == 0 and after["deepflow:num_requests_waiting"] == 0
+    assert after["deepflow:num_tes_ready"] == 1
+    te = server.get("/admin/cluster")["tes"][0]
+    steps = {k.split("step=")[1].split(",")[0]: v for k, v in after.items()
+             if k.startswith("deepflow:te_start_step_milliseconds")}
+    assert steps == te["timeline_ms"] and len(steps) == 6 and all(v > 0 for v in steps.values()), steps
 
 
 def test_main_process_has_not_loaded_torch(server, client):
