@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from flowserve.protocol import FinishReason, SamplingParams
+from flowserve.protocol import FinishReason
 from flowserve.tokenizer import Detokenizer, Tokenizer
 from scheduler.caches import ContextCaches
 from scheduler.cluster import Cluster
