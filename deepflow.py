@@ -30,16 +30,18 @@ from pydantic import BaseModel
 
 from flowserve.config import (EngineConfig, add_flags, cache_dir, check_tensor_parallel, default_model_path, flag,
                               from_args, read_model_config)
-from flowserve.protocol import SamplingParams
+from flowserve.protocol import Adapter, SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
+from scaling.hosts import Host
 from scaling.node import local_host
 from scheduler import api
-from scheduler.api import APIError, model_not_found, parse_chat, parse_completion, parse_json, parse_scale
+from scheduler.api import APIError, parse_chat, parse_completion, parse_json, parse_scale
 from scheduler.caches import ContextCaches
 from scheduler.cluster import GROUPS, Cluster, NoRoom
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
+from scheduler.models import Models, ServedModel, parse_named
 from scheduler.openapi import openapi
 from scheduler.pd_policy import Heatmap
 from scheduler.pd_profile import add_profile_parser
@@ -88,8 +90,13 @@ class ServeConfig:
     """`serve`'s settings besides the engine's (EngineConfig)."""
     host: str = flag("address the HTTP server listens on", "127.0.0.1")
     port: int = flag("port the HTTP server listens on", 8000)
-    model: str | None = flag(MODEL_HELP)
-    served_model_name: str | None = flag("the name clients send as `model` (default: the model file's)")
+    model: list[str] | None = flag(MODEL_HELP + "; NAME=PATH names it, and repeated it adds base models "
+                                   "(the first is the default; the others start at 0 TEs and scale from zero)",
+                                   action="append")
+    served_model_name: str | None = flag("the name clients send as `model` for the first model (default: the model "
+                                         "file's)")
+    lora_modules: list[str] | None = flag("NAME=PATH: a PEFT LoRA adapter directory served as the model NAME over "
+                                          "the first base model; repeatable", action="append")
     api_key: str | None = field(default_factory=lambda: os.environ.get("DEEPFLOW_API_KEY"), metadata={
         "help": "require `Authorization: Bearer KEY` on /v1 routes (default: $DEEPFLOW_API_KEY)"})
     num_tes: int | None = flag("colocated TEs at start (default: 1; 0 with --prefill-tes and --decode-tes)")
@@ -127,18 +134,14 @@ BODY_TIMEOUT_S = 30
 
 @dataclass
 class Frontend:
-    """What the routes know besides the cluster: the served name and the limits on a request."""
-    model_name: str
+    """What the routes know besides the models: the limits on a request."""
     api_key: str | None
     max_body: int
-    started: int = field(default_factory=lambda: int(time.time()))
 
 
 FRONTEND = web.AppKey("frontend", Frontend)
-CLUSTER = web.AppKey("cluster", Cluster)
-JE = web.AppKey("je", JobExecutor)
+MODELS = web.AppKey("models", Models)
 METRICS = web.AppKey("metrics", Metrics)
-POLICIES = web.AppKey("policies", dict[str, ScalePolicy])
 DRAINING = web.AppKey("draining", asyncio.Event)
 
 
@@ -190,28 +193,28 @@ async def read_json(request: web.Request) -> dict:
     return parse_json(raw)
 
 
-def check_request(request: web.Request,
-                  req: api.ChatRequest | api.CompletionRequest | api.CacheRequest) -> None:
-    if req.model not in (None, request.app[FRONTEND].model_name):
-        raise model_not_found(req.model)
+def resolve(request: web.Request,
+            req: api.ChatRequest | api.CompletionRequest | api.CacheRequest) -> tuple[ServedModel, Adapter | None]:
+    """The base model (and LoRA adapter) the request's `model` names; 404 if none."""
     if getattr(req, "ignored_fields", None):  # accepted, as OpenAI's API evolves, but said
         log.info("%s: ignoring unknown fields %s", request.path, req.ignored_fields)
+    base, lora = request.app[MODELS].resolve(req.model)
+    return base, lora and lora.wire
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat(await read_json(request))
-    check_request(request, req)
-    return await respond(request, request.app[JE].chat_job(req), req)
+    base, adapter = resolve(request, req)
+    return await respond(request, base.je, base.je.chat_job(req, adapter), req)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     req = parse_completion(await read_json(request))
-    check_request(request, req)
-    return await respond(request, request.app[JE].completion_job(req), req)
+    base, adapter = resolve(request, req)
+    return await respond(request, base.je, base.je.completion_job(req, adapter), req)
 
 
-async def respond(request: web.Request, job, req: api.GenerationRequest) -> web.StreamResponse:
-    je: JobExecutor = request.app[JE]
+async def respond(request: web.Request, je: JobExecutor, job, req: api.GenerationRequest) -> web.StreamResponse:
     je.start(job, req.stop_strings)  # 429 here, before any byte is sent
     if not req.stream:
         texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
@@ -246,38 +249,65 @@ async def create_cache(request: web.Request) -> web.Response:
     """`{"model", "messages" | "prompt", "ttl_seconds"}`: a context cache, computed and pinned
     before the answer; chat and completion requests use it by `"cache_id"`."""
     req = api.parse_cache(await read_json(request))
-    check_request(request, req)
-    je: JobExecutor = request.app[JE]
-    cache = await je.caches.create(request.app[FRONTEND].model_name, *je.context_tokens(req), req.ttl_seconds)
+    base, adapter = resolve(request, req)
+    if adapter:
+        raise APIError(400, "context caches hold a base model's KV; name the base model", "model")
+    cache = await base.je.caches.create(base.name, *base.je.context_tokens(req), req.ttl_seconds)
     return json_response(api.ContextCacheInfo(**cache.to_dict()))
 
 
+def caches_of(request: web.Request) -> list[ContextCaches]:
+    return [b.je.caches for b in request.app[MODELS].bases.values()]
+
+
+def find_cache(request: web.Request) -> tuple[ContextCaches, str]:
+    """The context caches (of one base model) that hold the path's id; 404 if none does."""
+    cache_id = request.match_info["cache_id"]
+    caches = caches_of(request)
+    return next((c for c in caches if cache_id in c.caches), caches[0]), cache_id
+
+
 async def list_caches(request: web.Request) -> web.Response:
-    caches = request.app[JE].caches
-    caches.expire()
-    return json_response(api.ContextCacheList(data=[c.to_dict() for c in caches.caches.values()]))
+    data = []
+    for caches in caches_of(request):
+        caches.expire()
+        data += [c.to_dict() for c in caches.caches.values()]
+    return json_response(api.ContextCacheList(data=data))
 
 
 async def get_cache(request: web.Request) -> web.Response:
-    return json_response(api.ContextCacheInfo(**request.app[JE].caches.get(request.match_info["cache_id"]).to_dict()))
+    caches, cache_id = find_cache(request)
+    return json_response(api.ContextCacheInfo(**caches.get(cache_id).to_dict()))
 
 
 async def delete_cache(request: web.Request) -> web.Response:
-    cache_id = request.match_info["cache_id"]
-    request.app[JE].caches.delete(cache_id)
+    caches, cache_id = find_cache(request)
+    caches.delete(cache_id)
     return json_response(api.ContextCacheDeleted(id=cache_id))
 
 
 async def models(request: web.Request) -> web.Response:
-    app = request.app
-    return json_response(api.ModelList(data=[api.ModelCard(
-        id=app[FRONTEND].model_name, created=app[FRONTEND].started, max_model_len=app[CLUSTER].max_model_len)]))
+    return json_response(api.ModelList(data=request.app[MODELS].cards()))
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    req = api.parse_load_lora(await read_json(request))
+    lora = request.app[MODELS].load_adapter(req.lora_name, req.lora_path, req.base_model_name)
+    log.warning("LoRA adapter %s loaded from %s over %s", lora.name, lora.spec.path, lora.base.name)
+    return json_response(next(c for c in request.app[MODELS].cards() if c.id == lora.name))
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    req = api.parse_unload_lora(await read_json(request))
+    request.app[MODELS].unload_adapter(req.lora_name)
+    return json_response(api.ModelDeleted(id=req.lora_name))
 
 
 async def health(request: web.Request) -> web.Response:
-    cluster: Cluster = request.app[CLUSTER]
-    ok = cluster.healthy() and not request.app[DRAINING].is_set()
-    return json_response(api.Health(status="ok" if ok else "degraded", tes_ready=len(cluster.ready_tes())),
+    clusters = [b.cluster for b in request.app[MODELS].bases.values()]
+    ok = all(c.healthy() for c in clusters) and not request.app[DRAINING].is_set()
+    return json_response(api.Health(status="ok" if ok else "degraded", tes_ready=sum(len(c.ready_tes())
+                                                                                  for c in clusters)),
                          200 if ok else 503)
 
 
@@ -286,34 +316,41 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    app = request.app
-    return json_response(openapi(app[FRONTEND].model_name, app[CLUSTER].max_model_len, bool(app[FRONTEND].api_key)))
+    base = request.app[MODELS].default
+    return json_response(openapi(base.name, base.cluster.max_model_len, bool(request.app[FRONTEND].api_key)))
 
 
 async def admin_cluster(request: web.Request) -> web.Response:
-    return json_response({**request.app[CLUSTER].to_dict(), **request.app[JE].to_dict()})
+    """The default base model's cluster and jobs at the top level; every base's under `models`."""
+    models_ = request.app[MODELS]
+    views = {b.name: {**b.cluster.to_dict(), **b.je.to_dict()} for b in models_.bases.values()}
+    adapters = [{**c.model_dump(), "digest": models_.adapters[c.id].spec.digest}
+                for c in models_.cards() if c.parent]
+    return json_response({**views[models_.default.name], "models": views, "adapters": adapters})
 
 
 async def admin_scale(request: web.Request) -> web.Response:
-    """`{"group": "colocated", "instances": N}`: set a group's size by hand (0 allowed); the
-    autoscaler keeps it there (its min and max become N)."""
+    """`{"model": NAME, "group": "colocated", "instances": N}`: set a group's size by hand (0
+    allowed); the autoscaler keeps it there (its min and max become N)."""
     req = parse_scale(await read_json(request))
-    cluster: Cluster = request.app[CLUSTER]
+    if req.model is not None and req.model not in request.app[MODELS].bases:
+        raise APIError(400, f"no base model {req.model!r}; bases: {sorted(request.app[MODELS].bases)}", "model")
+    base = request.app[MODELS].bases.get(req.model) or request.app[MODELS].default
+    cluster = base.cluster
     if req.group not in cluster.groups:
         raise APIError(400, f"unknown group {req.group!r}; groups: {sorted(cluster.groups)}", "group")
     if why := cluster.target_beyond_room(req.group, req.instances):  # the serving TEs are left alone
         raise APIError(409, why, "instances", code="insufficient_capacity")
-    policy = request.app[POLICIES][req.group]
+    policy = base.policies[req.group]
     policy.min_tes = policy.max_tes = req.instances  # a size set by hand holds until the next one
     cluster.scale_to(req.group, req.instances)
     return json_response(req)
 
 
-def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, policies: dict[str, ScalePolicy],
-              model_name: str, api_key: str | None, max_body: int) -> web.Application:
+def build_app(models_: Models, metrics_: Metrics, api_key: str | None, max_body: int) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
-    app[FRONTEND] = Frontend(model_name, api_key, max_body)
-    app[CLUSTER], app[JE], app[METRICS], app[POLICIES], app[DRAINING] = cluster, je, metrics_, policies, asyncio.Event()
+    app[FRONTEND] = Frontend(api_key, max_body)
+    app[MODELS], app[METRICS], app[DRAINING] = models_, metrics_, asyncio.Event()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -326,6 +363,8 @@ def build_app(cluster: Cluster, je: JobExecutor, metrics_: Metrics, policies: di
     app.router.add_get("/admin/cluster", admin_cluster)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_post("/admin/scale", admin_scale)
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     return app
 
 
@@ -333,36 +372,43 @@ def default_heatmap_path() -> str:
     return str(cache_dir() / "pd_heatmap.json")
 
 
-def cluster_shape(cfg: ServeConfig, engine: EngineConfig) -> dict[str, tuple[int, EngineConfig]]:
-    """Each group's size and engine config: the flags, then a `--cluster` TOML file's tables
-    on top, one per group, with `instances` and any EngineConfig flag's field:
+def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = None) -> dict[str, tuple[int, EngineConfig]]:
+    """Each group's size and engine config, for the first base model (`model` None) or another
+    one. The first's come from the flags, then a `--cluster` TOML file's tables on top, one
+    per group, with `instances` and any EngineConfig flag's field; another base model starts
+    with no TE, and its tables sit under `[model.NAME]`:
 
         [prefill]
         instances = 1
         [decode]
         instances = 2
         kv_cache_gb = 2.0
+        [model.tiny.colocated]
+        instances = 1
     """
-    sizes = {"colocated": cfg.num_tes, "prefill": cfg.prefill_tes, "decode": cfg.decode_tes}
+    first = model is None
+    sizes = {"colocated": cfg.num_tes if first else 0, "prefill": cfg.prefill_tes if first else 0,
+             "decode": cfg.decode_tes if first else 0}
     overrides: dict[str, dict] = {g: {} for g in GROUPS}
+    doc = {}
     if cfg.cluster:
         with open(cfg.cluster, "rb") as f:
             doc = tomllib.load(f)
-        known = {f.name for f in fields(EngineConfig) if "help" in f.metadata}
-        for group, table in doc.items():
-            if group not in GROUPS or not isinstance(table, dict):
-                raise SystemExit(f"{cfg.cluster}: unknown table [{group}]; groups are {', '.join(GROUPS)}")
-            table = dict(table)
-            sizes[group] = table.pop("instances", sizes[group])
-            if unknown := set(table) - known:
-                raise SystemExit(f"{cfg.cluster}: [{group}] has unknown keys {sorted(unknown)}")
-            overrides[group] = table
+    per_model = doc.pop("model", {})
+    known = {f.name for f in fields(EngineConfig) if "help" in f.metadata}
+    for group, table in (doc if first else per_model.get(model, {})).items():
+        where = f"[{group}]" if first else f"[model.{model}.{group}]"
+        if group not in GROUPS or not isinstance(table, dict):
+            raise SystemExit(f"{cfg.cluster}: unknown table {where}; groups are {', '.join(GROUPS)}")
+        table = dict(table)
+        sizes[group] = table.pop("instances", sizes[group])
+        if unknown := set(table) - known:
+            raise SystemExit(f"{cfg.cluster}: {where} has unknown keys {sorted(unknown)}")
+        overrides[group] = table
     if sizes["colocated"] is None:  # PD TEs alone make a PD-only cluster
         sizes["colocated"] = 0 if sizes["prefill"] or sizes["decode"] else 1
     if (sizes["prefill"] > 0) != (sizes["decode"] > 0):
         raise SystemExit("prefill and decode TEs come together: give both or neither")
-    if sum(sizes.values()) < 1:
-        raise SystemExit("the cluster needs at least one TE (use --min-tes 0 to allow scaling to zero)")
     try:  # EngineConfig checks its fields
         return {g: (sizes[g], replace(engine, **overrides[g])) for g in GROUPS}
     except ValueError as e:
@@ -394,23 +440,27 @@ def load_heatmap(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]]) -
     return Heatmap.load(path)
 
 
-def scale_policies(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]]) -> dict[str, ScalePolicy]:
+def scale_policies(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]],
+                   first: bool = True) -> dict[str, ScalePolicy]:
     """The autoscaler sizes the colocated group from the flags, up to what fits unless
-    --max-tes says less; prefill and decode groups keep their size unless POST /admin/scale
+    --max-tes says less (another base model than the first: from its TEs at start, often 0,
+    up to what fits); prefill and decode groups keep their size unless POST /admin/scale
     changes it."""
     policies = {g: ScalePolicy(min_tes=n, max_tes=n) for g, (n, _) in shape.items()}
     n = shape["colocated"][0]
-    policies["colocated"] = ScalePolicy(min_tes=n if cfg.min_tes is None else cfg.min_tes,
-                                        max_tes=None if cfg.max_tes is None else max(n, cfg.max_tes),
+    policies["colocated"] = ScalePolicy(min_tes=n if cfg.min_tes is None or not first else cfg.min_tes,
+                                        max_tes=None if cfg.max_tes is None or not first else max(n, cfg.max_tes),
                                         waiting_per_te=cfg.scale_out_waiting, idle_s=cfg.scale_in_idle_s)
     return policies
 
 
-def banner(cfg: ServeConfig, name: str, shape: dict[str, tuple[int, EngineConfig]]) -> str:
+def banner(cfg: ServeConfig, models_: Models) -> str:
     url = f"http://{cfg.host}:{cfg.port}"
     auth = f" -H 'Authorization: Bearer {cfg.api_key}'" if cfg.api_key else ""
-    groups = ", ".join(f"{n} {g}" for g, (n, _) in shape.items() if n)
-    return (f"DeepFlow serving {name} on {url} with {groups} TE(s)\n"
+    name = models_.default.name
+    groups = "; ".join(f"{b.name}: " + (", ".join(f"{n} {g}" for g, n in b.cluster.target.items() if n) or "0")
+                       for b in models_.bases.values())
+    return (f"DeepFlow serving {', '.join(c.id for c in models_.cards())} on {url} with TEs {groups}\n"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
             f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
 
@@ -421,7 +471,7 @@ class Shutdown:
 
     def __init__(self):
         self.requested, self.signals = asyncio.Event(), 0
-        self.je: JobExecutor | None = None
+        self.jes: list[JobExecutor] = []
         self.install()
 
     def install(self) -> None:
@@ -433,70 +483,100 @@ class Shutdown:
     def on_signal(self) -> None:
         self.signals += 1
         self.requested.set()
-        if self.signals > 1 and self.je:
-            self.je.fail_all("server is shutting down")
+        if self.signals > 1:
+            for je in self.jes:
+                je.fail_all("server is shutting down")
 
     async def drain(self, app: web.Application, timeout: float) -> None:
-        je = app[JE]
-        log.warning("draining %d job(s) for up to %.0f s", len(je.active), timeout)
+        log.warning("draining %d job(s) for up to %.0f s", sum(len(je.active) for je in self.jes), timeout)
         app[DRAINING].set()
         deadline = time.monotonic() + timeout
-        while je.active and time.monotonic() < deadline and self.signals < 2:
+        while any(je.active for je in self.jes) and time.monotonic() < deadline and self.signals < 2:
             await asyncio.sleep(0.05)
-        je.fail_all("server is shutting down")
+        for je in self.jes:
+            je.fail_all("server is shutting down")
         await asyncio.sleep(0.1)  # let the failed streams write their error event
 
 
-async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
-    model = cfg.model or default_model_path()
-    name = cfg.served_model_name or os.path.basename(model.rstrip("/")).removesuffix(".gguf")
-    shape = cluster_shape(cfg, engine)
-    check_tensor_parallel_sizes(model, shape)
-    heatmap = load_heatmap(cfg, shape)
-    tokenizer = Tokenizer.load(model)  # before the TEs: converts and caches a GGUF's vocabulary once
+def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
+    """(name, path) of each base model: `--model PATH` or `--model NAME=PATH`, repeated."""
+    named = [parse_named(m, "--model") if "=" in m else (None, m) for m in cfg.model or [default_model_path()]]
+    named[0] = (cfg.served_model_name or named[0][0], named[0][1])
+    named = [(name or os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for name, path in named]
+    if len({name for name, _ in named}) < len(named):
+        raise SystemExit(f"two base models have one name: {[name for name, _ in named]}")
+    return named
+
+
+def make_cluster(cfg: ServeConfig, path: str, shape: dict[str, tuple[int, EngineConfig]], first: bool,
+                 machine: list[Host]) -> Cluster:
+    """A base model's cluster (not started), on this machine (`machine`: the hosts of the
+    bases before it, which share its memory and cores), or on Ray nodes as they join."""
+    check_tensor_parallel_sizes(path, shape)
     ray = cfg.backend == "ray"
-    # The local backend is this host; Ray hosts join as the backend finds them.
-    hosts = [] if ray else [local_host(model, cfg.start_mode, cfg.prewarmed, shape["colocated"][1])]
-    cluster = Cluster(model, shape, hosts, max_queued=cfg.max_queued, start_mode=cfg.start_mode,
-                      policy=cfg.policy, imbalance=cfg.imbalance,
-                      kv_transport="unix,tcp" if ray else cfg.kv_transport, heatmap=heatmap,
-                      threads_per_te=cfg.threads_per_te, health_timeout_s=cfg.health_timeout_s,
-                      place_timeout_s=cfg.place_timeout_s, weights_donors=ray)
+    hosts = [] if ray else [local_host(path, cfg.start_mode, cfg.prewarmed, shape["colocated"][1], machine)]
+    return Cluster(path, shape, hosts, max_queued=cfg.max_queued, start_mode=cfg.start_mode,
+                   policy=cfg.policy, imbalance=cfg.imbalance,
+                   kv_transport="unix,tcp" if ray else cfg.kv_transport,
+                   heatmap=load_heatmap(cfg, shape) if first else None, threads_per_te=cfg.threads_per_te,
+                   health_timeout_s=cfg.health_timeout_s, place_timeout_s=cfg.place_timeout_s, weights_donors=ray)
+
+
+async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
+    named = base_models(cfg)
+    if cfg.backend == "ray" and len(named) > 1:
+        raise SystemExit("--backend ray serves one base model (its adapters too): give --model once")
+    machine: list[Host] = []
+    shapes = {name: cluster_shape(cfg, engine, None if i == 0 else name) for i, (name, _) in enumerate(named)}
+    clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine) for i, (name, path) in enumerate(named)}
+    tokenizers = {name: Tokenizer.load(path) for name, path in named}  # converts a GGUF's vocabulary once
     shutdown = Shutdown()
     backend = None
     try:
-        if ray:  # imported here only: the default path never loads Ray
+        if cfg.backend == "ray":  # imported here only: the default path never loads Ray
             from scaling.ray_backend import RayBackend
-            backend = RayBackend(cluster, cfg.ray_address, model, cfg.start_mode, cfg.prewarmed, shape["colocated"][1],
-                                 cfg.health_timeout_s)
+            first = clusters[named[0][0]]
+            backend = RayBackend(first, cfg.ray_address, named[0][1], cfg.start_mode, cfg.prewarmed,
+                                 first.engine_cfgs["colocated"], cfg.health_timeout_s)
             await backend.start()
             shutdown.install()
-        await cluster.start()
+        await asyncio.gather(*(c.start() for c in clusters.values()))
     except BaseException as e:
-        await cluster.shutdown()
+        await asyncio.gather(*(c.shutdown() for c in clusters.values()))
         if backend:
             await backend.stop()
         if isinstance(e, NoRoom):
             raise SystemExit(f"cannot start: {e}") from None
         raise
-    policies = scale_policies(cfg, shape)
-    autoscalers = [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
-    metrics_ = Metrics(cluster, name)
-    caches = ContextCaches(cluster, cfg.cache_budget)
-    autoscalers.append(asyncio.create_task(caches.expire_loop()))
-    shutdown.je = je = JobExecutor(cluster, tokenizer, name, metrics_, caches)
-    app = build_app(cluster, je, metrics_, policies, name, cfg.api_key, cfg.max_body_bytes)
+    metrics_ = Metrics(clusters)
+    bases, background = [], []
+    for i, (name, path) in enumerate(named):
+        cluster = clusters[name]
+        caches = ContextCaches(cluster, cfg.cache_budget)
+        je = JobExecutor(cluster, tokenizers[name], name, metrics_, caches)
+        policies = scale_policies(cfg, shapes[name], i == 0)
+        background += [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
+        background.append(asyncio.create_task(caches.expire_loop()))
+        bases.append(ServedModel(name, path, read_model_config(path), cluster, je, policies))
+    shutdown.jes = [b.je for b in bases]
+    models_ = Models(bases, engine.max_lora_rank)
+    for value in cfg.lora_modules or ():
+        try:
+            models_.load_adapter(*parse_named(value, "--lora-modules"))
+        except APIError as e:
+            raise SystemExit(f"--lora-modules {value}: {e.message}") from None
+    app = build_app(models_, metrics_, cfg.api_key, cfg.max_body_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, cfg.host, cfg.port).start()
-    print(banner(cfg, name, shape), flush=True)
+    print(banner(cfg, models_), flush=True)
 
     await shutdown.requested.wait()
     await shutdown.drain(app, cfg.drain_timeout)
     await runner.cleanup()
-    for a in autoscalers:
+    for a in background:
         a.cancel()
-    await cluster.shutdown()
+    await asyncio.gather(*(c.shutdown() for c in clusters.values()))
     if backend:
         await backend.stop()
     log.warning("stopped")

@@ -135,6 +135,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         kw = dict(f.metadata)
         name = kw.pop("flag", "--" + f.name.replace("_", "-"))
         kind = next(t for t in get_args(f.type) or (f.type,) if t is not type(None))
+        if kw.get("action") == "append":  # a repeatable flag: a list of its values
+            kind = get_args(kind)[0]
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         if default is MISSING:
             kw["required"] = True

@@ -238,8 +238,21 @@ class CacheRequest(_Strict):
 
 class ScaleRequest(_Strict):
     """POST /admin/scale: a group's size, set by hand (0 allowed); the autoscaler keeps it."""
+    model: str | None = None        # a base model (default: the first)
     group: str = "colocated"
     instances: Annotated[int, Field(ge=0, le=MAX_TES)]
+
+
+class LoadLoraRequest(_Strict):
+    """POST /v1/load_lora_adapter (vLLM's): register a PEFT adapter directory as a model."""
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Field(min_length=1)]
+    base_model_name: str | None = None   # default: the first base model
+
+
+class UnloadLoraRequest(_Strict):
+    """POST /v1/unload_lora_adapter: requests in flight finish, new ones get 404."""
+    lora_name: Annotated[str, Field(min_length=1)]
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -274,6 +287,8 @@ parse_chat: Callable[[object], ChatRequest] = partial(_parse, ChatRequest)
 parse_completion: Callable[[object], CompletionRequest] = partial(_parse, CompletionRequest)
 parse_cache: Callable[[object], CacheRequest] = partial(_parse, CacheRequest)
 parse_scale: Callable[[object], ScaleRequest] = partial(_parse, ScaleRequest)
+parse_load_lora: Callable[[object], LoadLoraRequest] = partial(_parse, LoadLoraRequest)
+parse_unload_lora: Callable[[object], UnloadLoraRequest] = partial(_parse, UnloadLoraRequest)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -389,7 +404,16 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "deepflow"
+    root: str                       # its weights: a base's model file, an adapter's directory
+    parent: str | None = None       # an adapter's base model (vLLM's field)
     max_model_len: int
+
+
+class ModelDeleted(BaseModel):
+    """POST /v1/unload_lora_adapter."""
+    id: str
+    object: Literal["model.deleted"] = "model.deleted"
+    deleted: bool = True
 
 
 class ModelList(BaseModel):

@@ -37,7 +37,8 @@ import time
 from collections import deque
 from dataclasses import asdict, replace
 
-from flowserve.config import EngineConfig, weights_cache_path
+from flowserve.config import EngineConfig, read_model_config, weights_cache_path
+from flowserve.lora import hash_seed
 from flowserve.protocol import FinishReason
 from scaling.hosts import GiB, Host, te_bytes
 from scheduler import dist_sched
@@ -51,6 +52,7 @@ log = logging.getLogger("deepflow.cluster")
 
 GROUPS = ("colocated", "prefill", "decode")
 HEARTBEAT_S = 1.0
+TE_IDS = itertools.count()  # one numbering for every base model's TEs
 
 
 class NoRoom(RuntimeError):
@@ -89,7 +91,7 @@ class Cluster:
         # The predictor learns only where the PD-aware step can ask it: beside a heatmap.
         self.heatmap, self.predictor = heatmap, DecodeLengthPredictor() if heatmap else None
         self.weights_bytes = weights_estimate(model_path)  # corrected by the first TE's Ready
-        self._ids, self._rr = itertools.count(), itertools.count()
+        self._rr = itertools.count()
         self._turns = {g: itertools.count() for g in GROUPS}  # round-robin, per group
         self.started = self.closing = False
         self.replacing = 0               # TEs being started to replace dead ones
@@ -198,7 +200,7 @@ class Cluster:
         host = self._place(group)
         cfg = replace(self.engine_cfgs[group], host=host.address,
                       num_threads=self.threads_per_te or host.threads_per_te(extra=1))
-        te = TEHandle(f"te-{next(self._ids)}", group, cfg, host, self.te_cost(group), observer=self)
+        te = TEHandle(f"te-{next(TE_IDS)}", group, cfg, host, self.te_cost(group), observer=self)
         self.groups[group].append(te)
         host.tes.append(te)
         self.rebalance(host)
@@ -294,7 +296,11 @@ class Cluster:
 
     @property
     def max_model_len(self) -> int:
-        """The served context, as the first ready TE reported it (still known at zero TEs)."""
+        """The served context: as the first ready TE reported it, or before any TE (a group
+        that starts at zero) as the engine will compute it from the model's metadata."""
+        if not self._max_model_len:
+            limit = read_model_config(self.model_path).max_position
+            self._max_model_len = min(self.engine_cfgs["colocated"].max_model_len or limit, limit)
         return self._max_model_len
 
     def pd_aware(self, task: Task) -> str:
@@ -333,12 +339,17 @@ class Cluster:
 
     def _choose(self, task: Task, tes: list[TEHandle], group: str, locality: bool) -> tuple[TEHandle, dict]:
         """dist_sched's TE of `tes` (free TEs of `group`) for `task`, and why."""
-        by_id = {te.id: te for te in tes}
-        matched = self.trees[group].matched_tokens(task.prompt_ids, list(by_id)) if locality else {}
+        by_id, adapter_why = {te.id: te for te in tes}, {}
+        if task.adapter:
+            ids, adapter_why = dist_sched.adapter_aware(list(by_id), {te.id: te.stats.lora_slots for te in tes},
+                                                        task.adapter.digest)
+            tes = [by_id[i] for i in ids]
+        seed = task.adapter and hash_seed(task.adapter.digest)
+        matched = self.trees[group].matched_tokens(task.prompt_ids, [te.id for te in tes], seed) if locality else {}
         te_id, why = dist_sched.choose_te({te.id: te.load for te in tes},
                                           {te.id: te.load for te in self.ready_tes(group)}, matched, self.policy,
                                           self.imbalance, next(self._turns[group]), self.holders(task.cache_id))
-        return by_id[te_id], why
+        return by_id[te_id], {**why, **adapter_why}
 
     def _place_pending(self, group: str) -> None:
         """Hand held tasks to TEs with a free batch slot, oldest first. The rest wait here, not
@@ -359,11 +370,13 @@ class Cluster:
                 continue
             ids, cached = dist_sched.decode_candidates(
                 {d.id: d.load for d in free_decode}, {d.id for d in free_decode if d.host is te.host},
-                self.trees["decode"].matched_tokens(task.prompt_ids, [d.id for d in free_decode]))
+                self.trees["decode"].matched_tokens(task.prompt_ids, [d.id for d in free_decode],
+                                                    task.adapter and hash_seed(task.adapter.digest)))
             decode_te, task.placement["decode"] = self._choose(task, [d for d in free_decode if d.id in ids],
                                                                "decode", locality=False)
             task.placement["decode"].update(host=decode_te.host.name, matched_tokens=cached)
-            task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events)
+            task.decode = Task(task.job_id, task.index, task.prompt_ids, task.params, events=task.events,
+                               adapter=task.adapter)
             decode_te.submit(task.decode)
             te.submit(task, kv_to=decode_te.kv_addr_for(te.host),
                       kv_skip=cached // self.engine_cfgs["decode"].block_size)

@@ -42,11 +42,12 @@ class PromptTree:
     def remove_te(self, te_id: str) -> None:
         self.update(te_id, [], [h for h, tes in self.holders.items() if te_id in tes])
 
-    def matched_tokens(self, token_ids: list[int], te_ids: list[str]) -> dict[str, int]:
-        """For each TE, how many leading tokens of `token_ids` its RTC would reuse."""
+    def matched_tokens(self, token_ids: list[int], te_ids: list[str], seed: int | None = None) -> dict[str, int]:
+        """For each TE, how many leading tokens of `token_ids` its RTC would reuse (`seed`: a
+        LoRA adapter's, whose KV is its own)."""
         matched = dict.fromkeys(te_ids, 0)
         alive = set(te_ids)
-        for i, (h, _) in enumerate(prefix_blocks(token_ids, self.block_size)):
+        for i, (h, _) in enumerate(prefix_blocks(token_ids, self.block_size, seed)):
             alive &= self.holders.get(h, set())
             if not alive:
                 break
@@ -110,6 +111,14 @@ def choose_te(free: dict[str, int], loads: dict[str, int], matched: dict[str, in
     te = ids[turn % len(ids)]
     return te, {"policy": "locality" if locality else "load", "balanced": balanced,
                 "matched_tokens": matched.get(te, 0), "loads": loads}
+
+
+def adapter_aware(free: list[str], slots: dict[str, list[str | None]], digest: str) -> tuple[list[str], dict]:
+    """A task with a LoRA adapter: the free TEs that hold it in a slot (`slots`: each TE's,
+    by digest), which run it without loading it first; else all of them (the chosen one
+    loads it). Then the usual choice among those."""
+    held = [te for te in free if digest in slots[te]]
+    return held or free, {"adapter": "in a slot" if held else "loaded on first use"}
 
 
 def decode_candidates(free: dict[str, int], same_host: set[str], matched: dict[str, int]) -> tuple[list[str], int]:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from flowserve.protocol import FinishReason
+from flowserve.protocol import Adapter, FinishReason
 from flowserve.tokenizer import Detokenizer, Tokenizer
 from scheduler.caches import ContextCaches
 from scheduler.cluster import Cluster
@@ -69,15 +69,15 @@ class JobExecutor:
 
     # ---------------------------------------------------------------- request -> job
 
-    def chat_job(self, req: ChatRequest) -> Job:
+    def chat_job(self, req: ChatRequest, adapter: Adapter | None = None) -> Job:
         """A chat request on a context cache is the cached messages, then its own: the same
         conversation as sent whole, tokenized whole."""
         cache = req.cache_id and self.caches.get(req.cache_id, "chat")
         messages = cache.context + req.messages if cache else req.messages
         prompt = self.tok.encode(self._template(messages, "messages"))
-        return self._job("chat", prompt, req, "messages", cache and cache.id)
+        return self._job("chat", prompt, req, "messages", cache and cache.id, adapter)
 
-    def completion_job(self, req: CompletionRequest) -> Job:
+    def completion_job(self, req: CompletionRequest, adapter: Adapter | None = None) -> Job:
         """A completion on a context cache prompts with the cached prompt, then its own (the
         texts joined, or the token ids, where either is ids)."""
         cache = req.cache_id and self.caches.get(req.cache_id, "completion")
@@ -85,7 +85,7 @@ class JobExecutor:
             prompt = self._prompt_ids(cache.context + req.prompt)
         else:
             prompt = (cache.token_ids if cache else []) + self._prompt_ids(req.prompt)
-        return self._job("completion", prompt, req, "prompt", cache and cache.id)
+        return self._job("completion", prompt, req, "prompt", cache and cache.id, adapter)
 
     def context_tokens(self, req: CacheRequest) -> tuple[str, list[dict] | str | list[int], list[int]]:
         """A context cache's kind (the endpoint it prefixes), context and token ids: chat
@@ -119,16 +119,18 @@ class JobExecutor:
             raise invalid(f"This model's maximum context length is {limit} tokens. However, your "
                           f"request has {len(prompt)} prompt tokens.", param)
 
-    def _job(self, kind: str, prompt: list[int], req: GenerationRequest, param: str, cache_id: str | None) -> Job:
+    def _job(self, kind: str, prompt: list[int], req: GenerationRequest, param: str, cache_id: str | None,
+             adapter: Adapter | None) -> Job:
         limit = self.cluster.max_model_len
         self._check_length(prompt, param)
         max_tokens = req.max_new_tokens or limit - len(prompt)
         if len(prompt) + max_tokens > limit:
             raise invalid(f"max_tokens={max_tokens} plus {len(prompt)} prompt tokens exceeds the "
                           f"context length of {limit}", "max_tokens")
-        job = Job(kind, self.model_name)
+        job = Job(kind, adapter.name if adapter else self.model_name)
         for i in range(req.n):
-            job.tasks.append(Task(job.id, i, prompt, req.to_sampling_params(max_tokens, i), cache_id=cache_id))
+            job.tasks.append(Task(job.id, i, prompt, req.to_sampling_params(max_tokens, i), cache_id=cache_id,
+                                  adapter=adapter))
         return job
 
     # ---------------------------------------------------------------- run

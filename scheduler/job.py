@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from flowserve.protocol import FinishReason, SamplingParams
+from flowserve.protocol import Adapter, FinishReason, SamplingParams
 
 
 class Overloaded(Exception):
@@ -64,12 +64,13 @@ class Task:
     decode: "Task | None" = None   # disaggregated: the task that continues on a decode TE
     cache_id: str | None = None    # its prompt starts with this context cache's
     pin: str | None = None         # a context cache's build (scheduler/caches.py)
+    adapter: Adapter | None = None  # the LoRA adapter it runs with (scheduler/models.py)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
                 "decode_te": self.decode and self.decode.te_id,
                 "retries": self.retries, "placement": self.placement,
-                "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
+                "adapter": self.adapter and self.adapter.name, "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
                 "output_tokens": self.num_output, "finish_reason": self.finish_reason}
 
 

@@ -13,71 +13,65 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 
 
 
 class Metrics:
-    def __init__(self, cluster, model_name: str):
-        self.registry = CollectorRegistry()
-        self.cluster, self.model_name = cluster, model_name
+    def __init__(self, clusters: dict):
+        """`clusters`: each base model's, by name (a LoRA adapter's requests count under its own name)."""
+        self.registry = r = CollectorRegistry()
+        self.clusters = clusters
         labels = ["model_name"]
-        r = self.registry
         self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token", labels,
-                              buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram(P + "time_per_output_token_seconds", "Time per output token after the first",
-                              labels, buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+                              labels, buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram(P + "e2e_request_latency_seconds", "End-to-end request latency", labels,
-                             buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
-        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed", labels,
-                                     registry=r).labels(model_name)
-        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", labels,
-                                         registry=r).labels(model_name)
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed", labels, registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", labels, registry=r)
         self.kv_transfer = Histogram(P + "kv_transfer_seconds", "KV transfer, prefill TE to decode TE (PD)", labels,
-                                     buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+                                     buckets=TOKEN_BUCKETS, registry=r)
         self.requests = Counter(P + "request_success", "Finished requests", labels + ["finished_reason"],
                                 registry=r)
         r.register(self)  # collect() below: engine-side figures
 
     def job_done(self, job) -> None:
+        m = job.model
         for t in job.tasks:
             if t.t_first_token is None:
                 continue
-            self.ttft.observe(t.t_first_token - job.t_arrival)
+            self.ttft.labels(m).observe(t.t_first_token - job.t_arrival)
             if t.num_output > 1 and t.t_done:
-                self.tpot.observe((t.t_done - t.t_first_token) / (t.num_output - 1))
-            self.requests.labels(self.model_name, t.finish_reason.value if t.finish_reason else "unknown").inc()
+                self.tpot.labels(m).observe((t.t_done - t.t_first_token) / (t.num_output - 1))
+            self.requests.labels(m, t.finish_reason.value if t.finish_reason else "unknown").inc()
             if "kv_transfer_ms" in t.placement:
-                self.kv_transfer.observe(t.placement["kv_transfer_ms"] / 1e3)
-            self.generation_tokens.inc(t.num_output)
-        self.prompt_tokens.inc(len(job.tasks[0].prompt_ids))
-        self.e2e.observe(max(t.t_done or 0 for t in job.tasks) - job.t_arrival)
+                self.kv_transfer.labels(m).observe(t.placement["kv_transfer_ms"] / 1e3)
+            self.generation_tokens.labels(m).inc(t.num_output)
+        self.prompt_tokens.labels(m).inc(len(job.tasks[0].prompt_ids))
+        self.e2e.labels(m).observe(max(t.t_done or 0 for t in job.tasks) - job.t_arrival)
 
     def collect(self):
-        tes = self.cluster.tes
-        stats = [te.stats for te in tes]
+        def family(kind, name, doc, value):
+            f = kind(P + name, doc, labels=["model_name"])
+            for model, cluster in self.clusters.items():
+                f.add_metric([model], value(cluster, [te.stats for te in cluster.tes]))
+            return f
 
-        def gauge(name, doc, value):
-            g = GaugeMetricFamily(P + name, doc, labels=["model_name"])
-            g.add_metric([self.model_name], value)
-            return g
-
-        def counter(name, doc, value):
-            c = CounterMetricFamily(P + name, doc, labels=["model_name"])
-            c.add_metric([self.model_name], value)
-            return c
-
-        yield gauge("num_requests_running", "Sequences running in TEs", sum(s.running for s in stats))
-        yield gauge("num_requests_waiting", "Sequences waiting: held by the scheduler or queued in TEs",
-                    sum(s.waiting for s in stats) + sum(map(len, self.cluster.pending.values())))
-        yield gauge("kv_cache_usage_perc", "KV-cache blocks in use (mean over TEs), 0..1",
-                    sum(s.kv_usage for s in stats) / max(len(stats), 1))
-        yield gauge("num_tes_ready", "TEs ready", len(self.cluster.ready_tes()))
-        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                      sum(s.prefix_queries for s in stats))
-        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache",
-                      sum(s.prefix_hits for s in stats))
+        yield family(GaugeMetricFamily, "num_requests_running", "Sequences running in TEs",
+                     lambda c, stats: sum(s.running for s in stats))
+        yield family(GaugeMetricFamily, "num_requests_waiting", "Sequences waiting: held by the scheduler or "
+                     "queued in TEs", lambda c, stats: sum(s.waiting for s in stats) + sum(map(len, c.pending.values())))
+        yield family(GaugeMetricFamily, "kv_cache_usage_perc", "KV-cache blocks in use (mean over TEs), 0..1",
+                     lambda c, stats: sum(s.kv_usage for s in stats) / max(len(stats), 1))
+        yield family(GaugeMetricFamily, "num_tes_ready", "TEs ready", lambda c, stats: len(c.ready_tes()))
+        yield family(CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                     lambda c, stats: sum(s.prefix_queries for s in stats))
+        yield family(CounterMetricFamily, "prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                     lambda c, stats: sum(s.prefix_hits for s in stats))
 
         steps = GaugeMetricFamily(P + "te_start_step_milliseconds", "Start-up timeline of each TE (five steps)",
                                   labels=["te", "start_mode", "step"])
-        for te in tes:
-            for step, ms in te.timings_ms.items():
-                steps.add_metric([te.id, te.start_mode, step], ms)
+        for cluster in self.clusters.values():
+            for te in cluster.tes:
+                for step, ms in te.timings_ms.items():
+                    steps.add_metric([te.id, te.start_mode, step], ms)
         yield steps
 
     def render(self) -> bytes:

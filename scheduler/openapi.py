@@ -11,13 +11,14 @@ from pydantic import BaseModel
 
 from scheduler.api import (CacheRequest, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion,
                            CompletionRequest, ContextCacheDeleted, ContextCacheInfo, ContextCacheList, ErrorResponse,
-                           Health, ModelList, ScaleRequest)
+                           Health, LoadLoraRequest, ModelCard, ModelDeleted, ModelList, ScaleRequest,
+                           UnloadLoraRequest)
 
 REF = "#/components/schemas/{model}"
 CACHE_ID = {"name": "cache_id", "in": "path", "required": True, "schema": {"type": "string"}}
 ANY = {"application/json": {"schema": {"type": "object"}}}
 RESPONSES = (ChatCompletion, ChatCompletionChunk, Completion, ModelList, ContextCacheInfo, ContextCacheList,
-             ContextCacheDeleted, Health, ErrorResponse)
+             ContextCacheDeleted, Health, ErrorResponse, ModelCard, ModelDeleted)
 
 
 def _json(model: type[BaseModel]) -> dict:
@@ -47,7 +48,8 @@ def _op(summary: str, ok: dict, *errors: int, body: type[BaseModel] | None = Non
 
 def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
     schemas = {}
-    for model in (ChatRequest, CompletionRequest, CacheRequest, ScaleRequest, *RESPONSES):
+    for model in (ChatRequest, CompletionRequest, CacheRequest, ScaleRequest, LoadLoraRequest, UnloadLoraRequest,
+                  *RESPONSES):
         schema = model.model_json_schema(ref_template=REF)
         schemas |= schema.pop("$defs", {}) | {model.__name__: schema}
     generate = (400, 404, 429, 503)     # 404: a model we do not serve; 503: draining
@@ -61,7 +63,12 @@ def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
                                                  *generate, body=ChatRequest, auth=auth)},
             "/v1/completions": {"post": _op("text completion", _answer(Completion, Completion),
                                             *generate, body=CompletionRequest, auth=auth)},
-            "/v1/models": {"get": _op("the served model", _json(ModelList), 503, auth=auth)},
+            "/v1/models": {"get": _op("the base models and LoRA adapters served", _json(ModelList), 503, auth=auth)},
+            "/v1/load_lora_adapter": {"post": _op("register a PEFT LoRA adapter directory as a model",
+                                                  _json(ModelCard), 400, 503, body=LoadLoraRequest, auth=auth)},
+            "/v1/unload_lora_adapter": {"post": _op("unregister an adapter (requests in flight finish)",
+                                                    _json(ModelDeleted), 400, 404, 503, body=UnloadLoraRequest,
+                                                    auth=auth)},
             "/v1/caches": {
                 "post": _op("create a context cache: computed and pinned on a TE until its TTL ends",
                             _json(ContextCacheInfo), 400, 404, 429, 503, 507, body=CacheRequest, auth=auth),

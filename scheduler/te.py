@@ -184,7 +184,7 @@ class TEHandle:
         self.tasks[task.id] = task
         task.te_id, task.state = self.id, State.RUNNING
         self._send(Add(task.id, task.prompt_ids, task.params, kv_to, kv_to and task.decode.id, kv_skip,
-                       await_kv=self.group == "decode", cache_id=task.cache_id, pin=task.pin))
+                       await_kv=self.group == "decode", cache_id=task.cache_id, pin=task.pin, adapter=task.adapter))
 
     def unpin(self, cache_ids: list[str]) -> None:
         self._send(Unpin(cache_ids))

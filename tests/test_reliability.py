@@ -88,7 +88,7 @@ async def test_a_task_no_te_can_take_ends_with_503_and_why():
     `place_timeout_s`, then the request ends with a 503 that says why, not a silent wait."""
     cluster = Cluster("model", {"colocated": (0, EngineConfig())}, place_timeout_s=0.5)
     await cluster.start()
-    je = JobExecutor(cluster, Tokenizer.load(default_model_path()), "m", Metrics(cluster, "m"),
+    je = JobExecutor(cluster, Tokenizer.load(default_model_path()), "m", Metrics({"m": cluster}),
                      ContextCaches(cluster, 0.5))
     job = Job("chat", "m")
     job.tasks.append(Task(job.id, 0, [1, 2, 3], SamplingParams(max_tokens=4)))
