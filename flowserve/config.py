@@ -2,7 +2,7 @@
 
 `ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json), here
 and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a TE is
-started with (KV pool size, batch limits, device, tensor parallelism). Both are plain
+started with (KV pool size, batch limits, device, tensor parallelism, LoRA slots). Both are plain
 dataclasses so they can cross a process boundary as JSON.
 """
 import hashlib
@@ -137,12 +137,17 @@ class EngineConfig:
     kv_layerwise: bool = True       # prefill TE: send each layer's KV as the forward computes it (False: after the step)
     cpu_kernels: bool = True        # float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp; False: plain torch
     tensor_parallel_size: int = 1   # >1: a master drives this many executor processes, one shard each (flowserve/tp.py)
+    max_loras: int = 4              # LoRA adapters held in device slots at once (flowserve/lora_slots.py)
+    max_lora_rank: int = 64         # the highest LoRA rank accepted
+    max_cpu_loras: int = 16         # adapters kept in host memory once no slot and no request holds them
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.dram_kv_gb > 0:  # its block copies run in ModelRunner only
             raise ValueError("a DRAM KV tier (dram_kv_gb) does not work with tensor_parallel_size > 1 yet")
+        if self.max_loras < 0 or self.max_lora_rank < 1 or self.max_cpu_loras < 0:
+            raise ValueError("max_loras and max_cpu_loras must be at least 0, max_lora_rank at least 1")
 
 
 def default_model_path() -> str:
