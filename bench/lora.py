@@ -108,7 +108,8 @@ def main() -> None:
             lora.append(decode_tokens_per_s(eng, prompts, mixed, args.steps))
         b, m = statistics.median(base), statistics.median(lora)
         print(f"{args.rows} decode rows, {eng.device}: base {b:.0f} tokens/s, over {args.adapters} adapters "
-              f"{m:.0f} tokens/s: {m / b:.2f}x (runs: base {[round(x) for x in base]}, lora {[round(x) for x in lora]})")
+              f"{m:.0f} tokens/s: {m / b:.2f}x (runs: base {[round(x) for x in base]}, "
+              f"lora {[round(x) for x in lora]})")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,14 @@ start (`calibrate`), and after each scheduling carries out the block copies the 
 step's forward, so a populated block is whole before a step reads it, and an evicted one is
 copied before a step overwrites it, with async scheduling too.
 
+LoRA (`flowserve/lora.py`, `flowserve/lora_slots.py`): a request may name an adapter
+(`add_request(adapter=...)`, a `protocol.Adapter`: name, path, content digest). The engine
+reads and checks it into host memory at once (a bad one raises ValueError), the batcher
+admits the sequence once its adapter has a device slot (`acquire_lora`; with every slot in use
+by other adapters' sequences it waits), and it lets go of the slot when it finishes. Its
+prefix-cache hashes start from the adapter's digest, so only KV computed with the same weights
+is shared. One step mixes rows of any adapters and the base in one forward.
+
 With tensor parallelism (`EngineConfig.tensor_parallel_size` > 1) the engine is the master
 of its TE: its runner is a `flowserve.tp.TPRunner`, the same interface over executor
 processes that hold the model's shards, and it samples on the host from the logits they

@@ -139,7 +139,8 @@ def check_tensors(where: str, data: bytes, cfg: ModelConfig, rank: int) -> dict[
             raise ValueError(f"{where}: {module} of layer {layer}: lora_{ab} has shape {info.get('shape')}, "
                              f"the base needs {want}")
         if info.get("dtype") not in _DTYPES:
-            raise ValueError(f"{where}: tensor {key!r} has dtype {info.get('dtype')}; expected one of {sorted(_DTYPES)}")
+            raise ValueError(f"{where}: tensor {key!r} has dtype {info.get('dtype')}; "
+                             f"expected one of {sorted(_DTYPES)}")
         tensors[key] = (layer, module, ab)
         seen.add((layer, module, ab))
     for layer, module, ab in seen:

@@ -18,6 +18,10 @@ the method that names it (`linear`, `add_norm`, `mlp`, `attention`, the RoPE in 
 oneDNN-packed weights for the matmuls (`pack_linears`) and the C++ kernels of
 `flowserve.kernels`. tests/test_kernels.py holds each to its reference.
 
+LoRA (`flowserve/lora_slots.py`): each target linear adds, to the rows of a step that run with
+an adapter, their adapter's delta, all adapters at once (`LoraStacks.apply`, inside `linear`,
+so both paths apply it); the step's plan names each sequence's slot (`StepPlan.lora`).
+
 Tensor parallelism (`flowserve/tp.py`): a TP executor's `Llama` holds one rank's shard
 (`shard_weights`: heads, a slice of the MLP and of the vocabulary) and sums the ranks'
 partial results where Megatron's split needs it (`Llama.reduce`, torch.distributed). The

@@ -35,12 +35,14 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The reference: argmax of the logits, step by step, whole sequence each time."""
-    ids = list(prompt)
+    """The reference: argmax of the logits, step by step (transformers' own KV cache)."""
+    out, tokens = None, []
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+            inputs = torch.tensor([prompt if out is None else tokens[-1:]])
+            out = model(inputs, past_key_values=out and out.past_key_values, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
 
 
 def make_adapter(hf_model, path: Path, seed: int, prompts: list[list[int]], targets=ALL, alpha: int = 16
@@ -151,9 +153,11 @@ def test_bad_adapters_are_refused_with_their_reason(model_path, weights, adapter
     key = next(k for k in tensors if "layers.3.self_attn.q_proj.lora_B" in k)
     tensors[key] = torch.zeros(100, 8)
     save_file(tensors, str(shapes / "adapter_model.safetensors"))
+    no_weights = edit_config(good, tmp_path / "nofile")
+    (tmp_path / "nofile" / "adapter_model.safetensors").unlink()
     cases = [
         (str(tmp_path / "nowhere"), "is not a directory"),
-        (edit_config(good, tmp_path / "nofile") and str(tmp_path / "nofile"), None),
+        (no_weights, "cannot read adapter_model.safetensors"),
         (str(tmp_path / "malformed"), "malformed adapter_config.json"),
         (edit_config(good, tmp_path / "rank", r=128), "rank 128 is above max_lora_rank 64"),
         (edit_config(good, tmp_path / "embed", target_modules=["q_proj", "embed_tokens"]),
@@ -161,10 +165,9 @@ def test_bad_adapters_are_refused_with_their_reason(model_path, weights, adapter
         (str(shapes), r"q_proj of layer 3: lora_B has shape \[100, 8\], the base needs \[576, 8\]"),
         (edit_config(good, tmp_path / "bias", bias="all"), "unsupported PEFT features: bias='all'"),
         (edit_config(good, tmp_path / "dora", use_dora=True), "unsupported PEFT features: use_dora"),
-        (edit_config(good, tmp_path / "save", modules_to_save=["lm_head"]), "unsupported PEFT features: modules_to_save"),
+        (edit_config(good, tmp_path / "save", modules_to_save=["lm_head"]),
+         "unsupported PEFT features: modules_to_save"),
     ]
-    (tmp_path / "nofile" / "adapter_model.safetensors").unlink()
-    cases[1] = (str(tmp_path / "nofile"), "cannot read adapter_model.safetensors")
     eng = Engine(model_path, EngineConfig(kv_cache_gb=0.1), weights=weights)
     for path, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -201,3 +204,15 @@ def test_more_adapters_than_slots_wait_and_evict_lru(model_path, weights, prompt
         assert adapter is None or tokens == want, adapter.name
     assert loaded and all(refs[slot] == 0 for slot, _, refs in loaded)
     assert eng.lora.refs == [0, 0] and not eng.seqs
+
+
+def test_tp3_shards_adapters(model_path, weights, prompts, adapters, base_tokens):
+    """TP: each executor holds its shard of every adapter (B split for q/k/v and gate/up, A for
+    o and down) and a step mixes adapters and the base as at TP=1."""
+    eng = Engine(model_path, EngineConfig(kv_cache_gb=0.1, tensor_parallel_size=3), weights=weights)
+    try:
+        mix = [adapters["a1"][0], None, adapters["qv"][0]]
+        out = eng.generate([prompts[1]] * 3, GREEDY, mix)
+        assert out == [adapters["a1"][1][1], base_tokens[1], adapters["qv"][1][1]]
+    finally:
+        eng.runner.close()
