@@ -25,10 +25,12 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from flowserve.config import EngineConfig
-from flowserve.protocol import SamplingParams
+from flowserve.protocol import Adapter, SamplingParams
 from flowserve.rtc import RTC
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 
@@ -57,6 +59,9 @@ class Sequence:
     cache_id: str | None = None   # a context cache its prompt starts with (MatchByID)
     pin_id: str | None = None     # when it finishes, pin its prompt's blocks as this context cache
     dram_ids: list[int] = field(default_factory=list)  # swapped out: DRAM blocks holding its first num_computed tokens
+    adapter: Adapter | None = None  # its LoRA adapter (None: the base model)
+    lora_slot: int | None = None    # the device slot holding its adapter, from admission until it finishes
+    hash_seed: int | None = None    # its prefix-cache chain hashes start here (`flowserve.lora.hash_seed`)
 
     @property
     def num_uncomputed(self) -> int:
@@ -68,9 +73,11 @@ class Sequence:
 
 
 class Batcher:
-    def __init__(self, cfg: EngineConfig, rtc: RTC):
+    def __init__(self, cfg: EngineConfig, rtc: RTC, acquire_lora: "Callable[[Sequence], bool] | None" = None):
+        """`acquire_lora`: gives a sequence a slot for its LoRA adapter; False: none is free, it waits."""
         self.cfg = cfg
         self.rtc = rtc
+        self.acquire_lora = acquire_lora
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # oldest first
         self.num_preemptions = 0
@@ -102,6 +109,8 @@ class Batcher:
         # Admitting new work right after preempting would only thrash.
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.adapter is not None and not self.acquire_lora(seq):
+                break
             if seq.dram_ids:  # swapped out by a preemption: its blocks come back from DRAM
                 n = min(seq.num_uncomputed, budget)
                 if not self.rtc.swap_in(seq, n):

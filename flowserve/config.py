@@ -2,7 +2,7 @@
 
 `ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json), here
 and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a TE is
-started with (KV pool size, batch limits, device, tensor parallelism). Both are plain
+started with (KV pool size, batch limits, device, tensor parallelism, LoRA slots). Both are plain
 dataclasses so they can cross a process boundary as JSON. The user-facing fields of
 EngineConfig, and of deepflow.py's ServeConfig and GenerateConfig, are made with `flag`:
 `add_flags` turns them into command-line flags and `from_args` reads those back.
@@ -185,12 +185,17 @@ class EngineConfig:
     cpu_kernels: bool = flag("float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp (else plain torch)", True)
     tensor_parallel_size: int = flag("each TE is a master and this many executor processes, one shard of the model "
                                      "each (must divide its KV heads: 1 or 3 for SmolLM2-135M; flowserve/tp.py)", 1)
+    max_loras: int = flag("LoRA adapters a TE holds in device slots at once (flowserve/lora_slots.py)", 4)
+    max_lora_rank: int = flag("the highest LoRA rank an adapter may have", 64)
+    max_cpu_loras: int = flag("LoRA adapters a TE keeps in host memory once no slot and no request holds them", 16)
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.dram_kv_gb > 0:  # its block copies run in ModelRunner only
             raise ValueError("a DRAM KV tier (dram_kv_gb) does not work with tensor_parallel_size > 1 yet")
+        if self.max_loras < 0 or self.max_lora_rank < 1 or self.max_cpu_loras < 0:
+            raise ValueError("max_loras and max_cpu_loras must be at least 0, max_lora_rank at least 1")
 
 
 def default_model_path() -> str:

@@ -35,6 +35,14 @@ start (`calibrate`), and after each scheduling carries out the block copies the 
 step's forward, so a populated block is whole before a step reads it, and an evicted one is
 copied before a step overwrites it, with async scheduling too.
 
+LoRA (`flowserve/lora.py`, `flowserve/lora_slots.py`): a request may name an adapter
+(`add_request(adapter=...)`, a `protocol.Adapter`: name, path, content digest). The engine
+reads and checks it into host memory at once (a bad one raises ValueError), the batcher
+admits the sequence once its adapter has a device slot (`acquire_lora`; with every slot in use
+by other adapters' sequences it waits), and it lets go of the slot when it finishes. Its
+prefix-cache hashes start from the adapter's digest, so only KV computed with the same weights
+is shared. One step mixes rows of any adapters and the base in one forward.
+
 With tensor parallelism (`EngineConfig.tensor_parallel_size` > 1) the engine is the master
 of its TE: its runner is a `flowserve.tp.TPRunner`, the same interface over executor
 processes that hold the model's shards, and it samples on the host from the logits they
@@ -50,8 +58,10 @@ import torch
 from flowserve.batcher import Batcher, SeqStatus, Sequence
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
+from flowserve.lora import hash_seed
+from flowserve.lora_slots import LoraCache
 from flowserve.model import ModelRunner, kv_block_bytes
-from flowserve.protocol import FinishReason, SamplingParams, Stats, TokenOut
+from flowserve.protocol import Adapter, FinishReason, SamplingParams, Stats, TokenOut
 from flowserve.rtc import RTC, CostModel
 from flowserve.tp import TPRunner
 from flowserve.weights import load_weights
@@ -99,7 +109,9 @@ class Engine:
         self.rtc = RTC(self.runner.num_blocks, cfg.block_size, num_dram)
         if num_dram:
             self.rtc.cost = self.calibrate()
-        self.batcher = Batcher(cfg, self.rtc)
+        self.lora = LoraCache(cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras, self.model_cfg, self.dtype,
+                              self.runner.load_lora) if cfg.max_loras else None
+        self.batcher = Batcher(cfg, self.rtc, self.acquire_lora)
         self.seqs: dict[str, Sequence] = {}
         self.handoffs: list[Sequence] = []   # prefilled, blocks held for DistFlow
         # PD, layer by layer (the TE-shell's): called with the sequences whose last prompt chunk a
@@ -112,9 +124,12 @@ class Engine:
     # ------------------------------------------------------------------ API
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    handoff: bool = False, cache_id: str | None = None, pin: str | None = None) -> None:
+                    handoff: bool = False, cache_id: str | None = None, pin: str | None = None,
+                    adapter: Adapter | None = None) -> None:
         """`cache_id`: the prompt starts with that context cache's (MatchByID). `pin`: once
-        finished, keep the prompt's blocks pinned as that context cache (`RTC.pin`)."""
+        finished, keep the prompt's blocks pinned as that context cache (`RTC.pin`).
+        `adapter`: run it with that LoRA adapter, read from its path now (into host memory,
+        unless a tier holds it: ValueError if it is bad), into a slot once admitted."""
         if request_id in self.seqs:
             raise ValueError(f"request {request_id!r} already exists")
         if not prompt_ids:
@@ -124,22 +139,28 @@ class Engine:
         longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         if -(-longest // self.cfg.block_size) > self.rtc.num_blocks_total:
             raise ValueError(f"{longest} tokens do not fit in the KV cache ({self.rtc.num_blocks_total} blocks)")
+        if adapter is not None:
+            if self.lora is None:
+                raise ValueError(f"LoRA adapter {adapter.name!r}: this TE holds no adapters (max_loras 0)")
+            self.lora.prepare(adapter)
         seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params, handoff=handoff,
-                       cache_id=cache_id, pin_id=pin)
+                       cache_id=cache_id, pin_id=pin, adapter=adapter,
+                       hash_seed=None if adapter is None else hash_seed(adapter.digest))
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
         self.batcher.add(seq)
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_cached: int,
-                      kv_skip: int = 0) -> Sequence | None:
+                      kv_skip: int = 0, adapter: Adapter | None = None) -> Sequence | None:
         """Decode TE, a KV transfer's header: the sequence whose prompt K/V a prefill TE is
         sending, out of the batch until `start_prefilled`, holding blocks for them: its cached
         prefix (at least the `kv_skip` blocks the sender leaves out) and fresh ones for the
         rest. None if the RTC no longer holds those `kv_skip` blocks (evicted since placement):
         the sender must send them all. Without enough free blocks it holds none: the KV is
-        dropped and the prompt recomputed here (slower, same tokens)."""
-        self.add_request(request_id, prompt_ids, params)
+        dropped and the prompt recomputed here (slower, same tokens). `adapter`: the LoRA
+        adapter the prefill TE computed the KV with."""
+        self.add_request(request_id, prompt_ids, params, adapter=adapter)
         seq = self.seqs[request_id]
         self.batcher.waiting.remove(seq)
         seq.status, seq.num_cached = SeqStatus.LANDING, num_cached
@@ -165,11 +186,15 @@ class Engine:
         seq.token_ids.append(token)
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)
+        if seq.adapter is not None and seq.block_ids and not self.acquire_lora(seq):
+            self.rtc.free(seq)  # no slot for its adapter: it waits for one, and recomputes its prompt then
         if self.batcher.admit_prefilled(seq):
             self.rtc.cache_full_blocks(seq)
 
     def release(self, seq: Sequence) -> None:
         """A handed-off sequence's blocks are with the decode TE (or the transfer failed): free them."""
+        if seq.status is not SeqStatus.FINISHED:  # a finished one let go of its adapter already
+            self.release_lora(seq)
         self.rtc.free(seq)
         seq.status = SeqStatus.FINISHED
 
@@ -181,7 +206,20 @@ class Engine:
         if seq is None:
             return False
         self.batcher.finish(seq)
+        self.release_lora(seq)
         return True
+
+    def acquire_lora(self, seq: Sequence) -> bool:
+        """The batcher's admission: a slot for `seq`'s adapter, held until it finishes. False:
+        every slot is used by other sequences' adapters; it waits."""
+        if seq.lora_slot is None:
+            seq.lora_slot = self.lora.acquire(seq.adapter.digest)
+        return seq.lora_slot is not None
+
+    def release_lora(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.lora.release(seq.adapter.digest, seq.lora_slot)
+            seq.lora_slot = None
 
     def set_threads(self, n: int) -> None:
         """Use `n` torch threads (its host's cores, shared among its TEs); a TP master, which
@@ -249,6 +287,7 @@ class Engine:
                 if seq.pin_id is not None:
                     self.rtc.pin(seq.pin_id, seq)
                 self.batcher.finish(seq)
+                self.release_lora(seq)
                 del self.seqs[seq.request_id]
             elif seq.handoff:  # prefill done: keep the blocks for the decode TE
                 del self.seqs[seq.request_id]
@@ -269,12 +308,14 @@ class Engine:
         """Whether `num_tokens` (prompt included) is as long as `seq` may grow."""
         return num_tokens - seq.num_prompt >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        """Run prompts to completion together; returns each one's generated token ids."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: list[Adapter | None] | None = None) -> list[list[int]]:
+        """Run prompts to completion together (each with its LoRA adapter from `adapters`, if
+        given); returns each one's generated token ids."""
         params = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-        for rid, prompt, p in zip(ids, prompts, params):
-            self.add_request(rid, prompt, p)
+        for rid, prompt, p, adapter in zip(ids, prompts, params, adapters or [None] * len(prompts)):
+            self.add_request(rid, prompt, p, adapter=adapter)
         out: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_work():
             for o in self.step():
@@ -294,7 +335,8 @@ class Engine:
                      copy_bytes_per_s=self.rtc.cost.copy_bytes_per_s if self.rtc.cost else 0.0,
                      prefill_tokens_per_s=self.rtc.cost.prefill_tokens_per_s if self.rtc.cost else 0.0,
                      dram_copied=self.rtc.dram_copied, dram_populated=self.rtc.dram_populated,
-                     dram_recomputed=self.rtc.dram_recomputed, swaps=self.batcher.num_swaps)
+                     dram_recomputed=self.rtc.dram_recomputed, swaps=self.batcher.num_swaps,
+                     **(self.lora.stats() if self.lora else {}))
 
     # ------------------------------------------------------------------ the DRAM tier
 

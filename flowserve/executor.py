@@ -13,6 +13,7 @@ torch.distributed group (gloo on CPU, NCCL on CUDA, HCCL on Ascend), builds its
   all-reduce where the model says (`Llama.reduce`); then it writes its vocabulary slice of
   the logits rows into the arena;
 - `ExecKV`: one layer of KV between its cache and its heads' slice of the arena (PD);
+- `ExecLora`: read a LoRA adapter from its path and put its shard into a slot;
 - `Threads`: its share of its TE's threads (no answer).
 It dies with its master (PR_SET_PDEATHSIG); an error ends it, and so its TE.
 
@@ -34,7 +35,9 @@ import torch.distributed as dist
 from flowserve.config import ModelConfig
 from flowserve.device import pick_device
 from flowserve.model import ModelRunner, step_input
-from flowserve.protocol import BadFrame, ExecDone, ExecKV, ExecStart, ExecStep, Threads, expect, pack, recv_frame
+from flowserve.lora_slots import load_lora
+from flowserve.protocol import (BadFrame, ExecDone, ExecKV, ExecLora, ExecStart, ExecStep, Threads, expect, pack,
+                                recv_frame)
 from flowserve.weights import load_weights
 
 log = logging.getLogger("flowserve.executor")
@@ -123,6 +126,8 @@ def run_executor(link: socket.socket, weights: tuple[ModelConfig, dict[str, torc
                 # read_kv and write_kv index their payload by layer; the arena holds one layer
                 payload = region.expand(mcfg.num_layers, *region.shape)
                 (runner.write_kv if msg.write else runner.read_kv)(msg.block_ids, payload, msg.layer)
+            case ExecLora():  # the master read and checked it already: this reads the same bytes
+                runner.load_lora(msg.slot, msg.adapter, load_lora(msg.adapter, mcfg, cfg.max_lora_rank, dtype))
             case Threads(n=n):
                 torch.set_num_threads(n)
                 continue

@@ -18,6 +18,10 @@ the method that names it (`linear`, `add_norm`, `mlp`, `attention`, the RoPE in 
 oneDNN-packed weights for the matmuls (`pack_linears`) and the C++ kernels of
 `flowserve.kernels`. tests/test_kernels.py holds each to its reference.
 
+LoRA (`flowserve/lora_slots.py`): each target linear adds, to the rows of a step that run with
+an adapter, their adapter's delta, all adapters at once (`LoraStacks.apply`, inside `linear`,
+so both paths apply it); the step's plan names each sequence's slot (`StepPlan.lora`).
+
 Tensor parallelism (`flowserve/tp.py`): a TP executor's `Llama` holds one rank's shard
 (`shard_weights`: heads, a slice of the MLP and of the vocabulary) and sums the ranks'
 partial results where Megatron's split needs it (`Llama.reduce`, torch.distributed). The
@@ -35,7 +39,8 @@ import torch.nn.functional as F
 from flowserve import kernels
 from flowserve.batcher import Sequence
 from flowserve.config import EngineConfig, ModelConfig
-from flowserve.protocol import PrefillPlan, StepPlan
+from flowserve.lora_slots import LoraBatch, LoraStacks, LoraWeights, lora_batch
+from flowserve.protocol import Adapter, PrefillPlan, StepPlan
 
 
 PACK_BATCH = 32  # oneDNN picks the packed layout for this many rows; all row counts work
@@ -60,6 +65,7 @@ class StepInput:
     decode_lens: torch.Tensor | None          # [num_decodes] tokens in the cache per decode (this one included)
     prefills: list[PrefillChunk]
     logits_rows: torch.Tensor    # [R] rows whose next token is sampled
+    lora: LoraBatch | None = None  # the rows with a LoRA adapter, grouped by slot
 
 
 def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +92,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class Llama:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  cpu_kernels: bool = True, packed: dict[str, torch.Tensor] | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, max_loras: int = 0):
         """`weights`: the whole model's. With tensor parallelism over `world` ranks this holds
         rank `rank`'s shard of them (`shard_weights`), `self.cfg` is the shape of its share
         (its heads, its slice of the MLP), and the forward sums the ranks' partial results."""
@@ -106,11 +112,17 @@ class Llama:
         fast = cpu_kernels and device.type == "cpu" and self.w["embed"].dtype == torch.float32
         self.packed = (packed or pack_linears(self.linears)) if fast and torch.backends.mkldnn.is_available() else None
         self.kernels = fast and kernels.available()
+        self.lora = LoraStacks(max_loras, device, self.w["embed"].dtype) if max_loras else None
 
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, name: str, lora: LoraBatch | None = None) -> torch.Tensor:
+        """x @ W^T, plus each LoRA row's adapter delta (`lora`: the step's, None for the head)."""
         if self.packed is not None and x.shape[0] < MKL_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed[name], None, "none", [], "")
-        return F.linear(x, self.linears[name])
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed[name], None, "none", [], "")
+        else:
+            y = F.linear(x, self.linears[name])
+        if lora is not None:
+            self.lora.apply(x, y, name, lora)
+        return y
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The residual stream's start. Vocabulary-parallel: a rank looks up the ids of its
@@ -138,15 +150,15 @@ class Llama:
         h += delta
         return F.rms_norm(h, (self.cfg.hidden_size,), weight, self.cfg.rms_norm_eps)
 
-    def mlp(self, x: torch.Tensor, p: str) -> torch.Tensor:
-        gate_up = self.linear(x, p + "w_gate_up")
+    def mlp(self, x: torch.Tensor, p: str, lora: LoraBatch | None = None) -> torch.Tensor:
+        gate_up = self.linear(x, p + "w_gate_up", lora)
         if self.kernels:
             act = torch.empty(x.shape[0], gate_up.shape[1] // 2, dtype=x.dtype, device=x.device)
             torch.ops.deepflow.silu_mul(act, gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        return self.reduce(self.linear(act, p + "w_down"))
+        return self.reduce(self.linear(act, p + "w_down", lora))
 
     @torch.inference_mode()
     def forward(self, step: StepInput, kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
@@ -154,14 +166,14 @@ class Llama:
         """Logits [R, vocab] for `step.logits_rows` (with tensor parallelism, this rank's slice
         of the vocabulary); writes this step's K/V into kv_cache.
         `on_layer(i)` runs once layer i's K/V are written (PD: DistFlow sends them meanwhile)."""
-        cfg, w = self.cfg, self.w
+        cfg, w, lora = self.cfg, self.w, step.lora
         h = self.embed(step.input_ids)  # the residual stream
         x = F.rms_norm(h, (cfg.hidden_size,), w["layers.0.attn_norm"], cfg.rms_norm_eps)
         if not self.kernels:  # the kernel reads the tables by position itself
             cos, sin = self.cos[step.positions], self.sin[step.positions]
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
-            qkv = self.linear(x, p + "wqkv")
+            qkv = self.linear(x, p + "wqkv", lora)
             if self.kernels:  # rotate q and k where they lie, in the fused projection's output
                 torch.ops.deepflow.rope_(qkv, step.positions, self.cos, self.sin,
                                          cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
@@ -179,9 +191,9 @@ class Llama:
             if on_layer is not None:
                 on_layer(i)
             o = self.attention(q, k_cache, v_cache, step)
-            x = self.add_norm(h, self.reduce(self.linear(o, p + "wo")), w[p + "ffn_norm"])
+            x = self.add_norm(h, self.reduce(self.linear(o, p + "wo", lora)), w[p + "ffn_norm"])
             last = i + 1 == cfg.num_layers  # the next norm: the next layer's, or the final one
-            x = self.add_norm(h, self.mlp(x, p), w["norm"] if last else w[f"layers.{i + 1}.attn_norm"])
+            x = self.add_norm(h, self.mlp(x, p, lora), w["norm"] if last else w[f"layers.{i + 1}.attn_norm"])
         return self.linear(x[step.logits_rows], "lm_head")
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -257,6 +269,23 @@ def shard_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], rank: int,
     return out
 
 
+def shard_lora(cfg: ModelConfig, weights: LoraWeights, rank: int, world: int) -> LoraWeights:
+    """Rank `rank`'s share of an adapter (`flowserve.lora_slots`: A [in, R], B [R, out]), split
+    as `shard_weights` splits the base: a column-parallel linear's B by its output columns, a
+    row-parallel one's A by its input rows, the other factor whole. A row-parallel linear's
+    delta is then a partial sum, all-reduced with the base's."""
+    if world == 1:
+        return weights
+    out = {}
+    for name, (a, b) in weights.items():
+        if name.endswith(("wqkv", "w_gate_up")):
+            b = shard_weights(cfg, {name: b.T}, rank, world)[name].T
+        else:
+            a = shard_weights(cfg, {name: a.T}, rank, world)[name].T
+        out[name] = (a, b)
+    return out
+
+
 def pack_linears(linears: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The linear weights (`Llama.linears`) in oneDNN's blocked layout, for a float32 step
     on the CPU: its GEMMs at decode batch sizes run ~1.6x faster than MKL's on the plain
@@ -305,7 +334,7 @@ def plan_step(step: list[tuple[Sequence, int]], block_size: int, in_flight: list
     holds 0 there)."""
     # Single-token work (decodes) first, as one batch; then prefill chunks one by one.
     step = sorted(step, key=lambda item: item[1] > 1)
-    plan = StepPlan([], [], [], [], [], [], [])
+    plan = StepPlan([], [], [], [], [], [], [], [])
     ids, sampled, pending = plan.input_ids, [], []
     in_flight_row = {id(seq): i for i, seq in enumerate(in_flight)} if in_flight else {}
     bs = block_size
@@ -323,6 +352,8 @@ def plan_step(step: list[tuple[Sequence, int]], block_size: int, in_flight: list
             plan.decode_lens.append(end)
         else:
             plan.prefills.append(PrefillPlan(row0, n, end, seq.block_ids[:-(-end // bs)]))
+        if seq.lora_slot is not None:
+            plan.lora.append([seq.lora_slot, row0, len(ids) - row0])
         if end == len(seq.token_ids) + seq.num_pending:
             plan.logits_rows.append(len(ids) - 1)
             sampled.append(seq)
@@ -343,7 +374,7 @@ def step_input(plan: StepPlan, device: torch.device) -> StepInput:
         input_ids=to(plan.input_ids), positions=to(plan.positions), slot_mapping=to(plan.slot_mapping),
         num_decodes=len(plan.decode_block_tables), decode_block_tables=table, decode_lens=lens,
         prefills=[PrefillChunk(c.start, c.num_tokens, c.context_len, to(c.block_ids)) for c in plan.prefills],
-        logits_rows=to(plan.logits_rows))
+        logits_rows=to(plan.logits_rows), lora=lora_batch(plan.lora, device))
 
 
 class ModelRunner:
@@ -352,8 +383,8 @@ class ModelRunner:
                  rank: int = 0, world: int = 1):
         """`rank`, `world`: a TP executor's (`flowserve/executor.py`): its shard of the model
         and its KV heads' share of the cache."""
-        self.device, self.block_size = device, ecfg.block_size
-        self.model = Llama(mcfg, weights, device, ecfg.cpu_kernels, packed, rank, world)
+        self.device, self.block_size, self.mcfg = device, ecfg.block_size, mcfg
+        self.model = Llama(mcfg, weights, device, ecfg.cpu_kernels, packed, rank, world, ecfg.max_loras)
         self.num_blocks = num_kv_blocks(mcfg, ecfg, dtype)
         local = self.model.cfg
         shape = (local.num_kv_heads, self.num_blocks, ecfg.block_size, mcfg.head_dim)
@@ -361,6 +392,11 @@ class ModelRunner:
                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(mcfg.num_layers)]
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, ecfg.block_size,
                  self.num_blocks * kv_block_bytes(local, ecfg.block_size, dtype) / 2**30)
+
+    def load_lora(self, slot: int, adapter: Adapter, weights: LoraWeights) -> None:
+        """Put an adapter's weights (`flowserve.lora_slots.load_lora`, whole) into a device slot,
+        this rank's shard of them with tensor parallelism."""
+        self.model.lora.set(slot, shard_lora(self.mcfg, weights, self.model.rank, self.model.world))
 
     def kv_shape(self, num_blocks: int) -> list[int]:
         """Shape of the KV of `num_blocks` blocks as DistFlow moves it: [layers, K/V, heads, blocks, block, dim]."""

@@ -8,7 +8,7 @@
   the main process handed its node agent (`scaling/node_agent.py`).
 - main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
 - TP master <-> its executors (`flowserve/tp.py`, `flowserve/executor.py`): `ExecStart`,
-  then `ExecStep`, `ExecKV`, `Threads`, each answered by `ExecDone` (but `Threads`).
+  then `ExecStep`, `ExecKV`, `ExecLora`, `Threads`, each answered by `ExecDone` (but `Threads`).
 - TE -> TE (DistFlow, `flowserve/distflow.py`), on a link that carries many transfers:
   `KVHeader`, the KV layer by layer, `KVTrailer` (the first token), answered by `KVAck`;
   `WeightsHeader` + every tensor's bytes.
@@ -56,6 +56,7 @@ class Op(str, Enum):
     EXEC_START = "exec_start"
     EXEC_STEP = "exec_step"
     EXEC_KV = "exec_kv"
+    EXEC_LORA = "exec_lora"
     EXEC_DONE = "exec_done"
 
 
@@ -84,6 +85,16 @@ class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
     pass
 
 
+class Adapter(msgspec.Struct):
+    """The LoRA adapter a request runs with (`flowserve/lora.py`): its name (for messages), the
+    PEFT directory a TE reads it from, and its content digest (`LoraSpec.digest`), which names
+    it in a TE's slots and seeds its prefix cache's hashes. A TE refuses files whose content
+    no longer matches the digest."""
+    name: str
+    path: str
+    digest: str
+
+
 class Add(Message, tag=Op.ADD.value):
     """Run a request. `kv_to` (prefill TE): after its first token, send its KV to that decode
     TE's DistFlow address, where it is `kv_rid`. `await_kv` (decode TE): start it when its
@@ -97,6 +108,7 @@ class Add(Message, tag=Op.ADD.value):
     await_kv: bool = False
     cache_id: str | None = None       # its prompt starts with this context cache's (MatchByID)
     pin: str | None = None            # a context cache's build: pin the prompt's blocks under this id
+    adapter: Adapter | None = None    # a LoRA adapter (None: the base model)
 
 
 class Abort(Message, tag=Op.ABORT.value):
@@ -162,6 +174,12 @@ class Stats(msgspec.Struct):
     dram_populated: int = 0
     dram_recomputed: int = 0
     swaps: int = 0
+    # LoRA: the digests of the adapters in this TE's slots (None: an empty slot), and since start
+    # the adapters read from disk and copied into a slot, and the time those copies took.
+    lora_slots: list[str | None] = []
+    lora_disk_loads: int = 0
+    lora_slot_loads: int = 0
+    lora_slot_load_ms: float = 0.0
 
 
 class TokenOut(msgspec.Struct, array_like=True):
@@ -229,6 +247,7 @@ class KVHeader(Message, tag=Op.KV_HEADER.value):
     shape: list[int]
     dtype: str                        # a torch dtype's name, e.g. "float32"
     kv_skip: int = 0                  # leading blocks not sent: the decode TE's own cache holds them
+    adapter_digest: str = ""          # the LoRA adapter the KV was computed with ("": the base)
     secret: bytes = b""               # the cluster's DistFlow secret, checked on every transfer
 
 
@@ -276,6 +295,7 @@ class StepPlan(msgspec.Struct, array_like=True):
     decode_lens: list[int]
     prefills: list[PrefillPlan]
     logits_rows: list[int]
+    lora: list[list[int]] = []             # [slot, first row, rows] per sequence with a LoRA adapter
 
 
 class ExecStart(Message, tag=Op.EXEC_START.value):
@@ -309,6 +329,13 @@ class ExecKV(Message, tag=Op.EXEC_KV.value):
     write: bool
 
 
+class ExecLora(Message, tag=Op.EXEC_LORA.value):
+    """TP master -> every executor: read this adapter (`flowserve.lora_slots.load_lora`) and
+    put its shard into `slot`."""
+    slot: int
+    adapter: Adapter
+
+
 class ExecDone(Message, tag=Op.EXEC_DONE.value):
     """Executor -> master: started, or the last `ExecStep`/`ExecKV` is done."""
 
@@ -316,7 +343,7 @@ class ExecDone(Message, tag=Op.EXEC_DONE.value):
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Threads | Unpin | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
                                    | TemplateReady | KVHeader | KVTrailer | KVAck | WeightsHeader | Error | ExecStart
-                                   | ExecStep | ExecKV | ExecDone)
+                                   | ExecStep | ExecKV | ExecLora | ExecDone)
 
 
 class BadFrame(ValueError):

@@ -3,8 +3,9 @@
 The KV cache is a pool of fixed-size blocks (`flowserve.model.ModelRunner` owns the tensors;
 this module owns only their bookkeeping). Each sequence has a block table. Full blocks
 whose K/V have been computed are indexed by a chain hash of their tokens (the hash of a
-block covers every token before it too), so a new prompt can reuse the longest cached
-prefix: MatchByPrefixToken. Blocks nobody references stay cached and are evicted least
+block covers every token before it too, and a sequence's LoRA adapter: its chain starts from
+the adapter's digest), so a new prompt can reuse the longest cached prefix computed with the
+same weights: MatchByPrefixToken. Blocks nobody references stay cached and are evicted least
 recently used first when a new block is needed.
 
 Explicit context caching (`POST /v1/caches`, scheduler/caches.py) adds a second index: a
@@ -66,12 +67,14 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((-1 if parent is None else parent, tokens))
 
 
-def prefix_blocks(token_ids: list[int], block_size: int):
+def prefix_blocks(token_ids: list[int], block_size: int, seed: int | None = None):
     """(chain hash, tokens) of each full block a prompt may take from a prefix cache, in order:
     every full block but one that would leave no token to compute (the last token's logits are
     what the next token is sampled from). The RTC and the scheduler's prompt tree both walk
-    prompts with this, so dist_sched predicts exactly the hits a TE will have."""
-    parent = None
+    prompts with this, so dist_sched predicts exactly the hits a TE will have. `seed` starts
+    the chain: a LoRA adapter's (`flowserve.lora.hash_seed`), None for the base model, so KV
+    computed with different weights never matches."""
+    parent = seed
     for start in range(0, len(token_ids) - block_size, block_size):
         tokens = tuple(token_ids[start:start + block_size])
         parent = chain_hash(parent, tokens)
@@ -93,7 +96,8 @@ class RTC:
         # they are reused for something else.
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_index: dict[int, int] = {}   # chain hash -> block id
-        self.id_index: dict[str, tuple[list[int], tuple[int, ...]]] = {}  # cache id -> pinned blocks, their tokens
+        # cache id -> pinned blocks, their tokens, the hash seed (LoRA adapter) they were computed with
+        self.id_index: dict[str, tuple[list[int], tuple[int, ...], int | None]] = {}
         self.prefix_queries = 0                  # prompt tokens looked up
         self.prefix_hits = 0                     # of which served from the cache
         # Blocks indexed and evicted since the last `drain_cache_events`: the TE reports them
@@ -127,20 +131,22 @@ class RTC:
     def num_dram_free(self) -> int:
         return len(self.dram_free)
 
-    def match_by_prefix_token(self, token_ids: list[int]) -> list[int]:
+    def match_by_prefix_token(self, token_ids: list[int], seed: int | None = None) -> list[int]:
         """Block ids holding the longest cached prefix of `token_ids` (`prefix_blocks`) on the device."""
         matched = []
-        for h, tokens in prefix_blocks(token_ids, self.block_size):
+        for h, tokens in prefix_blocks(token_ids, self.block_size, seed):
             block_id = lookup(self.prefix_index, self.blocks, h, tokens)
             if block_id is None:
                 break
             matched.append(block_id)
         return matched
 
-    def match_by_id(self, cache_id: str, token_ids: list[int]) -> list[int]:
+    def match_by_id(self, cache_id: str, token_ids: list[int], seed: int | None = None) -> list[int]:
         """The blocks pinned under `cache_id` that hold a prefix of `token_ids`, as many as
-        `prefix_blocks` would take."""
-        blocks, tokens = self.id_index.get(cache_id, ([], ()))
+        `prefix_blocks` would take, if they were computed with the same weights (`seed`)."""
+        blocks, tokens, pinned_seed = self.id_index.get(cache_id, ([], (), None))
+        if pinned_seed != seed:
+            return []
         bs, matched = self.block_size, []
         for i, block_id in enumerate(blocks[:(len(token_ids) - 1) // bs]):
             if tuple(token_ids[i * bs:(i + 1) * bs]) != tokens[i * bs:(i + 1) * bs]:
@@ -154,18 +160,18 @@ class RTC:
         n = seq.num_prompt // self.block_size
         for block_id in seq.block_ids[:n]:
             self._ref(block_id)
-        self.id_index[cache_id] = (seq.block_ids[:n], tuple(seq.token_ids[:n * self.block_size]))
+        self.id_index[cache_id] = (seq.block_ids[:n], tuple(seq.token_ids[:n * self.block_size]), seq.hash_seed)
 
     def unpin(self, cache_id: str) -> bool:
         """Drop a context's pin; its blocks stay in the prefix cache until evicted."""
-        blocks, _ = self.id_index.pop(cache_id, ([], ()))
+        blocks, _, _ = self.id_index.pop(cache_id, ([], (), None))
         for block_id in blocks:
             self._unref(block_id)
         return bool(blocks)
 
     @property
     def num_pinned(self) -> int:
-        return sum(len(blocks) for blocks, _ in self.id_index.values())
+        return sum(len(blocks) for blocks, _, _ in self.id_index.values())
 
     def count_prefix_lookup(self, num_prompt: int, num_hit: int) -> None:
         """A sequence's first admission: `num_hit` of its `num_prompt` tokens came from the cache."""
@@ -175,13 +181,14 @@ class RTC:
     def attach_prefix(self, seq: Sequence) -> None:
         """Start a sequence from its cached prefix: the longer of what the prefix index and,
         for a request on a context cache, the id index hold."""
-        matched = self.match_by_prefix_token(seq.token_ids)
+        matched = self.match_by_prefix_token(seq.token_ids, seq.hash_seed)
         if seq.cache_id is not None:
-            matched = max(matched, self.match_by_id(seq.cache_id, seq.token_ids), key=len)
+            matched = max(matched, self.match_by_id(seq.cache_id, seq.token_ids, seq.hash_seed), key=len)
         for block_id in matched:
             self._ref(block_id)
         seq.block_ids = list(matched)
-        seq.block_hashes = [h for h, _ in islice(prefix_blocks(seq.token_ids, self.block_size), len(matched))]
+        seq.block_hashes = [h for h, _ in islice(prefix_blocks(seq.token_ids, self.block_size, seq.hash_seed),
+                                                 len(matched))]
         self._populate_prefix(seq)
         seq.num_computed = len(seq.block_ids) * self.block_size
 
@@ -192,7 +199,7 @@ class RTC:
         if self.cost is None:
             return
         found = []  # the blocks either tier holds, up to the first that neither does
-        for h, tokens in islice(prefix_blocks(seq.token_ids, self.block_size), len(seq.block_ids), None):
+        for h, tokens in islice(prefix_blocks(seq.token_ids, self.block_size, seq.hash_seed), len(seq.block_ids), None):
             on_device = lookup(self.prefix_index, self.blocks, h, tokens) is not None
             if not on_device and lookup(self.dram_index, self.dram_blocks, h, tokens) is None:
                 break
@@ -338,7 +345,7 @@ class RTC:
         # (a swapped-out sequence has its computed tokens in DRAM, and no device block)
         for i in range(len(seq.block_hashes), min(seq.num_computed, len(seq.token_ids), len(seq.block_ids) * bs) // bs):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else seq.hash_seed, tokens)
             seq.block_hashes.append(h)
             self._index(seq.block_ids[i], h, tokens)
 

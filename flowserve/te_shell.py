@@ -81,7 +81,7 @@ class TEShell:
             case Add():
                 try:
                     self.engine.add_request(msg.rid, msg.prompt, msg.params, handoff=msg.kv_to is not None,
-                                            cache_id=msg.cache_id, pin=msg.pin)
+                                            cache_id=msg.cache_id, pin=msg.pin, adapter=msg.adapter)
                     if msg.kv_to is not None:
                         self.kv_to[msg.rid] = msg
                 except ValueError as e:
@@ -174,7 +174,10 @@ class TEShell:
         if add is None:
             return None, None
         try:
-            return add, self.engine.add_prefilled(head.rid, head.token_ids, add.params, head.num_cached, head.kv_skip)
+            if head.adapter_digest != (add.adapter.digest if add.adapter else ""):
+                raise ValueError("the KV was computed with another LoRA adapter than the request names")
+            return add, self.engine.add_prefilled(head.rid, head.token_ids, add.params, head.num_cached, head.kv_skip,
+                                                  add.adapter)
         except ValueError as e:  # it cannot run here (a shorter context than the prefill TE's)
             del self.awaiting[head.rid]
             self.report(head.rid, FinishReason.ERROR, error=str(e))
@@ -212,7 +215,8 @@ class TEShell:
         engine, blocks = self.engine, list(seq.block_ids)  # a copy: an abort empties the sequence's
         skip = min(add.kv_skip, len(blocks) - 1)
         head = KVHeader(add.kv_rid, seq.token_ids[:seq.num_prompt], seq.num_cached or 0,
-                        engine.runner.kv_shape(len(blocks) - skip), dtype_name(engine.dtype), skip)
+                        engine.runner.kv_shape(len(blocks) - skip), dtype_name(engine.dtype), skip,
+                        seq.adapter.digest if seq.adapter else "")
         t = KVTransfer(seq.request_id, add.kv_to, head,
                        lambda first, out, layer: engine.runner.read_kv(blocks[first:], out, layer), len(blocks), ready)
         self.sending[seq.request_id] = seq, t

@@ -12,6 +12,8 @@ executors, answered by each with `ExecDone`:
   partial sums with its peers over torch.distributed, and writes its vocabulary slice of
   the logits rows into the arena (a memfd they all map); the master samples from the whole
   rows there.
+- `load_lora`: a LoRA adapter into a slot; each executor reads it from its path and keeps
+  its shard (`flowserve.model.shard_lora`); a step's plan says which rows use which slot.
 - `read_kv` / `write_kv` (PD): one layer of a request's KV through the arena, each rank its
   KV heads' slice, so a payload is the same whatever the TP size at either end: each rank's
   heads land on the decode TE's rank that holds them.
@@ -48,7 +50,9 @@ from flowserve.batcher import Sequence
 from flowserve.config import EngineConfig, ModelConfig, check_tensor_parallel
 from flowserve.executor import Arena, forked_main
 from flowserve.model import num_kv_blocks, plan_step
-from flowserve.protocol import ExecDone, ExecKV, ExecStart, ExecStep, Message, Threads, expect, pack, recv_frame
+from flowserve.lora_slots import LoraWeights
+from flowserve.protocol import (Adapter, ExecDone, ExecKV, ExecLora, ExecStart, ExecStep, Message, Threads, expect,
+                                pack, recv_frame)
 
 log = logging.getLogger("flowserve.tp")
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +143,11 @@ class TPRunner:
             for layer in range(self.mcfg.num_layers):
                 on_layer(layer)
         return self.arena.logits[:len(sampled)], sampled
+
+    def load_lora(self, slot: int, adapter: Adapter, weights: LoraWeights) -> None:
+        """As `ModelRunner.load_lora`: each executor reads the adapter from its path and keeps
+        its shard (B split for column-parallel linears, A for row-parallel ones)."""
+        self.command(ExecLora(slot, adapter))
 
     def kv_shape(self, num_blocks: int) -> list[int]:
         """As `ModelRunner.kv_shape`, every rank's KV heads: [layers, K/V, heads, blocks, block, dim]."""
