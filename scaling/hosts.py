@@ -65,6 +65,9 @@ def probe() -> dict:
 
 @dataclass(eq=False)
 class Host:
+    """One base model's view of a machine: its node agent there and its TEs. The hosts of
+    every base model on one machine (`machine`, this one included) share its cores and memory,
+    and each holds its model's weights in DRAM once (`weights_bytes`, while `weights_resident`)."""
     name: str
     address: str                 # what its TEs bind and advertise (DistFlow listeners)
     cores: int
@@ -72,22 +75,48 @@ class Host:
     node: object                 # its node agent: launch(), kill(), stop(), to_dict()
     tes: list = field(default_factory=list)   # TEHandles placed here, starting ones included
     alive: bool = True
+    machine: list = field(default_factory=list)  # every base model's Host on this machine
+    weights_bytes: int = 0       # its model's weights in DRAM (the cluster learns them)
+    weights_resident: bool = True  # False once its template was evicted for another model's TEs
+    last_used: float = 0.0       # monotonic time a task was last placed here (which template leaves first)
 
-    def used(self, weights_bytes: int) -> int:
-        return weights_bytes + sum(te.cost for te in self.tes)
+    def __post_init__(self):
+        self.machine.append(self)
 
-    def room(self, cost: int, weights_bytes: int) -> int:
-        """How many more TEs of `cost` fit here."""
-        return max(0, (self.memory - self.used(weights_bytes)) // cost) if self.alive else 0
+    def used(self) -> int:
+        return sum(h.weights_bytes * h.weights_resident + sum(te.cost for te in h.tes) for h in self.machine)
+
+    def room(self, cost: int) -> int:
+        """How many more TEs of `cost` fit here, counting what evicting idle models would free."""
+        free = self.memory - self.used() + sum(h.weights_bytes for h in self._evictable())
+        return max(0, free // cost) if self.alive else 0
 
     def threads_per_te(self, extra: int = 0) -> int:
-        return max(1, self.cores // max(1, len(self.tes) + extra))
+        return max(1, self.cores // max(1, sum(len(h.tes) for h in self.machine) + extra))
 
-    def describe(self, weights_bytes: int) -> str:
+    def _evictable(self) -> list["Host"]:
+        """The machine's other models with no TE here whose template holds their weights, least
+        recently used first."""
+        return sorted((h for h in self.machine if h is not self and h.weights_resident and not h.tes
+                       and hasattr(h.node, "evict")), key=lambda h: h.last_used)
+
+    def make_room(self, cost: int) -> None:
+        """Before a TE of `cost` starts here (and this model's weights come back to DRAM if they
+        had left): evict idle models' templates, least recently used first, until it fits. An
+        evicted template starts again with its model's next TE."""
+        self.weights_resident = True
+        for peer in self._evictable():
+            if self.memory - self.used() >= cost:
+                return
+            peer.node.evict()
+            peer.weights_resident = False
+
+    def describe(self) -> str:
         return (f"{self.name}: {self.cores} cores, {self.memory / GiB:.1f} GiB for TEs, "
-                f"{len(self.tes)} TE(s) and the weights use {self.used(weights_bytes) / GiB:.1f} GiB")
+                f"{len(self.tes)} TE(s) and the weights use {self.used() / GiB:.1f} GiB")
 
-    def to_dict(self, weights_bytes: int) -> dict:
+    def to_dict(self) -> dict:
         return {"name": self.name, "address": self.address, "alive": self.alive, "cores": self.cores,
-                "memory_gb": round(self.memory / GiB, 2), "used_gb": round(self.used(weights_bytes) / GiB, 2),
-                "tes": [te.id for te in self.tes], "threads_per_te": self.threads_per_te(), **self.node.to_dict()}
+                "memory_gb": round(self.memory / GiB, 2), "used_gb": round(self.used() / GiB, 2),
+                "weights_resident": self.weights_resident, "tes": [te.id for te in self.tes],
+                "threads_per_te": self.threads_per_te(), **self.node.to_dict()}

@@ -30,7 +30,8 @@ class LocalNode:
         self.template: TemplateHandle | None = None
         self.pool = PrewarmPool(prewarmed, pool_cfg or EngineConfig(), self.env) \
             if start_mode in ("preloaded", "peer") else None
-        self.closing = False
+        self.closing = self.evicted = False
+        self._stopping: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.start_mode == "fork":
@@ -45,8 +46,15 @@ class LocalNode:
         await self.template.start()
 
     def _on_template_death(self) -> None:
-        if not self.closing:  # running TEs are separate processes and keep serving
+        if not (self.closing or self.evicted):  # running TEs are separate processes and keep serving
             asyncio.create_task(self._start_template())
+
+    def evict(self) -> None:
+        """Another base model needs this DRAM: the warm template exits (the next launch starts it again)."""
+        if self.template:
+            self.evicted = True
+            self._stopping = asyncio.create_task(self.template.stop())
+            self.template = None
 
     async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
         """Start one TE process; it is not serving yet (the caller waits for its `Ready`)."""
@@ -54,6 +62,9 @@ class LocalNode:
             te.writer.write(pack(Load(self.model_path, cfg, weights_from)))
             te.start_mode = "peer" if weights_from else "preloaded"
             return te
+        if self.evicted:  # back in DRAM first: the page cache may still hold the weights' file
+            self.evicted = False
+            await self._start_template()
         ours, theirs = socket.socketpair()
         with theirs:
             if self.template and self.template.alive:
@@ -84,7 +95,9 @@ class LocalNode:
 
 
 def local_host(model_path: str, start_mode: str = "fork", prewarmed: int = 1,
-               pool_cfg: EngineConfig | None = None) -> Host:
-    """This machine as a deployment's one host, its TEs sharing a new DistFlow secret."""
+               pool_cfg: EngineConfig | None = None, machine: list[Host] | None = None) -> Host:
+    """This machine as a deployment's one host for `model_path`, its TEs sharing a new DistFlow
+    secret; `machine`: the hosts other base models already have here (it joins them)."""
     return Host("local", "127.0.0.1", **probe(),
-                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, secret_env()))
+                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, secret_env()),
+                machine=machine if machine is not None else [])

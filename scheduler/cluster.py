@@ -91,6 +91,8 @@ class Cluster:
         # The predictor learns only where the PD-aware step can ask it: beside a heatmap.
         self.heatmap, self.predictor = heatmap, DecodeLengthPredictor() if heatmap else None
         self.weights_bytes = weights_estimate(model_path)  # corrected by the first TE's Ready
+        for host in self.hosts:
+            host.weights_bytes = self.weights_bytes
         self._rr = itertools.count()
         self._turns = {g: itertools.count() for g in GROUPS}  # round-robin, per group
         self.started = self.closing = False
@@ -129,6 +131,7 @@ class Cluster:
     def add_host(self, host: Host) -> None:
         """A host joins (at start, or a Ray node that came up): groups short of their target refill."""
         self.hosts.append(host)
+        host.weights_bytes = self.weights_bytes
         log.info("host %s (%s): %d cores, %.1f GiB for TEs", host.name, host.address, host.cores, host.memory / GiB)
         for group, n in self.target.items() if self.started else ():
             for _ in range(n - len(self.live(group))):
@@ -150,7 +153,7 @@ class Cluster:
 
     def room(self, group: str) -> int:
         """How many more TEs of `group` fit on the live hosts."""
-        return sum(host.room(self.te_cost(group), self.weights_bytes) for host in self.hosts)
+        return sum(host.room(self.te_cost(group)) for host in self.hosts)
 
     def live(self, group: str) -> list[TEHandle]:
         return [te for te in self.groups[group] if not te.retiring]
@@ -159,7 +162,7 @@ class Cluster:
         """Why the target sizes (with `group` set to `instances`) do not fit, or "" if they do."""
         target = {**self.target, **({group: instances} if group else {})}
         need = {g: n - len(self.live(g)) for g, n in target.items() if n > len(self.live(g))}
-        free = {h.name: h.memory - h.used(self.weights_bytes) for h in self.hosts}
+        free = {h.name: h.memory - h.used() for h in self.hosts}
         fits = {}
         for g, n in need.items():  # greedily, as add_te would place them
             cost, fits[g] = self.te_cost(g), 0
@@ -169,7 +172,7 @@ class Cluster:
                 free[name] -= k * cost
             if fits[g] < n:
                 cfg = self.engine_cfgs[g]
-                hosts = "; ".join(h.describe(self.weights_bytes) for h in self.hosts) or "no live host"
+                hosts = "; ".join(h.describe() for h in self.hosts) or "no live host"
                 return (f"{target[g]} {g} TEs do not fit: {len(self.live(g)) + fits[g]} can run. Each new TE commits "
                         f"{cost / GiB:.2f} GiB (KV pool {cfg.kv_cache_gb:g} GiB, runtime and activations"
                         f"{', its own weights' if self.start_mode in ('cold', 'peer') else ''}); hosts: {hosts}. "
@@ -178,16 +181,16 @@ class Cluster:
 
     def _place(self, group: str) -> Host:
         cost = self.te_cost(group)
-        fitting = [h for h in self.hosts if h.room(cost, self.weights_bytes)]
+        fitting = [h for h in self.hosts if h.room(cost)]
         if not fitting:
             raise NoRoom(self.target_beyond_room(group, len(self.live(group)) + 1) or f"no room for a {group} TE")
         # the fewest TEs first (spread the load), then the most free memory
-        return min(fitting, key=lambda h: (len(h.tes), h.used(self.weights_bytes) - h.memory))
+        return min(fitting, key=lambda h: (len(h.tes), h.used() - h.memory))
 
     def rebalance(self, host: Host) -> None:
-        """Share the host's cores among its TEs again (its TE count changed)."""
+        """Share the machine's cores among its TEs again, every base model's (its TE count changed)."""
         if not self.threads_per_te:
-            for te in host.tes:
+            for te in (te for h in host.machine for te in h.tes):
                 te.set_threads(host.threads_per_te())
 
     def donor(self) -> str | None:
@@ -198,6 +201,7 @@ class Cluster:
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
         host = self._place(group)
+        host.make_room(self.te_cost(group))
         cfg = replace(self.engine_cfgs[group], host=host.address,
                       num_threads=self.threads_per_te or host.threads_per_te(extra=1))
         te = TEHandle(f"te-{next(TE_IDS)}", group, cfg, host, self.te_cost(group), observer=self)
@@ -210,7 +214,7 @@ class Cluster:
             self._forget(te)
             te.kill()
             raise
-        self.weights_bytes = ready.weights_bytes or self.weights_bytes
+        self.weights_bytes = host.weights_bytes = ready.weights_bytes or self.weights_bytes
         self.rebalance(host)  # TEs that joined while this one started
         self._max_model_len = self._max_model_len or te.max_model_len  # all TEs share one config
         self._place_pending(group)
@@ -365,6 +369,7 @@ class Cluster:
             task = queue.popleft()
             te, why = self._choose(task, free, group, locality=True)
             task.placement.update(why, host=te.host.name)
+            te.host.last_used = time.monotonic()
             if not pd:
                 te.submit(task)
                 continue
@@ -461,7 +466,7 @@ class Cluster:
     def to_dict(self) -> dict:
         local = self.hosts[0].node.to_dict() if len(self.hosts) == 1 else {}  # one host: its template, pool
         return {"start_mode": self.start_mode, **local,
-                "hosts": [h.to_dict(self.weights_bytes) for h in self.hosts],
+                "hosts": [h.to_dict() for h in self.hosts],
                 "te_cost_gb": {g: round(self.te_cost(g) / GiB, 3) for g in GROUPS},
                 "weights_gb": round(self.weights_bytes / GiB, 3),
                 "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],

@@ -82,8 +82,9 @@ class Models:
         """Register the PEFT adapter at `path` as the model `name` over `base_name` (default:
         the default base). 400 saying what is wrong, and nothing changes, if it is bad."""
         if name in self.bases or name in self.adapters:
-            raise invalid(f"the model name {name!r} is taken by a {'base model' if name in self.bases else 'LoRA '
-                          'adapter'}; unload it first or choose another name", "lora_name")
+            kind = "base model" if name in self.bases else "LoRA adapter"
+            raise invalid(f"the model name {name!r} is taken by a {kind}; unload it first or choose another name",
+                          "lora_name")
         if base_name is not None and base_name not in self.bases:
             raise invalid(f"no base model {base_name!r}; bases: {sorted(self.bases)}", "base_model_name")
         base = self.bases[base_name] if base_name else self.default
