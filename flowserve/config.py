@@ -1,9 +1,10 @@
 """Model and engine configuration for one FlowServe engine (one TE).
 
 `ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json), here
-and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a TE is
-started with (KV pool size, batch limits, device, tensor parallelism). Both are plain
-dataclasses so they can cross a process boundary as JSON.
+and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a user
+starts a TE with (KV pool size, batch limits, device, tensor parallelism); `TELaunch`, what
+the platform adds when it starts one (where its weights come from, its DistFlow listeners).
+All are plain dataclasses so they can cross a process boundary as JSON.
 """
 import hashlib
 import json
@@ -129,10 +130,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 0          # 0: the model's context length
     num_threads: int = 0            # 0: leave torch's default
-    use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
-    serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
-    kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
-    host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
     kv_timeout_s: float = 10.0      # a KV transfer that takes longer fails (the peer froze)
     kv_layerwise: bool = True       # prefill TE: send each layer's KV as the forward computes it (False: after the step)
     cpu_kernels: bool = True        # float32 on CPU: oneDNN-packed linears, flowserve/kernels.cpp; False: plain torch
@@ -143,6 +140,16 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.dram_kv_gb > 0:  # its block copies run in ModelRunner only
             raise ValueError("a DRAM KV tier (dram_kv_gb) does not work with tensor_parallel_size > 1 yet")
+
+
+@dataclass
+class TELaunch:
+    """What the platform (the cluster, per group and host) sets when it starts a TE, beside its
+    EngineConfig; never a user's setting."""
+    use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
+    serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
+    kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
+    host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
 
 
 def default_model_path() -> str:

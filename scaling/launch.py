@@ -2,10 +2,10 @@
 agent on another host); neither imports torch.
 
 `spawn_te_shell` starts `python -m flowserve.te_shell` on a given socket, with a model (a
-cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`);
-`next_frame` reads the one frame such a process sends before it serves (`Prewarmed` or
-`Ready`). `TemplateHandle` is the other way in: it starts the warm template
-(`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
+cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`); the one
+frame it sends before it serves (`Prewarmed` or `Ready`) is read with
+`flowserve.protocol.next_frame`. `TemplateHandle` is the other way in: it starts the warm
+template (`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
 (its TEs are separate processes and keep serving). The socket is a socketpair's end on the
 main process's host, or a TCP connection to the main process on another host.
 """
@@ -15,11 +15,11 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowserve.config import EngineConfig
-from flowserve.protocol import BadFrame, Fork, Forked, Message, TemplateReady, encode_config, expect, pack, \
-    recv_frame, unpack_frames
+from flowserve.config import EngineConfig, TELaunch
+from flowserve.protocol import Fork, Forked, TemplateReady, encode_config, expect, pack, recv_frame
 
 log = logging.getLogger("deepflow.launch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +44,11 @@ def _log_level() -> str:
 
 
 async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path: str | None,
-                         te_sock: socket.socket, python: str = sys.executable) -> asyncio.subprocess.Process:
-    """A fresh TE-shell interpreter talking over `te_sock`; without a model it starts pre-warmed."""
-    model = ["--model", model_path] if model_path else []
+                         te_sock: socket.socket, python: str = sys.executable,
+                         launch: TELaunch | None = None) -> asyncio.subprocess.Process:
+    """A fresh TE-shell interpreter talking over `te_sock`; without a model it starts pre-warmed
+    (its `Load` brings the launch settings)."""
+    model = ["--model", model_path, "--launch", encode_config(launch or TELaunch())] if model_path else []
     return await asyncio.create_subprocess_exec(
         python, "-m", "flowserve.te_shell", "--fd", str(te_sock.fileno()), *model,
         "--engine-config", encode_config(engine_cfg),
@@ -54,33 +56,20 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path:
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
 
 
-async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | None:
-    """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
-    while True:
-        msgs = unpack_frames(buf, 1)
-        if msgs:
-            if isinstance(msgs[0], BadFrame):
-                raise msgs[0]
-            return msgs[0]
-        data = await reader.read(1 << 20)
-        if not data:
-            return None
-        buf += data
-
-
 class TemplateHandle:
     """The main process's side of the template."""
 
     def __init__(self, model_path: str, env: dict | None = None, python: str = sys.executable,
-                 weights_from: str | None = None):
+                 weights_from: str | None = None, on_death: Callable[[], None] | None = None):
         """`weights_from`: a running TE's DistFlow address to take the weights from, on a host
-        whose DRAM does not hold them yet (else the template maps the model's cache)."""
+        whose DRAM does not hold them yet (else the template maps the model's cache).
+        `on_death`: called if the template exits unasked."""
         self.model_path, self.env, self.python, self.weights_from = model_path, env or {}, python, weights_from
         self.proc: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()  # one fork command and its reply at a time
         self.buf = bytearray()
-        self.on_death = None  # callback(), set by the cluster
+        self.on_death = on_death
         self.stopping = False
 
     async def start(self, timeout: float = 300) -> None:
@@ -106,17 +95,17 @@ class TemplateHandle:
         if self.on_death:
             self.on_death()
 
-    def _fork(self, te_id: str, engine_cfg: EngineConfig, te_sock: socket.socket) -> int:
+    def _fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
         with self.lock:
-            socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg))], [te_sock.fileno()])
+            socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg, launch))], [te_sock.fileno()])
             reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
         if reply is None:
             raise RuntimeError("template is gone")
         return reply.pid
 
-    async def fork(self, te_id: str, engine_cfg: EngineConfig, te_sock: socket.socket) -> int:
+    async def fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
         """Fork a new TE from the template, talking over `te_sock`; returns its pid."""
-        return await asyncio.to_thread(self._fork, te_id, engine_cfg, te_sock)
+        return await asyncio.to_thread(self._fork, te_id, engine_cfg, launch, te_sock)
 
     @property
     def alive(self) -> bool:

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import Load, pack
 from scaling.launch import Launched, TemplateHandle, spawn_te_shell
 from scaling.prewarm import PrewarmPool
@@ -38,28 +38,28 @@ class LocalNode:
             await self.pool.wait_filled()
 
     async def _start_template(self) -> None:
-        self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"})
-        self.template.on_death = self._on_template_death
+        self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"},
+                                       on_death=self._on_template_death)
         await self.template.start()
 
     def _on_template_death(self) -> None:
         if not self.closing:  # running TEs are separate processes and keep serving
             asyncio.create_task(self._start_template())
 
-    async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
+    async def launch(self, te_id: str, cfg: EngineConfig, launch: TELaunch, weights_from: str | None) -> Launched:
         """Start one TE process; it is not serving yet (the caller waits for its `Ready`)."""
         if self.pool and (te := self.pool.take()):
-            te.writer.write(pack(Load(self.model_path, cfg, weights_from)))
+            te.writer.write(pack(Load(self.model_path, cfg, launch, weights_from)))
             te.start_mode = "peer" if weights_from else "preloaded"
             return te
         ours, theirs = socket.socketpair()
         with theirs:
             if self.template and self.template.alive:
-                pid, mode, proc = await self.template.fork(te_id, cfg, theirs), "fork", None
+                pid, mode, proc = await self.template.fork(te_id, cfg, launch, theirs), "fork", None
             else:
                 env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
-                proc = await spawn_te_shell(cfg, env, self.model_path, theirs)
-                pid, mode = proc.pid, "preloaded" if cfg.use_weight_cache else "cold"
+                proc = await spawn_te_shell(cfg, env, self.model_path, theirs, launch=launch)
+                pid, mode = proc.pid, "preloaded" if launch.use_weight_cache else "cold"
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         return Launched(reader, writer, bytearray(), pid, mode, proc, fresh=proc is not None)
 

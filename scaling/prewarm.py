@@ -12,8 +12,8 @@ import socket
 import sys
 
 from flowserve.config import EngineConfig
-from flowserve.protocol import BadFrame, Prewarmed, expect
-from scaling.launch import Launched, next_frame, spawn_te_shell
+from flowserve.protocol import BadFrame, Prewarmed, expect, next_frame
+from scaling.launch import Launched, spawn_te_shell
 
 log = logging.getLogger("deepflow.prewarm")
 

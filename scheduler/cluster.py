@@ -43,7 +43,7 @@ import time
 from collections import deque
 from dataclasses import asdict, replace
 
-from flowserve.config import EngineConfig, weights_cache_path
+from flowserve.config import EngineConfig, TELaunch, weights_cache_path
 from flowserve.protocol import FinishReason
 from flowserve.rtc import prefix_blocks
 from scaling.node import LocalNode
@@ -124,10 +124,10 @@ class Cluster:
         # the warm template, which maps that cache once.
         # peer: a pre-warmed TE receives the weights from a running TE over DistFlow.
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
-        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold",
-                                       serve_weights=start_mode == "peer" or weights_donors,
-                                       kv_listen=kv_transport if g == "decode" else "")
-                            for g, (_, cfg) in groups.items()}
+        self.engine_cfgs = {g: cfg for g, (_, cfg) in groups.items()}
+        self.launches = {g: TELaunch(use_weight_cache=start_mode != "cold",
+                                     serve_weights=start_mode == "peer" or weights_donors,
+                                     kv_listen=kv_transport if g == "decode" else "") for g in GROUPS}
         self.max_queued, self.start_mode = max_queued, start_mode
         # Every TE and template of this cluster inherits it; DistFlow peers must show it (flowserve/distflow.py).
         self.te_env = {**(env or {}), "DEEPFLOW_DISTFLOW_SECRET": secrets.token_hex(32)}
@@ -251,8 +251,7 @@ class Cluster:
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
         host = self._place(group)
-        cfg = replace(self.engine_cfgs[group], host=host.address,
-                      num_threads=self.threads_per_te or host.threads_per_te(extra=1))
+        cfg = replace(self.engine_cfgs[group], num_threads=self.threads_per_te or host.threads_per_te(extra=1))
         te = TEHandle(f"te-{next(self._ids)}", group, cfg, host, self.te_cost(group))
         te.on_death = self._on_death
         te.on_free = lambda te: self._place_pending(te.group)
@@ -261,7 +260,8 @@ class Cluster:
         host.tes.append(te)
         self.rebalance(host)
         try:
-            ready = await te.start(self.donor() if self.start_mode == "peer" else None)
+            ready = await te.start(replace(self.launches[group], host=host.address),
+                                   self.donor() if self.start_mode == "peer" else None)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self._forget(te)
             te.kill()
