@@ -42,7 +42,3 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) + self.num_pending - self.num_computed
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt:]
