@@ -6,8 +6,9 @@ cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`);
 frame it sends before it serves (`Prewarmed` or `Ready`) is read with
 `flowserve.protocol.next_frame`. `TemplateHandle` is the other way in: it starts the warm
 template (`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
-(its TEs are separate processes and keep serving). The socket is a socketpair's end on the
-main process's host, or a TCP connection to the main process on another host.
+(its TEs are separate processes and keep serving); `fork_or_spawn` takes that way while the
+template is up, else the first. The socket is a socketpair's end on the main process's host,
+or a TCP connection to the main process on another host.
 """
 import asyncio
 import logging
@@ -41,6 +42,15 @@ class Launched:
 
 def _log_level() -> str:
     return logging.getLevelName(logging.getLogger().level).lower()
+
+
+async def reap(proc: asyncio.subprocess.Process, timeout: float = 5) -> None:
+    """Wait for a process told to exit (EOF on its socket); kill it if it has not after `timeout`."""
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path: str | None,
@@ -115,9 +125,17 @@ class TemplateHandle:
         self.stopping = True
         if self.sock:
             self.sock.close()  # EOF: the template returns from its loop and exits
-        if self.proc and self.proc.returncode is None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        if self.proc:
+            await reap(self.proc)
+
+
+async def fork_or_spawn(template: TemplateHandle | None, te_id: str, cfg: EngineConfig, launch: TELaunch,
+                        te_sock: socket.socket, model_path: str, env: dict, python: str = sys.executable
+                        ) -> tuple[int, str, asyncio.subprocess.Process | None]:
+    """A TE on `te_sock`, forked from the warm template or, while it is down, a fresh
+    TE-shell: its pid, start mode, and process handle (None for a fork)."""
+    if template and template.alive:
+        return await template.fork(te_id, cfg, launch, te_sock), "fork", None
+    env = {**env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
+    proc = await spawn_te_shell(cfg, env, model_path, te_sock, python, launch)
+    return proc.pid, "preloaded" if launch.use_weight_cache else "cold", proc

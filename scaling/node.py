@@ -15,7 +15,7 @@ import socket
 
 from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import Load, pack
-from scaling.launch import Launched, TemplateHandle, spawn_te_shell
+from scaling.launch import Launched, TemplateHandle, fork_or_spawn
 from scaling.prewarm import PrewarmPool
 
 log = logging.getLogger("deepflow.node")
@@ -54,12 +54,7 @@ class LocalNode:
             return te
         ours, theirs = socket.socketpair()
         with theirs:
-            if self.template and self.template.alive:
-                pid, mode, proc = await self.template.fork(te_id, cfg, launch, theirs), "fork", None
-            else:
-                env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
-                proc = await spawn_te_shell(cfg, env, self.model_path, theirs, launch=launch)
-                pid, mode = proc.pid, "preloaded" if launch.use_weight_cache else "cold"
+            pid, mode, proc = await fork_or_spawn(self.template, te_id, cfg, launch, theirs, self.model_path, self.env)
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         return Launched(reader, writer, bytearray(), pid, mode, proc, fresh=proc is not None)
 

@@ -21,7 +21,7 @@ import socket
 
 from flowserve.config import TELaunch, weights_cache_path
 from flowserve.protocol import Hello, Load, decode_config, pack
-from scaling.launch import TemplateHandle, spawn_te_shell
+from scaling.launch import TemplateHandle, fork_or_spawn
 from scaling.prewarm import PrewarmPool
 from scheduler.hosts import probe
 
@@ -82,12 +82,10 @@ class NodeAgent:
                     socket.send_fds(pair, [pack(Load(self.model_path, cfg, launch, weights_from))], [sock.fileno()])
                 te.writer.close()
                 pid, mode, proc, fresh = te.pid, "peer" if weights_from else "preloaded", te.proc, False
-            elif self.template and self.template.alive:
-                pid, mode, proc, fresh = await self.template.fork(te_id, cfg, launch, sock), "fork", None, False
             else:
-                env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
-                proc = await spawn_te_shell(cfg, env, self.model_path, sock, self.python, launch)
-                pid, mode, fresh = proc.pid, "preloaded" if launch.use_weight_cache else "cold", True
+                pid, mode, proc = await fork_or_spawn(self.template, te_id, cfg, launch, sock, self.model_path,
+                                                      self.env, self.python)
+                fresh = proc is not None
         self.procs[pid] = proc
         return pid, mode, fresh
 
