@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DEEPFLOW_CACHE", str(ROOT / ".venv" / "deepflow-cache"))
 os.environ.setdefault("DEEPFLOW_DISTFLOW_SECRET", secrets.token_hex(32))  # before distflow reads it
 from flowserve import distflow  # noqa: E402
-from flowserve.config import EngineConfig, default_model_path  # noqa: E402
+from flowserve.config import EngineConfig, TELaunch, default_model_path  # noqa: E402
 from flowserve.distflow import KVReceiver, accept_kv, dial_kv, listen_kv  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
     Add, FinishReason, KVAck, KVHeader, KVTrailer, Ready, SamplingParams, Step, Stop, encode_config, expect, pack,
@@ -111,11 +111,11 @@ def link_setup(repeats: int) -> None:
 class TE:
     """A TE-shell process on a socketpair; this bench is its main process."""
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, launch: TELaunch = TELaunch()):
         self.sock, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flowserve.te_shell", "--fd", str(theirs.fileno()), "--model", default_model_path(),
-             "--engine-config", encode_config(cfg)], pass_fds=[theirs.fileno()], cwd=ROOT)
+             "--engine-config", encode_config(cfg), "--launch", encode_config(launch)], pass_fds=[theirs.fileno()], cwd=ROOT)
         theirs.close()
         self.buf = bytearray()
         self.ready: Ready = expect(recv_frame(self.sock, self.buf), Ready)
@@ -169,7 +169,7 @@ def one_request(prefill: TE, decode: TE, address: str, rid: str, prompt: list[in
 def layerwise_vs_by_request(tokens: int, repeats: int, threads: int) -> None:
     print(f"## 2. Layer by layer vs by request: {tokens}-token prompts, max_tokens 2, {threads} thread(s) per TE\n")
     cfg = EngineConfig(num_threads=threads, kv_cache_gb=1.0)
-    decode = TE(EngineConfig(num_threads=threads, kv_cache_gb=1.0, kv_listen="unix,tcp"))
+    decode = TE(EngineConfig(num_threads=threads, kv_cache_gb=1.0), TELaunch(kv_listen="unix,tcp"))
     prefills = {mode: TE(EngineConfig(**{**cfg.__dict__, "kv_layerwise": mode == "layer by layer"}))
                 for mode in ("layer by layer", "by request")}
     addresses = {a.split(":")[0]: a for a in decode.ready.kv_addrs}
@@ -205,7 +205,7 @@ def partial_sends(repeats: int, threads: int) -> None:
     print(f"## 3. Partial sends: {n} requests sharing a ~500-token system prompt, alternately with and without "
           "kv_skip\n")
     cfg = EngineConfig(num_threads=threads, kv_cache_gb=1.0)
-    decode = TE(EngineConfig(num_threads=threads, kv_cache_gb=1.0, kv_listen="unix"))
+    decode = TE(EngineConfig(num_threads=threads, kv_cache_gb=1.0), TELaunch(kv_listen="unix"))
     prefill = TE(cfg)
     tree, rng = PromptTree(cfg.block_size), random.Random(1)
     system = [rng.randrange(100, 40000) for _ in range(500)]

@@ -1,11 +1,12 @@
 """Model and engine configuration for one FlowServe engine (one TE).
 
 `ModelConfig` is read from a model's own metadata (GGUF key/values or HF config.json), here
-and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a TE is
-started with (KV pool size, batch limits, device, tensor parallelism, LoRA slots). Both are plain
-dataclasses so they can cross a process boundary as JSON. The user-facing fields of
-EngineConfig, and of deepflow.py's ServeConfig and GenerateConfig, are made with `flag`:
-`add_flags` turns them into command-line flags and `from_args` reads those back.
+and torch-free, so the main process can read it too; `EngineConfig` holds the knobs a user
+starts a TE with (KV pool size, batch limits, device, tensor parallelism, LoRA slots); `TELaunch`, what
+the platform adds when it starts one (where its weights come from, its DistFlow listeners).
+All are plain dataclasses so they can cross a process boundary as JSON.
+The user-facing fields of EngineConfig, and of deepflow.py's ServeConfig and GenerateConfig, are
+made with `flag`: `add_flags` turns them into command-line flags and `from_args` reads those back.
 """
 import argparse
 import hashlib
@@ -159,8 +160,7 @@ def from_args(cls: type, args: argparse.Namespace):
 @dataclass
 class EngineConfig:
     """How a TE runs: where, with how much KV cache, and how large a step may be. The fields
-    made with `flag` are `serve` and `generate` flags and `--cluster` TOML keys; the others
-    are set by the platform when it launches a TE."""
+    are `serve` and `generate` flags and `--cluster` TOML keys (`flag`)."""
     device: str = flag("where the engine runs", "auto", choices=["auto", "cpu", "cuda", "npu"])
     dtype: str = flag("weights and activations (auto: float32 on CPU, bfloat16 on CUDA and NPU)", "auto",
                       choices=["auto", "float32", "bfloat16", "float16"])
@@ -175,10 +175,6 @@ class EngineConfig:
     max_num_batched_tokens: int = flag("token budget per engine step (prefill chunks + decodes)", 2048)
     max_model_len: int = flag("context length (0: the model's)", 0)
     num_threads: int = flag("torch threads (0: torch's default)", 0, flag="--threads")
-    use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
-    serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
-    kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
-    host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
     kv_timeout_s: float = flag("a KV transfer that takes longer fails (the peer froze)", 10.0)
     kv_layerwise: bool = flag("prefill TE: send each layer's KV as the forward computes it (else after the step)",
                               True)
@@ -196,6 +192,16 @@ class EngineConfig:
             raise ValueError("a DRAM KV tier (dram_kv_gb) does not work with tensor_parallel_size > 1 yet")
         if self.max_loras < 0 or self.max_lora_rank < 1 or self.max_cpu_loras < 0:
             raise ValueError("max_loras and max_cpu_loras must be at least 0, max_lora_rank at least 1")
+
+
+@dataclass
+class TELaunch:
+    """What the platform (the cluster, per group and host) sets when it starts a TE, beside its
+    EngineConfig; never a user's setting."""
+    use_weight_cache: bool = True   # False: read and convert the model file every time (cold baseline)
+    serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
+    kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
+    host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
 
 
 def default_model_path() -> str:

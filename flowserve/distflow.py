@@ -48,8 +48,8 @@ import torch
 
 from flowserve.config import ModelConfig
 from flowserve.protocol import (
-    BadFrame, Hello, KVAck, KVHeader, KVTrailer, Message, TensorSpec, WeightsHeader, expect, pack, recv_frame,
-    unpack_frames)
+    BadFrame, Hello, KVAck, KVHeader, KVTrailer, Message, TensorSpec, WeightsHeader, expect, pack, pop_frame,
+    recv_frame, unpack_frames)
 
 log = logging.getLogger("flowserve.distflow")
 SOCKET_BUFFER = 16 << 20  # kernel buffers far above the defaults: fewer, larger copies per transfer
@@ -562,12 +562,10 @@ class KVReceiver:
         return True
 
     def _frame(self) -> Message | None:
-        while not (msgs := unpack_frames(self.buf, 1)):
+        while (msg := pop_frame(self.buf)) is None:
             if not self._read():
                 return None
-        if isinstance(msgs[0], BadFrame):
-            raise msgs[0]
-        return msgs[0]
+        return msg
 
     def _read(self) -> bool:
         """Take whatever bytes (and, over unix, memfds) have come; False if none had."""

@@ -20,9 +20,9 @@ or a prefill-only sequence's first token); a row computed after a stop token nob
 foresee is discarded.
 
 PD disaggregation. On a prefill TE a request added with `handoff=True` stops after its
-first token with its blocks still held, in `handoffs`, until the TE-shell has sent them to a
-decode TE (`flowserve.distflow`) and calls `release`; with `stream_handoffs` set, the step
-that computes such a request's last prompt chunk tells the TE-shell as each layer's K/V is
+first token with its blocks still held (`take_handoffs`), until the TE-shell has sent them to
+a decode TE (`flowserve.distflow`, reading them with `read_kv`) and calls `release`; given
+`stream_handoffs`, the step that computes such a request's last prompt chunk tells the TE-shell as each layer's K/V is
 written, so the transfer overlaps the rest of the forward. On the decode TE a transfer's
 header makes a sequence that holds blocks for the KV (`add_prefilled`: the cached prefix the
 sender skipped, fresh blocks for the rest), each layer is written as it lands
@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowserve.batcher import Batcher, SeqStatus, Sequence
+from flowserve.batcher import Batcher
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
 from flowserve.lora import hash_seed
@@ -63,6 +63,7 @@ from flowserve.lora_slots import LoraCache
 from flowserve.model import ModelRunner, kv_block_bytes
 from flowserve.protocol import Adapter, FinishReason, SamplingParams, Stats, TokenOut
 from flowserve.rtc import RTC, CostModel
+from flowserve.sequence import SeqStatus, Sequence
 from flowserve.tp import TPRunner
 from flowserve.weights import load_weights
 
@@ -82,11 +83,12 @@ class Engine:
     def __init__(self, model_path: str | None, cfg: EngineConfig | None = None,
                  weights: tuple[ModelConfig, dict[str, torch.Tensor]] | None = None,
                  packed: dict[str, torch.Tensor] | list[dict[str, torch.Tensor] | None] | None = None,
-                 fork_executors: bool = False):
+                 fork_executors: bool = False, use_weight_cache: bool = True):
         """`packed`: the oneDNN-packed linears a warm template made (`pack_linears`), one per
         rank with tensor parallelism. `fork_executors` (tensor parallelism): this process has
         run no multi-threaded torch op (a TE-shell), so it may fork its executors
-        (`flowserve/tp.py`); else they are spawned."""
+        (`flowserve/tp.py`); else they are spawned. `use_weight_cache` (`TELaunch`): False
+        reads and converts the model file (the cold baseline)."""
         self.cfg = cfg = cfg or EngineConfig()
         self.tp = cfg.tensor_parallel_size > 1
         if self.tp and fork_executors:
@@ -96,7 +98,7 @@ class Engine:
         self.device = pick_device(cfg.device)
         self.dtype = compute_dtype(self.device, cfg.dtype)
         t0 = time.perf_counter()
-        self.model_cfg, tensors = weights or load_weights(model_path, self.dtype, cfg.use_weight_cache)
+        self.model_cfg, tensors = weights or load_weights(model_path, self.dtype, use_weight_cache)
         tensors = {k: v.to(self.dtype) for k, v in tensors.items()}  # no copy when it already matches
         self.load_seconds = time.perf_counter() - t0
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
@@ -106,17 +108,12 @@ class Engine:
         else:
             self.runner = ModelRunner(self.model_cfg, cfg, tensors, self.device, self.dtype, packed)
         num_dram = self.runner.alloc_dram(cfg.dram_kv_gb) if cfg.dram_kv_gb > 0 else 0
-        self.rtc = RTC(self.runner.num_blocks, cfg.block_size, num_dram)
-        if num_dram:
-            self.rtc.cost = self.calibrate()
+        self.rtc = RTC(self.runner.num_blocks, cfg.block_size, num_dram, self.calibrate(num_dram) if num_dram else None)
         self.lora = LoraCache(cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras, self.model_cfg, self.dtype,
                               self.runner.load_lora) if cfg.max_loras else None
         self.batcher = Batcher(cfg, self.rtc, self.acquire_lora)
         self.seqs: dict[str, Sequence] = {}
-        self.handoffs: list[Sequence] = []   # prefilled, blocks held for DistFlow
-        # PD, layer by layer (the TE-shell's): called with the sequences whose last prompt chunk a
-        # step computes, before its forward; returns what the forward calls as each layer is written.
-        self.stream_handoffs: Callable[[list[Sequence]], Callable[[int], None] | None] | None = None
+        self.handoffs: list[Sequence] = []   # prefilled, blocks held for DistFlow until `take_handoffs`
         auto = self.device.type != "cpu"  # a CPU computes in this thread: nothing to overlap with
         self.async_scheduling = auto if cfg.async_scheduling is None else cfg.async_scheduling
         self.in_flight: InFlight | None = None  # async scheduling: the step launched, not yet resolved
@@ -130,6 +127,11 @@ class Engine:
         finished, keep the prompt's blocks pinned as that context cache (`RTC.pin`).
         `adapter`: run it with that LoRA adapter, read from its path now (into host memory,
         unless a tier holds it: ValueError if it is bad), into a slot once admitted."""
+        self.batcher.add(self.new_sequence(request_id, prompt_ids, params, handoff, cache_id, pin, adapter))
+
+    def new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams, handoff: bool = False,
+                     cache_id: str | None = None, pin: str | None = None, adapter: Adapter | None = None) -> Sequence:
+        """A request's sequence, checked and registered; not in the batcher yet."""
         if request_id in self.seqs:
             raise ValueError(f"request {request_id!r} already exists")
         if not prompt_ids:
@@ -149,7 +151,7 @@ class Engine:
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
-        self.batcher.add(seq)
+        return seq
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_cached: int,
                       kv_skip: int = 0, adapter: Adapter | None = None) -> Sequence | None:
@@ -160,9 +162,7 @@ class Engine:
         the sender must send them all. Without enough free blocks it holds none: the KV is
         dropped and the prompt recomputed here (slower, same tokens). `adapter`: the LoRA
         adapter the prefill TE computed the KV with."""
-        self.add_request(request_id, prompt_ids, params, adapter=adapter)
-        seq = self.seqs[request_id]
-        self.batcher.waiting.remove(seq)
+        seq = self.new_sequence(request_id, prompt_ids, params, adapter=adapter)
         seq.status, seq.num_cached = SeqStatus.LANDING, num_cached
         self.rtc.attach_prefix(seq)
         if seq.num_computed < kv_skip * self.cfg.block_size:
@@ -190,6 +190,19 @@ class Engine:
             self.rtc.free(seq)  # no slot for its adapter: it waits for one, and recomputes its prompt then
         if self.batcher.admit_prefilled(seq):
             self.rtc.cache_full_blocks(seq)
+
+    def kv_shape(self, num_blocks: int) -> list[int]:
+        """Shape of the KV of `num_blocks` blocks as DistFlow moves it (`ModelRunner.kv_shape`)."""
+        return self.runner.kv_shape(num_blocks)
+
+    def read_kv(self, block_ids: list[int], out: torch.Tensor, layer: int) -> None:
+        """One layer's K/V of `block_ids` into `out[layer]`, for DistFlow to send (thread-safe)."""
+        self.runner.read_kv(block_ids, out, layer)
+
+    def take_handoffs(self) -> list[Sequence]:
+        """The sequences prefilled since the last call, their blocks held until `release`."""
+        taken, self.handoffs = self.handoffs, []
+        return taken
 
     def release(self, seq: Sequence) -> None:
         """A handed-off sequence's blocks are with the decode TE (or the transfer failed): free them."""
@@ -220,6 +233,25 @@ class Engine:
         if seq.adapter is not None:
             self.lora.release(seq.adapter.digest, seq.lora_slot)
             seq.lora_slot = None
+    def unpin(self, cache_id: str) -> None:
+        """Release a context cache's pinned blocks (`RTC.unpin`)."""
+        self.rtc.unpin(cache_id)
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """The weights it holds (a TP master: the whole model's, mapped), which it may serve to
+        new TEs, and the oneDNN-packed linears it shares (a TP master: its executors')."""
+        if self.tp:
+            return self.runner.weights, self.runner.packed
+        return self.runner.model.w, [self.runner.model.packed] if self.runner.model.packed else []
+
+    def executor_pidfds(self) -> list[int]:
+        """TP: its executors' pidfds, each readable once that executor has exited."""
+        return self.runner.pidfds if self.tp else []
+
+    def close(self) -> None:
+        """TP: stop the executors (EOF on their links) and reap them."""
+        if self.tp:
+            self.runner.close()
 
     def set_threads(self, n: int) -> None:
         """Use `n` torch threads (its host's cores, shared among its TEs); a TP master, which
@@ -232,25 +264,28 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.batcher.waiting or self.batcher.running or self.in_flight)
 
-    def step(self) -> list[TokenOut]:
+    def step(self, stream_handoffs: Callable[[list[Sequence]], Callable[[int], None] | None] | None = None
+             ) -> list[TokenOut]:
         """Run one batch. Returns an output for every sequence that got a token or finished:
         with async scheduling, those of the batch launched by the call before (a last call,
-        with nothing left to launch, resolves the last batch)."""
+        with nothing left to launch, resolves the last batch). `stream_handoffs` (PD, layer by
+        layer: the TE-shell's): called with the sequences whose last prompt chunk this step
+        computes, before its forward; returns what the forward calls as each layer is written."""
         work = self.batcher.schedule()
         self.move_kv()
-        launched = self.launch(work) if work else None
+        launched = self.launch(work, stream_handoffs) if work else None
         if not self.async_scheduling:
             return self.resolve(launched) if launched else []
         previous, self.in_flight = self.in_flight, launched
         return self.resolve(previous) if previous else []
 
-    def launch(self, work: list[tuple[Sequence, int]]) -> InFlight:
+    def launch(self, work: list[tuple[Sequence, int]], stream_handoffs=None) -> InFlight:
         """Enqueue a step's forward and sampling, and the copy of its tokens to the host."""
         flight = self.in_flight
         on_layer = None
-        if self.stream_handoffs is not None:
+        if stream_handoffs is not None:
             ending = [seq for seq, n in work if seq.handoff and seq.num_computed + n == len(seq.token_ids)]
-            on_layer = self.stream_handoffs(ending) if ending else None
+            on_layer = stream_handoffs(ending) if ending else None
         logits, sampled = self.runner.run(work, flight and (flight.seqs, flight.tokens), on_layer)
         for seq, n in work:
             seq.num_computed += n
@@ -349,13 +384,13 @@ class Engine:
             else:
                 self.runner.populate(src, dst)
 
-    def calibrate(self) -> CostModel:
+    def calibrate(self, num_dram: int) -> CostModel:
         """The RTC's cost model, measured once (~0.2 s on this repo's CPU): copy bytes/s, a few
         blocks copied to DRAM and back, and prefill tokens/s, one prefill chunk, each after a
         smaller untimed run (the first creates kernels). Nothing is cached yet: the blocks it
         writes hold nothing."""
         runner, bs = self.runner, self.cfg.block_size
-        blocks = list(range(min(8, runner.num_blocks, len(self.rtc.dram_blocks))))
+        blocks = list(range(min(8, runner.num_blocks, num_dram)))
         tokens = min(64, self.cfg.max_num_batched_tokens, runner.num_blocks * bs)
 
         def seconds(num_tokens: int, num_blocks: int) -> tuple[float, float]:

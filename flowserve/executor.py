@@ -103,7 +103,7 @@ def run_executor(link: socket.socket, weights: tuple[ModelConfig, dict[str, torc
     rank, world, cfg = start.rank, start.world, start.engine_config
     torch.set_num_threads(start.threads)
     dtype, device = getattr(torch, start.dtype), executor_device(cfg.device, rank)
-    mcfg, tensors = weights or load_weights(start.model, dtype, cfg.use_weight_cache)
+    mcfg, tensors = weights or load_weights(start.model, dtype)
     if device.type == "cpu":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks of a TE share its host
     store = dist.TCPStore("127.0.0.1", start.store_port, world, rank == 0, wait_for_workers=False,

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flowserve import kernels
-from flowserve.batcher import Sequence
+from flowserve.sequence import Sequence
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.lora_slots import LoraBatch, LoraStacks, LoraWeights, lora_batch
 from flowserve.protocol import Adapter, PrefillPlan, StepPlan
@@ -208,9 +208,11 @@ class Llama:
         elif n:  # the reference: gather each sequence's blocks, then batched matmuls
             bt = step.decode_block_tables
             k = gather_blocks(k_cache, bt)           # [kvh, B, L, d]
-            v = gather_blocks(v_cache, bt)
-            qd = q[:n].view(n, kvh, group, d).transpose(0, 1)  # the group's query heads share K/V
             mask = torch.arange(k.shape[2], device=q.device)[None, :] < step.decode_lens[:, None]
+            # slots past a decode's length were never written (the pool is not zeroed): a masked
+            # score weighs 0, but 0 * NaN is NaN
+            v = gather_blocks(v_cache, bt).masked_fill_(~mask[None, :, :, None], 0)
+            qd = q[:n].view(n, kvh, group, d).transpose(0, 1)  # the group's query heads share K/V
             o = attend(qd, k, v, mask[None, :, None, :], self.scale)
             out[:n] = o.transpose(0, 1).reshape(n, cfg.num_heads, d)
         for c in step.prefills:
@@ -388,8 +390,12 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(mcfg, ecfg, dtype)
         local = self.model.cfg
         shape = (local.num_kv_heads, self.num_blocks, ecfg.block_size, mcfg.head_dim)
-        self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=device),
-                          torch.zeros(shape, dtype=dtype, device=device)) for _ in range(mcfg.num_layers)]
+        # Allocated, not touched (TE-Post-Load): the TE is ready before the pool's pages are
+        # faulted in, each then on its first write. Attention reads a slot only once written,
+        # but for the tail of a decode's last block and its block table's padding, which it
+        # masks (`Llama.attention`): garbage there, even NaN, never reaches an output.
+        self.kv_cache = [(torch.empty(shape, dtype=dtype, device=device),
+                          torch.empty(shape, dtype=dtype, device=device)) for _ in range(mcfg.num_layers)]
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_blocks, ecfg.block_size,
                  self.num_blocks * kv_block_bytes(local, ecfg.block_size, dtype) / 2**30)
 
@@ -425,11 +431,12 @@ class ModelRunner:
         """The RTC's DRAM tier (`EngineConfig.dram_kv_gb`): `self.dram`, host memory of `gb`
         GiB in blocks; returns how many. A block's K/V of every layer lie in one piece
         ([layers * K/V, heads, block, dim]), so one copy moves it; pinned where the device is
-        not the CPU, so those copies run asynchronously."""
+        not the CPU, so those copies run asynchronously. Not zeroed: a DRAM block is populated
+        only after a copy wrote it."""
         heads, _, bs, dim = self.kv_cache[0][0].shape
         dtype = self.kv_cache[0][0].dtype
         num_blocks = max(1, int(gb * 2**30) // kv_block_bytes(self.model.cfg, bs, dtype))
-        self.dram = torch.zeros((num_blocks, 2 * len(self.kv_cache), heads, bs, dim), dtype=dtype,
+        self.dram = torch.empty((num_blocks, 2 * len(self.kv_cache), heads, bs, dim), dtype=dtype,
                                 pin_memory=self.device.type != "cpu")
         log.info("DRAM KV tier: %d blocks (%.2f GiB)", num_blocks, self.dram.nbytes / 2**30)
         return num_blocks

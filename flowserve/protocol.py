@@ -27,7 +27,7 @@ from enum import Enum
 
 import msgspec
 
-from flowserve.config import EngineConfig, ModelConfig
+from flowserve.config import EngineConfig, ModelConfig, TELaunch
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -145,6 +145,7 @@ class Load(Message, tag=Op.LOAD.value):
     """To a pre-warmed TE: become a TE of `model`, weights streamed from `weights_from` if set."""
     model: str
     engine_config: EngineConfig
+    launch: TELaunch
     weights_from: str | None = None
 
 
@@ -225,6 +226,7 @@ class Fork(Message, tag=Op.FORK.value):
     connection to the main process that a node agent opened)."""
     te_id: str
     engine_config: EngineConfig
+    launch: TELaunch
 
 
 class Forked(Message, tag=Op.FORKED.value):
@@ -375,31 +377,34 @@ def unpack_frames(buf: bytearray, limit: int | None = None) -> list[Message | Ba
     return msgs
 
 
+def pop_frame(buf: bytearray) -> Message | None:
+    """The first whole frame in `buf`, popped; None if there is none yet, BadFrame if it does not decode."""
+    msgs = unpack_frames(buf, 1)
+    if msgs and isinstance(msgs[0], BadFrame):
+        raise msgs[0]
+    return msgs[0] if msgs else None
+
+
 def recv_frame(sock: socket.socket, buf: bytearray) -> Message | None:
     """Block until one whole frame is in `buf` (reading `sock` as needed) and pop it; None at
     EOF, BadFrame if it does not decode. Bytes past it stay in `buf` for the next call."""
-    while not (msgs := unpack_frames(buf, 1)):
+    while (msg := pop_frame(buf)) is None:
         data = sock.recv(1 << 16)
         if not data:
             return None
         buf += data
-    if isinstance(msgs[0], BadFrame):
-        raise msgs[0]
-    return msgs[0]
+    return msg
 
 
 async def next_frame(reader: asyncio.StreamReader, buf: bytearray) -> Message | None:
-    """The next frame from a TE that is not yet serving (it sends one frame, then waits)."""
-    while True:
-        msgs = unpack_frames(buf, 1)
-        if msgs:
-            if isinstance(msgs[0], BadFrame):
-                raise msgs[0]
-            return msgs[0]
+    """`recv_frame` on an asyncio stream: the one frame a TE sends before it serves
+    (`Prewarmed`, `Ready`), or a TE's `Hello` on another host's connection."""
+    while (msg := pop_frame(buf)) is None:
         data = await reader.read(1 << 20)
         if not data:
             return None
         buf += data
+    return msg
 
 
 def expect(msg: Message | None, kind: type) -> Message | None:
@@ -409,10 +414,10 @@ def expect(msg: Message | None, kind: type) -> Message | None:
     return msg
 
 
-def encode_config(cfg: EngineConfig) -> str:
-    """An EngineConfig as the JSON a fresh TE-shell takes on its command line."""
+def encode_config(cfg: EngineConfig | TELaunch) -> str:
+    """A config as the JSON a fresh TE-shell takes on its command line (and a node agent by Ray)."""
     return msgspec.json.encode(cfg).decode()
 
 
-def decode_config(text: str) -> EngineConfig:
-    return msgspec.json.decode(text, type=EngineConfig)
+def decode_config(text: str, kind: type = EngineConfig) -> EngineConfig | TELaunch:
+    return msgspec.json.decode(text, type=kind)

@@ -29,15 +29,11 @@ for a prefill chunk, AppendBlock for a decode step: both grow a block table),
 `cache_full_blocks` (index what was just computed), `pin`, `unpin`, `free`; with a DRAM tier
 the Copy and Populate inside `alloc_blocks` and `attach_prefix`, and `swap_out`, `swap_in`.
 """
-from __future__ import annotations
-
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the batcher, which holds sequences, imports the RTC
-    from flowserve.batcher import Sequence
+from flowserve.sequence import Sequence
 
 
 @dataclass
@@ -89,7 +85,7 @@ def lookup(index: dict[int, int], blocks: list[Block], h: int, tokens: tuple[int
 
 
 class RTC:
-    def __init__(self, num_blocks: int, block_size: int, num_dram_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, num_dram_blocks: int = 0, cost: CostModel | None = None):
         self.block_size = block_size
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Unreferenced blocks, least recently used first. Cached ones keep their hash until
@@ -104,11 +100,11 @@ class RTC:
         # so the scheduler's global prompt tree (`PromptTree` in scheduler/cluster.py) mirrors this cache.
         self.cached_events: list[int] = []
         self.evicted_events: list[int] = []
-        # The DRAM tier, kept like the device pool. It is used once the engine has set `cost`.
+        # The DRAM tier, kept like the device pool; used with a cost model (`Engine.calibrate`).
         self.dram_blocks = [Block(i) for i in range(num_dram_blocks)]
         self.dram_free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_dram_blocks))
         self.dram_index: dict[int, int] = {}     # chain hash -> DRAM block id
-        self.cost: CostModel | None = None
+        self.cost = cost
         self.moves: list[tuple[bool, int, int]] = []  # (to DRAM, source, destination): `drain_moves`
         self.dram_copied = 0                     # blocks copied to DRAM (Copy, swap-outs)
         self.dram_populated = 0                  # blocks copied back (Populate, swap-ins)

@@ -23,7 +23,8 @@ reports `handoff` (or `error`). A decode TE (`kv_listen` set) gets an `Add` with
 first; it keeps the links prefill TEs open in its select set, writes each layer between its
 steps as it lands, and starts the request when the trailer lands.
 
-    python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}'
+    python -m flowserve.te_shell --fd N --model PATH --engine-config '{"max_num_seqs": 64, ...}' \
+        --launch '{"kv_listen": "unix", ...}'
 
 Without `--model` it starts pre-warmed (scaling/prewarm.py): runtime imported, device
 initialised, waiting for a `Load` command that names the model.
@@ -42,9 +43,9 @@ T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts he
 
 import torch  # noqa: E402
 
-from flowserve.config import EngineConfig  # noqa: E402
+from flowserve.config import EngineConfig, TELaunch  # noqa: E402
 from flowserve.device import pick_device  # noqa: E402
-from flowserve.batcher import SeqStatus, Sequence  # noqa: E402
+from flowserve.sequence import SeqStatus, Sequence  # noqa: E402
 from flowserve.distflow import (  # noqa: E402
     KVReceiver, KVSender, KVTransfer, accept_kv, dtype_name, fetch_weights, listen_kv, serve_weights)
 from flowserve.engine import Engine  # noqa: E402
@@ -63,12 +64,10 @@ class TEShell:
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
         self.sending: dict[str, tuple[Sequence, KVTransfer]] = {}  # prefill side: transfers not yet acked
         self.kv_sender = KVSender()
-        if engine.cfg.kv_layerwise:
-            engine.stream_handoffs = self.stream_handoffs
         self.awaiting: dict[str, Add] = {}   # decode side: request id -> its `Add`, until the KV comes
         self.kv_links: list[KVReceiver] = []  # decode side: links from prefill TEs
         self.landing: dict[KVReceiver, tuple[Add | None, Sequence | None]] = {}  # a link's transfer in progress
-        self.executors = engine.runner.pidfds if engine.tp else []  # TP: readable once an executor has exited
+        self.executors = engine.executor_pidfds()  # TP: readable once an executor has exited
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(pack(msg))
@@ -95,7 +94,7 @@ class TEShell:
                 self.send(Step([], self.engine.stats()))
             case Unpin():
                 for cache_id in msg.cache_ids:
-                    self.engine.rtc.unpin(cache_id)
+                    self.engine.unpin(cache_id)
                 self.send(Step([], self.engine.stats()))
             case Ping():
                 self.send(Step([], self.engine.stats()))
@@ -215,10 +214,10 @@ class TEShell:
         engine, blocks = self.engine, list(seq.block_ids)  # a copy: an abort empties the sequence's
         skip = min(add.kv_skip, len(blocks) - 1)
         head = KVHeader(add.kv_rid, seq.token_ids[:seq.num_prompt], seq.num_cached or 0,
-                        engine.runner.kv_shape(len(blocks) - skip), dtype_name(engine.dtype), skip,
+                        engine.kv_shape(len(blocks) - skip), dtype_name(engine.dtype), skip,
                         seq.adapter.digest if seq.adapter else "")
         t = KVTransfer(seq.request_id, add.kv_to, head,
-                       lambda first, out, layer: engine.runner.read_kv(blocks[first:], out, layer), len(blocks), ready)
+                       lambda first, out, layer: engine.read_kv(blocks[first:], out, layer), len(blocks), ready)
         self.sending[seq.request_id] = seq, t
         self.kv_sender.start(t, engine.cfg.kv_timeout_s)
         return t
@@ -227,13 +226,12 @@ class TEShell:
         """After a step: each request it prefilled has its first token, the last thing its
         transfer waits for (one not started yet starts now, all its layers ready)."""
         engine, layers = self.engine, self.engine.model_cfg.num_layers
-        for seq in engine.handoffs:
+        for seq in engine.take_handoffs():
             if seq.request_id not in self.sending and not self.start_transfer(seq, ready=layers):
                 engine.release(seq)  # aborted before its KV was sent
                 continue
             rng = seq.generator and seq.generator.get_state().numpy().tobytes()
             self.kv_sender.finish(self.sending[seq.request_id][1], KVTrailer(seq.token_ids[-1], rng))
-        engine.handoffs.clear()
         for seq, t in self.sending.values():
             if t.trailer is None and seq.status is SeqStatus.FINISHED:  # ended here (a stop token, an abort)
                 self.kv_sender.finish(t, KVTrailer(None))
@@ -259,7 +257,7 @@ class TEShell:
             while self.poll(block=not self.engine.has_work()):
                 if not self.engine.has_work():
                     continue
-                outs = self.engine.step()
+                outs = self.engine.step(self.stream_handoffs if self.engine.cfg.kv_layerwise else None)
                 self.hand_off()
                 if outs:
                     self.send(Step(outs, self.engine.stats()))
@@ -275,7 +273,7 @@ def warm_up(engine: Engine) -> None:
     engine.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=2))
 
 
-def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = None, weights=None,
+def serve_engine(sock: socket.socket, cfg: EngineConfig, launch: TELaunch, model: str | None = None, weights=None,
                  weights_from: str | None = None, t_start: float = T_START, warmed_on_cpu: bool = False,
                  packed: dict | list | None = None) -> None:
     """Build the engine (from `model`; from `weights` a warm template already holds; or from
@@ -289,12 +287,11 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     t_pre = time.perf_counter()
     if weights_from:
         weights = fetch_weights(weights_from)
-    engine = Engine(model, cfg, weights=weights, packed=packed, fork_executors=True)
-    # its weights (a TP master holds them mapped, whole), and the oneDNN-packed linears it shares
-    tensors, packs = ((engine.runner.weights, [p for p in packed or [] if p]) if engine.tp else
-                      (engine.runner.model.w, [engine.runner.model.packed or {}]))
-    weights_addr = serve_weights(engine.model_cfg, tensors, cfg.host) if cfg.serve_weights else None
-    kv = listen_kv(cfg.kv_listen, cfg.host) if cfg.kv_listen else []
+    engine = Engine(model, cfg, weights=weights, packed=packed, fork_executors=True,
+                    use_weight_cache=launch.use_weight_cache)
+    tensors, packs = engine.weights()
+    weights_addr = serve_weights(engine.model_cfg, tensors, launch.host) if launch.serve_weights else None
+    kv = listen_kv(launch.kv_listen, launch.host) if launch.kv_listen else []
     t_loaded = time.perf_counter()
     if engine.tp or not (warmed_on_cpu and engine.device.type == "cpu"):  # TP executors warm up their shapes
         warm_up(engine)
@@ -312,8 +309,7 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, model: str | None = Non
     except ExecutorLost as e:
         log.error("%s: the TE ends", e)
     finally:
-        if engine.tp:
-            engine.runner.close()  # the executors exit at EOF on their links; reaped here
+        engine.close()
     log.info("TE %d exiting", os.getpid())
 
 
@@ -350,16 +346,18 @@ def main() -> None:
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--model", help="without one, start pre-warmed and wait for a `load` command")
     ap.add_argument("--engine-config", default="{}", help="EngineConfig as JSON")
+    ap.add_argument("--launch", default="{}", help="TELaunch as JSON")
     ap.add_argument("--log-level", default="warning")
     args = ap.parse_args()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s te[{os.getpid()}] %(name)s %(levelname)s %(message)s")
     sock, cfg = socket.socket(fileno=args.fd), decode_config(args.engine_config)
     if args.model:
-        serve_engine(sock, cfg, model=args.model)
+        serve_engine(sock, cfg, decode_config(args.launch, TELaunch), model=args.model)
     else:
         load, t_start, sock = wait_for_model(sock, cfg)  # the group it joins decides its engine config
-        serve_engine(sock, load.engine_config, model=load.model, weights_from=load.weights_from, t_start=t_start)
+        serve_engine(sock, load.engine_config, load.launch, model=load.model, weights_from=load.weights_from,
+                     t_start=t_start)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from flowserve.batcher import Sequence
+from flowserve.sequence import Sequence
 from flowserve.config import EngineConfig, ModelConfig, check_tensor_parallel
 from flowserve.executor import Arena, forked_main
 from flowserve.model import num_kv_blocks, plan_step
@@ -76,6 +76,7 @@ class TPRunner:
             raise ValueError("spawned TP executors map the model's weights themselves: give its path")
         self.world = n = ecfg.tensor_parallel_size
         self.mcfg, self.block_size, self.weights = mcfg, ecfg.block_size, weights
+        self.packed = [p for p in packed or [] if p]  # pages its forked executors share
         self.num_blocks = num_kv_blocks(mcfg, ecfg, dtype)
         # the longest request's KV, one layer at a time, is the most the arena carries
         max_rows, max_blocks = ecfg.max_num_seqs, min(self.num_blocks, -(-mcfg.max_position // ecfg.block_size))

@@ -2,12 +2,13 @@
 agent on another host); neither imports torch.
 
 `spawn_te_shell` starts `python -m flowserve.te_shell` on a given socket, with a model (a
-cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`);
-`flowserve.protocol.next_frame` reads the one frame such a process sends before it serves
-(`Prewarmed` or `Ready`). `TemplateHandle` is the other way in: it starts the warm template
-(`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
-(its TEs are separate processes and keep serving). The socket is a socketpair's end on the
-main process's host, or a TCP connection to the main process on another host.
+cold or DRAM-preloaded start) or without one (pre-warmed, `scaling/prewarm.py`); the one
+frame it sends before it serves (`Prewarmed` or `Ready`) is read with
+`flowserve.protocol.next_frame`. `TemplateHandle` is the other way in: it starts the warm
+template (`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
+(its TEs are separate processes and keep serving); `fork_or_spawn` takes that way while the
+template is up, else the first. The socket is a socketpair's end on the main process's host,
+or a TCP connection to the main process on another host.
 """
 import asyncio
 import logging
@@ -15,9 +16,10 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import Fork, Forked, TemplateReady, encode_config, expect, pack, recv_frame
 
 log = logging.getLogger("deepflow.launch")
@@ -42,10 +44,21 @@ def _log_level() -> str:
     return logging.getLevelName(logging.getLogger().level).lower()
 
 
+async def reap(proc: asyncio.subprocess.Process, timeout: float = 5) -> None:
+    """Wait for a process told to exit (EOF on its socket); kill it if it has not after `timeout`."""
+    try:
+        await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path: str | None,
-                         te_sock: socket.socket, python: str = sys.executable) -> asyncio.subprocess.Process:
-    """A fresh TE-shell interpreter talking over `te_sock`; without a model it starts pre-warmed."""
-    model = ["--model", model_path] if model_path else []
+                         te_sock: socket.socket, python: str = sys.executable,
+                         launch: TELaunch | None = None) -> asyncio.subprocess.Process:
+    """A fresh TE-shell interpreter talking over `te_sock`; without a model it starts pre-warmed
+    (its `Load` brings the launch settings)."""
+    model = ["--model", model_path, "--launch", encode_config(launch or TELaunch())] if model_path else []
     return await asyncio.create_subprocess_exec(
         python, "-m", "flowserve.te_shell", "--fd", str(te_sock.fileno()), *model,
         "--engine-config", encode_config(engine_cfg),
@@ -57,15 +70,16 @@ class TemplateHandle:
     """The main process's side of the template."""
 
     def __init__(self, model_path: str, env: dict | None = None, python: str = sys.executable,
-                 weights_from: str | None = None):
+                 weights_from: str | None = None, on_death: Callable[[], None] | None = None):
         """`weights_from`: a running TE's DistFlow address to take the weights from, on a host
-        whose DRAM does not hold them yet (else the template maps the model's cache)."""
+        whose DRAM does not hold them yet (else the template maps the model's cache).
+        `on_death`: called if the template exits unasked."""
         self.model_path, self.env, self.python, self.weights_from = model_path, env or {}, python, weights_from
         self.proc: asyncio.subprocess.Process | None = None
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()  # one fork command and its reply at a time
         self.buf = bytearray()
-        self.on_death = None  # callback(), set by the cluster
+        self.on_death = on_death
         self.stopping = False
 
     async def start(self, timeout: float = 300) -> None:
@@ -91,17 +105,17 @@ class TemplateHandle:
         if self.on_death:
             self.on_death()
 
-    def _fork(self, te_id: str, engine_cfg: EngineConfig, te_sock: socket.socket) -> int:
+    def _fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
         with self.lock:
-            socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg))], [te_sock.fileno()])
+            socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg, launch))], [te_sock.fileno()])
             reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
         if reply is None:
             raise RuntimeError("template is gone")
         return reply.pid
 
-    async def fork(self, te_id: str, engine_cfg: EngineConfig, te_sock: socket.socket) -> int:
+    async def fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
         """Fork a new TE from the template, talking over `te_sock`; returns its pid."""
-        return await asyncio.to_thread(self._fork, te_id, engine_cfg, te_sock)
+        return await asyncio.to_thread(self._fork, te_id, engine_cfg, launch, te_sock)
 
     @property
     def alive(self) -> bool:
@@ -111,9 +125,17 @@ class TemplateHandle:
         self.stopping = True
         if self.sock:
             self.sock.close()  # EOF: the template returns from its loop and exits
-        if self.proc and self.proc.returncode is None:
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        if self.proc:
+            await reap(self.proc)
+
+
+async def fork_or_spawn(template: TemplateHandle | None, te_id: str, cfg: EngineConfig, launch: TELaunch,
+                        te_sock: socket.socket, model_path: str, env: dict, python: str = sys.executable
+                        ) -> tuple[int, str, asyncio.subprocess.Process | None]:
+    """A TE on `te_sock`, forked from the warm template or, while it is down, a fresh
+    TE-shell: its pid, start mode, and process handle (None for a fork)."""
+    if template and template.alive:
+        return await template.fork(te_id, cfg, launch, te_sock), "fork", None
+    env = {**env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
+    proc = await spawn_te_shell(cfg, env, model_path, te_sock, python, launch)
+    return proc.pid, "preloaded" if launch.use_weight_cache else "cold", proc

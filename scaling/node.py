@@ -14,10 +14,10 @@ import os
 import signal
 import socket
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import Load, pack
 from scaling.hosts import Host, probe, secret_env
-from scaling.launch import Launched, TemplateHandle, spawn_te_shell
+from scaling.launch import Launched, TemplateHandle, fork_or_spawn
 from scaling.prewarm import PrewarmPool
 
 log = logging.getLogger("deepflow.node")
@@ -41,8 +41,8 @@ class LocalNode:
             await self.pool.wait_filled()
 
     async def _start_template(self) -> None:
-        self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"})
-        self.template.on_death = self._on_template_death
+        self.template = TemplateHandle(self.model_path, {**self.env, "OMP_NUM_THREADS": "1"},
+                                       on_death=self._on_template_death)
         await self.template.start()
 
     def _on_template_death(self) -> None:
@@ -56,10 +56,10 @@ class LocalNode:
             self._stopping = asyncio.create_task(self.template.stop())
             self.template = None
 
-    async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
+    async def launch(self, te_id: str, cfg: EngineConfig, launch: TELaunch, weights_from: str | None) -> Launched:
         """Start one TE process; it is not serving yet (the caller waits for its `Ready`)."""
         if self.pool and (te := self.pool.take()):
-            te.writer.write(pack(Load(self.model_path, cfg, weights_from)))
+            te.writer.write(pack(Load(self.model_path, cfg, launch, weights_from)))
             te.start_mode = "peer" if weights_from else "preloaded"
             return te
         if self.evicted:  # back in DRAM first: the page cache may still hold the weights' file
@@ -67,12 +67,7 @@ class LocalNode:
             await self._start_template()
         ours, theirs = socket.socketpair()
         with theirs:
-            if self.template and self.template.alive:
-                pid, mode, proc = await self.template.fork(te_id, cfg, theirs), "fork", None
-            else:
-                env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
-                proc = await spawn_te_shell(cfg, env, self.model_path, theirs)
-                pid, mode = proc.pid, "preloaded" if cfg.use_weight_cache else "cold"
+            pid, mode, proc = await fork_or_spawn(self.template, te_id, cfg, launch, theirs, self.model_path, self.env)
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         return Launched(reader, writer, bytearray(), pid, mode, proc, fresh=proc is not None)
 

@@ -19,10 +19,10 @@ import os
 import signal
 import socket
 
-from flowserve.config import weights_cache_path
+from flowserve.config import TELaunch, weights_cache_path
 from flowserve.protocol import Hello, Load, decode_config, pack
 from scaling.hosts import probe
-from scaling.launch import TemplateHandle, spawn_te_shell
+from scaling.launch import TemplateHandle, fork_or_spawn
 from scaling.prewarm import PrewarmPool
 
 log = logging.getLogger("deepflow.node_agent")
@@ -59,12 +59,12 @@ class NodeAgent:
         await self.template.start()
         return self.template.proc.pid
 
-    async def launch(self, te_id: str, engine_config: str, main_address: str, secret: bytes,
+    async def launch(self, te_id: str, engine_config: str, te_launch: str, main_address: str, secret: bytes,
                      weights_from: str | None) -> tuple[int, str, bool]:
         """Start a TE connected to the main process; returns its pid, how it started, and
         whether it is a fresh interpreter (its imports then count in its start-up).
         `weights_from`: a running TE to stream the weights from (a pre-warmed TE, `peer`)."""
-        cfg = decode_config(engine_config)
+        cfg, launch = decode_config(engine_config), decode_config(te_launch, TELaunch)
         host, port = main_address.rsplit(":", 1)
         sock = socket.create_connection((host, int(port)), timeout=10)
         sock.setblocking(True)
@@ -79,15 +79,13 @@ class NodeAgent:
             if self.pool and (te := self.pool.take()):
                 pair = socket.socket(fileno=os.dup(te.writer.get_extra_info("socket").fileno()))
                 with pair:  # its `Load`, and the socket it serves on from then on
-                    socket.send_fds(pair, [pack(Load(self.model_path, cfg, weights_from))], [sock.fileno()])
+                    socket.send_fds(pair, [pack(Load(self.model_path, cfg, launch, weights_from))], [sock.fileno()])
                 te.writer.close()
                 pid, mode, proc, fresh = te.pid, "peer" if weights_from else "preloaded", te.proc, False
-            elif self.template and self.template.alive:
-                pid, mode, proc, fresh = await self.template.fork(te_id, cfg, sock), "fork", None, False
             else:
-                env = {**self.env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
-                proc = await spawn_te_shell(cfg, env, self.model_path, sock, self.python)
-                pid, mode, fresh = proc.pid, "preloaded" if cfg.use_weight_cache else "cold", True
+                pid, mode, proc = await fork_or_spawn(self.template, te_id, cfg, launch, sock, self.model_path,
+                                                      self.env, self.python)
+                fresh = proc is not None
         self.procs[pid] = proc
         return pid, mode, fresh
 

@@ -13,7 +13,7 @@ import sys
 
 from flowserve.config import EngineConfig
 from flowserve.protocol import BadFrame, Prewarmed, expect, next_frame
-from scaling.launch import Launched, spawn_te_shell
+from scaling.launch import Launched, reap, spawn_te_shell
 
 log = logging.getLogger("deepflow.prewarm")
 
@@ -63,9 +63,5 @@ class PrewarmPool:
             task.cancel()
         for te in self.ready:
             te.writer.close()  # EOF: it exits
-            try:
-                await asyncio.wait_for(te.proc.wait(), 5)
-            except TimeoutError:
-                te.proc.kill()
-                await te.proc.wait()
+            await reap(te.proc)
         self.ready.clear()

@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import BadFrame, Hello, encode_config, expect, next_frame
 from scaling.hosts import Host, secret_env
 from scaling.launch import ROOT, Launched
@@ -87,9 +87,9 @@ class TEListener:
 class RayNode:
     """The main process's handle on one node agent: the `node` of a Ray host."""
 
-    def __init__(self, node_id: str, agent, listener: TEListener, pool: HostPool):
-        self.node_id, self.agent, self.listener, self.pool = node_id, agent, listener, pool
-        self.info: dict = {}
+    def __init__(self, node_id: str, agent, listener: TEListener, pool: HostPool, info: dict):
+        """`info`: what its agent's probe found (cores, memory, has_weights), and its address."""
+        self.node_id, self.agent, self.listener, self.pool, self.info = node_id, agent, listener, pool, info
         self.template_pid: int | None = None
         self.weights_from: str | None = None   # the donor TE its template took the weights from
 
@@ -101,11 +101,11 @@ class RayNode:
         log.info("node agent on %s ready (template pid %s), weights from %s", self.info["address"],
                  self.template_pid, self.weights_from or "this host's cache or model file")
 
-    async def launch(self, te_id: str, cfg: EngineConfig, weights_from: str | None) -> Launched:
+    async def launch(self, te_id: str, cfg: EngineConfig, launch: TELaunch, weights_from: str | None) -> Launched:
         secret, arrived = self.listener.expect(te_id)
         try:
-            pid, mode, fresh = await self.agent.launch.remote(te_id, encode_config(cfg), self.listener.address,
-                                                              secret, weights_from)
+            pid, mode, fresh = await self.agent.launch.remote(te_id, encode_config(cfg), encode_config(launch),
+                                                              self.listener.address, secret, weights_from)
             reader, writer, buf = await asyncio.wait_for(arrived, HELLO_TIMEOUT_S)
         finally:
             self.listener.forget(te_id)
@@ -167,16 +167,15 @@ class RayBackend:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
                  encode_config(self.pool_cfg))
-        ray_node = RayNode(node_id, agent, self.listener, self.pool)
         try:
-            ray_node.info = {**await agent.probe.remote(), "address": address}
+            info = {**await agent.probe.remote(), "address": address}
+            ray_node = RayNode(node_id, agent, self.listener, self.pool, info)
             if start:
                 await ray_node.start()
         except RayError as e:
             log.error("node %s (%s) could not be adopted: %s", node_id[:12], address, e)
             self.lost.add(node_id)
             return
-        info = ray_node.info
         taken = {h.name for h in self.nodes.values()}  # Ray's own test clusters put every node on one IP
         name = address if address not in taken else f"{address}/{node_id[:6]}"
         host = Host(name, address, info["cores"], info["memory"], ray_node)

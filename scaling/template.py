@@ -33,7 +33,7 @@ T_START = time.perf_counter()
 
 import torch  # noqa: E402
 
-from flowserve.config import EngineConfig, ModelConfig, check_tensor_parallel  # noqa: E402
+from flowserve.config import EngineConfig, ModelConfig, TELaunch, check_tensor_parallel  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.model import Llama  # noqa: E402
 from flowserve.protocol import Error, Fork, Forked, TemplateReady, pack, unpack_frames  # noqa: E402
@@ -49,13 +49,13 @@ def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
     return msg, (fds[0] if fds else None)
 
 
-def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, weights, packed,
+def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, launch: TELaunch, weights, packed,
           t_fork: float) -> None:
     """Runs in the forked process: become one TE, then exit without returning to the template loop."""
     control.close()  # else the main process would not see the template's death while TEs live
     code = 0
     try:
-        serve_engine(te_sock, cfg, weights=weights, packed=packed, t_start=t_fork, warmed_on_cpu=True)
+        serve_engine(te_sock, cfg, launch, weights=weights, packed=packed, t_start=t_fork, warmed_on_cpu=True)
     except BaseException:
         log.exception("forked TE failed")
         code = 1
@@ -82,7 +82,8 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
     warm_up(warm)
     # The oneDNN-packed linears (flowserve.model.pack_linears) are made here, once: forks
     # share their pages instead of each packing a private 0.5 GB copy.
-    packed = warm.runner.model.packed
+    _, packs = warm.weights()
+    packed = packs[0] if packs else None
     shards: dict[int, list[dict[str, torch.Tensor]]] = {}  # TP size -> each rank's packed linears
     t_ready = time.perf_counter()
     control.sendall(pack(TemplateReady(os.getpid(), 1e3 * (t_ready - T_START))))
@@ -124,8 +125,8 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
-                child(te_sock, control, msg.engine_config, (cfg, tensors), shards.get(size) if size > 1 else packed,
-                      t_fork)
+                child(te_sock, control, msg.engine_config, msg.launch, (cfg, tensors),
+                      shards.get(size) if size > 1 else packed, t_fork)
             te_sock.close()
             control.sendall(pack(Forked(msg.te_id, pid)))
             fd = None

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from dataclasses import asdict, replace
 
-from flowserve.config import EngineConfig, read_model_config, weights_cache_path
+from flowserve.config import EngineConfig, TELaunch, read_model_config, weights_cache_path
 from flowserve.lora import hash_seed
 from flowserve.protocol import FinishReason
 from scaling.hosts import GiB, Host, te_bytes
@@ -74,10 +74,10 @@ class Cluster:
         # cold: every TE reads the model file; preloaded, fork: a pre-warmed TE or the warm
         # template maps the loading-optimized cache; peer: weights from a running TE (DistFlow).
         groups = {g: groups.get(g, (0, EngineConfig())) for g in GROUPS}
-        self.engine_cfgs = {g: replace(cfg, use_weight_cache=start_mode != "cold",
-                                       serve_weights=start_mode == "peer" or weights_donors,
-                                       kv_listen=kv_transport if g == "decode" else "")
-                            for g, (_, cfg) in groups.items()}
+        self.engine_cfgs = {g: cfg for g, (_, cfg) in groups.items()}
+        self.launches = {g: TELaunch(use_weight_cache=start_mode != "cold",
+                                     serve_weights=start_mode == "peer" or weights_donors,
+                                     kv_listen=kv_transport if g == "decode" else "") for g in GROUPS}
         self.max_queued, self.start_mode = max_queued, start_mode
         self.hosts: list[Host] = list(hosts or ())
         self.threads_per_te, self.health_timeout_s = threads_per_te, health_timeout_s
@@ -202,14 +202,14 @@ class Cluster:
         t0 = time.perf_counter()
         host = self._place(group)
         host.make_room(self.te_cost(group))
-        cfg = replace(self.engine_cfgs[group], host=host.address,
-                      num_threads=self.threads_per_te or host.threads_per_te(extra=1))
+        cfg = replace(self.engine_cfgs[group], num_threads=self.threads_per_te or host.threads_per_te(extra=1))
         te = TEHandle(f"te-{next(TE_IDS)}", group, cfg, host, self.te_cost(group), observer=self)
         self.groups[group].append(te)
         host.tes.append(te)
         self.rebalance(host)
         try:
-            ready = await te.start(self.donor() if self.start_mode == "peer" else None)
+            ready = await te.start(replace(self.launches[group], host=host.address),
+                                   self.donor() if self.start_mode == "peer" else None)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self._forget(te)
             te.kill()

@@ -17,7 +17,7 @@ same name. Unloading affects new requests only: those in flight carry the adapte
 import time
 from dataclasses import dataclass, field
 
-from flowserve.config import ModelConfig, read_model_config
+from flowserve.config import ModelConfig
 from flowserve.lora import LoraSpec, read_lora
 from flowserve.protocol import Adapter
 from scaling.autoscaler import ScalePolicy

@@ -18,7 +18,7 @@ import time
 from enum import Enum
 from typing import Protocol
 
-from flowserve.config import EngineConfig
+from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import (
     Abort, Add, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, Unpin, expect,
     next_frame, pack, unpack_frames)
@@ -71,12 +71,12 @@ class TEHandle:
         """Tasks on this TE, counted here (not from its stats), so it is current at once."""
         return len(self.tasks)
 
-    async def start(self, weights_from: str | None = None, timeout: float = 300) -> Ready:
+    async def start(self, launch: TELaunch, weights_from: str | None = None, timeout: float = 300) -> Ready:
         """Have the host's node agent start the TE process (`weights_from`: a running TE to
         stream the weights from, for a pre-warmed one). Returns its `Ready` once it serves;
         records the five-step timeline (the cluster adds scaler_post)."""
         t0 = time.perf_counter()
-        launched = await self.host.node.launch(self.id, self.engine_cfg, weights_from)
+        launched = await self.host.node.launch(self.id, self.engine_cfg, launch, weights_from)
         self.pid, self.proc, self.start_mode = launched.pid, launched.proc, launched.start_mode
         self.fresh = launched.fresh
         reader, self.writer, buf = launched.reader, launched.writer, launched.buf

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from flowserve.batcher import Sequence
+from flowserve.sequence import Sequence
 from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.protocol import SamplingParams

@@ -18,8 +18,7 @@ RECOMPUTE = CostModel(block_bytes=1000, copy_bytes_per_s=1e3, prefill_tokens_per
 
 
 def dram_rtc(num_blocks: int, num_dram: int, cost: CostModel = COPY) -> RTC:
-    rtc = RTC(num_blocks, block_size=4, num_dram_blocks=num_dram)
-    rtc.cost = cost
+    rtc = RTC(num_blocks, block_size=4, num_dram_blocks=num_dram, cost=cost)
     return rtc
 
 

@@ -8,6 +8,7 @@ import torch
 from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.protocol import SamplingParams
+from flowserve.rtc import CostModel
 from flowserve.weights import load_weights
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -92,6 +93,26 @@ def test_preemption_completes_with_same_output(engine, model_path, weights):
     assert small.generate(prompts, params) == expected
     assert small.batcher.num_preemptions > 0
     assert_no_leak(small)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_an_unzeroed_kv_pool_never_reaches_the_tokens(model_path, weights, cpu_kernels):
+    """The KV pool and the DRAM tier are allocated, not zeroed (a TE is ready before their
+    pages are faulted in): filled with NaN, chunked prefills, decodes, preemptions, swaps to
+    DRAM and back give the tokens of a zeroed pool, on the C++ kernels and on plain torch."""
+    prompts = random_prompts(4, 30, 50, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    out = []
+    for fill in (0.0, float("nan")):
+        eng = make_engine(model_path, weights, num_kv_blocks=10, max_num_batched_tokens=32, dram_kv_gb=0.01,
+                          cpu_kernels=cpu_kernels)
+        eng.rtc.cost = CostModel(eng.rtc.cost.block_bytes, copy_bytes_per_s=1e15, prefill_tokens_per_s=1.0)
+        for tensor in (eng.runner.dram, *(t for kv in eng.runner.kv_cache for t in kv)):
+            tensor.fill_(fill)
+        out.append(eng.generate(prompts, params))
+        assert eng.batcher.num_swaps > 0 and eng.rtc.dram_populated > 0
+        assert_no_leak(eng)
+    assert out[0] == out[1]
 
 
 def test_sampling_seed_topk_and_stop(engine):

@@ -5,7 +5,6 @@ base; adapters and the base mix in one batch with each row's own answer; a reloa
 same name changes the answer and reuses none of the old KV; the second base scales from zero
 and back while the first keeps serving; every bad adapter is a 400 that says why."""
 import asyncio
-import json
 import shutil
 
 import aiohttp

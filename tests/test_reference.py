@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from flowserve.batcher import Sequence
+from flowserve.sequence import Sequence
 from flowserve.config import EngineConfig
 from flowserve.engine import Engine
 from flowserve.protocol import SamplingParams

@@ -1,5 +1,5 @@
 """RTC bookkeeping without a model: prefix matching, LRU eviction, reference counts."""
-from flowserve.batcher import Sequence
+from flowserve.sequence import Sequence
 from flowserve.protocol import SamplingParams
 from flowserve.rtc import RTC
 
