@@ -268,7 +268,8 @@ def test_openapi_document(auth):
     assert set(ops) == {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
                         ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
                         ("GET", "/admin/cluster"), ("POST", "/admin/scale"), ("POST", "/v1/caches"),
-                        ("GET", "/v1/caches"), ("GET", "/v1/caches/{cache_id}"), ("DELETE", "/v1/caches/{cache_id}")}
+                        ("GET", "/v1/caches"), ("GET", "/v1/caches/{cache_id}"), ("DELETE", "/v1/caches/{cache_id}"),
+                        ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")}
     for (method, path), op in ops.items():
         guarded = path.startswith("/v1/") or (method, path) == ("POST", "/admin/scale")
         assert ("security" in op) == ("401" in op["responses"]) == (auth and guarded), path
