@@ -14,6 +14,7 @@ from flowserve.config import EngineConfig, read_model_config
 from flowserve.engine import Engine
 from flowserve.lora import read_lora
 from flowserve.protocol import Adapter, SamplingParams
+from flowserve.tokenizer import Detokenizer
 from tests.lora_util import write_adapter
 from tests.server_util import Server, async_wait_until
 from tests.tiny_model import write_tiny_model
@@ -83,10 +84,10 @@ async def test_adapter_answers_as_the_engine_does_and_unlike_its_base(pool, mode
     engine = Engine(model_path, EngineConfig(kv_cache_gb=0.1), weights=weights)
     ref = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12), adapters=[adapter] * len(prompts))
     async with aiohttp.ClientSession() as http:
-        for q, ids in zip(QUESTIONS, ref):
+        for q, prompt, ids in zip(QUESTIONS, prompts, ref):
             (s1, lora), (s2, base) = await chat(http, server.url, ask(q, "a1")), await chat(http, server.url, ask(q, None))
             assert s1 == s2 == 200
-            assert tokenizer.encode(text(lora), add_special_tokens=False) == ids or text(lora) == tokenizer.decode(ids)
+            assert text(lora) == Detokenizer(tokenizer, prompt).push(ids)
             assert text(lora) != text(base)
             assert lora["model"] == "a1" and base["model"] == "smol"
 
@@ -156,18 +157,31 @@ async def test_second_base_scales_from_zero_and_back(pool):
     template answers; after its idle time it is back at zero, while smol kept its TE."""
     server, _ = pool
 
-    async def tes(http) -> dict[str, int]:
-        async with http.get(server.url + "/admin/cluster") as r:
-            view = await r.json()
-        return {m: len(v["tes"]) for m, v in view["models"].items()}
+    def tes() -> dict[str, int]:
+        return {m: len(v["tes"]) for m, v in server.get("/admin/cluster")["models"].items()}
 
     async with aiohttp.ClientSession() as http:
-        await async_wait_until(lambda: tes(http), lambda n: n["tiny"] == 0, 30)
+        await async_wait_until(lambda: tes()["tiny"] == 0, 30)
         status, body = await chat(http, server.url, ask("Hello", "tiny", max_tokens=4, ignore_eos=True))
         assert status == 200 and body["model"] == "tiny" and body["usage"]["completion_tokens"] == 4
-        assert (await tes(http))["tiny"] == 1
+        assert tes()["tiny"] == 1
         assert (await chat(http, server.url, ask(QUESTIONS[0], None)))[0] == 200
-        await async_wait_until(lambda: tes(http), lambda n: n["tiny"] == 0, 4 * IDLE_S + 10)
-        assert (await tes(http))["smol"] == 1
+        await async_wait_until(lambda: tes()["tiny"] == 0, 4 * IDLE_S + 10)
+        assert tes()["smol"] == 1
         status, body = await chat(http, server.url, ask("Hello again", "tiny", max_tokens=4))
         assert status == 200  # and from zero once more
+
+
+async def test_adapter_across_a_pd_pair(pool):
+    """Disaggregated, the decode TE continues with the adapter the prefill TE computed the KV
+    with: the same answers as colocated, for the adapter and the base in one burst."""
+    colocated, dirs = pool
+    mix = [(QUESTIONS[0], "a1"), (QUESTIONS[0], None), (QUESTIONS[2], "a1")]
+    async with aiohttp.ClientSession() as http:
+        want = [text((await chat(http, colocated.url, ask(q, m)))[1]) for q, m in mix]
+        with Server("--prefill-tes", "1", "--decode-tes", "1", "--lora-modules", f"a1={dirs['a1']}",
+                    "--kv-cache-gb", "0.25") as pd:
+            got = await asyncio.gather(*(chat(http, pd.url, ask(q, m)) for q, m in mix))
+            placements = [t["placement"] for j in pd.get("/admin/cluster")["recent_jobs"] for t in j["tasks"]]
+    assert [text(b) for _, b in got] == want
+    assert all(p["pd"]["choice"] == "disaggregated" and p["decode"]["host"] for p in placements)
