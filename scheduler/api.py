@@ -238,7 +238,7 @@ class CacheRequest(_Strict):
 
 class ScaleRequest(_Strict):
     """POST /admin/scale: a group's size, set by hand (0 allowed); the autoscaler keeps it."""
-    model: str | None = None        # a base model (default: the first)
+    model: str | None = Field(None, exclude_if=lambda v: v is None)  # a base model (default: the first)
     group: str = "colocated"
     instances: Annotated[int, Field(ge=0, le=MAX_TES)]
 

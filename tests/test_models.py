@@ -185,3 +185,38 @@ async def test_adapter_across_a_pd_pair(pool):
             placements = [t["placement"] for j in pd.get("/admin/cluster")["recent_jobs"] for t in j["tasks"]]
     assert [text(b) for _, b in got] == want
     assert all(p["pd"]["choice"] == "disaggregated" and p["decode"]["host"] for p in placements)
+
+
+class FakeNode:
+    def __init__(self):
+        self.evicted = 0
+
+    def evict(self):
+        self.evicted += 1
+
+
+class FakeTE:
+    cost = 4
+
+
+def test_bases_share_a_machine_and_the_idle_least_recently_used_template_leaves():
+    """Three base models' hosts on one 20-byte machine, weights 6 each (18 in DRAM): a TE of 4
+    fits only once an idle model's weights leave, the least recently used first; a model with
+    a TE keeps its weights; the evicted one counts again once its next TE comes."""
+    from scaling.hosts import Host
+    machine: list[Host] = []
+    a, b, c = (Host(n, "127.0.0.1", 2, 20, FakeNode(), machine=machine, weights_bytes=6, last_used=t)
+               for n, t in (("a", 3.0), ("b", 1.0), ("c", 2.0)))
+    assert a.used() == 18 and a.room(4) == (20 - 18 + 6 + 6) // 4  # b's and c's weights can leave
+    a.make_room(4)
+    assert (b.node.evicted, c.node.evicted) == (1, 0) and not b.weights_resident  # b: least recently used
+    a.tes.append(FakeTE())
+    a.make_room(4)  # 4 bytes are free: nothing leaves
+    assert a.used() == 16 and c.node.evicted == 0
+    a.tes.append(FakeTE())
+    assert a.used() == 20 and a.threads_per_te() == 1  # two TEs share the machine's 2 cores
+    a.make_room(4)
+    assert c.node.evicted == 1 and a.used() == 14
+    b.make_room(4)  # b's next TE: its weights come back
+    assert b.weights_resident and b.used() == 20 and b.room(4) == 0
+    assert a.node.evicted == 0  # a holds TEs: never evicted
