@@ -107,8 +107,14 @@ class ServeConfig:
     pd_heatmap: str | None = flag("with colocated and PD TEs: the heatmap from `profile-pd` (default: the saved one)")
     min_tes: int | None = flag("autoscaler floor, colocated group (default: its TEs at start; 0: scale to zero)")
     max_tes: int | None = flag("autoscaler ceiling, colocated group (default: as many as the hosts' memory fits)")
-    scale_out_waiting: int = flag("scale out when more sequences than this per TE wait for a batch slot", 4)
-    scale_in_idle_s: float = flag("scale in after this long without work", 30.0)
+    autoscaler: str = flag("slo: every group sized at once from arrivals, queue, load and the SLOs, KPA-like "
+                           "(scaling/autoscaler.py); queue: the colocated group, one TE at a time on queue depth",
+                           "slo", choices=["slo", "queue"])
+    slo_ttft_ms: float = flag("time-to-first-token target the slo autoscaler keeps (0: none)", 1000.0)
+    slo_tpot_ms: float = flag("time-per-output-token target the slo autoscaler keeps (0: none)", 0.0)
+    scale_out_waiting: int = flag("queue autoscaler: scale out when more sequences than this per TE wait for a "
+                                  "batch slot", 4)
+    scale_in_idle_s: float = flag("keep-alive: a group without work this long scales in (to --min-tes)", 30.0)
     start_mode: str = flag("new TEs: forked from the warm template; pre-warmed, mapping the cached weights or "
                            "receiving them from a running TE; or cold interpreters (the baseline)", "fork",
                            choices=["fork", "preloaded", "peer", "cold"])
@@ -442,15 +448,21 @@ def load_heatmap(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]]) -
 
 def scale_policies(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]],
                    first: bool = True) -> dict[str, ScalePolicy]:
-    """The autoscaler sizes the colocated group from the flags, up to what fits unless
-    --max-tes says less (another base model than the first: from its TEs at start, often 0,
-    up to what fits); prefill and decode groups keep their size unless POST /admin/scale
-    changes it."""
-    policies = {g: ScalePolicy(min_tes=n, max_tes=n) for g, (n, _) in shape.items()}
+    """Each group's autoscaler policy. The colocated group scales from the flags, up to what
+    fits unless --max-tes says less (another base model than the first: from its TEs at
+    start, often 0, up to what fits). With `--autoscaler slo` the prefill and decode groups
+    of a PD cluster scale too, on their own load, from 1 TE each (a PD task needs both);
+    with `queue` they keep their size unless POST /admin/scale changes it."""
+    common = dict(kind=cfg.autoscaler, waiting_per_te=cfg.scale_out_waiting, idle_s=cfg.scale_in_idle_s,
+                  slo_ttft_s=cfg.slo_ttft_ms / 1e3, slo_tpot_s=cfg.slo_tpot_ms / 1e3)
     n = shape["colocated"][0]
-    policies["colocated"] = ScalePolicy(min_tes=n if cfg.min_tes is None or not first else cfg.min_tes,
-                                        max_tes=None if cfg.max_tes is None or not first else max(n, cfg.max_tes),
-                                        waiting_per_te=cfg.scale_out_waiting, idle_s=cfg.scale_in_idle_s)
+    policies = {"colocated": ScalePolicy(min_tes=n if cfg.min_tes is None or not first else cfg.min_tes,
+                                         max_tes=None if cfg.max_tes is None or not first else max(n, cfg.max_tes),
+                                         **common)}
+    for g in ("prefill", "decode"):
+        n = shape[g][0]
+        scales = n > 0 and cfg.autoscaler == "slo"
+        policies[g] = ScalePolicy(min_tes=1 if scales else n, max_tes=None if scales else n, **common)
     return policies
 
 
@@ -548,14 +560,15 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         if isinstance(e, NoRoom):
             raise SystemExit(f"cannot start: {e}") from None
         raise
-    metrics_ = Metrics(clusters)
+    metrics_ = Metrics(clusters, {name: cfg.slo_ttft_ms / 1e3 for name in clusters})
     bases, background = [], []
     for i, (name, path) in enumerate(named):
         cluster = clusters[name]
         caches = ContextCaches(cluster, cfg.cache_budget)
         je = JobExecutor(cluster, tokenizers[name], name, metrics_, caches)
         policies = scale_policies(cfg, shapes[name], i == 0)
-        background += [asyncio.create_task(autoscale(cluster, g, p)) for g, p in policies.items()]
+        background += [asyncio.create_task(autoscale(cluster, g, p, metrics_.recent[name]))
+                       for g, p in policies.items()]
         background.append(asyncio.create_task(caches.expire_loop()))
         bases.append(ServedModel(name, path, read_model_config(path), cluster, je, policies))
     shutdown.jes = [b.je for b in bases]

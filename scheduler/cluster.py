@@ -34,7 +34,7 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, replace
 
 from flowserve.config import EngineConfig, TELaunch, read_model_config, weights_cache_path
@@ -52,6 +52,7 @@ log = logging.getLogger("deepflow.cluster")
 
 GROUPS = ("colocated", "prefill", "decode")
 HEARTBEAT_S = 1.0
+DECISIONS_KEPT = 64
 TE_IDS = itertools.count()  # one numbering for every base model's TEs
 
 
@@ -98,7 +99,12 @@ class Cluster:
         self.started = self.closing = False
         self.replacing = 0               # TEs being started to replace dead ones
         self._max_model_len = 0
-        self.work_held = asyncio.Event()
+        self.work_held = {g: asyncio.Event() for g in GROUPS}  # wakes a group's autoscaler at once
+        self.arrived = dict.fromkeys(GROUPS, 0)  # tasks submitted per group, ever (arrival rates)
+        # Each size change, with its reason and the autoscaler's inputs, and a count per
+        # (group, reason) for the metrics.
+        self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)
+        self.decision_counts: Counter[tuple[str, str]] = Counter()
         self._background: set[asyncio.Task] = set()
 
     @property
@@ -279,8 +285,13 @@ class Cluster:
                 else:
                     te.ping()
 
-    def scale_to(self, group: str, instances: int) -> None:
-        """Set the group's size: start TEs (as many as fit), or retire idle ones first (busy ones drain)."""
+    def scale_to(self, group: str, instances: int, reason: str = "admin", inputs: dict | None = None) -> None:
+        """Set the group's size: start TEs (as many as fit), or retire idle ones first (busy
+        ones drain). The decision is kept with its reason and the inputs that led to it."""
+        self.decisions.append({"t": round(time.time(), 3), "group": group, "from": self.target[group],
+                               "to": instances, "reason": reason, "inputs": inputs or {}})
+        self.decision_counts[group, reason] += 1
+        log.info("group %s: %d -> %d TEs (%s)", group, self.target[group], instances, reason)
         self.target[group] = instances
         live = self.live(group)
         for _ in range(min(instances - len(live), self.room(group))):
@@ -338,6 +349,7 @@ class Cluster:
     def submit(self, task: Task) -> None:
         group = self.pd_aware(task)
         task.t_queued = time.monotonic()
+        self.arrived[group] += 1
         self.pending[group].append(task)
         self._place_pending(group)
 
@@ -364,7 +376,8 @@ class Cluster:
         while queue:
             free, free_decode = self.free_tes(group), self.free_tes("decode") if pd else []
             if not free or (pd and not free_decode):
-                self.work_held.set()  # wakes the autoscaler now, not at its next tick
+                for g in (group, "decode") if pd else (group,):  # wakes the autoscalers now, not at their next tick
+                    self.work_held[g].set()
                 return
             task = queue.popleft()
             te, why = self._choose(task, free, group, locality=True)
@@ -473,6 +486,7 @@ class Cluster:
                                   "pending": len(self.pending[name]), "engine_config": asdict(self.engine_cfgs[name])}
                            for name, tes in self.groups.items()},
                 "heatmap": self.heatmap and asdict(self.heatmap),
+                "scaling_decisions": list(self.decisions),
                 "tes": [te.to_dict() for te in self.tes]}
 
 

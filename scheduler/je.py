@@ -161,7 +161,7 @@ class JobExecutor:
                 done += item.finish_reason is not None
                 yield item
             job.state = State.FINISHED
-            self.metrics.job_done(job)
+            self.metrics.job_done(job, self.model_name)
             self.cluster.learn_decode_lengths(job.tasks)
         except APIError as e:
             job.state, job.error = State.FAILED, e.message
