@@ -107,9 +107,10 @@ class ServeConfig:
     pd_heatmap: str | None = flag("with colocated and PD TEs: the heatmap from `profile-pd` (default: the saved one)")
     min_tes: int | None = flag("autoscaler floor, colocated group (default: its TEs at start; 0: scale to zero)")
     max_tes: int | None = flag("autoscaler ceiling, colocated group (default: as many as the hosts' memory fits)")
-    autoscaler: str = flag("slo: every group sized at once from arrivals, queue, load and the SLOs, KPA-like "
-                           "(scaling/autoscaler.py); queue: the colocated group, one TE at a time on queue depth",
-                           "slo", choices=["slo", "queue"])
+    autoscaler: str = flag("queue: the colocated group, one TE at a time on queue depth; slo: every group sized at "
+                           "once from arrivals, queue, load and the SLOs, KPA-like (scaling/autoscaler.py; on this "
+                           "2-core CPU it over-provisions: docs/BENCHMARKS.md section 12)", "queue",
+                           choices=["queue", "slo"])
     slo_ttft_ms: float = flag("time-to-first-token target the slo autoscaler keeps (0: none)", 1000.0)
     slo_tpot_ms: float = flag("time-per-output-token target the slo autoscaler keeps (0: none)", 0.0)
     scale_out_waiting: int = flag("queue autoscaler: scale out when more sequences than this per TE wait for a "

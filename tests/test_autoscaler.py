@@ -77,7 +77,7 @@ def test_pd_groups_each_follow_their_load():
 
 
 async def test_empty_cluster_serves_then_scales_to_zero_and_back():
-    with Server("--num-tes", "0", "--min-tes", "0", "--scale-in-idle-s", "2", "--max-num-seqs", "4",
+    with Server("--autoscaler", "slo", "--num-tes", "0", "--min-tes", "0", "--scale-in-idle-s", "2", "--max-num-seqs", "4",
                 "--max-model-len", "512", "--kv-cache-gb", "0.05") as s:
         assert s.get("/admin/cluster")["tes"] == []
 
