@@ -248,7 +248,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="cold,mix,zipf,base2", help="comma-separated sub-benchmarks")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--streams", type=int, default=32, help="mix: streams per side; zipf: requests in flight")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--zipf-requests", type=int, default=128)
