@@ -109,7 +109,7 @@ class ServeConfig:
     max_tes: int | None = flag("autoscaler ceiling, colocated group (default: as many as the hosts' memory fits)")
     autoscaler: str = flag("queue: the colocated group, one TE at a time on queue depth; slo: every group sized at "
                            "once from arrivals, queue, load and the SLOs, KPA-like (scaling/autoscaler.py; on this "
-                           "2-core CPU it over-provisions: docs/BENCHMARKS.md section 12)", "queue",
+                           "2-core CPU it over-provisions: docs/BENCHMARKS.md section 13)", "queue",
                            choices=["queue", "slo"])
     slo_ttft_ms: float = flag("time-to-first-token target the slo autoscaler keeps (0: none)", 1000.0)
     slo_tpot_ms: float = flag("time-per-output-token target the slo autoscaler keeps (0: none)", 0.0)

@@ -5,7 +5,7 @@ served by a cluster of its own (scheduler/cluster.py: its TE groups, its warm te
 host, its autoscalers) and a JE of its own (its tokenizer). The bases share the hosts' memory
 (`scaling.hosts.Host.machine`), so a base at zero TEs costs only its template's DRAM, and a
 base that needs room for a TE first evicts the template of the base used least recently that
-has no TE (`make_room`); that one's next TE starts its template again.
+has no TE (`Host.make_room`); that one's next TE starts its template again.
 
 An adapter is a PEFT LoRA over one base (`flowserve/lora.py`), registered at start
 (`--lora-modules`) or at run time (`/v1/load_lora_adapter`): checked here against the base's
@@ -106,13 +106,3 @@ class Models:
                  for b in self.bases.values()] +
                 [ModelCard(id=a.name, created=a.created, root=a.spec.path, parent=a.base.name,
                            max_model_len=a.base.cluster.max_model_len) for a in self.adapters.values()])
-
-    def make_room(self, needy: Cluster) -> bool:
-        """Evict the warm template of the base used least recently that has no TE, on the
-        hosts `needy` places TEs on, to make room for a TE of another base. False if none."""
-        idle = sorted((b for b in self.bases.values() if b.cluster is not needy and not b.cluster.tes
-                       and b.cluster.holds_weights()), key=lambda b: b.last_used)
-        if not idle:
-            return False
-        idle[0].cluster.evict_weights()
-        return True

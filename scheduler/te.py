@@ -230,4 +230,6 @@ class TEHandle:
                 "start_mode": self.start_mode, "fresh_interpreter": self.fresh,
                 "kv_usage": s.kv_usage, "kv_blocks_total": s.kv_blocks_total, "pinned_blocks": s.pinned_blocks,
                 "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
+                "lora_slots": s.lora_slots, "lora_disk_loads": s.lora_disk_loads,
+                "lora_slot_loads": s.lora_slot_loads, "lora_slot_load_ms": round(s.lora_slot_load_ms, 1),
                 "timeline_ms": self.timings_ms}
