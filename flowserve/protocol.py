@@ -3,7 +3,8 @@
 - main process -> TE (`scheduler/te.py` -> `flowserve/te_shell.py`): `Add`, `Abort`, `Stop`,
   `Ping` (the heartbeat, answered by an empty `Step`), `Threads` (its host's TE count
   changed), `Unpin` (context caches), `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step`
-  per engine step (a `TokenOut` per request that moved, and the engine's `Stats`). On
+  per engine step (a `TokenOut` per request that moved, and the engine's `Stats`), and
+  `Alive` twice a second from its liveness thread. On
   another host the TE's socket is TCP, and its first frame is `Hello`, carrying the secret
   the main process handed its node agent (`scaling/node_agent.py`).
 - main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
@@ -45,6 +46,7 @@ class Op(str, Enum):
     FORKED = "forked"
     TEMPLATE_READY = "template_ready"
     PING = "ping"
+    ALIVE = "alive"
     THREADS = "threads"
     UNPIN = "unpin"
     HELLO = "hello"
@@ -121,6 +123,13 @@ class Stop(Message, tag=Op.STOP.value):
 
 class Ping(Message, tag=Op.PING.value):
     pass
+
+
+class Alive(Message, tag=Op.ALIVE.value):
+    """TE -> main process, twice a second from a thread of its own (`flowserve.te_shell.Liveness`),
+    even while a long step runs: the process is alive, and has been in its current step (or
+    command) for `busy_s` seconds (0: between steps). Only a frozen process falls silent."""
+    busy_s: float
 
 
 class Unpin(Message, tag=Op.UNPIN.value):
@@ -343,7 +352,7 @@ class ExecDone(Message, tag=Op.EXEC_DONE.value):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Threads | Unpin | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
+_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Alive | Threads | Unpin | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
                                    | TemplateReady | KVHeader | KVTrailer | KVAck | WeightsHeader | Error | ExecStart
                                    | ExecStep | ExecKV | ExecLora | ExecDone)
 

@@ -7,10 +7,12 @@ The shell loads the engine, says `Ready` (with its start-up timings and DistFlow
 addresses), then loops: read commands (`Add`, `Abort`, `Stop`, `Ping`, `Threads`, `Unpin`:
 `flowserve/protocol.py`) without blocking while the engine has work, run one engine step,
 and send that step's `TokenOut`s plus the engine's `Stats` back in one `Step` frame. A
-`Ping` is answered between steps with an empty `Step`: a TE that stops stepping stops
-answering, and the main process replaces it. A frame it cannot decode is
-logged and answered with `Error`; the TE keeps serving. Single-threaded: the socket is only
-touched between steps, so the engine needs no locks.
+`Ping` is answered between steps with an empty `Step` (fresh stats). Liveness does not wait
+for steps: a thread of its own (`Liveness`) sends `Alive` twice a second with how long the
+current step or command has run, so a long prefill or a slow adapter read is told apart from
+a frozen process, which sends nothing. A frame it cannot decode is logged and answered with
+`Error`; the TE keeps serving. The engine runs on one thread and needs no locks; socket
+writes take a lock, since the liveness thread writes too.
 
 PD disaggregation: on a prefill TE an `Add` with `kv_to` (a decode TE's DistFlow address)
 and `kv_rid` (the request's id there) runs the prompt and first token, and the shell sends
@@ -35,6 +37,7 @@ import os
 import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -51,15 +54,36 @@ from flowserve.distflow import (  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.tp import ExecutorLost  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
-    Abort, Add, BadFrame, Error, FinishReason, KVAck, KVHeader, KVTrailer, Load, Message, Ping, Prewarmed,
+    Abort, Add, Alive, BadFrame, Error, FinishReason, KVAck, KVHeader, KVTrailer, Load, Message, Ping, Prewarmed,
     Ready, SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, Unpin, decode_config, pack, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
 
 
+class Liveness(threading.Thread):
+    """Sends `Alive` each `interval_s`, whatever the main thread is doing (a torch op releases
+    the GIL; pure Python yields it every few milliseconds)."""
+
+    def __init__(self, send: Callable[[Message], None], interval_s: float = 0.5):
+        super().__init__(daemon=True, name="liveness")
+        self.send, self.interval_s = send, interval_s
+        self.busy_since: float | None = None   # set by the main thread around each step and command
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            since = self.busy_since
+            try:
+                self.send(Alive(0.0 if since is None else time.monotonic() - since))
+            except OSError:
+                return  # the main process is gone; the main thread notices too
+
+
 class TEShell:
     def __init__(self, sock: socket.socket, engine: Engine, kv_listeners: list[socket.socket] = ()):
         self.sock, self.engine, self.kv_listeners = sock, engine, list(kv_listeners)
+        self.write_lock = threading.Lock()
+        self.liveness = Liveness(self.send)
         self.buf = bytearray()
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
         self.sending: dict[str, tuple[Sequence, KVTransfer]] = {}  # prefill side: transfers not yet acked
@@ -70,7 +94,8 @@ class TEShell:
         self.executors = engine.executor_pidfds()  # TP: readable once an executor has exited
 
     def send(self, msg: Message) -> None:
-        self.sock.sendall(pack(msg))
+        with self.write_lock:
+            self.sock.sendall(pack(msg))
 
     def handle(self, msg: Message | BadFrame) -> bool:
         """Apply one command; False means stop."""
@@ -127,9 +152,12 @@ class TEShell:
                 if not data:
                     return False  # the main process is gone: nothing left to serve
                 self.buf += data
-                for msg in unpack_frames(self.buf):
-                    if not self.handle(msg):
+                self.liveness.busy_since = time.monotonic()  # an `Add` may read an adapter from disk
+                try:
+                    if not all(self.handle(msg) for msg in unpack_frames(self.buf)):
                         return False
+                finally:
+                    self.liveness.busy_since = None
             if self.kv_sender.wake in ready:
                 self.collect()
             for listener in self.kv_listeners:
@@ -253,16 +281,20 @@ class TEShell:
                 self.report(seq.request_id, FinishReason.HANDOFF, kv_ms=1e3 * t.handoff_s, kv_bytes=t.nbytes)
 
     def run(self) -> None:
+        self.liveness.start()
         try:
             while self.poll(block=not self.engine.has_work()):
                 if not self.engine.has_work():
                     continue
+                self.liveness.busy_since = time.monotonic()
                 outs = self.engine.step(self.stream_handoffs if self.engine.cfg.kv_layerwise else None)
+                self.liveness.busy_since = None
                 self.hand_off()
                 if outs:
                     self.send(Step(outs, self.engine.stats()))
                 self.collect()  # after the first tokens went out: a handoff is never reported before them
         finally:
+            self.liveness.stopped.set()
             self.kv_sender.close()
             for link in self.kv_links:
                 link.close()

@@ -52,6 +52,7 @@ log = logging.getLogger("deepflow.cluster")
 
 GROUPS = ("colocated", "prefill", "decode")
 HEARTBEAT_S = 1.0
+STEP_BOUND = 30  # health timeouts one engine step may take before its TE counts as hung
 DECISIONS_KEPT = 64
 TE_IDS = itertools.count()  # one numbering for every base model's TEs
 
@@ -270,9 +271,11 @@ class Cluster:
             self.replacing -= 1
 
     async def watch_health(self) -> None:
-        """The heartbeat: ping every serving TE each second (it answers with its stats, and
-        any frame counts); fail one that stayed silent past `health_timeout_s`. And fail
-        the tasks that waited for a TE past `place_timeout_s`."""
+        """The heartbeat: ping every serving TE each second (it answers with its stats between
+        steps, and its liveness thread says `Alive` each second even during a long step; any
+        frame counts). Fail one that stayed silent past `health_timeout_s` (frozen, or its
+        host gone), or that has been in one step for `STEP_BOUND` health timeouts (hung). And
+        fail the tasks that waited for a TE past `place_timeout_s`."""
         while not self.closing:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
@@ -282,6 +285,8 @@ class Cluster:
                     continue
                 if now - te.last_heard > self.health_timeout_s:
                     te.fail(f"answered no heartbeat for {now - te.last_heard:.0f} s")
+                elif te.busy_s > STEP_BOUND * self.health_timeout_s:
+                    te.fail(f"has been in one step for {te.busy_s:.0f} s")
                 else:
                     te.ping()
 

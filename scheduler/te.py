@@ -20,7 +20,7 @@ from typing import Protocol
 
 from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import (
-    Abort, Add, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, Unpin, expect,
+    Abort, Add, Alive, BadFrame, Error, FinishReason, Message, Ping, Ready, Stats, Step, Stop, Threads, Unpin, expect,
     next_frame, pack, unpack_frames)
 from scaling.hosts import Host
 from scheduler.job import State, Task, TaskEvent
@@ -65,6 +65,7 @@ class TEHandle:
         self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
         self.kv_addrs: list[str] = []         # a decode TE: where prefill TEs send KV (DistFlow)
         self.last_heard = time.monotonic()    # any frame: the heartbeat's evidence of life
+        self.busy_s = 0.0                     # how long its current step has run, as its liveness thread said
 
     @property
     def load(self) -> int:
@@ -117,6 +118,8 @@ class TEHandle:
         match msg:
             case Step():
                 self._on_step(msg)
+            case Alive():
+                self.busy_s = msg.busy_s
             case Error():
                 log.error("TE %s answered: %s", self.id, msg.message)
             case _:  # undecodable, or not a TE's message: say so, keep serving
@@ -232,4 +235,4 @@ class TEHandle:
                 "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "lora_slots": s.lora_slots, "lora_disk_loads": s.lora_disk_loads,
                 "lora_slot_loads": s.lora_slot_loads, "lora_slot_load_ms": round(s.lora_slot_load_ms, 1),
-                "timeline_ms": self.timings_ms}
+                "busy_s": round(self.busy_s, 1), "timeline_ms": self.timings_ms}

@@ -50,6 +50,22 @@ def test_scale_beyond_capacity_is_refused_and_what_fits_rebalances_threads():
         assert host["name"] == "local" and host["memory_gb"] == 5 and host["tes"] == [ready_tes(s)[0]["id"]]
 
 
+async def test_a_step_longer_than_the_health_timeout_is_not_a_death():
+    """Liveness does not wait for steps: with a 2 s health timeout, a prompt whose prefill
+    takes one multi-second step (4,000 tokens in one chunk) is answered by the TE it started
+    on, which its liveness thread kept alive meanwhile (`busy_s` says how long the step ran)."""
+    with Server("--health-timeout-s", "2", "--max-num-batched-tokens", "4096", "--max-model-len", "4608",
+                "--kv-cache-gb", "0.25") as s:
+        [te] = ready_tes(s)
+        prompt = "Count the apples: " + "apple " * 3990
+        t0 = time.monotonic()
+        status, body = s.post("/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        took = time.monotonic() - t0
+        assert status == 200 and body["usage"]["prompt_tokens"] > 3990, body
+        assert took > 3, f"the prefill took {took:.1f} s: too short to show anything"
+        assert [t["pid"] for t in ready_tes(s)] == [te["pid"]]  # the same TE, never replaced
+
+
 async def test_stopped_te_is_detected_and_replaced():
     """A TE that stops answering (SIGSTOP: as a deadlock or a wedged device would) is killed
     after the health bound: its stream ends with an error event and [DONE], a new TE takes
