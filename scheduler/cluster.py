@@ -272,7 +272,7 @@ class Cluster:
 
     async def watch_health(self) -> None:
         """The heartbeat: ping every serving TE each second (it answers with its stats between
-        steps, and its liveness thread says `Alive` each second even during a long step; any
+        steps, and its liveness thread says `Alive` twice a second, even during a long step; any
         frame counts). Fail one that stayed silent past `health_timeout_s` (frozen, or its
         host gone), or that has been in one step for `STEP_BOUND` health timeouts (hung). And
         fail the tasks that waited for a TE past `place_timeout_s`."""
