@@ -2,7 +2,7 @@
 
 The engine wires independent modules and calls them in order, once per step:
 batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks now
-full) -> `sample` (next tokens, below) -> finish checks (RTC frees finished sequences). It
+full) -> `sample` (next tokens and the logprobs asked for, `flowserve/sampler.py`) -> finish checks (RTC frees finished sequences). It
 sees token ids only; tokenization and detokenization live with the caller (the JE in the main process, or
 `deepflow.py generate`). Its API: `add_request`, `abort`, `step` (a `TokenOut` per request
 that got a token or finished: the same struct the TE-shell sends, `flowserve/protocol.py`),
@@ -18,6 +18,12 @@ computes; a decode in N+1 reads its input token, sampled by N, on the device. Th
 the same in both modes: N+1 never computes a sequence that N's token surely ends (by length,
 or a prefill-only sequence's first token); a row computed after a stop token nobody could
 foresee is discarded.
+
+Log probabilities: a request with `SamplingParams.logprobs` gets them in its `TokenOut`s, copied
+to the host with the tokens; one with `prompt_logprobs` (completions' echo) also gets its
+prompt's, from logits of every prompt position that the forward returns after the sampled rows
+(`model.prompt_rows`). Such a request bypasses the prefix cache until they are sent (a cached
+prefix has no logits), and tensor parallelism refuses it (its arena holds one row per sequence).
 
 PD disaggregation. On a prefill TE a request added with `handoff=True` stops after its
 first token with its blocks still held (`take_handoffs`), until the TE-shell has sent them to
@@ -60,9 +66,10 @@ from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
 from flowserve.lora import hash_seed
 from flowserve.lora_slots import LoraCache
-from flowserve.model import ModelRunner, kv_block_bytes
+from flowserve.model import ModelRunner, kv_block_bytes, prompt_rows
 from flowserve.protocol import Adapter, FinishReason, SamplingParams, Stats, TokenOut
 from flowserve.rtc import RTC, CostModel
+from flowserve.sampler import StepLogprobs, logprobs_of, sample
 from flowserve.sequence import SeqStatus, Sequence
 from flowserve.tp import TPRunner
 from flowserve.weights import load_weights
@@ -77,6 +84,8 @@ class InFlight:
     tokens: torch.Tensor          # on the device: the next step's decodes read their input here
     host: torch.Tensor            # the copy in host memory, whole once `copied` has fired
     copied: torch.Event | None    # None on the CPU, where the step has run already
+    logprobs: StepLogprobs | None = None  # in host memory, for the rows that asked (`flowserve/sampler.py`)
+    prompt: list[tuple[Sequence, int, StepLogprobs]] | None = None  # prompt logprobs from a first position
 
 
 class Engine:
@@ -141,6 +150,8 @@ class Engine:
         longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
         if -(-longest // self.cfg.block_size) > self.rtc.num_blocks_total:
             raise ValueError(f"{longest} tokens do not fit in the KV cache ({self.rtc.num_blocks_total} blocks)")
+        if params.prompt_logprobs is not None and self.tp:
+            raise ValueError("prompt logprobs (echo with logprobs) are not supported with tensor parallelism")
         if adapter is not None:
             if self.lora is None:
                 raise ValueError(f"LoRA adapter {adapter.name!r}: this TE holds no adapters (max_loras 0)")
@@ -150,6 +161,8 @@ class Engine:
                        hash_seed=None if adapter is None else hash_seed(adapter.digest))
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
         self.seqs[request_id] = seq
         return seq
 
@@ -164,6 +177,7 @@ class Engine:
         adapter the prefill TE computed the KV with."""
         seq = self.new_sequence(request_id, prompt_ids, params, adapter=adapter)
         seq.status, seq.num_cached = SeqStatus.LANDING, num_cached
+        seq.prompt_logprobs = None  # the prefill TE scored the prompt
         self.rtc.attach_prefix(seq)
         if seq.num_computed < kv_skip * self.cfg.block_size:
             self.abort(request_id)
@@ -286,29 +300,49 @@ class Engine:
         if stream_handoffs is not None:
             ending = [seq for seq, n in work if seq.handoff and seq.num_computed + n == len(seq.token_ids)]
             on_layer = stream_handoffs(ending) if ending else None
+        scored = prompt_rows(work)
         logits, sampled = self.runner.run(work, flight and (flight.seqs, flight.tokens), on_layer)
+        prompt = self.prompt_logprobs(logits[len(sampled):], scored) if scored else None
         for seq, n in work:
             seq.num_computed += n
             self.rtc.cache_full_blocks(seq)  # before any finish frees them: a finished prompt is reusable too
-        tokens = sample(logits, sampled)
+        tokens, logprobs = sample(logits[:len(sampled)], sampled, self.model_cfg.eos_token_ids,
+                                  flight and (flight.seqs, flight.tokens))
         for seq in sampled:
             seq.num_pending += 1
             if seq.handoff or self.at_length(seq, len(seq.token_ids) + seq.num_pending):
                 self.batcher.retire(seq)  # no later step may compute past this token
         host = tokens.to("cpu", non_blocking=True)  # from CUDA into pinned memory: an async copy
+        logprobs = logprobs and logprobs.to_host()
         copied = None
         if self.device.type != "cpu":
             copied = torch.Event(self.device)
             copied.record()
-        return InFlight(sampled, tokens, host, copied)
+        return InFlight(sampled, tokens, host, copied, logprobs, prompt)
+
+    def prompt_logprobs(self, logits: torch.Tensor, scored: list[tuple[Sequence, int, int]]
+                        ) -> list[tuple[Sequence, int, StepLogprobs]]:
+        """Logprobs of the prompt tokens that `scored`'s positions (`prompt_rows`) predict, raw
+        (no penalties apply to a prompt), on their way to host memory."""
+        out, row = [], 0
+        for seq, first, count in scored:
+            targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count]).to(logits.device, non_blocking=True)
+            out.append((seq, first, logprobs_of(logits[row:row + count], targets, seq.params.prompt_logprobs).to_host()))
+            row += count
+        return out
 
     def resolve(self, step: InFlight) -> list[TokenOut]:
         """Append a launched step's tokens and run the finish checks. Waits for that step's
         copy only, not for a step launched after it."""
         if step.copied is not None:
             step.copied.synchronize()
+        for seq, first, lp in step.prompt or ():
+            if seq.prompt_logprobs is not None:  # a recomputed chunk (preempted) overwrites the same entries
+                seq.prompt_logprobs[first + 1:first + 1 + len(lp.chosen)] = lp.entries([seq.params.prompt_logprobs] * len(lp.chosen))
+        lps = dict(zip(step.logprobs.rows, step.logprobs.entries([step.seqs[r].params.logprobs for r in step.logprobs.rows]))) \
+            if step.logprobs else {}
         outputs = []
-        for seq, token in zip(step.seqs, step.host.tolist()):
+        for row, (seq, token) in enumerate(zip(step.seqs, step.host.tolist())):
             seq.num_pending -= 1
             if seq.status is SeqStatus.FINISHED:
                 # Aborted, or stopped by its token of the step before (async scheduling): this
@@ -328,7 +362,12 @@ class Engine:
                 del self.seqs[seq.request_id]
                 self.handoffs.append(seq)
             emitted = [] if reason is FinishReason.STOP else [token]
-            outputs.append(TokenOut(seq.request_id, emitted, reason, seq.num_cached or 0))
+            out = TokenOut(seq.request_id, emitted, reason, seq.num_cached or 0)
+            if row in lps:
+                out.logprobs = [lps[row]] if emitted else []
+            if seq.prompt_logprobs is not None:
+                out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+            outputs.append(out)
         return outputs
 
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
@@ -419,35 +458,3 @@ class Engine:
             done = torch.Event(self.device)
             done.record()
             done.synchronize()
-
-
-# ---------------------------------------------------------------------------- the sampler
-# Greedy rows are one batched argmax. Sampled rows apply temperature, top-k and top-p, then
-# draw with the sequence's own torch.Generator when it has a seed, so a seeded request gives
-# the same tokens whatever else shares its batch. Nothing here waits for the device: the
-# tokens stay there, for the next step's input (async scheduling).
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits: [len(seqs), vocab] float. Returns one token id per sequence, on the logits' device."""
-    tokens = logits.argmax(dim=-1)
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.temperature > 0 and p.top_k != 1:
-            tokens[row] = sample_row(logits[row].float(), p.temperature, p.top_k, p.top_p, seq.generator)
-    return tokens
-
-
-def sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: torch.Generator | None) -> torch.Tensor:
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the ones before it already cover top_p; the first always stays
-        drop = (probs.cumsum(dim=-1) - probs) > top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]

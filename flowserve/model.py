@@ -328,17 +328,33 @@ def num_kv_blocks(mcfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype) -> 
     return ecfg.num_kv_blocks or max(1, int(ecfg.kv_cache_gb * 2**30) // kv_block_bytes(mcfg, ecfg.block_size, dtype))
 
 
+def prompt_rows(step: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int, int]]:
+    """(sequence, first position, count) of the prompt positions whose logits a step returns
+    besides the sampled rows, in their order after them: each position's logits score the
+    next prompt token (`SamplingParams.prompt_logprobs`, once per position)."""
+    rows = []
+    for seq, n in sorted(step, key=lambda item: item[1] > 1):
+        if seq.prompt_logprobs is not None:
+            first = max(seq.num_computed, len(seq.prompt_logprobs) - 1)
+            last = min(seq.num_computed + n, seq.num_prompt - 1)
+            if last > first:
+                rows.append((seq, first, last - first))
+    return rows
+
+
 def plan_step(step: list[tuple[Sequence, int]], block_size: int, in_flight: list[Sequence] | None = None
               ) -> tuple[StepPlan, list[Sequence], list[tuple[int, int]]]:
     """The flat inputs of one step of (sequence, new tokens) work. Returns them, the
     sequences that get a token (one per logits row), and (row, index in `in_flight`) for
     each input token that the step in flight is still sampling (async scheduling; the plan
-    holds 0 there)."""
+    holds 0 there). The logits rows of `prompt_rows(step)` follow the sampled ones."""
     # Single-token work (decodes) first, as one batch; then prefill chunks one by one.
+    extra = prompt_rows(step)
     step = sorted(step, key=lambda item: item[1] > 1)
     plan = StepPlan([], [], [], [], [], [], [], [])
     ids, sampled, pending = plan.input_ids, [], []
     in_flight_row = {id(seq): i for i, seq in enumerate(in_flight)} if in_flight else {}
+    row_of = {}  # a sequence's row of position 0, were it in the step
     bs = block_size
     for seq, n in step:
         start, end = seq.num_computed, seq.num_computed + n
@@ -359,6 +375,9 @@ def plan_step(step: list[tuple[Sequence, int]], block_size: int, in_flight: list
         if end == len(seq.token_ids) + seq.num_pending:
             plan.logits_rows.append(len(ids) - 1)
             sampled.append(seq)
+        row_of[id(seq)] = row0 - start
+    for seq, first, count in extra:
+        plan.logits_rows.extend(range(row_of[id(seq)] + first, row_of[id(seq)] + first + count))
     return plan, sampled, pending
 
 

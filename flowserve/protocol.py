@@ -81,6 +81,13 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0               # EOS and stop_token_ids masked until this many are generated
+    presence_penalty: float = 0.0     # OpenAI's: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = 0.0    # counting the generated tokens
+    repetition_penalty: float = 1.0   # vLLM's: tokens of prompt and output, logit / it if > 0 else * it
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None       # each generated token's logprob and this many top ones (None: none)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
 
 
 class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
@@ -192,13 +199,25 @@ class Stats(msgspec.Struct):
     lora_slot_load_ms: float = 0.0
 
 
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """A token's log probability (`flowserve/sampler.py`), and the most likely tokens at its
+    position with theirs, best first."""
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
 class TokenOut(msgspec.Struct, array_like=True):
     """One request's step: new tokens (not the stop/EOS token that ended it), why it finished
-    (None while running), and the prompt tokens its prefix cache served."""
+    (None while running), and the prompt tokens its prefix cache served. With
+    `SamplingParams.logprobs`, one `TokenLogprob` per new token; with `prompt_logprobs`, once
+    (with the first token) one per prompt token, the first None (nothing comes before it)."""
     rid: str
     token_ids: list[int]
     finish: FinishReason | None = None
     num_cached: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class StartTimings(msgspec.Struct):

@@ -176,7 +176,11 @@ class RTC:
 
     def attach_prefix(self, seq: Sequence) -> None:
         """Start a sequence from its cached prefix: the longer of what the prefix index and,
-        for a request on a context cache, the id index hold."""
+        for a request on a context cache, the id index hold. None for one that still wants its
+        prompt's logprobs (`Sequence.prompt_logprobs`): it computes every position."""
+        if seq.prompt_logprobs is not None:  # its prompt's logprobs need every position's logits
+            seq.block_ids, seq.block_hashes, seq.num_computed = [], [], 0
+            return
         matched = self.match_by_prefix_token(seq.token_ids, seq.hash_seed)
         if seq.cache_id is not None:
             matched = max(matched, self.match_by_id(seq.cache_id, seq.token_ids, seq.hash_seed), key=len)

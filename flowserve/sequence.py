@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from flowserve.protocol import Adapter, SamplingParams
+from flowserve.protocol import Adapter, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,8 @@ class Sequence:
     adapter: Adapter | None = None  # its LoRA adapter (None: the base model)
     lora_slot: int | None = None    # the device slot holding its adapter, from admission until it finishes
     hash_seed: int | None = None    # its prefix-cache chain hashes start here (`flowserve.lora.hash_seed`)
+    # `params.prompt_logprobs`: its prompt's, gathered as prefill chunks resolve, until sent (then None)
+    prompt_logprobs: "list[TokenLogprob | None] | None" = None
 
     @property
     def num_uncomputed(self) -> int:

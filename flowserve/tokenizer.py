@@ -11,7 +11,7 @@ they are looked for:
 character.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
@@ -41,6 +41,7 @@ class Tokenizer:
     eos_token: str = ""
     add_bos: bool = False
     bos_id: int | None = None
+    texts: dict[int, str] = field(default_factory=dict, repr=False, compare=False)  # `token_text`'s, cached
 
     # ---------------------------------------------------------------- loading
 
@@ -139,6 +140,14 @@ class Tokenizer:
         if self.is_sentencepiece:
             return self.backend.decode(ids)
         return self.backend.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text as logprobs show it, special tokens included (a token that is part of
+        a UTF-8 character shows U+FFFD)."""
+        if token_id not in self.texts:
+            self.texts[token_id] = (self.backend.id_to_piece(token_id).replace("\u2581", " ") if self.is_sentencepiece
+                                    else self.backend.decode([token_id], skip_special_tokens=False))
+        return self.texts[token_id]
 
     @property
     def vocab_size(self) -> int:

@@ -22,7 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
 from flowserve.protocol import SamplingParams
 
 if TYPE_CHECKING:
-    from scheduler.job import Job
+    from scheduler.job import Job, LogprobEntry
 
 MAX_TOKENS_LIMIT = 1_000_000    # a sanity bound; the frontend checks the context length later
 MAX_MESSAGES = 256
@@ -31,6 +31,8 @@ MAX_TES = 256                   # per group, a bound on /admin/scale
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions defaults to 16 tokens (OpenAI, vLLM)
 DEFAULT_CACHE_TTL_S = 3600      # a context cache lives an hour unless told (as Gemini's)
 MAX_CACHE_TTL_S = 7 * 86400
+MAX_TOP_LOGPROBS = 20               # chat's top_logprobs (OpenAI's bound)
+MAX_COMPLETION_LOGPROBS = 5         # completions' logprobs (OpenAI's bound)
 
 # OpenAI's error type and default code for each status we answer with.
 ERROR_KINDS: dict[int, tuple[str, str | None]] = {
@@ -121,17 +123,11 @@ class TextFormat(_Strict):
 
 class _Unsupported(_Strict):
     """Features this server does not implement: accepted at their "off" value only."""
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
-    logprobs: Literal[False] = False
-    top_logprobs: Literal[0] = 0
-    logit_bias: Annotated[dict, Field(max_length=0)] = {}
     tools: Annotated[list, Field(max_length=0)] = []
     tool_choice: Literal["none"] = "none"
     functions: None = None
     function_call: Literal["none"] = "none"
     response_format: TextFormat = TextFormat()
-    echo: Literal[False] = False
     suffix: Literal[""] = ""
     best_of: Literal[1] = 1
 
@@ -157,6 +153,13 @@ class GenerationRequest(_Unsupported):
     user: str | None = None
     ignore_eos: bool = False                        # vLLM extension
     stop_token_ids: list[TokenId] = []              # vLLM extension
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)] = 0  # vLLM extension: no EOS or stop token before
+    # The logits processors (flowserve/sampler.py): OpenAI's penalties over the generated tokens,
+    # vLLM's repetition_penalty over prompt and output, and a bias per token id (a JSON object's keys are strings)
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] = 1.0   # vLLM extension; 1: off
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] = {}
     cache_id: str | None = None                     # a context cache from POST /v1/caches: its context comes first
 
     @model_validator(mode="before")
@@ -170,6 +173,24 @@ class GenerationRequest(_Unsupported):
         if not info.data.get("stream"):
             raise ValueError("only allowed when 'stream' is true")
         return options
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float]) -> dict[int, float]:
+        """Keys as token ids (the JE checks them against the vocabulary)."""
+        bad = next((k for k in bias if not k.isdecimal()), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids (non-negative integers), got {bad!r:.40}")
+        return {int(k): v for k, v in bias.items()}
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top alternatives per generated token, with its own logprob (None: no logprobs)."""
+        return None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -193,7 +214,10 @@ class GenerationRequest(_Unsupported):
         seed = None if self.seed is None else self.seed + choice  # n choices from one seed must differ
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or -1,  # 0: off, as vLLM
                               seed=seed, max_tokens=max_tokens, stop_token_ids=list(self.stop_token_ids),
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
+                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
 
 
 class ChatRequest(GenerationRequest):
@@ -201,6 +225,12 @@ class ChatRequest(GenerationRequest):
     # validated into the {"role", "content"} dicts that chat templates read
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES),
                         AfterValidator(_as_dicts)]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0   # with logprobs: alternatives per token
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.top_logprobs if self.logprobs else None
 
 
 class CompletionRequest(GenerationRequest):
@@ -208,6 +238,16 @@ class CompletionRequest(GenerationRequest):
     Unknown fields are ignored; null means the default."""
     prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)])
     max_tokens: MaxTokens | None = COMPLETION_DEFAULT_MAX_TOKENS
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None  # alternatives per token
+    echo: bool = False              # the prompt comes first in the text (and its tokens in logprobs)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -344,10 +384,51 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None         # the token's UTF-8 bytes
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at its position, best first
+
+
+class ChatLogprobs(BaseModel):
+    """A chat choice's (or chunk's) `logprobs`: one entry per generated token."""
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """A completion's `logprobs`, the legacy shape: per token its text, logprob, the top ones
+    as {text: logprob}, and its offset in the choice's text (with echo the prompt's first,
+    whose first token has null logprobs)."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+def chat_logprobs(entries: "list[LogprobEntry] | None") -> ChatLogprobs | None:
+    if entries is None:
+        return None
+    return ChatLogprobs(content=[ChatTokenLogprob(
+        token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
+        top_logprobs=[TopLogprob(token=t, logprob=x, bytes=list(t.encode())) for t, x in e.top]) for e in entries])
+
+
+def completion_logprobs(entries: "list[LogprobEntry] | None") -> CompletionLogprobs | None:
+    if entries is None:
+        return None
+    return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                              top_logprobs=[None if e.top is None else dict(e.top) for e in entries],
+                              text_offset=[e.offset for e in entries])
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -374,7 +455,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -388,7 +469,7 @@ class ChatCompletionChunk(_Generated):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -464,12 +545,15 @@ def first_chunks(job: "Job") -> list[ChatCompletionChunk]:
         ChatChunkChoice(index=t.index, delta=ChatDelta(role="assistant", content=""))]) for t in job.tasks]
 
 
-def chunk(job: "Job", index: int, text: str, finish: str | None) -> ChatCompletionChunk | Completion:
-    """A choice's new text, or (with `finish`) its end."""
+def chunk(job: "Job", index: int, text: str, finish: str | None,
+          logprobs: "list[LogprobEntry] | None" = None) -> ChatCompletionChunk | Completion:
+    """A choice's new text and its tokens' logprobs (if asked), or (with `finish`) its end."""
     if job.kind == "chat":
-        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=None if finish else text), finish_reason=finish)
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=None if finish else text),
+                                 logprobs=chat_logprobs(logprobs), finish_reason=finish)
         return ChatCompletionChunk(**_head(job), choices=[choice])
     return Completion(**_head(job), choices=[CompletionChoice(index=index, text="" if finish else text,
+                                                              logprobs=completion_logprobs(logprobs),
                                                               finish_reason=finish)])
 
 
@@ -477,10 +561,14 @@ def usage_chunk(job: "Job", usage: dict) -> ChatCompletionChunk | Completion:
     return (ChatCompletionChunk if job.kind == "chat" else Completion)(**_head(job), choices=[], usage=usage)
 
 
-def full_response(job: "Job", texts: list[str], finishes: list[str], usage: dict) -> ChatCompletion | Completion:
+def full_response(job: "Job", texts: list[str], finishes: list[str], usage: dict,
+                  logprobs: "list[list[LogprobEntry] | None] | None" = None) -> ChatCompletion | Completion:
+    """Every choice's text, finish reason and logprobs (None where not asked)."""
+    logprobs = logprobs or [None] * len(texts)
     if job.kind == "chat":
         return ChatCompletion(**_head(job), usage=usage, choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
-            for i, (t, f) in enumerate(zip(texts, finishes))])
+            ChatChoice(index=i, message=AssistantMessage(content=t), logprobs=chat_logprobs(lp), finish_reason=f)
+            for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))])
     return Completion(**_head(job), usage=usage, choices=[
-        CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finishes))])
+        CompletionChoice(index=i, text=t, logprobs=completion_logprobs(lp), finish_reason=f)
+        for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))])

@@ -16,11 +16,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from flowserve.protocol import Adapter, FinishReason
+from flowserve.protocol import Adapter, FinishReason, TokenLogprob
 from flowserve.tokenizer import Detokenizer, Tokenizer
 from scheduler.caches import ContextCaches
 from scheduler.cluster import Cluster
-from scheduler.job import Job, Overloaded, State, Task
+from scheduler.job import Job, LogprobEntry, Overloaded, State, Task
 from scheduler.metrics import Metrics
 from scheduler.api import APIError, CacheRequest, ChatRequest, CompletionRequest, GenerationRequest, invalid
 
@@ -34,6 +34,7 @@ class Delta:
     index: int
     text: str
     finish_reason: FinishReason | None = None
+    logprobs: list[LogprobEntry] | None = None   # its tokens' (they may run ahead of the text held back)
 
 
 class StopStrings:
@@ -85,7 +86,9 @@ class JobExecutor:
             prompt = self._prompt_ids(cache.context + req.prompt)
         else:
             prompt = (cache.token_ids if cache else []) + self._prompt_ids(req.prompt)
-        return self._job("completion", prompt, req, "prompt", cache and cache.id, adapter)
+        job = self._job("completion", prompt, req, "prompt", cache and cache.id, adapter)
+        job.echo = req.echo
+        return job
 
     def context_tokens(self, req: CacheRequest) -> tuple[str, list[dict] | str | list[int], list[int]]:
         """A context cache's kind (the endpoint it prefixes), context and token ids: chat
@@ -123,6 +126,9 @@ class JobExecutor:
              adapter: Adapter | None) -> Job:
         limit = self.cluster.max_model_len
         self._check_length(prompt, param)
+        if req.logit_bias and max(req.logit_bias) >= self.tok.vocab_size:
+            raise invalid(f"token id {max(req.logit_bias)} is outside the vocabulary ({self.tok.vocab_size})",
+                          "logit_bias")
         max_tokens = req.max_new_tokens or limit - len(prompt)
         if len(prompt) + max_tokens > limit:
             raise invalid(f"max_tokens={max_tokens} plus {len(prompt)} prompt tokens exceeds the "
@@ -188,6 +194,7 @@ class JobExecutor:
     async def _choice(self, job: Job, task: Task, stop: list[str], out: asyncio.Queue) -> None:
         """One choice: the TE's token events for `task` -> text `Delta`s on `out`."""
         detok, stops = Detokenizer(self.tok, task.prompt_ids), StopStrings(stop)
+        offset, echoed = 0, not job.echo  # offset: characters before the next token (completions' text_offset)
         while True:
             ev = await task.events.get()
             if ev.engine_lost and task.num_output == 0 and self._retry(task):
@@ -200,9 +207,14 @@ class JobExecutor:
                 task.t_first_token = time.monotonic()
             task.num_output += len(ev.token_ids)
             task.num_cached = ev.num_cached
+            if not echoed:  # completions' echo: the prompt first, with its logprobs if asked
+                echoed = True
+                entries, offset = self._logprobs(task.prompt_ids, ev.prompt_logprobs, offset)
+                out.put_nowait(Delta(task.index, self.tok.decode(task.prompt_ids), logprobs=entries))
+            entries, offset = self._logprobs(ev.token_ids, ev.logprobs, offset)
             text, stopped = stops.push(detok.push(ev.token_ids), final=ev.finish_reason is not None)
-            if text:
-                out.put_nowait(Delta(task.index, text))
+            if text or entries:
+                out.put_nowait(Delta(task.index, text, logprobs=entries))
             if stopped or ev.finish_reason:
                 if stopped and not ev.finish_reason:  # the TE is still generating
                     self.cluster.abort([task])
@@ -210,6 +222,19 @@ class JobExecutor:
                 task.finish_reason = FinishReason.STOP if stopped else ev.finish_reason
                 out.put_nowait(Delta(task.index, "", task.finish_reason))
                 return
+
+    def _logprobs(self, ids: list[int], lps: list[TokenLogprob | None] | None, offset: int
+                  ) -> tuple[list[LogprobEntry] | None, int]:
+        """The TE's logprobs of `ids` (None if not asked) as the client sees them, and the offset past them."""
+        if lps is None:
+            return None, offset
+        entries = []
+        for token_id, lp in zip(ids, lps):
+            text = self.tok.token_text(token_id)
+            top = None if lp is None else [(self.tok.token_text(i), x) for i, x in zip(lp.top_ids, lp.top_logprobs)]
+            entries.append(LogprobEntry(text, None if lp is None else lp.logprob, top, offset))
+            offset += len(text)
+        return entries, offset
 
     def _retry(self, task: Task) -> bool:
         """A task whose TE was lost before it sent a token: place it again, unseen by the

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from flowserve.protocol import Adapter, FinishReason, SamplingParams
+from flowserve.protocol import Adapter, FinishReason, SamplingParams, TokenLogprob
 
 
 class Overloaded(Exception):
@@ -33,6 +33,17 @@ _ids = itertools.count()
 
 
 @dataclass
+class LogprobEntry:
+    """A token's log probability as a client sees it: the token's text, its offset in the
+    choice's text, and the top alternatives (`top` None: a prompt's first token, which nothing
+    predicts, `logprob` None too)."""
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] | None
+    offset: int
+
+
+@dataclass
 class TaskEvent:
     """What a TE (or the cluster, for a task it could not place) reported for one task."""
     token_ids: list[int]
@@ -41,6 +52,8 @@ class TaskEvent:
     error: str | None = None
     engine_lost: bool = False  # a TE died or a KV transfer failed: the task may be placed again if it sent nothing yet
     status: int = 400          # an error's HTTP status (503 where engine_lost)
+    logprobs: list[TokenLogprob] | None = None                # one per token_ids entry, if asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # once, with the first token (echo)
 
 
 @dataclass
@@ -78,6 +91,7 @@ class Task:
 class Job:
     kind: str                      # chat | completion
     model: str
+    echo: bool = False             # completions: the prompt's text (and logprobs) comes first
     tasks: list[Task] = field(default_factory=list)
     id: str = field(default_factory=lambda: f"job-{next(_ids)}")
     state: State = State.QUEUED

@@ -140,7 +140,8 @@ class TEHandle:
                 continue
             # an error on a prefill TE: the KV transfer failed, not the request
             lost = out.finish is FinishReason.ERROR and task.decode is not None
-            task.events.put_nowait(TaskEvent(out.token_ids, out.finish, out.num_cached, msg.error, engine_lost=lost))
+            task.events.put_nowait(TaskEvent(out.token_ids, out.finish, out.num_cached, msg.error, engine_lost=lost,
+                                             logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs))
         self.observer.on_step(self)
 
     def _on_exit(self, why: str = "stopped") -> None:

@@ -82,11 +82,11 @@ BAD = [
     (parse_chat, chat(stop_token_ids=[1, -1]), "stop_token_ids"),
     (parse_chat, chat(stop_token_ids=[True]), "stop_token_ids"),
     (parse_chat, chat(stop_token_ids=3), "stop_token_ids"),
-    (parse_chat, chat(presence_penalty=0.5), "presence_penalty"),
-    (parse_chat, chat(frequency_penalty=-1), "frequency_penalty"),
-    (parse_chat, chat(logprobs=True), "logprobs"),
-    (parse_chat, chat(top_logprobs=2), "top_logprobs"),
-    (parse_chat, chat(logit_bias={"50256": -100}), "logit_bias"),
+    (parse_chat, chat(presence_penalty=2.5), "presence_penalty"),
+    (parse_chat, chat(frequency_penalty=-3), "frequency_penalty"),
+    (parse_chat, chat(logprobs=1), "logprobs"),
+    (parse_chat, chat(top_logprobs=21), "top_logprobs"),
+    (parse_chat, chat(logit_bias={"50256": -101}), "logit_bias"),
     (parse_chat, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
     (parse_chat, chat(tool_choice="auto"), "tool_choice"),
     (parse_chat, chat(response_format={"type": "json_object"}), "response_format"),
@@ -101,10 +101,10 @@ BAD = [
     (parse_completion, {"prompt": [1, "a"]}, "prompt"),
     (parse_completion, {"prompt": [1, -2]}, "prompt"),
     (parse_completion, {"prompt": [1, True]}, "prompt"),
-    (parse_completion, {"prompt": "x", "echo": True}, "echo"),
+    (parse_completion, {"prompt": "x", "echo": "yes"}, "echo"),
     (parse_completion, {"prompt": "x", "best_of": 2}, "best_of"),
     (parse_completion, {"prompt": "x", "suffix": "end"}, "suffix"),
-    (parse_completion, {"prompt": "x", "logprobs": 1}, "logprobs"),
+    (parse_completion, {"prompt": "x", "logprobs": 6}, "logprobs"),
     (parse_completion, {"prompt": "x", "max_tokens": -5}, "max_tokens"),
     (parse_scale, [], None),
     (parse_scale, {"group": "colocated"}, "instances"),
@@ -202,7 +202,7 @@ def test_streaming_without_usage_option():
 
 
 def test_chat_lists_prompt_as_ignored():
-    assert parse_chat(chat(prompt="x", min_tokens=3)).ignored_fields == ["prompt", "min_tokens"]
+    assert parse_chat(chat(prompt="x", echo=True)).ignored_fields == ["prompt", "echo"]
 
 
 def test_completion_text_and_defaults():

@@ -1,0 +1,66 @@
+"""Log probabilities in one engine: decode throughput of 32 rows that ask for `logprobs` with
+5 top alternatives against 32 rows that do not, same engine, runs alternated (the median of
+`--runs` each). The TE's share of the cost: log_softmax and top-k of the rows that ask, and
+their copy to the host with the tokens; the JE's formatting is not in it.
+
+    .venv/bin/python bench/logprobs.py [--rows 32] [--top 5] [--steps 32] [--runs 3] [--device auto]
+"""
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flowserve.config import EngineConfig, default_model_path  # noqa: E402
+from flowserve.engine import Engine  # noqa: E402
+from flowserve.protocol import SamplingParams  # noqa: E402
+
+
+def decode_tokens_per_s(eng: Engine, prompts: list[list[int]], params: SamplingParams, steps: int) -> float:
+    """Prefill all rows, then time `steps` steps in which every row decodes."""
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    while any(seq.num_computed < seq.num_prompt for seq in eng.seqs.values()):
+        eng.step()
+    eng.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    eng.wait()
+    rate = len(prompts) * steps / (time.perf_counter() - t0)
+    for rid in list(eng.seqs):
+        eng.abort(rid)
+    while eng.has_work():
+        eng.step()
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    eng = Engine(default_model_path(), EngineConfig(device=args.device, num_kv_blocks=1024, max_num_seqs=args.rows))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
+    plain = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
+    scored = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True, logprobs=args.top)
+    decode_tokens_per_s(eng, prompts, scored, 4)  # warm-up
+    rates = {"plain": [], "logprobs": []}
+    for _ in range(args.runs):
+        rates["plain"].append(decode_tokens_per_s(eng, prompts, plain, args.steps))
+        rates["logprobs"].append(decode_tokens_per_s(eng, prompts, scored, args.steps))
+    base, lp = statistics.median(rates["plain"]), statistics.median(rates["logprobs"])
+    print(f"device {eng.device}, {args.rows} rows, {args.steps} decode steps, median of {args.runs} runs")
+    print(f"without logprobs: {base:8.1f} tokens/s")
+    print(f"logprobs, top {args.top}: {lp:8.1f} tokens/s   ratio {lp / base:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
