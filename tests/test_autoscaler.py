@@ -96,8 +96,11 @@ async def test_empty_cluster_serves_then_scales_to_zero_and_back():
         cluster = s.get("/admin/cluster")
         outs = [d for d in cluster["scaling_decisions"] if d["to"] > d["from"] and d["t"] > time.time()
                 - (time.monotonic() - t0) - 1]
-        # 12 requests on 4 slots per TE: several TEs started by the first decision, not one per tick
-        assert outs and outs[0]["from"] == 0 and outs[0]["to"] >= 3 and outs[0]["reason"].startswith("burst"), outs
+        # 12 requests on 4 slots per TE: several TEs asked for within one tick of the first decision (the
+        # first request may wake the autoscaler before the others arrive), not one TE per tick
+        first_tick = [d for d in outs if d["t"] - outs[0]["t"] < 0.25]
+        assert outs and outs[0]["from"] == 0 and max(d["to"] for d in first_tick) >= 3, outs
+        assert all(d["reason"].startswith("burst") for d in first_tick), outs
         assert {"held", "rate", "room"} <= set(outs[0]["inputs"])
         metrics = (await asyncio.to_thread(lambda: __import__("urllib.request").request.urlopen(
             s.url + "/metrics").read().decode()))
