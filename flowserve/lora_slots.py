@@ -3,12 +3,13 @@ the slots (host memory, then disk).
 
 Weights (`load_lora`): a checked PEFT adapter (`flowserve.lora`) made ready for the fused
 linears of `flowserve.model`: per layer and fused linear, the A of every module it targets
-stacked ([in, R], R the sum of their ranks) and B block-diagonal ([R, out], each module's B
+stacked ([R, in], R the sum of their ranks) and B block-diagonal ([R, out], each module's B
 in its slice of the fused output, the scale folded in): one pair of matmuls per fused
-linear. Both transposed, for x @ A @ B.
+linear, x @ A.T @ B.
 
 Device slots (`LoraStacks`, in `Llama`): per fused linear one tensor per factor, all slots
-stacked ([slots, in, R], [slots, R, out]), R growing to the widest adapter loaded; a slot's
+stacked ([slots, R, in]: a transposed view multiplies ~2x faster than [slots, in, R] for
+rank-8 factors; [slots, R, out]), R growing to the widest adapter loaded; a slot's
 unused columns are zero. A step's rows with an adapter (`LoraBatch`, from the plan's
 segments) are grouped by slot once per step, padded to the largest group: each target
 linear then adds y[rows] += (x[rows] @ A_slot) @ B_slot for all slots at once, with one
@@ -36,7 +37,7 @@ from flowserve.lora import MODULES, LoraSpec, fused_slices, module_shape, read_f
 from flowserve.protocol import Adapter
 
 log = logging.getLogger("flowserve.lora")
-LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "layers.{i}.{fused}" -> (A [in, R], B [R, out])
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "layers.{i}.{fused}" -> (A [R, in], B [R, out])
 
 
 def load_lora(adapter: Adapter, cfg: ModelConfig, max_rank: int, dtype: torch.dtype) -> LoraWeights:
@@ -60,7 +61,7 @@ def fuse_lora(spec: LoraSpec, tensors: dict[str, torch.Tensor], cfg: ModelConfig
             if not parts:
                 continue
             width = sum(module_shape(cfg, m)[0] for m, f in MODULES.items() if f == fused)
-            a = torch.cat([by_part[layer, m, "A"].float() for m in parts]).T  # [in, R]
+            a = torch.cat([by_part[layer, m, "A"].float() for m in parts])  # [R, in]
             b = torch.zeros(len(parts) * spec.rank, width)
             for j, m in enumerate(parts):
                 rows = module_shape(cfg, m)[0]
@@ -103,7 +104,7 @@ class LoraStacks:
 
     def __init__(self, num_slots: int, device: torch.device, dtype: torch.dtype):
         self.num_slots, self.device, self.dtype = num_slots, device, dtype
-        self.a: dict[str, torch.Tensor] = {}  # name -> [slots, in, R]
+        self.a: dict[str, torch.Tensor] = {}  # name -> [slots, R, in]
         self.b: dict[str, torch.Tensor] = {}  # name -> [slots, R, out]
 
     def set(self, slot: int, weights: LoraWeights) -> None:
@@ -112,18 +113,18 @@ class LoraStacks:
             self.a[name][slot].zero_()
             self.b[name][slot].zero_()
         for name, (a, b) in weights.items():
-            rank = a.shape[1]
-            if name not in self.a or self.a[name].shape[2] < rank:
-                self.grow(name, a.shape[0], b.shape[1], rank)
-            self.a[name][slot, :, :rank].copy_(a, non_blocking=True)
+            rank = a.shape[0]
+            if name not in self.a or self.a[name].shape[1] < rank:
+                self.grow(name, a.shape[1], b.shape[1], rank)
+            self.a[name][slot, :rank].copy_(a, non_blocking=True)
             self.b[name][slot, :rank].copy_(b, non_blocking=True)
 
     def grow(self, name: str, d_in: int, d_out: int, rank: int) -> None:
-        a = torch.zeros(self.num_slots, d_in, rank, dtype=self.dtype, device=self.device)
+        a = torch.zeros(self.num_slots, rank, d_in, dtype=self.dtype, device=self.device)
         b = torch.zeros(self.num_slots, rank, d_out, dtype=self.dtype, device=self.device)
         if name in self.a:
-            old = self.a[name].shape[2]
-            a[:, :, :old], b[:, :old] = self.a[name], self.b[name]
+            old = self.a[name].shape[1]
+            a[:, :old], b[:, :old] = self.a[name], self.b[name]
         self.a[name], self.b[name] = a, b
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, name: str, batch: LoraBatch) -> None:
@@ -133,7 +134,7 @@ class LoraStacks:
             return
         s = batch.num_slots
         xg = x.index_select(0, batch.rows).view(s, -1, x.shape[1])
-        t = torch.bmm(xg, a[:s]).masked_fill_(batch.pad, 0)
+        t = torch.bmm(xg, a[:s].transpose(1, 2)).masked_fill_(batch.pad, 0)
         y.index_add_(0, batch.rows, torch.bmm(t, self.b[name][:s]).view(-1, y.shape[1]))
 
 

@@ -272,7 +272,7 @@ def shard_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], rank: int,
 
 
 def shard_lora(cfg: ModelConfig, weights: LoraWeights, rank: int, world: int) -> LoraWeights:
-    """Rank `rank`'s share of an adapter (`flowserve.lora_slots`: A [in, R], B [R, out]), split
+    """Rank `rank`'s share of an adapter (`flowserve.lora_slots`: A [R, in], B [R, out]), split
     as `shard_weights` splits the base: a column-parallel linear's B by its output columns, a
     row-parallel one's A by its input rows, the other factor whole. A row-parallel linear's
     delta is then a partial sum, all-reduced with the base's."""
@@ -283,7 +283,7 @@ def shard_lora(cfg: ModelConfig, weights: LoraWeights, rank: int, world: int) ->
         if name.endswith(("wqkv", "w_gate_up")):
             b = shard_weights(cfg, {name: b.T}, rank, world)[name].T
         else:
-            a = shard_weights(cfg, {name: a.T}, rank, world)[name].T
+            a = shard_weights(cfg, {name: a}, rank, world)[name]
         out[name] = (a, b)
     return out
 
