@@ -545,8 +545,21 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     machine: list[Host] = []
     shapes = {name: cluster_shape(cfg, engine, None if i == 0 else name) for i, (name, _) in enumerate(named)}
     clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine) for i, (name, path) in enumerate(named)}
-    tokenizers = {name: Tokenizer.load(path) for name, path in named}  # converts a GGUF's vocabulary once
+    metrics_ = Metrics(clusters, {name: cfg.slo_ttft_ms / 1e3 for name in clusters})
+    bases = []
+    for i, (name, path) in enumerate(named):  # Tokenizer.load converts a GGUF's vocabulary once
+        je = JobExecutor(clusters[name], Tokenizer.load(path), name, metrics_,
+                         ContextCaches(clusters[name], cfg.cache_budget))
+        bases.append(ServedModel(name, path, read_model_config(path), clusters[name], je,
+                                 scale_policies(cfg, shapes[name], i == 0)))
+    models_ = Models(bases, engine.max_lora_rank)
+    for value in cfg.lora_modules or ():  # a bad adapter ends it here, before any process starts
+        try:
+            models_.load_adapter(*parse_named(value, "--lora-modules"))
+        except APIError as e:
+            raise SystemExit(f"--lora-modules {value}: {e.message}") from None
     shutdown = Shutdown()
+    shutdown.jes = [b.je for b in bases]
     backend = None
     try:
         if cfg.backend == "ray":  # imported here only: the default path never loads Ray
@@ -564,24 +577,9 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         if isinstance(e, NoRoom):
             raise SystemExit(f"cannot start: {e}") from None
         raise
-    metrics_ = Metrics(clusters, {name: cfg.slo_ttft_ms / 1e3 for name in clusters})
-    bases, background = [], []
-    for i, (name, path) in enumerate(named):
-        cluster = clusters[name]
-        caches = ContextCaches(cluster, cfg.cache_budget)
-        je = JobExecutor(cluster, tokenizers[name], name, metrics_, caches)
-        policies = scale_policies(cfg, shapes[name], i == 0)
-        background += [asyncio.create_task(autoscale(cluster, g, p, metrics_.recent[name]))
-                       for g, p in policies.items()]
-        background.append(asyncio.create_task(caches.expire_loop()))
-        bases.append(ServedModel(name, path, read_model_config(path), cluster, je, policies))
-    shutdown.jes = [b.je for b in bases]
-    models_ = Models(bases, engine.max_lora_rank)
-    for value in cfg.lora_modules or ():
-        try:
-            models_.load_adapter(*parse_named(value, "--lora-modules"))
-        except APIError as e:
-            raise SystemExit(f"--lora-modules {value}: {e.message}") from None
+    background = [asyncio.create_task(autoscale(b.cluster, g, p, metrics_.recent[b.name]))
+                  for b in bases for g, p in b.policies.items()]
+    background += [asyncio.create_task(b.je.caches.expire_loop()) for b in bases]
     app = build_app(models_, metrics_, cfg.api_key, cfg.max_body_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

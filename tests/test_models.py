@@ -6,6 +6,8 @@ same name changes the answer and reuses none of the old KV; the second base scal
 and back while the first keeps serving; every bad adapter is a 400 that says why."""
 import asyncio
 import shutil
+import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -16,7 +18,7 @@ from flowserve.lora import read_lora
 from flowserve.protocol import Adapter, SamplingParams
 from flowserve.tokenizer import Detokenizer
 from tests.lora_util import write_adapter
-from tests.server_util import Server, async_wait_until
+from tests.server_util import ROOT, Server, async_wait_until
 from tests.tiny_model import write_tiny_model
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?"]
@@ -220,3 +222,9 @@ def test_bases_share_a_machine_and_the_idle_least_recently_used_template_leaves(
     b.make_room(4)  # b's next TE: its weights come back
     assert b.weights_resident and b.used() == 20 and b.room(4) == 0
     assert a.node.evicted == 0  # a holds TEs: never evicted
+
+
+def test_a_bad_adapter_on_the_command_line_ends_serve_before_anything_starts(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "deepflow.py"), "serve", "--port", "0",
+                           "--lora-modules", f"bad={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--lora-modules bad=" in proc.stderr and "is not a directory" in proc.stderr
