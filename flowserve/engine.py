@@ -262,6 +262,10 @@ class Engine:
         """TP: its executors' pidfds, each readable once that executor has exited."""
         return self.runner.pidfds if self.tp else []
 
+    def executor_pids(self) -> list[int]:
+        """TP: its executors' process ids."""
+        return self.runner.pids if self.tp else []
+
     def close(self) -> None:
         """TP: stop the executors (EOF on their links) and reap them."""
         if self.tp:

@@ -45,6 +45,9 @@ class StepLogprobs:
                 zip(self.chosen.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist(), ks)]
 
 
+
+GREEDY_BELOW = 1e-5  # a lower temperature samples as greedy (vLLM's eps): dividing by it would overflow
+
 def processed(p: SamplingParams) -> bool:
     """Whether a row's logits go through a processor (min_tokens aside: it depends on the step)."""
     return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or p.logit_bias)
@@ -67,7 +70,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
     tokens = logits.argmax(dim=-1)
     for row, seq in enumerate(seqs):
         p = seq.params
-        if p.temperature > 0 and p.top_k != 1:
+        if p.temperature >= GREEDY_BELOW and p.top_k != 1:
             tokens[row] = sample_row(logits[row].float(), p.temperature, p.top_k, p.top_p, seq.generator)
     rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
     if not rows:

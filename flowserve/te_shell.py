@@ -62,16 +62,19 @@ log = logging.getLogger("flowserve.te_shell")
 
 class Liveness(threading.Thread):
     """Sends `Alive` each `interval_s`, whatever the main thread is doing (a torch op releases
-    the GIL; pure Python yields it every few milliseconds)."""
+    the GIL; pure Python yields it every few milliseconds). A TE whose TP executor is stopped
+    or gone is frozen as a whole (its master waits on it): then it falls silent too."""
 
-    def __init__(self, send: Callable[[Message], None], interval_s: float = 0.5):
+    def __init__(self, send: Callable[[Message], None], executors: list[int], interval_s: float = 0.5):
         super().__init__(daemon=True, name="liveness")
-        self.send, self.interval_s = send, interval_s
+        self.send, self.executors, self.interval_s = send, executors, interval_s
         self.busy_since: float | None = None   # set by the main thread around each step and command
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
+            if any(not running(pid) for pid in self.executors):
+                continue
             since = self.busy_since
             try:
                 self.send(Alive(0.0 if since is None else time.monotonic() - since))
@@ -79,11 +82,20 @@ class Liveness(threading.Thread):
                 return  # the main process is gone; the main thread notices too
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not stopped (SIGSTOP, a debugger): /proc's state letter."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "TtZX"
+    except OSError:
+        return False
+
+
 class TEShell:
     def __init__(self, sock: socket.socket, engine: Engine, kv_listeners: list[socket.socket] = ()):
         self.sock, self.engine, self.kv_listeners = sock, engine, list(kv_listeners)
         self.write_lock = threading.Lock()
-        self.liveness = Liveness(self.send)
+        self.liveness = Liveness(self.send, engine.executor_pids())
         self.buf = bytearray()
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
         self.sending: dict[str, tuple[Sequence, KVTransfer]] = {}  # prefill side: transfers not yet acked

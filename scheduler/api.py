@@ -158,7 +158,7 @@ class GenerationRequest(_Unsupported):
     # vLLM's repetition_penalty over prompt and output, and a bias per token id (a JSON object's keys are strings)
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=2)] = 1.0   # vLLM extension; 1: off
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=2)] = 1.0  # vLLM extension; 1: off; >= 0.01 keeps logits finite
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] = {}
     cache_id: str | None = None                     # a context cache from POST /v1/caches: its context comes first
 

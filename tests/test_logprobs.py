@@ -196,9 +196,22 @@ def test_logit_bias_through_the_server(server, tokenizer):
     ("chat", "presence_penalty", 2.5, "presence_penalty"),
     ("completions", "frequency_penalty", -3, "frequency_penalty"),
     ("chat", "repetition_penalty", 0, "repetition_penalty"),
+    ("completions", "repetition_penalty", 5e-324, "repetition_penalty"),  # would make logits infinite
 ])
 def test_bad_values_are_400_with_the_param(server, path, field, value, param):
     body = {"model": "m", "max_tokens": 2, field: value}
     body.update({"messages": [{"role": "user", "content": "hi"}]} if path == "chat" else {"prompt": "hi"})
     status, err = server.post("/v1/chat/completions" if path == "chat" else "/v1/completions", body)
     assert status == 400 and err["error"]["param"] == param, json.dumps(err)
+
+
+def test_extreme_but_valid_sampling_values_answer_and_keep_the_te(server):
+    """A denormal temperature is greedy (no inf - inf in the softmax); the smallest repetition
+    penalty keeps logits finite: both answer 200, and the TE that served them is the same."""
+    pids = [te["pid"] for te in server.get("/admin/cluster")["tes"]]
+    body = {"model": "m", "prompt": "The three primary colors are", "max_tokens": 6}
+    greedy = server.post("/v1/completions", {**body, "temperature": 0})[1]["choices"][0]["text"]
+    status, tiny = server.post("/v1/completions", {**body, "temperature": 5e-324, "seed": 1})
+    assert status == 200 and tiny["choices"][0]["text"] == greedy
+    status, _ = server.post("/v1/completions", {**body, "temperature": 1, "repetition_penalty": 0.01, "seed": 2})
+    assert status == 200 and [te["pid"] for te in server.get("/admin/cluster")["tes"]] == pids
