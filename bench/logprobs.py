@@ -9,33 +9,14 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.lora import decode_tokens_per_s  # noqa: E402
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import SamplingParams  # noqa: E402
-
-
-def decode_tokens_per_s(eng: Engine, prompts: list[list[int]], params: SamplingParams, steps: int) -> float:
-    """Prefill all rows, then time `steps` steps in which every row decodes."""
-    for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}", p, params)
-    while any(seq.num_computed < seq.num_prompt for seq in eng.seqs.values()):
-        eng.step()
-    eng.step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    eng.wait()
-    rate = len(prompts) * steps / (time.perf_counter() - t0)
-    for rid in list(eng.seqs):
-        eng.abort(rid)
-    while eng.has_work():
-        eng.step()
-    return rate
 
 
 def main() -> None:
@@ -51,11 +32,12 @@ def main() -> None:
     prompts = [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
     plain = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
     scored = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True, logprobs=args.top)
-    decode_tokens_per_s(eng, prompts, scored, 4)  # warm-up
+    none = [None] * args.rows
+    decode_tokens_per_s(eng, prompts, none, 4, scored)  # warm-up
     rates = {"plain": [], "logprobs": []}
     for _ in range(args.runs):
-        rates["plain"].append(decode_tokens_per_s(eng, prompts, plain, args.steps))
-        rates["logprobs"].append(decode_tokens_per_s(eng, prompts, scored, args.steps))
+        rates["plain"].append(decode_tokens_per_s(eng, prompts, none, args.steps, plain))
+        rates["logprobs"].append(decode_tokens_per_s(eng, prompts, none, args.steps, scored))
     base, lp = statistics.median(rates["plain"]), statistics.median(rates["logprobs"])
     print(f"device {eng.device}, {args.rows} rows, {args.steps} decode steps, median of {args.runs} runs")
     print(f"without logprobs: {base:8.1f} tokens/s")

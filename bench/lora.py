@@ -43,9 +43,11 @@ def write_adapter(path: Path, cfg, rank: int, seed: int) -> None:
         {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES), "bias": "none"}))
 
 
-def decode_tokens_per_s(eng: Engine, prompts: list[list[int]], adapters: list, steps: int) -> float:
-    """Prefill all rows, then time `steps` steps in which every row decodes."""
-    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+def decode_tokens_per_s(eng: Engine, prompts: list[list[int]], adapters: list, steps: int,
+                        params: SamplingParams | None = None) -> float:
+    """Prefill all rows (each with its adapter, or None), then time `steps` steps in which
+    every row decodes (greedy unless `params` says otherwise)."""
+    params = params or SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         eng.add_request(f"r{i}", p, params, adapter=a)
     while any(seq.num_computed < seq.num_prompt for seq in eng.seqs.values()):
