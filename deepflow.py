@@ -32,7 +32,7 @@ from flowserve.config import (EngineConfig, add_flags, cache_dir, check_tensor_p
                               from_args, read_model_config)
 from flowserve.protocol import Adapter, SamplingParams
 from flowserve.tokenizer import Tokenizer
-from scaling.autoscaler import ScalePolicy, autoscale
+from scaling.autoscaler import Board, ScalePolicy, autoscale
 from scaling.hosts import Host
 from scaling.node import local_host
 from scheduler import api
@@ -102,17 +102,20 @@ class ServeConfig:
     num_tes: int | None = flag("colocated TEs at start (default: 1; 0 with --prefill-tes and --decode-tes)")
     prefill_tes: int = flag("prefill TEs (PD disaggregation; with --decode-tes)", 0)
     decode_tes: int = flag("decode TEs (PD disaggregation; with --prefill-tes)", 0)
-    cluster: str | None = flag("TOML file: a table per group ([colocated], ...), `instances` and engine settings")
+    cluster: str | None = flag("TOML file: a table per group ([colocated], ...), `instances` and engine settings; "
+                               "[model.NAME]: a model's SLOs and its groups")
     kv_transport: str = flag("prefill -> decode KV: shared memory (one host) or TCP", "unix", choices=["unix", "tcp"])
     pd_heatmap: str | None = flag("with colocated and PD TEs: the heatmap from `profile-pd` (default: the saved one)")
     min_tes: int | None = flag("autoscaler floor, colocated group (default: its TEs at start; 0: scale to zero)")
     max_tes: int | None = flag("autoscaler ceiling, colocated group (default: as many as the hosts' memory fits)")
-    autoscaler: str = flag("queue: the colocated group, one TE at a time on queue depth; slo: every group sized at "
-                           "once from arrivals, queue, load and the SLOs, KPA-like (scaling/autoscaler.py; on this "
-                           "2-core CPU it over-provisions: docs/BENCHMARKS.md section 13)", "queue",
-                           choices=["queue", "slo"])
-    slo_ttft_ms: float = flag("time-to-first-token target the slo autoscaler keeps (0: none)", 1000.0)
-    slo_tpot_ms: float = flag("time-per-output-token target the slo autoscaler keeps (0: none)", 0.0)
+    autoscaler: str = flag("capacity: every group sized at once for its work's batch slots, compute within its fair "
+                           "share of the cores, keep-alive by predicted arrivals; kpa: Knative-like windows and SLOs, "
+                           "no notion of cores; queue: the colocated group, one TE at a time on queue depth "
+                           "(scaling/autoscaler.py, docs/BENCHMARKS.md section 13)", "capacity",
+                           choices=["capacity", "kpa", "queue"])
+    slo_ttft_ms: float = flag("time-to-first-token target the autoscaler keeps and /metrics counts (0: none; per "
+                              "model: slo_ttft_ms in the --cluster file's [model.NAME])", 1000.0)
+    slo_tpot_ms: float = flag("time-per-output-token target the autoscaler keeps (0: none; per model as above)", 0.0)
     scale_out_waiting: int = flag("queue autoscaler: scale out when more sequences than this per TE wait for a "
                                   "batch slot", 4)
     scale_in_idle_s: float = flag("keep-alive: a group without work this long scales in (to --min-tes)", 30.0)
@@ -400,13 +403,12 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
     sizes = {"colocated": cfg.num_tes if first else 0, "prefill": cfg.prefill_tes if first else 0,
              "decode": cfg.decode_tes if first else 0}
     overrides: dict[str, dict] = {g: {} for g in GROUPS}
-    doc = {}
-    if cfg.cluster:
-        with open(cfg.cluster, "rb") as f:
-            doc = tomllib.load(f)
+    doc = cluster_file(cfg)
     per_model = doc.pop("model", {})
     known = {f.name for f in fields(EngineConfig) if "help" in f.metadata}
     for group, table in (doc if first else per_model.get(model, {})).items():
+        if not first and group in SLO_KEYS:
+            continue
         where = f"[{group}]" if first else f"[model.{model}.{group}]"
         if group not in GROUPS or not isinstance(table, dict):
             raise SystemExit(f"{cfg.cluster}: unknown table {where}; groups are {', '.join(GROUPS)}")
@@ -423,6 +425,30 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
         return {g: (sizes[g], replace(engine, **overrides[g])) for g in GROUPS}
     except ValueError as e:
         raise SystemExit(f"cannot serve: {e}") from None
+
+
+SLO_KEYS = ("slo_ttft_ms", "slo_tpot_ms")
+
+
+def cluster_file(cfg: ServeConfig) -> dict:
+    """The `--cluster` TOML file's tables (none without one)."""
+    if not cfg.cluster:
+        return {}
+    with open(cfg.cluster, "rb") as f:
+        return tomllib.load(f)
+
+
+def model_slos(cfg: ServeConfig, name: str) -> dict[str, float]:
+    """A base model's SLO targets in seconds (ScalePolicy's fields): the flags', or its own in
+    the `--cluster` file's [model.NAME] (`slo_ttft_ms`, `slo_tpot_ms`)."""
+    table = cluster_file(cfg).get("model", {}).get(name, {})
+    slos = {}
+    for key in SLO_KEYS:
+        ms = table.get(key, getattr(cfg, key))
+        if not isinstance(ms, int | float) or isinstance(ms, bool) or ms < 0:
+            raise SystemExit(f"{cfg.cluster}: [model.{name}] {key} must be a number of milliseconds >= 0, not {ms!r}")
+        slos[key.removesuffix("_ms") + "_s"] = ms / 1e3
+    return slos
 
 
 def check_tensor_parallel_sizes(model: str, shape: dict[str, tuple[int, EngineConfig]]) -> None:
@@ -450,22 +476,22 @@ def load_heatmap(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]]) -
     return Heatmap.load(path)
 
 
-def scale_policies(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]],
+def scale_policies(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]], slos: dict[str, float],
                    first: bool = True) -> dict[str, ScalePolicy]:
-    """Each group's autoscaler policy. The colocated group scales from the flags, up to what
-    fits unless --max-tes says less (another base model than the first: from its TEs at
-    start, often 0, up to what fits). With `--autoscaler slo` the prefill and decode groups
-    of a PD cluster scale too, on their own load, from 1 TE each (a PD task needs both);
-    with `queue` they keep their size unless POST /admin/scale changes it."""
-    common = dict(kind=cfg.autoscaler, waiting_per_te=cfg.scale_out_waiting, idle_s=cfg.scale_in_idle_s,
-                  slo_ttft_s=cfg.slo_ttft_ms / 1e3, slo_tpot_s=cfg.slo_tpot_ms / 1e3)
+    """Each group's autoscaler policy (`slos`: the model's, `model_slos`). The colocated group
+    scales from the flags, up to what fits unless --max-tes says less (another base model than
+    the first: from its TEs at start, often 0, up to what fits). With `--autoscaler capacity`
+    or `kpa` the prefill and decode groups of a PD cluster scale too, on their own load, from
+    1 TE each (a PD task needs both); with `queue` they keep their size unless POST
+    /admin/scale changes it."""
+    common = dict(kind=cfg.autoscaler, waiting_per_te=cfg.scale_out_waiting, idle_s=cfg.scale_in_idle_s, **slos)
     n = shape["colocated"][0]
     policies = {"colocated": ScalePolicy(min_tes=n if cfg.min_tes is None or not first else cfg.min_tes,
                                          max_tes=None if cfg.max_tes is None or not first else max(n, cfg.max_tes),
                                          **common)}
     for g in ("prefill", "decode"):
         n = shape[g][0]
-        scales = n > 0 and cfg.autoscaler == "slo"
+        scales = n > 0 and cfg.autoscaler != "queue"
         policies[g] = ScalePolicy(min_tes=1 if scales else n, max_tes=None if scales else n, **common)
     return policies
 
@@ -524,13 +550,13 @@ def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
     return named
 
 
-def make_cluster(cfg: ServeConfig, path: str, shape: dict[str, tuple[int, EngineConfig]], first: bool,
+def make_cluster(cfg: ServeConfig, name: str, path: str, shape: dict[str, tuple[int, EngineConfig]], first: bool,
                  machine: list[Host]) -> Cluster:
-    """A base model's cluster (not started), on this machine (`machine`: the hosts of the
+    """Base model `name`'s cluster (not started), on this machine (`machine`: the hosts of the
     bases before it, which share its memory and cores), or on Ray nodes as they join."""
     check_tensor_parallel_sizes(path, shape)
     ray = cfg.backend == "ray"
-    hosts = [] if ray else [local_host(path, cfg.start_mode, cfg.prewarmed, shape["colocated"][1], machine)]
+    hosts = [] if ray else [local_host(path, cfg.start_mode, cfg.prewarmed, shape["colocated"][1], machine, name)]
     return Cluster(path, shape, hosts, max_queued=cfg.max_queued, start_mode=cfg.start_mode,
                    policy=cfg.policy, imbalance=cfg.imbalance,
                    kv_transport="unix,tcp" if ray else cfg.kv_transport,
@@ -544,14 +570,16 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         raise SystemExit("--backend ray serves one base model (its adapters too): give --model once")
     machine: list[Host] = []
     shapes = {name: cluster_shape(cfg, engine, None if i == 0 else name) for i, (name, _) in enumerate(named)}
-    clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine) for i, (name, path) in enumerate(named)}
-    metrics_ = Metrics(clusters, {name: cfg.slo_ttft_ms / 1e3 for name in clusters})
+    clusters = {name: make_cluster(cfg, name, path, shapes[name], i == 0, machine)
+                for i, (name, path) in enumerate(named)}
+    slos = {name: model_slos(cfg, name) for name in clusters}
+    metrics_ = Metrics(clusters, {name: slo["slo_ttft_s"] for name, slo in slos.items()})
     bases = []
     for i, (name, path) in enumerate(named):  # Tokenizer.load converts a GGUF's vocabulary once
         je = JobExecutor(clusters[name], Tokenizer.load(path), name, metrics_,
                          ContextCaches(clusters[name], cfg.cache_budget))
         bases.append(ServedModel(name, path, read_model_config(path), clusters[name], je,
-                                 scale_policies(cfg, shapes[name], i == 0)))
+                                 scale_policies(cfg, shapes[name], slos[name], i == 0)))
     models_ = Models(bases, engine.max_lora_rank)
     for value in cfg.lora_modules or ():  # a bad adapter ends it here, before any process starts
         try:
@@ -577,7 +605,8 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         if isinstance(e, NoRoom):
             raise SystemExit(f"cannot start: {e}") from None
         raise
-    background = [asyncio.create_task(autoscale(b.cluster, g, p, metrics_.recent[b.name]))
+    board = Board()  # the machine's groups, every base model's: fair shares of its cores
+    background = [asyncio.create_task(autoscale(b.cluster, g, p, metrics_.recent[b.name], board, b.name))
                   for b in bases for g, p in b.policies.items()]
     background += [asyncio.create_task(b.je.caches.expire_loop()) for b in bases]
     app = build_app(models_, metrics_, cfg.api_key, cfg.max_body_bytes)

@@ -1,24 +1,30 @@
-"""Autoscaling benchmark: a seeded bursty trace replayed against each autoscaler, a burst at
-zero TEs against the same burst on a warm cluster, and a scale-out to all TEs that fit.
+"""Autoscaling benchmark: a seeded bursty multi-model trace replayed against each autoscaler,
+a burst at zero TEs against the same burst on a warm cluster, and a scale-out to all TEs that fit.
 
 Each part starts `deepflow.py serve` on a free loopback port (tests/server_util.py):
 
 1. trace: the same trace against `--autoscaler queue` (one TE per decision on queue depth,
-   the old policy) and `--autoscaler slo` (scaling/autoscaler.py), each from zero TEs
-   (`--num-tes 0 --min-tes 0`, keep-alive --scale-in-idle-s 5). The trace (seed 0, 70 s):
-   Poisson arrivals at 0.5 req/s; a burst of 16 requests within 0.5 s at 10 s; a ramp from
-   0.5 to 4 req/s over 20-40 s; silence 40-55 s (past the keep-alive); a second burst of
-   16 at 58 s. Each request streams a short completion (prompt of 6-40 words, 16 tokens).
-   Reported per policy: TTFT-SLO attainment (--slo-ttft-ms, 1000), p50/p99 TTFT,
-   TE-seconds (live TEs sampled every 0.2 s), TE starts, requests that arrived at zero
-   ready TEs (cold starts), and a plot of TEs over time against the arrival rate.
+   the first policy), `kpa` (Knative-like windows and SLOs) and `capacity` (the default;
+   scaling/autoscaler.py), each from zero TEs (`--num-tes 0 --min-tes 0`, keep-alive
+   --scale-in-idle-s 5, 8 batch slots per TE). Two base models, `smol` (the packaged
+   SmolLM2-135M) and `tiny` (tests/tiny_model.py), and two LoRA adapters over smol, `a1` and
+   `a2` (tests/lora_util.py); each request's model is drawn Zipf (s 1.1) over smol, a1,
+   tiny, a2 (about 48%, 23%, 15%, 11%). The arrivals (seed 0, 70 s): Poisson at 0.5 req/s; a
+   burst of 16 within 0.5 s at 10 s; a ramp from 0.5 to 4 req/s over 20-40 s; silence
+   40-55 s (past the keep-alive); a burst of 16 at 58 s; Poisson at 0.5 req/s to the end.
+   Each request streams 16 tokens of a 6-40 word prompt. The TTFT SLOs come from a
+   `--cluster` file's [model.NAME] tables (`SLO_TTFT_MS`). Reported per policy: SLO
+   attainment (overall and per model), p50/p99 TTFT, TE-seconds (live TEs of both models
+   sampled every 0.2 s), TE starts, requests that arrived while their model had no ready TE
+   (cold starts), and a plot of each model's TEs over time against the arrivals.
 2. burst: 32 concurrent streaming requests to a cluster at zero TEs (`--num-tes 0
-   --min-tes 0`, 8 batch slots per TE, so the burst needs several TEs), then the same burst to a cluster started with as many TEs
-   as the first one's autoscaler started; the TTFT p99 ratio.
+   --min-tes 0`, 8 batch slots per TE, so the burst needs several TEs), then the same burst
+   to a cluster started with as many TEs as the first one's autoscaler started; the TTFT p99
+   ratio.
 3. scale: at default flags (kv_cache_gb 1.0), POST /admin/scale to every TE that fits
    (the count a 409 names) and time until all are ready; the TEs' own timelines too.
 
-    python bench/trace.py [--parts trace,burst,scale] [--out bench/results/trace.json]
+    python bench/trace.py [--parts trace,burst,scale] [--policies queue,kpa,capacity] [--out bench/results/trace.json]
 """
 import argparse
 import asyncio
@@ -26,6 +32,7 @@ import json
 import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,17 +40,22 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flowserve.config import default_model_path, read_model_config  # noqa: E402
+from tests.lora_util import write_adapter  # noqa: E402
 from tests.server_util import Server, wait_until  # noqa: E402
+from tests.tiny_model import write_tiny_model  # noqa: E402
 
-SLO_TTFT_S = 1.0
+MIX = ("smol", "a1", "tiny", "a2")        # Zipf ranks 1..4
+BASE = {"smol": "smol", "a1": "smol", "a2": "smol", "tiny": "tiny"}
+SLO_TTFT_MS = {"smol": 1500, "tiny": 1000}
 TRACE_FLAGS = ("--num-tes", "0", "--min-tes", "0", "--scale-in-idle-s", "5", "--max-num-seqs", "8",
-               "--max-model-len", "512", "--kv-cache-gb", "0.05", "--slo-ttft-ms", str(SLO_TTFT_S * 1e3))
+               "--max-model-len", "512", "--kv-cache-gb", "0.05")
 BURST_FLAGS = ("--max-num-seqs", "8", "--max-model-len", "512", "--kv-cache-gb", "0.05")
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumbo zebras".split()
 
 
-def make_trace(seed: int = 0) -> list[float]:
-    """Arrival times (s) of the documented trace."""
+def make_trace(seed: int = 0) -> list[tuple[float, str]]:
+    """(arrival time in s, model) of the documented trace."""
     rng, arrivals = random.Random(seed), []
 
     def poisson(start: float, end: float, rate) -> None:
@@ -59,14 +71,17 @@ def make_trace(seed: int = 0) -> list[float]:
     poisson(20, 40, lambda t: 0.5 + 3.5 * (t - 20) / 20)
     arrivals += [58 + rng.uniform(0, 0.5) for _ in range(16)]
     poisson(58.5, 70, lambda t: 0.5)
-    return sorted(arrivals)
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(MIX))]
+    return [(t, rng.choices(MIX, weights)[0]) for t in sorted(arrivals)]
 
 
-async def stream_ttft(http: aiohttp.ClientSession, url: str, i: int, max_tokens: int = 16) -> float | None:
+async def stream_ttft(http: aiohttp.ClientSession, url: str, i: int, max_tokens: int = 16,
+                      model: str | None = None) -> float | None:
     """Stream one completion; seconds until its first content chunk (None: it failed)."""
     rng = random.Random(i)
     prompt = f"Story {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 40)))
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            **({"model": model} if model else {})}
     t0 = time.monotonic()
     async with http.post(url + "/v1/completions", json=body) as r:
         first = None
@@ -84,68 +99,87 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
 
 
-async def replay(s: Server, arrivals: list[float]) -> dict:
-    samples: list[tuple[float, int, int]] = []  # (t, live TEs, ready TEs)
+async def replay(s: Server, trace: list[tuple[float, str]]) -> dict:
+    samples: list[tuple[float, dict, dict]] = []  # (t, live TEs per base, ready TEs per base)
     t0 = time.monotonic()
 
     async def watch():
         while True:
-            tes = (await asyncio.to_thread(s.get, "/admin/cluster"))["tes"]
-            samples.append((time.monotonic() - t0, len(tes), sum(te["state"] == "ready" for te in tes)))
+            models = (await asyncio.to_thread(s.get, "/admin/cluster"))["models"]
+            samples.append((time.monotonic() - t0, {b: len(m["tes"]) for b, m in models.items()},
+                            {b: sum(te["state"] == "ready" for te in m["tes"]) for b, m in models.items()}))
             await asyncio.sleep(0.2)
 
-    async def one(http, i, at):
+    async def one(http, i, at, model):
         await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
-        cold = not samples or samples[-1][2] == 0
-        return await stream_ttft(http, s.url, i), cold
+        cold = not samples or samples[-1][2][BASE[model]] == 0
+        return await stream_ttft(http, s.url, i, model=model), cold
 
     watcher = asyncio.create_task(watch())
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
-        results = await asyncio.gather(*(one(http, i, at) for i, at in enumerate(arrivals)))
+        results = await asyncio.gather(*(one(http, i, at, m) for i, (at, m) in enumerate(trace)))
     await asyncio.sleep(1)
     watcher.cancel()
     ttfts = [r for r, _ in results if r is not None]
-    decisions = s.get("/admin/cluster")["scaling_decisions"]
-    te_s = sum((b[0] - a[0]) * a[1] for a, b in zip(samples, samples[1:]))
-    return {"requests": len(arrivals), "failed": len(arrivals) - len(ttfts),
-            "slo_attainment": sum(t <= SLO_TTFT_S for t in ttfts) / len(arrivals),
+    met = [r is not None and r <= SLO_TTFT_MS[BASE[m]] / 1e3 for (r, _), (_, m) in zip(results, trace)]
+    views = s.get("/admin/cluster")["models"]
+    decisions = [d for v in views.values() for d in v["scaling_decisions"] if d["group"] != "template"]
+    te_s = sum((b[0] - a[0]) * sum(a[1].values()) for a, b in zip(samples, samples[1:]))
+    return {"requests": len(trace), "failed": len(trace) - len(ttfts), "slo_attainment": sum(met) / len(trace),
+            "slo_attainment_by_model": {b: sum(x for x, (_, m) in zip(met, trace) if BASE[m] == b) /
+                                        max(1, sum(BASE[m] == b for _, m in trace)) for b in views},
             "ttft_p50_ms": 1e3 * pct(ttfts, 0.5), "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
             "te_seconds": te_s, "te_starts": sum(max(0, d["to"] - d["from"]) for d in decisions),
             "scale_decisions": len(decisions), "cold_start_requests": sum(c for _, c in results),
-            "samples": samples, "reasons": sorted({d["reason"] for d in decisions})}
+            "reasons": sorted({d["reason"] for d in decisions}), "samples": samples}
 
 
-def trace_part(out: dict) -> None:
-    arrivals = make_trace()
-    for policy in ("queue", "slo"):
-        with Server("--autoscaler", policy, *TRACE_FLAGS) as s:
-            out[f"trace_{policy}"] = r = asyncio.run(replay(s, arrivals))
-        print(f"{policy}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                        for k, v in r.items() if k != "samples"), flush=True)
-    out["trace_arrivals"] = arrivals
-    plot(out, Path(__file__).resolve().parent.parent / "docs/img/trace_tes.png")
+def trace_flags(tmp: Path) -> tuple[str, ...]:
+    """Two base models, two adapters over the first, each base's TTFT SLO in a --cluster file."""
+    smol, cfg = default_model_path(), read_model_config(default_model_path())
+    tiny = write_tiny_model(tmp / "tiny")
+    (tmp / "cluster.toml").write_text("".join(f"[model.{b}]\nslo_ttft_ms = {ms}\n" for b, ms in SLO_TTFT_MS.items())
+                                      + "[model.tiny.colocated]\nkv_cache_gb = 0.05\n")
+    return ("--model", f"smol={smol}", "--model", f"tiny={tiny}", "--cluster", str(tmp / "cluster.toml"),
+            *(x for i, a in enumerate(("a1", "a2")) for x in ("--lora-modules", f"{a}={write_adapter(tmp / a, cfg, i)}")),
+            *TRACE_FLAGS)
 
 
-def plot(out: dict, path: Path) -> None:
+def trace_part(out: dict, policies: list[str]) -> None:
+    trace = make_trace()
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = trace_flags(Path(tmp))
+        for policy in policies:
+            with Server("--autoscaler", policy, *flags) as s:
+                out[f"trace_{policy}"] = r = asyncio.run(replay(s, trace))
+            print(f"{policy}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in r.items() if k != "samples"), flush=True)
+    out["trace_arrivals"] = trace
+    plot(out, policies, Path(__file__).resolve().parent.parent / "docs/img/trace_tes.png")
+
+
+def plot(out: dict, policies: list[str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    arrivals = out["trace_arrivals"]
-    bins = [i for i in range(0, 72, 2)]
-    ax2 = ax.twinx()
-    ax2.hist(arrivals, bins=bins, color="0.85", weights=[0.5] * len(arrivals), label="arrivals (req/s)")
-    ax2.set_ylabel("arrivals per second")
-    for policy, style in (("queue", "C0--"), ("slo", "C3-")):
+    fig, axes = plt.subplots(len(policies), 1, figsize=(8, 2.4 * len(policies)), sharex=True, squeeze=False)
+    trace = out["trace_arrivals"]
+    for ax, policy in zip(axes[:, 0], policies):
         r = out[f"trace_{policy}"]
-        t, live = [x[0] for x in r["samples"]], [x[1] for x in r["samples"]]
-        ax.step(t, live, style, where="post",
-                label=f"{policy}: {100 * r['slo_attainment']:.0f}% within SLO, {r['te_seconds']:.0f} TE-s")
-    ax.set_zorder(ax2.get_zorder() + 1)
-    ax.patch.set_visible(False)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("live TEs")
-    ax.legend(loc="upper left", fontsize=8)
+        ax2 = ax.twinx()
+        ax2.hist([[t for t, m in trace if BASE[m] == b] for b in SLO_TTFT_MS], bins=range(0, 72, 2), stacked=True,
+                 color=["0.8", "0.9"], weights=[[0.5] * sum(BASE[m] == b for _, m in trace) for b in SLO_TTFT_MS])
+        ax2.set_ylabel("arrivals/s")
+        t = [x[0] for x in r["samples"]]
+        for b, style in zip(SLO_TTFT_MS, ("C3-", "C0--")):
+            ax.step(t, [x[1].get(b, 0) for x in r["samples"]], style, where="post", label=f"{b} TEs")
+        ax.set_zorder(ax2.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        ax.set_ylabel("live TEs")
+        ax.set_title(f"{policy}: {100 * r['slo_attainment']:.0f}% within SLO, {r['te_seconds']:.0f} TE-s, "
+                     f"p99 TTFT {r['ttft_p99_ms'] / 1e3:.2f} s", fontsize=9)
+        ax.legend(loc="upper left", fontsize=7)
+    axes[-1, 0].set_xlabel("time (s); grey: arrivals per second (dark smol and its adapters, light tiny)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -192,11 +226,15 @@ def scale_part(out: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="trace,burst,scale")
+    ap.add_argument("--policies", default="queue,kpa,capacity")
     ap.add_argument("--out", default="bench/results/trace.json")
     args = ap.parse_args()
     out = {}
     for part in args.parts.split(","):
-        {"trace": trace_part, "burst": burst_part, "scale": scale_part}[part](out)
+        if part == "trace":
+            trace_part(out, args.policies.split(","))
+        else:
+            {"burst": burst_part, "scale": scale_part}[part](out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
 

@@ -78,7 +78,9 @@ class Host:
     machine: list = field(default_factory=list)  # every base model's Host on this machine
     weights_bytes: int = 0       # its model's weights in DRAM (the cluster learns them)
     weights_resident: bool = True  # False once its template was evicted for another model's TEs
-    last_used: float = 0.0       # monotonic time a task was last placed here (which template leaves first)
+    last_used: float = 0.0       # monotonic time a task was last placed here
+    demand: float = 0.0          # its model's long-run arrival rate (its autoscaler's): which template leaves first
+    model: str = ""              # the base model's name, for the decisions that name it
 
     def __post_init__(self):
         self.machine.append(self)
@@ -95,21 +97,24 @@ class Host:
         return max(1, self.cores // max(1, sum(len(h.tes) for h in self.machine) + extra))
 
     def _evictable(self) -> list["Host"]:
-        """The machine's other models with no TE here whose template holds their weights, least
-        recently used first."""
+        """The machine's other models with no TE here whose template holds their weights, the
+        least likely to be needed first: the lowest predicted arrival rate (`demand`; the chance
+        of an arrival within any horizon grows with it), then the least recently used."""
         return sorted((h for h in self.machine if h is not self and h.weights_resident and not h.tes
-                       and hasattr(h.node, "evict")), key=lambda h: h.last_used)
+                       and hasattr(h.node, "evict")), key=lambda h: (h.demand, h.last_used))
 
-    def make_room(self, cost: int) -> None:
+    def make_room(self, cost: int) -> list["Host"]:
         """Before a TE of `cost` starts here (and this model's weights come back to DRAM if they
-        had left): evict idle models' templates, least recently used first, until it fits. An
-        evicted template starts again with its model's next TE."""
-        self.weights_resident = True
+        had left): evict idle models' templates, the least likely to be needed first, until it
+        fits; return those evicted. An evicted template starts again with its model's next TE."""
+        self.weights_resident, evicted = True, []
         for peer in self._evictable():
             if self.memory - self.used() >= cost:
-                return
+                break
             peer.node.evict()
             peer.weights_resident = False
+            evicted.append(peer)
+        return evicted
 
     def describe(self) -> str:
         return (f"{self.name}: {self.cores} cores, {self.memory / GiB:.1f} GiB for TEs, "

@@ -106,6 +106,7 @@ class Cluster:
         # (group, reason) for the metrics.
         self.decisions: deque[dict] = deque(maxlen=DECISIONS_KEPT)
         self.decision_counts: Counter[tuple[str, str]] = Counter()
+        self.autoscaler: dict[str, dict] = {}  # each group's autoscaler state at its last tick
         self._background: set[asyncio.Task] = set()
 
     @property
@@ -208,7 +209,10 @@ class Cluster:
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
         host = self._place(group)
-        host.make_room(self.te_cost(group))
+        for peer in host.make_room(self.te_cost(group)):
+            self.decide("template", 0, 0, "evict_least_likely",
+                        {"evicted": peer.model, "for": host.model,
+                         "demand": {h.model: round(h.demand, 3) for h in host.machine}})
         cfg = replace(self.engine_cfgs[group], num_threads=self.threads_per_te or host.threads_per_te(extra=1))
         te = TEHandle(f"te-{next(TE_IDS)}", group, cfg, host, self.te_cost(group), observer=self)
         self.groups[group].append(te)
@@ -290,13 +294,24 @@ class Cluster:
                 else:
                     te.ping()
 
+    def decide(self, group: str, before: int, after: int, reason: str, inputs: dict) -> None:
+        """Keep a scaling or pre-loading decision with its reason and inputs (`/admin/cluster`, metrics)."""
+        self.decisions.append({"t": round(time.time(), 3), "group": group, "from": before, "to": after,
+                               "reason": reason, "inputs": inputs})
+        self.decision_counts[group, reason] += 1
+        log.info("group %s: %d -> %d (%s)", group, before, after, reason)
+
+    def note_autoscaler(self, group: str, state: dict, demand: float | None) -> None:
+        """A group's autoscaler's state at its tick; `demand`: the model's predicted arrival rate,
+        which orders template evictions on its hosts."""
+        self.autoscaler[group] = state
+        for host in self.hosts if demand is not None else ():
+            host.demand = demand
+
     def scale_to(self, group: str, instances: int, reason: str = "admin", inputs: dict | None = None) -> None:
         """Set the group's size: start TEs (as many as fit), or retire idle ones first (busy
         ones drain). The decision is kept with its reason and the inputs that led to it."""
-        self.decisions.append({"t": round(time.time(), 3), "group": group, "from": self.target[group],
-                               "to": instances, "reason": reason, "inputs": inputs or {}})
-        self.decision_counts[group, reason] += 1
-        log.info("group %s: %d -> %d TEs (%s)", group, self.target[group], instances, reason)
+        self.decide(group, self.target[group], instances, reason, inputs or {})
         self.target[group] = instances
         live = self.live(group)
         for _ in range(min(instances - len(live), self.room(group))):
@@ -492,6 +507,7 @@ class Cluster:
                            for name, tes in self.groups.items()},
                 "heatmap": self.heatmap and asdict(self.heatmap),
                 "scaling_decisions": list(self.decisions),
+                "autoscaler": self.autoscaler,
                 "tes": [te.to_dict() for te in self.tes]}
 
 
