@@ -93,7 +93,7 @@ class ScaleState:
     t: float | None = None
     rate: float = 0.0                        # arrivals per second, EWMA (rate_tau_s)
     rate_long: float = 0.0                   # same, predict_tau_s: how likely the model is needed
-    samples: deque = field(default_factory=deque)  # (time, demand) over the stable window
+    samples: deque = field(default_factory=deque)  # (time, demand, arrivals) over the stable window
     panic_until: float = -math.inf
     busy_t: float = field(default_factory=time.monotonic)  # when the group last had work
 
@@ -126,23 +126,27 @@ def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
     concurrency = s.held + s.running
     ahead = st.rate * p.start_s
     demand = concurrency if capacity else concurrency + ahead
-    st.samples.append((s.now, demand))
+    st.samples.append((s.now, demand, s.arrivals))
     while st.samples[0][0] < s.now - p.stable_s:
         st.samples.popleft()
     per_te = s.slots if capacity else max(1.0, p.target_util * s.slots)
-    stable = sum(d for _, d in st.samples) / len(st.samples)
-    peak = max(d for t, d in st.samples if t >= s.now - p.panic_s)
+    stable = sum(d for _, d, _ in st.samples) / len(st.samples)
+    peak = max(d for t, d, _ in st.samples if t >= s.now - p.panic_s)
     want_stable, want_panic = math.ceil(stable / per_te - 0.01), math.ceil(peak / per_te - 0.01)
     if concurrency or s.arrivals:
         st.busy_t = s.now
-    slow_queue = p.slo_ttft_s and s.held and s.oldest_wait_s > p.slo_ttft_s / 2
-    if (want_panic > s.size and want_panic >= p.panic_ratio * s.size) or slow_queue:
+    # capacity: a burst is a TE's worth of new arrivals within the panic window, not a backlog
+    # that grew because the cores are saturated (more TEs would not serve it sooner)
+    arrived = sum(a for t, _, a in st.samples if t >= s.now - p.panic_s)
+    sudden = not capacity or not s.size or arrived >= s.slots
+    slow_queue = p.slo_ttft_s and s.held and s.oldest_wait_s > p.slo_ttft_s / 2 and not capacity
+    if (want_panic > s.size and want_panic >= p.panic_ratio * s.size and sudden) or slow_queue:
         st.panic_until = s.now + p.stable_s
+    compute = s.share if capacity else math.inf  # capacity: TEs past the share only split its cores
     if s.now < st.panic_until:
         size, reason = max(s.size, want_panic, 1 if concurrency else 0), "burst"
     else:
-        size, reason = want_stable, "load"
-    compute = s.share if capacity else math.inf  # TEs that add only compute stop at the share
+        size, reason = min(want_stable, max(compute, 1)), "load"
     if capacity and ahead and size < min(compute, math.ceil((peak + ahead) / per_te - 0.01)):
         size, reason = min(compute, math.ceil((peak + ahead) / per_te - 0.01)), f"{reason}+ahead"
     missed = [k for k, met in (("ttft", s.ttft_met), ("tpot", s.tpot_met)) if met is not None and met < p.slo_goal]
