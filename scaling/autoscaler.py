@@ -142,11 +142,11 @@ def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
     slow_queue = p.slo_ttft_s and s.held and s.oldest_wait_s > p.slo_ttft_s / 2 and not capacity
     if (want_panic > s.size and want_panic >= p.panic_ratio * s.size and sudden) or slow_queue:
         st.panic_until = s.now + p.stable_s
-    compute = s.share if capacity else math.inf  # capacity: TEs past the share only split its cores
     if s.now < st.panic_until:
         size, reason = max(s.size, want_panic, 1 if concurrency else 0), "burst"
     else:
-        size, reason = min(want_stable, max(compute, 1)), "load"
+        size, reason = want_stable, "load"
+    compute = s.share if capacity else math.inf  # capacity: TEs past the share only split its cores
     if capacity and ahead and size < min(compute, math.ceil((peak + ahead) / per_te - 0.01)):
         size, reason = min(compute, math.ceil((peak + ahead) / per_te - 0.01)), f"{reason}+ahead"
     missed = [k for k, met in (("ttft", s.ttft_met), ("tpot", s.tpot_met)) if met is not None and met < p.slo_goal]
