@@ -11,10 +11,11 @@ over-provisioning for it.
 
 Three policies (`serve --autoscaler`); `kpa` and `capacity` share `decide`:
 - `capacity` (the default). A group's demand is its concurrency: tasks held for it plus tasks
-  on its TEs. Its mean over the stable window, or its peak over the panic window when that
-  asks for `panic_ratio` times the size (a burst; any demand at zero TEs), sets how many
-  TEs' batch slots the work needs, all in one decision: every held task gets a slot, so
-  none waits a whole generation for one (TTFT). Compute is the host's cores: TEs past them
+  on its TEs. Its peak over the stable window sets how many TEs' batch slots the work needs,
+  all in one decision (`burst` when that is `panic_ratio` times the size, or any demand at
+  zero TEs): every held task gets a slot, so none waits a whole generation for one (TTFT),
+  and a TE leaves only after a window without the work for it (a TE started again is not
+  free on a CPU: its first steps fault its pages in, its adapters load again). Compute is the host's cores: TEs past them
   split the same cores (each runs cores / TEs threads) and add no tokens/s, so the TEs that
   would only add compute (for the arrivals expected while a TE starts, and for SLO misses)
   are given only within the group's fair share of the cores (`fair_share`). Keep-alive:
@@ -93,7 +94,7 @@ class ScaleState:
     t: float | None = None
     rate: float = 0.0                        # arrivals per second, EWMA (rate_tau_s)
     rate_long: float = 0.0                   # same, predict_tau_s: how likely the model is needed
-    samples: deque = field(default_factory=deque)  # (time, demand, arrivals) over the stable window
+    samples: deque = field(default_factory=deque)  # (time, demand) over the stable window
     panic_until: float = -math.inf
     busy_t: float = field(default_factory=time.monotonic)  # when the group last had work
 
@@ -126,21 +127,17 @@ def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
     concurrency = s.held + s.running
     ahead = st.rate * p.start_s
     demand = concurrency if capacity else concurrency + ahead
-    st.samples.append((s.now, demand, s.arrivals))
+    st.samples.append((s.now, demand))
     while st.samples[0][0] < s.now - p.stable_s:
         st.samples.popleft()
     per_te = s.slots if capacity else max(1.0, p.target_util * s.slots)
-    stable = sum(d for _, d, _ in st.samples) / len(st.samples)
-    peak = max(d for t, d, _ in st.samples if t >= s.now - p.panic_s)
+    stable = max(d for _, d in st.samples) if capacity else sum(d for _, d in st.samples) / len(st.samples)
+    peak = max(d for t, d in st.samples if t >= s.now - p.panic_s)
     want_stable, want_panic = math.ceil(stable / per_te - 0.01), math.ceil(peak / per_te - 0.01)
     if concurrency or s.arrivals:
         st.busy_t = s.now
-    # capacity: a burst is a TE's worth of new arrivals within the panic window, not a backlog
-    # that grew because the cores are saturated (more TEs would not serve it sooner)
-    arrived = sum(a for t, _, a in st.samples if t >= s.now - p.panic_s)
-    sudden = not capacity or not s.size or arrived >= s.slots
     slow_queue = p.slo_ttft_s and s.held and s.oldest_wait_s > p.slo_ttft_s / 2 and not capacity
-    if (want_panic > s.size and want_panic >= p.panic_ratio * s.size and sudden) or slow_queue:
+    if (want_panic > s.size and want_panic >= p.panic_ratio * s.size) or slow_queue:
         st.panic_until = s.now + p.stable_s
     if s.now < st.panic_until:
         size, reason = max(s.size, want_panic, 1 if concurrency else 0), "burst"
@@ -269,7 +266,9 @@ async def autoscale(cluster, group: str, policy: ScalePolicy, latencies: deque |
         board.starved[key] = bool(s.held and not s.ready + s.starting and not s.room)
         cluster.note_autoscaler(group, {"policy": policy.kind, "want": d.want, "share": s.share,
                                         "rate": round(state.rate, 2), "rate_long": round(state.rate_long, 3),
-                                        "p_next": round(p_next(state.rate_long, policy.idle_s), 3)},
+                                        "p_next": round(p_next(state.rate_long, policy.idle_s), 3),
+                                        "slo_ttft_s": policy.slo_ttft_s, "ttft_met": s.ttft_met,
+                                        "slo_tpot_s": policy.slo_tpot_s, "tpot_met": s.tpot_met},
                                 state.rate_long if group == source else None)
         if d.size != s.size:
             cluster.scale_to(group, d.size, d.reason, d.inputs)

@@ -98,18 +98,12 @@ def test_ttft_slo_misses_add_a_te_while_work_waits_within_the_share():
     assert (slow.size, slow.reason, fresh.reason) == (3, "burst", "load"), (slow, fresh)
 
 
-def test_a_backlog_is_not_a_burst():
-    """capacity: tasks piling up at a steady arrival rate are load, sized by the stable mean (it
-    shrinks as they drain); a TE's worth of arrivals within the panic window is a burst, whose
-    size holds for a stable window."""
-    p = ScalePolicy(min_tes=0, max_tes=None, stable_s=4.0)
-    backlog, burst = ScaleState(), ScaleState()
-    b = decide(p, backlog, sig(0.0, size=2, running=16, held=12, arrivals=2))
-    u = decide(p, burst, sig(0.0, size=2, running=16, held=12, arrivals=12))
-    assert (b.size, b.reason, u.size, u.reason) == (7, "load", 7, "burst"), (b, u)
-    for t in (1.0, 2.0, 3.0):
-        b, u = (decide(p, st, sig(t, size=7, running=4)) for st in (backlog, burst))
-    assert b.size < 7 == u.size, (b, u)
+def test_capacity_scales_in_after_a_stable_window_without_the_work():
+    """A TE leaves only once the work that needed it has been gone a whole stable window."""
+    p, st = ScalePolicy(min_tes=0, max_tes=None, stable_s=4.0), ScaleState()
+    assert decide(p, st, sig(0.0, size=2, running=16, held=12, share=2)).size == 7
+    sizes = [decide(p, st, sig(t, size=7, running=4, share=1)).size for t in (1.0, 2.0, 3.0, 4.5)]
+    assert sizes == [7, 7, 7, 1], sizes
 
 
 def test_fair_share_of_the_cores():
