@@ -111,7 +111,7 @@ class ServeConfig:
     autoscaler: str = flag("capacity: every group sized at once for its work's batch slots, compute within its fair "
                            "share of the cores, keep-alive by predicted arrivals; kpa: Knative-like windows and SLOs, "
                            "no notion of cores; queue: the colocated group, one TE at a time on queue depth "
-                           "(scaling/autoscaler.py, docs/BENCHMARKS.md section 13)", "capacity",
+                           "(scaling/autoscaler.py, docs/BENCHMARKS.md section 13)", "queue",
                            choices=["capacity", "kpa", "queue"])
     slo_ttft_ms: float = flag("time-to-first-token target the autoscaler keeps and /metrics counts (0: none; per "
                               "model: slo_ttft_ms in the --cluster file's [model.NAME])", 1000.0)

@@ -10,17 +10,18 @@ the warm template in well under a second, so a policy can react to load instead 
 over-provisioning for it.
 
 Three policies (`serve --autoscaler`); `kpa` and `capacity` share `decide`:
-- `capacity` (the default). A group's demand is its concurrency: tasks held for it plus tasks
-  on its TEs. Its peak over the stable window sets how many TEs' batch slots the work needs,
-  all in one decision (`burst` when that is `panic_ratio` times the size, or any demand at
-  zero TEs): every held task gets a slot, so none waits a whole generation for one (TTFT),
-  and a TE leaves only after a window without the work for it (a TE started again is not
-  free on a CPU: its first steps fault its pages in, its adapters load again). Compute is the host's cores: TEs past them
-  split the same cores (each runs cores / TEs threads) and add no tokens/s, so the TEs that
-  would only add compute (for the arrivals expected while a TE starts, and for SLO misses)
-  are given only within the group's fair share of the cores (`fair_share`). Keep-alive:
-  without work for `idle_s` a group keeps one TE while its model's long-run arrival rate
-  makes an arrival within the next `idle_s` likely (`p_next`, Poisson, >= `prewarm_p`), and
+- `capacity`. A group's demand is its concurrency: tasks held for it plus tasks on its TEs.
+  A burst (a TE's worth of arrivals within the panic window asking for `panic_ratio` times
+  the size, or any demand at zero TEs) gets batch slots for all of it in one decision, held
+  for a stable window: every task gets a slot, so none waits a whole generation for one
+  (TTFT). Otherwise the demand's peak over the stable window sets the size (a TE leaves only
+  after a window without the work for it: a TE started again is not free on a CPU, its
+  first steps fault its pages in, its adapters load again), within the group's fair share
+  of the host's cores (`fair_share`): TEs past the cores split the same cores (each runs
+  cores / TEs threads) and add no tokens/s, so a backlog on busy cores gets no more TEs,
+  nor do the arrivals expected while a TE starts, nor SLO misses. Keep-alive: without work
+  for `idle_s` a group keeps one TE while its model's long-run arrival rate makes an
+  arrival within the next `idle_s` likely (`p_next`, Poisson, >= `prewarm_p`), and
   otherwise scales to zero.
 - `kpa`, after Knative's KPA: the same windows on the demand plus the expected arrivals,
   with TEs at `target_util` of their slots, an SLO miss while work waits adds a TE, and
@@ -50,7 +51,7 @@ PD_LATENCY = {"colocated": ("ttft", "tpot"), "prefill": ("ttft",), "decode": ("t
 class ScalePolicy:
     min_tes: int
     max_tes: int | None         # None: as many as the hosts fit
-    kind: str = "capacity"      # capacity | kpa | queue
+    kind: str = "queue"         # capacity | kpa | queue
     waiting_per_te: int = 4     # queue: scale out past this many waiting sequences per TE
     idle_s: float = 30.0        # keep-alive: no work this long, then down to min_tes (capacity: or 1, if predicted)
     interval_s: float = 0.25
@@ -94,7 +95,7 @@ class ScaleState:
     t: float | None = None
     rate: float = 0.0                        # arrivals per second, EWMA (rate_tau_s)
     rate_long: float = 0.0                   # same, predict_tau_s: how likely the model is needed
-    samples: deque = field(default_factory=deque)  # (time, demand) over the stable window
+    samples: deque = field(default_factory=deque)  # (time, demand, arrivals) over the stable window
     panic_until: float = -math.inf
     busy_t: float = field(default_factory=time.monotonic)  # when the group last had work
 
@@ -127,23 +128,27 @@ def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
     concurrency = s.held + s.running
     ahead = st.rate * p.start_s
     demand = concurrency if capacity else concurrency + ahead
-    st.samples.append((s.now, demand))
+    st.samples.append((s.now, demand, s.arrivals))
     while st.samples[0][0] < s.now - p.stable_s:
         st.samples.popleft()
     per_te = s.slots if capacity else max(1.0, p.target_util * s.slots)
-    stable = max(d for _, d in st.samples) if capacity else sum(d for _, d in st.samples) / len(st.samples)
-    peak = max(d for t, d in st.samples if t >= s.now - p.panic_s)
+    stable = max(d for _, d, _ in st.samples) if capacity else sum(d for _, d, _ in st.samples) / len(st.samples)
+    peak = max(d for t, d, _ in st.samples if t >= s.now - p.panic_s)
     want_stable, want_panic = math.ceil(stable / per_te - 0.01), math.ceil(peak / per_te - 0.01)
     if concurrency or s.arrivals:
         st.busy_t = s.now
+    # capacity: a burst is a TE's worth of arrivals within the panic window (or any at zero
+    # TEs), not a backlog grown on busy cores, which more TEs splitting them would not serve sooner
+    arrived = sum(a for t, _, a in st.samples if t >= s.now - p.panic_s)
+    sudden = not capacity or not s.size or arrived >= s.slots
     slow_queue = p.slo_ttft_s and s.held and s.oldest_wait_s > p.slo_ttft_s / 2 and not capacity
-    if (want_panic > s.size and want_panic >= p.panic_ratio * s.size) or slow_queue:
+    if (want_panic > s.size and want_panic >= p.panic_ratio * s.size and sudden) or slow_queue:
         st.panic_until = s.now + p.stable_s
+    compute = s.share if capacity else math.inf  # capacity: TEs past the share only split its cores
     if s.now < st.panic_until:
         size, reason = max(s.size, want_panic, 1 if concurrency else 0), "burst"
     else:
-        size, reason = want_stable, "load"
-    compute = s.share if capacity else math.inf  # capacity: TEs past the share only split its cores
+        size, reason = min(want_stable, max(compute, 1)), "load"
     if capacity and ahead and size < min(compute, math.ceil((peak + ahead) / per_te - 0.01)):
         size, reason = min(compute, math.ceil((peak + ahead) / per_te - 0.01)), f"{reason}+ahead"
     missed = [k for k, met in (("ttft", s.ttft_met), ("tpot", s.tpot_met)) if met is not None and met < p.slo_goal]

@@ -19,7 +19,7 @@ def sig(now: float, size: int = 0, **kw) -> Signals:
 
 
 def test_burst_from_zero_starts_what_it_needs_in_one_decision():
-    p, st = ScalePolicy(min_tes=0, max_tes=None), ScaleState()
+    p, st = ScalePolicy(min_tes=0, max_tes=None, kind="capacity"), ScaleState()
     d = decide(p, st, sig(0.0, arrivals=32, held=32, share=2))
     # 32 tasks on 4 slots per TE: 8 TEs at once, a slot for every held task; the arrivals
     # expected while they start would only add compute, past the 2 cores' share
@@ -32,7 +32,7 @@ def test_burst_from_zero_starts_what_it_needs_in_one_decision():
 
 
 def test_expected_arrivals_get_compute_only_within_the_share():
-    p = ScalePolicy(min_tes=0, max_tes=None)
+    p = ScalePolicy(min_tes=0, max_tes=None, kind="capacity")
     # 3 running on a 4-slot TE, 8 req/s arriving: a TE more for what comes while it starts...
     assert decide(p, ScaleState(rate=8.0), sig(0.0, size=1, running=3, arrivals=2, share=2)).size == 2
     # ...unless the group's share of the cores is one TE
@@ -40,12 +40,12 @@ def test_expected_arrivals_get_compute_only_within_the_share():
 
 
 def test_never_asks_beyond_room_nor_past_max():
-    p = ScalePolicy(min_tes=0, max_tes=None)
+    p = ScalePolicy(min_tes=0, max_tes=None, kind="capacity")
     d = decide(p, ScaleState(), sig(0.0, arrivals=32, held=32, room=3, share=2))
     assert d.size == 3 and d.reason == "burst+room" and d.want == 8, d
     # full and above what fits already: the target is left alone, no retry of a start that cannot fit
     assert decide(p, ScaleState(), sig(0.0, size=5, ready=3, held=40, room=0)).size == 5
-    assert decide(ScalePolicy(min_tes=0, max_tes=2), ScaleState(), sig(0.0, held=32)).size == 2
+    assert decide(ScalePolicy(min_tes=0, max_tes=2, kind="capacity"), ScaleState(), sig(0.0, held=32)).size == 2
     assert decide_queue(p, ScaleState(), sig(0.0, size=2, ready=2, held=9, room=0)).size == 2
 
 
@@ -66,7 +66,7 @@ def test_keep_alive_then_zero_and_back_on_demand(kind):
 def test_a_model_likely_to_be_needed_keeps_a_te_past_the_keep_alive():
     """Past the keep-alive a popular model (its long-run rate makes an arrival within the next
     keep-alive likely) keeps one TE, a rare one goes to zero; both decisions say why."""
-    p = ScalePolicy(min_tes=0, max_tes=None, idle_s=5.0)
+    p = ScalePolicy(min_tes=0, max_tes=None, kind="capacity", idle_s=5.0)
     hot, rare = ScaleState(rate_long=1.0), ScaleState(rate_long=0.05)
     for st in (hot, rare):
         decide(p, st, sig(0.0, size=1, running=1))
@@ -78,7 +78,7 @@ def test_a_model_likely_to_be_needed_keeps_a_te_past_the_keep_alive():
 
 
 def test_stable_load_sizes_and_shrinks_after_the_panic():
-    p, st = ScalePolicy(min_tes=1, max_tes=None, stable_s=4.0, panic_s=1.0), ScaleState()
+    p, st = ScalePolicy(min_tes=1, max_tes=None, kind="capacity", stable_s=4.0, panic_s=1.0), ScaleState()
     assert decide(p, st, sig(0.0, size=1, running=20, arrivals=20)).size >= 5
     for t in range(1, 12):  # load falls to 8 running tasks: two TEs' worth once the stable window passes
         d = decide(p, st, sig(float(t), size=8, running=8))
@@ -86,7 +86,7 @@ def test_stable_load_sizes_and_shrinks_after_the_panic():
 
 
 def test_ttft_slo_misses_add_a_te_while_work_waits_within_the_share():
-    p = ScalePolicy(min_tes=1, max_tes=None, slo_ttft_s=1.0, panic_ratio=10)
+    p = ScalePolicy(min_tes=1, max_tes=None, kind="capacity", slo_ttft_s=1.0, panic_ratio=10)
     d = decide(p, ScaleState(), sig(0.0, size=2, running=8, waiting=2, ttft_met=0.5, share=4))
     assert (d.size, d.reason) == (3, "slo_ttft"), d
     assert decide(p, ScaleState(), sig(0.0, size=2, running=8, waiting=2, ttft_met=1.0, share=4)).size == 2
@@ -98,12 +98,17 @@ def test_ttft_slo_misses_add_a_te_while_work_waits_within_the_share():
     assert (slow.size, slow.reason, fresh.reason) == (3, "burst", "load"), (slow, fresh)
 
 
-def test_capacity_scales_in_after_a_stable_window_without_the_work():
-    """A TE leaves only once the work that needed it has been gone a whole stable window."""
-    p, st = ScalePolicy(min_tes=0, max_tes=None, stable_s=4.0), ScaleState()
-    assert decide(p, st, sig(0.0, size=2, running=16, held=12, share=2)).size == 7
-    sizes = [decide(p, st, sig(t, size=7, running=4, share=1)).size for t in (1.0, 2.0, 3.0, 4.5)]
-    assert sizes == [7, 7, 7, 1], sizes
+def test_a_backlog_is_not_a_burst_and_load_waits_a_window_to_shrink():
+    """capacity: tasks piling up at a steady arrival rate (cores saturated) keep the group at
+    its share of the cores; a TE's worth of arrivals within the panic window is a burst, which
+    gets slots for all and holds them a stable window; then the window's peak, within the share."""
+    p = ScalePolicy(min_tes=0, max_tes=None, kind="capacity", stable_s=4.0)
+    backlog, burst = ScaleState(), ScaleState()
+    b = decide(p, backlog, sig(0.0, size=2, running=16, held=12, arrivals=2, share=2))
+    u = decide(p, burst, sig(0.0, size=2, running=16, held=12, arrivals=12, share=2))
+    assert (b.size, b.reason, u.size, u.reason) == (2, "load", 7, "burst"), (b, u)
+    sizes = [decide(p, burst, sig(t, size=7, running=12, share=2)).size for t in (1.0, 2.0, 3.0, 4.5, 9.0)]
+    assert sizes == [7, 7, 7, 2, 2], sizes  # 12 tasks want 3 TEs: the share is 2
 
 
 def test_fair_share_of_the_cores():
@@ -115,7 +120,7 @@ def test_fair_share_of_the_cores():
 
 
 def test_a_group_gives_a_te_back_to_a_starving_model():
-    p = ScalePolicy(min_tes=0, max_tes=None)
+    p = ScalePolicy(min_tes=0, max_tes=None, kind="capacity")
     d = decide(p, ScaleState(), sig(0.0, size=3, running=12, room=0, peer_starved=True))
     assert (d.size, d.reason, d.want) == (2, "fair", 3), d
     # not again while that TE drains, nor below one TE
@@ -126,7 +131,7 @@ def test_a_group_gives_a_te_back_to_a_starving_model():
 def test_pd_groups_each_follow_their_load():
     """Prefill and decode decide apart: long prompts with short answers grow prefill, the
     decode group keeps what its running tasks need."""
-    p = ScalePolicy(min_tes=1, max_tes=None)
+    p = ScalePolicy(min_tes=1, max_tes=None, kind="capacity")
     prefill = decide(p, ScaleState(), sig(0.0, size=1, arrivals=24, held=24, running=4))
     decode = decide(p, ScaleState(), sig(0.0, size=1, running=4))
     assert prefill.size > decode.size >= 1 and prefill.reason.startswith("burst"), (prefill, decode)
@@ -143,7 +148,7 @@ def test_per_model_slos_from_the_cluster_file(tmp_path):
     assert deepflow.cluster_shape(cfg, engine, "tiny")["colocated"][1].kv_cache_gb == 0.05
     policies = deepflow.scale_policies(cfg, deepflow.cluster_shape(cfg, engine, "tiny"),
                                        deepflow.model_slos(cfg, "tiny"), first=False)
-    assert policies["colocated"].slo_ttft_s == 0.25 and policies["colocated"].kind == "capacity"
+    assert policies["colocated"].slo_ttft_s == 0.25 and policies["colocated"].kind == "queue"
     toml.write_text("[model.tiny]\nslo_ttft_ms = -1\n")
     with pytest.raises(SystemExit, match="slo_ttft_ms"):
         deepflow.model_slos(configs("--cluster", str(toml))[0], "tiny")
@@ -159,8 +164,8 @@ async def completions(url: str, n: int, max_tokens: int = 8) -> list[int]:
 
 
 async def test_empty_cluster_serves_then_scales_to_zero_and_back():
-    with Server("--num-tes", "0", "--min-tes", "0", "--scale-in-idle-s", "2", "--max-num-seqs", "4",
-                "--max-model-len", "512", "--kv-cache-gb", "0.05") as s:
+    with Server("--autoscaler", "capacity", "--num-tes", "0", "--min-tes", "0", "--scale-in-idle-s", "2",
+                "--max-num-seqs", "4", "--max-model-len", "512", "--kv-cache-gb", "0.05") as s:
         assert s.get("/admin/cluster")["tes"] == []
         assert await completions(s.url, 1) == [200]  # the first request starts the first TE
         wait_until(lambda: not s.get("/admin/cluster")["tes"], 30)  # keep-alive over: zero
@@ -182,7 +187,7 @@ async def test_empty_cluster_serves_then_scales_to_zero_and_back():
 
 
 async def test_prefill_and_decode_groups_scale_under_pd_load():
-    with Server("--prefill-tes", "1", "--decode-tes", "1", "--max-num-seqs", "2", "--max-model-len", "512",
+    with Server("--autoscaler", "capacity", "--prefill-tes", "1", "--decode-tes", "1", "--max-num-seqs", "2", "--max-model-len", "512",
                 "--kv-cache-gb", "0.05", "--scale-in-idle-s", "2") as s:
         assert await completions(s.url, 8, max_tokens=16) == [200] * 8
         grown = {g: max([d["to"] for d in s.get("/admin/cluster")["scaling_decisions"] if d["group"] == g] or [1])
