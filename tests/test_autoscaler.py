@@ -195,3 +195,21 @@ async def test_prefill_and_decode_groups_scale_under_pd_load():
         assert grown["prefill"] >= 2 and grown["decode"] >= 2, grown  # 8 tasks on 2 slots per TE
         wait_until(lambda: s.get("/admin/cluster")["groups"]["decode"]["target"] == 1, 30)  # back to one each
         assert s.get("/admin/cluster")["groups"]["prefill"]["target"] == 1
+
+
+def test_the_template_least_likely_to_be_needed_leaves_first():
+    """Two idle models' templates, 6 bytes each, on a 20-byte machine: a TE of 4 for the third
+    evicts the one with the lower predicted arrival rate, though it was used more recently,
+    and says which left."""
+    from scaling.hosts import Host
+
+    class Node:
+        evicted = 0
+
+        def evict(self):
+            self.evicted += 1
+
+    machine: list[Host] = []
+    a, rare, hot = (Host(n, "127.0.0.1", 2, 20, Node(), machine=machine, weights_bytes=6, last_used=t, demand=r,
+                         model=n) for n, t, r in (("a", 3.0, 0.0), ("rare", 2.0, 0.01), ("hot", 1.0, 0.5)))
+    assert a.make_room(4) == [rare] and not rare.weights_resident and hot.weights_resident
