@@ -158,7 +158,6 @@ def trace_part(out: dict, policies: list[str]) -> None:
         for policy in policies:
             with Server("--autoscaler", policy, *flags) as s:
                 out[f"trace_{policy}"] = r = asyncio.run(replay(s, trace))
-                Path(f"/tmp/trace_{policy}.log").write_text(s.output())
             print(f"{policy}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in r.items() if k not in ("samples", "decisions", "ttfts")),
                   flush=True)
@@ -200,7 +199,7 @@ async def burst(s: Server, n: int = 32) -> list[float]:
 
 
 def burst_part(out: dict) -> None:
-    with Server("--num-tes", "0", "--min-tes", "0", *BURST_FLAGS) as s:
+    with Server("--autoscaler", "capacity", "--num-tes", "0", "--min-tes", "0", *BURST_FLAGS) as s:
         cold = asyncio.run(burst(s))
         started = max(d["to"] for d in s.get("/admin/cluster")["scaling_decisions"])
         first = s.get("/admin/cluster")["scaling_decisions"][0]

@@ -148,7 +148,9 @@ def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
     if s.now < st.panic_until:
         size, reason = max(s.size, want_panic, 1 if concurrency else 0), "burst"
     else:
-        size, reason = min(want_stable, max(compute, 1)), "load"
+        # the share caps growth; shrinking waits for the work to go (shares move as other
+        # models come and go, and a TE retired then started again is paid twice)
+        size, reason = min(want_stable, max(compute, s.size, 1)), "load"
     if capacity and ahead and size < min(compute, math.ceil((peak + ahead) / per_te - 0.01)):
         size, reason = min(compute, math.ceil((peak + ahead) / per_te - 0.01)), f"{reason}+ahead"
     missed = [k for k, met in (("ttft", s.ttft_met), ("tpot", s.tpot_met)) if met is not None and met < p.slo_goal]

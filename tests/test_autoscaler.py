@@ -101,14 +101,14 @@ def test_ttft_slo_misses_add_a_te_while_work_waits_within_the_share():
 def test_a_backlog_is_not_a_burst_and_load_waits_a_window_to_shrink():
     """capacity: tasks piling up at a steady arrival rate (cores saturated) keep the group at
     its share of the cores; a TE's worth of arrivals within the panic window is a burst, which
-    gets slots for all and holds them a stable window; then the window's peak, within the share."""
+    gets slots for all and holds them a stable window; then the window's peak."""
     p = ScalePolicy(min_tes=0, max_tes=None, kind="capacity", stable_s=4.0)
     backlog, burst = ScaleState(), ScaleState()
     b = decide(p, backlog, sig(0.0, size=2, running=16, held=12, arrivals=2, share=2))
     u = decide(p, burst, sig(0.0, size=2, running=16, held=12, arrivals=12, share=2))
     assert (b.size, b.reason, u.size, u.reason) == (2, "load", 7, "burst"), (b, u)
     sizes = [decide(p, burst, sig(t, size=7, running=12, share=2)).size for t in (1.0, 2.0, 3.0, 4.5, 9.0)]
-    assert sizes == [7, 7, 7, 2, 2], sizes  # 12 tasks want 3 TEs: the share is 2
+    assert sizes == [7, 7, 7, 3, 3], sizes  # then what 12 tasks need: the share of 2 caps growth, not this
 
 
 def test_fair_share_of_the_cores():
