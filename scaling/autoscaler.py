@@ -9,17 +9,18 @@ sets it with `cluster.scale_to`, which keeps the decision with its inputs and re
 the warm template in well under a second, so a policy can react to load instead of
 over-provisioning for it.
 
-Three policies (`serve --autoscaler`); `kpa` and `capacity` share `decide`:
+Three policies (`serve --autoscaler`, default `queue`); `kpa` and `capacity` share `decide`:
 - `capacity`. A group's demand is its concurrency: tasks held for it plus tasks on its TEs.
   A burst (a TE's worth of arrivals within the panic window asking for `panic_ratio` times
   the size, or any demand at zero TEs) gets batch slots for all of it in one decision, held
   for a stable window: every task gets a slot, so none waits a whole generation for one
   (TTFT). Otherwise the demand's peak over the stable window sets the size (a TE leaves only
   after a window without the work for it: a TE started again is not free on a CPU, its
-  first steps fault its pages in, its adapters load again), within the group's fair share
-  of the host's cores (`fair_share`): TEs past the cores split the same cores (each runs
-  cores / TEs threads) and add no tokens/s, so a backlog on busy cores gets no more TEs,
-  nor do the arrivals expected while a TE starts, nor SLO misses. Keep-alive: without work
+  first steps fault its pages in, its adapters load again), growing only within the group's
+  fair share of the host's cores (`fair_share`): TEs past the cores split the same cores
+  (each runs cores / TEs threads), so a backlog on busy cores gets no more TEs, nor do the
+  arrivals expected while a TE starts, nor SLO misses. (On a CPU shared with other tenants
+  that assumption did not hold: docs/BENCHMARKS.md section 13.) Keep-alive: without work
   for `idle_s` a group keeps one TE while its model's long-run arrival rate makes an
   arrival within the next `idle_s` likely (`p_next`, Poisson, >= `prewarm_p`), and
   otherwise scales to zero.
