@@ -224,6 +224,8 @@ class Engine:
         """A transfer's trailer: `seq` goes on from its first token, `token`, and its seeded
         generator from `rng_state` (so it draws what it would have drawn colocated)."""
         seq.token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.catch_up(seq.token_ids[seq.num_prompt:])
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)
         if seq.adapter is not None and seq.block_ids and not self.acquire_lora(seq):

@@ -19,6 +19,7 @@ import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
+from flowserve.grammar import JSON_OBJECT, schema_error
 from flowserve.protocol import SamplingParams
 
 if TYPE_CHECKING:
@@ -121,13 +122,43 @@ class TextFormat(_Strict):
     type: Literal["text"] = "text"
 
 
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Strict):
+    """response_format.json_schema: the schema the answer must match (any of it, `strict` or not:
+    the grammar enforces it all), checked here with the grammar library (flowserve/grammar.py)."""
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict = Field({}, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _compiles(self):
+        if error := schema_error(self.text):
+            raise ValueError(f"the schema cannot be compiled: {error}")
+        return self
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps(self.schema_).decode()
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class _Unsupported(_Strict):
     """Features this server does not implement: accepted at their "off" value only."""
     tools: Annotated[list, Field(max_length=0)] = []
     tool_choice: Literal["none"] = "none"
     functions: None = None
     function_call: Literal["none"] = "none"
-    response_format: TextFormat = TextFormat()
     suffix: Literal[""] = ""
     best_of: Literal[1] = 1
 
@@ -161,6 +192,7 @@ class GenerationRequest(_Unsupported):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=2)] = 1.0  # vLLM extension; 1: off; >= 0.01 keeps logits finite
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] = {}
     cache_id: str | None = None                     # a context cache from POST /v1/caches: its context comes first
+    response_format: ResponseFormat = TextFormat()  # structured outputs: the answer is JSON (of a schema)
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +225,16 @@ class GenerationRequest(_Unsupported):
         return None
 
     @property
+    def json_schema(self) -> str | None:
+        """The JSON Schema the answer must match, as text (None: free text)."""
+        match self.response_format:
+            case JsonObjectFormat():
+                return JSON_OBJECT
+            case JsonSchemaFormat(json_schema=spec):
+                return spec.text
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -217,7 +259,8 @@ class GenerationRequest(_Unsupported):
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
-                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
+                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
+                              json_schema=self.json_schema)
 
 
 class ChatRequest(GenerationRequest):
