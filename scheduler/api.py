@@ -12,7 +12,6 @@ answer with the models below them. Both directions' JSON schemas are `GET /opena
 (scheduler/openapi.py). No aiohttp.
 """
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
@@ -20,6 +19,7 @@ import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
+from flowserve.grammar import JSON_OBJECT, schema_error
 from flowserve.protocol import SamplingParams
 from scheduler.tools import CallDelta, ToolPlan
 
@@ -197,11 +197,41 @@ class TextFormat(_Strict):
     type: Literal["text"] = "text"
 
 
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Strict):
+    """response_format.json_schema: the schema the answer must match (any of it, `strict` or not:
+    the grammar enforces it all), checked here with the grammar library (flowserve/grammar.py)."""
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict = Field({}, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _compiles(self):
+        if error := schema_error(self.text):
+            raise ValueError(f"the schema cannot be compiled: {error}")
+        return self
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps(self.schema_).decode()
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class _Unsupported(_Strict):
     """Features this server does not implement: accepted at their "off" value only."""
     functions: None = None
     function_call: Literal["none"] = "none"
-    response_format: TextFormat = TextFormat()
     suffix: Literal[""] = ""
     best_of: Literal[1] = 1
 
@@ -235,6 +265,7 @@ class GenerationRequest(_Unsupported):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=2)] = 1.0  # vLLM extension; 1: off; >= 0.01 keeps logits finite
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] = {}
     cache_id: str | None = None                     # a context cache from POST /v1/caches: its context comes first
+    response_format: ResponseFormat = TextFormat()  # structured outputs: the answer is JSON (of a schema)
 
     @model_validator(mode="before")
     @classmethod
@@ -267,6 +298,16 @@ class GenerationRequest(_Unsupported):
         return None
 
     @property
+    def json_schema(self) -> str | None:
+        """The JSON Schema the answer must match, as text (None: free text)."""
+        match self.response_format:
+            case JsonObjectFormat():
+                return JSON_OBJECT
+            case JsonSchemaFormat(json_schema=spec):
+                return spec.text
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -291,7 +332,8 @@ class GenerationRequest(_Unsupported):
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
-                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
+                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
+                              json_schema=self.json_schema)
 
 
 class ChatRequest(GenerationRequest):
@@ -338,10 +380,26 @@ class ChatRequest(GenerationRequest):
             return ToolPlan(functions, "named", choice.function.name, self.parallel_tool_calls)
         return ToolPlan(functions, choice, parallel=self.parallel_tool_calls)
 
-    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+    @property
+    def json_schema(self) -> str | None:
         """`required` and a named function: the grammar makes the answer the call(s)."""
-        params, schema = super().to_sampling_params(max_tokens, choice), self.tool_plan and self.tool_plan.schema()
-        return replace(params, json_schema=orjson.dumps(schema).decode()) if schema else params
+        schema = self.tool_plan and self.tool_plan.schema()
+        return orjson.dumps(schema).decode() if schema else super().json_schema
+
+    @model_validator(mode="after")
+    def _enforceable(self):
+        """The calls the grammar enforces: their schemas compile, and are the only constraint."""
+        if self.tool_choice in (None, "none", "auto"):
+            return self
+        if not isinstance(self.response_format, TextFormat):
+            raise invalid("response_format cannot be combined with tool_choice 'required' or a named function",
+                          "response_format")
+        for i, tool in enumerate(self.tools):
+            params = tool.function.parameters
+            if params is not None and (error := schema_error(orjson.dumps(params).decode())):
+                raise invalid(f"the parameters of {tool.function.name!r} cannot be compiled: {error}",
+                              f"tools[{i}].function.parameters")
+        return self
 
 
 class CompletionRequest(GenerationRequest):
