@@ -116,7 +116,7 @@ class ToolCall(_Strict):
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: _str_or(str, list[TextPart]) | None = Field(None, validate_default=True)
-    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = Field(None, validate_default=True)  # a tool result: the call it answers
 
     @field_validator("content")
@@ -130,7 +130,7 @@ class ChatMessage(_Strict):
     @field_validator("tool_calls")
     @classmethod
     def _assistant_calls(cls, calls, info):
-        if info.data.get("role") != "assistant":
+        if calls and info.data.get("role") != "assistant":
             raise ValueError("only an assistant message has tool calls")
         for c in calls:
             if not isinstance(_json_or_none(c.function.arguments), dict):

@@ -5,7 +5,8 @@ tokenize here in the main process (TEs see token ids only), put a context cache'
 first when the request names one (`cache_id`, scheduler/caches.py), check the prompt against
 the context length, and build the Job. `start` submits its tasks to the cluster (`scheduler/cluster.py`:
 `dist_sched` places them), and a worker per task turns the TE's token events into text
-with an incremental detokenizer and `StopStrings`; `stream` yields the resulting `Delta`s
+with an incremental detokenizer and `StopStrings` (and a chat's tool calls from that text,
+scheduler/tools.py); `stream` yields the resulting `Delta`s
 for the frontend to format. Whatever ends the job (finish, error, a client that went away),
 `close` aborts its unfinished tasks in their TEs.
 """
