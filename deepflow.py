@@ -229,13 +229,15 @@ async def respond(request: web.Request, je: JobExecutor, job, req: api.Generatio
     if not req.stream:
         texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
         logprobs = [[] if t.params.logprobs is not None else None for t in job.tasks]
+        calls = [[] for _ in job.tasks]
         async with aclosing(je.stream(job)) as deltas:
             async for d in deltas:
                 texts[d.index] += d.text
                 finishes[d.index] = d.finish_reason or finishes[d.index]
+                calls[d.index] += [d.tool_call] if d.tool_call else []
                 if d.logprobs:
                     logprobs[d.index] += d.logprobs
-        return json_response(api.full_response(job, texts, finishes, je.usage(job), logprobs))
+        return json_response(api.full_response(job, texts, finishes, je.usage(job), logprobs, calls))
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -248,7 +250,7 @@ async def respond(request: web.Request, je: JobExecutor, job, req: api.Generatio
             for c in api.first_chunks(job):
                 await send(c)
             async for d in deltas:
-                await send(api.chunk(job, d.index, d.text, d.finish_reason, d.logprobs))
+                await send(api.chunk(job, d.index, d.text, d.finish_reason, d.logprobs, d.tool_call))
         if req.include_usage:
             await send(api.usage_chunk(job, je.usage(job)))
     except APIError as e:  # headers are gone: the error travels as an event

@@ -25,6 +25,15 @@ prompt's, from logits of every prompt position that the forward returns after th
 (`model.prompt_rows`). Such a request bypasses the prefix cache until they are sent (a cached
 prefix has no logits), and tensor parallelism refuses it (its arena holds one row per sequence).
 
+Structured outputs (`SamplingParams.json_schema`): the sequence gets a grammar matcher
+(`flowserve/grammar.py`, compiled once per schema with the model's tokenizer, read from
+`model_path`), the sampler masks its row to the tokens the grammar allows, the matcher consumes
+each token as it resolves, and the sequence stops (finish "stop", the token kept) once the
+grammar is complete. Its mask needs the token before: with async scheduling, a launch whose
+rows have a grammar and a token still in flight waits for that step's copy before sampling;
+its forward is enqueued by then, so the device stays busy. On a PD decode TE the matcher
+starts from the prefill TE's first token the same way, and a TP master samples as any engine.
+
 PD disaggregation. On a prefill TE a request added with `handoff=True` stops after its
 first token with its blocks still held (`take_handoffs`), until the TE-shell has sent them to
 a decode TE (`flowserve.distflow`, reading them with `read_kv`) and calls `release`; given
@@ -64,6 +73,7 @@ import torch
 from flowserve.batcher import Batcher
 from flowserve.config import EngineConfig, ModelConfig
 from flowserve.device import compute_dtype, pick_device
+from flowserve.grammar import Grammar, Grammars
 from flowserve.lora import hash_seed
 from flowserve.lora_slots import LoraCache
 from flowserve.model import ModelRunner, kv_block_bytes, prompt_rows
@@ -71,6 +81,7 @@ from flowserve.protocol import Adapter, FinishReason, SamplingParams, Stats, Tok
 from flowserve.rtc import RTC, CostModel
 from flowserve.sampler import StepLogprobs, logprobs_of, sample
 from flowserve.sequence import SeqStatus, Sequence
+from flowserve.tokenizer import Tokenizer
 from flowserve.tp import TPRunner
 from flowserve.weights import load_weights
 
@@ -99,6 +110,7 @@ class Engine:
         (`flowserve/tp.py`); else they are spawned. `use_weight_cache` (`TELaunch`): False
         reads and converts the model file (the cold baseline)."""
         self.cfg = cfg = cfg or EngineConfig()
+        self.model_path = model_path
         self.tp = cfg.tensor_parallel_size > 1
         if self.tp and fork_executors:
             torch.set_num_threads(1)  # a master only samples; and a child forked after an OpenMP pool started hangs
@@ -126,6 +138,7 @@ class Engine:
         auto = self.device.type != "cpu"  # a CPU computes in this thread: nothing to overlap with
         self.async_scheduling = auto if cfg.async_scheduling is None else cfg.async_scheduling
         self.in_flight: InFlight | None = None  # async scheduling: the step launched, not yet resolved
+        self.grammars: Grammars | None = None   # made at the first request with a JSON schema
 
     # ------------------------------------------------------------------ API
 
@@ -163,8 +176,21 @@ class Engine:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]
+        if params.json_schema is not None:
+            seq.grammar = self.grammar(params.json_schema)
         self.seqs[request_id] = seq
         return seq
+
+    def grammar(self, schema: str) -> Grammar:
+        """A matcher for `schema`, with the model's tokenizer; ValueError if either is unusable."""
+        if self.grammars is None:
+            if self.model_path is None:
+                raise ValueError("structured outputs need the model's tokenizer: this TE has no model path")
+            tok = Tokenizer.load(self.model_path)
+            if tok.is_sentencepiece:
+                raise ValueError("structured outputs need a `tokenizers` tokenizer, not sentencepiece")
+            self.grammars = Grammars(tok.backend.to_str(), self.model_cfg.vocab_size, self.model_cfg.eos_token_ids)
+        return self.grammars.new(schema)
 
     def add_prefilled(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_cached: int,
                       kv_skip: int = 0, adapter: Adapter | None = None) -> Sequence | None:
@@ -198,6 +224,8 @@ class Engine:
         """A transfer's trailer: `seq` goes on from its first token, `token`, and its seeded
         generator from `rng_state` (so it draws what it would have drawn colocated)."""
         seq.token_ids.append(token)
+        if seq.grammar is not None:
+            seq.grammar.catch_up(seq.token_ids[seq.num_prompt:])
         if seq.generator is not None and rng_state is not None:
             seq.generator.set_state(rng_state)
         if seq.adapter is not None and seq.block_ids and not self.acquire_lora(seq):
@@ -310,6 +338,8 @@ class Engine:
         for seq, n in work:
             seq.num_computed += n
             self.rtc.cache_full_blocks(seq)  # before any finish frees them: a finished prompt is reusable too
+        if flight is not None:
+            self.catch_up(flight, sampled)
         tokens, logprobs = sample(logits[:len(sampled)], sampled, self.model_cfg.eos_token_ids,
                                   flight and (flight.seqs, flight.tokens))
         for seq in sampled:
@@ -323,6 +353,18 @@ class Engine:
             copied = torch.Event(self.device)
             copied.record()
         return InFlight(sampled, tokens, host, copied, logprobs, prompt)
+
+    def catch_up(self, flight: InFlight, seqs: list[Sequence]) -> None:
+        """Async scheduling: the matchers of `seqs` whose last token `flight` is still sampling
+        consume it, once that step's copy has landed (their masks depend on it)."""
+        behind = [seq for seq in seqs if seq.grammar is not None and seq.num_pending]
+        if not behind:
+            return
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        pending = dict(zip(map(id, flight.seqs), flight.host.tolist()))
+        for seq in behind:
+            seq.grammar.catch_up(seq.token_ids[seq.num_prompt:] + [pending[id(seq)]])
 
     def prompt_logprobs(self, logits: torch.Tensor, scored: list[tuple[Sequence, int, int]]
                         ) -> list[tuple[Sequence, int, StepLogprobs]]:
@@ -354,6 +396,8 @@ class Engine:
                 # before any later one that reuses them (one stream, in launch order).
                 continue
             seq.token_ids.append(token)  # valid even if it was preempted meanwhile: it recomputes later
+            if seq.grammar is not None:
+                seq.grammar.catch_up(seq.token_ids[seq.num_prompt:])
             self.rtc.cache_full_blocks(seq)  # a block that ends with this token may be computed already
             reason = self.finish_reason(seq, token)
             if reason:
@@ -365,7 +409,7 @@ class Engine:
             elif seq.handoff:  # prefill done: keep the blocks for the decode TE
                 del self.seqs[seq.request_id]
                 self.handoffs.append(seq)
-            emitted = [] if reason is FinishReason.STOP else [token]
+            emitted = [] if self.is_stop_token(seq, token) else [token]
             out = TokenOut(seq.request_id, emitted, reason, seq.num_cached or 0)
             if row in lps:
                 out.logprobs = [lps[row]] if emitted else []
@@ -375,12 +419,16 @@ class Engine:
         return outputs
 
     def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_cfg.eos_token_ids):
+        if self.is_stop_token(seq, token) or (seq.grammar is not None and seq.grammar.done):
             return FinishReason.STOP
         if self.at_length(seq, len(seq.token_ids)):
             return FinishReason.LENGTH
         return None
+
+    def is_stop_token(self, seq: Sequence, token: int) -> bool:
+        """`token` ends `seq` and is not part of its text (EOS, or one of its stop_token_ids)."""
+        p = seq.params
+        return token in p.stop_token_ids or (not p.ignore_eos and token in self.model_cfg.eos_token_ids)
 
     def at_length(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether `num_tokens` (prompt included) is as long as `seq` may grow."""

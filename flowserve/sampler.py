@@ -4,6 +4,8 @@ at launch, with the logits its model runner returned, and copies what comes back
 with the tokens; nothing here waits for the device.
 
 Per row, in this order (vLLM's):
+0. structured outputs: a row whose sequence has a grammar (`flowserve/grammar.py`) keeps only
+   the logits of the tokens its bitmask allows, the others -inf, so no processor revives them.
 1. logits processors: `logit_bias` added; EOS and `stop_token_ids` masked while fewer than
    `min_tokens` are generated; `repetition_penalty` (tokens of prompt and output: positive
    logits divided by it, negative ones multiplied); `frequency_penalty` * count and
@@ -14,7 +16,7 @@ Per row, in this order (vLLM's):
    the sequence's own torch.Generator when it has a seed, so a seeded request gives the same
    tokens whatever else shares its batch.
 
-Rows that use none of 1 and 2 cost nothing: the tensors are built only when some row of the
+Rows that use none of 0, 1 and 2 cost nothing: the tensors are built only when some row of the
 step uses them, for those rows only. With async scheduling a sequence's last token may still
 be on the device (sampled by the step in flight, not in `token_ids` yet): its count is added
 there, from that step's token tensor, so penalties are exact without waiting for it.
@@ -66,7 +68,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
     """logits: [len(seqs), vocab]. Returns one token id per sequence, on the logits' device, and
     the log probabilities of the rows whose `params.logprobs` is set (None if none is).
     `in_flight` (async scheduling): the step still computing, its sequences and tokens."""
-    logits = process(logits, seqs, eos_ids, in_flight)
+    logits = process(constrain(logits, seqs), seqs, eos_ids, in_flight)
     tokens = logits.argmax(dim=-1)
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -79,6 +81,23 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
     lp = logprobs_of(logits[idx], tokens[idx], max(seqs[i].params.logprobs for i in rows))
     lp.rows = rows
     return tokens, lp
+
+
+def constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The logits with each grammar row's disallowed tokens at -inf (step 0); the same tensor when
+    no row has a grammar. A finished grammar's row (a row async scheduling discards) is left alone."""
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.grammar.done]
+    if not rows:
+        return logits
+    dev, vocab = logits.device, logits.shape[-1]
+    words = (vocab + 31) // 32
+    mask = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=dev.type == "cuda")
+    for r, i in enumerate(rows):
+        seqs[i].grammar.fill(mask[r].data_ptr(), words * 4)
+    shifts = torch.arange(32, dtype=torch.int32, device=dev)
+    allowed = ((mask.to(dev, non_blocking=True)[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    idx = torch.tensor(rows).to(dev, non_blocking=True)
+    return logits.float().index_copy(0, idx, logits[idx].float().masked_fill(~allowed, float("-inf")))
 
 
 def process(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],

@@ -12,6 +12,8 @@ from flowserve.protocol import Adapter, SamplingParams, TokenLogprob
 if TYPE_CHECKING:
     import torch
 
+    from flowserve.grammar import Grammar
+
 
 class SeqStatus(Enum):
     WAITING = "waiting"
@@ -43,6 +45,7 @@ class Sequence:
     hash_seed: int | None = None    # its prefix-cache chain hashes start here (`flowserve.lora.hash_seed`)
     # `params.prompt_logprobs`: its prompt's, gathered as prefill chunks resolve, until sent (then None)
     prompt_logprobs: "list[TokenLogprob | None] | None" = None
+    grammar: "Grammar | None" = None  # `params.json_schema`'s matcher (`flowserve/grammar.py`)
 
     @property
     def num_uncomputed(self) -> int:

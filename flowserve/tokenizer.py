@@ -12,8 +12,10 @@ character.
 """
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
+from jinja2 import meta
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -153,26 +155,38 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_piece_size() if self.is_sentencepiece else self.backend.get_vocab_size()
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """`messages` and `tools` in transformers' shapes (tool calls' arguments as objects)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
         return _compile(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token, eos_token=self.eos_token)
 
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders `tools` itself (else the caller puts them in the messages)."""
+        return bool(self.chat_template) and _takes_tools(self.chat_template)
 
-_TEMPLATES: dict[str, object] = {}
+
+def _raise_exception(message):
+    raise TemplateError(message)
 
 
+# Sandboxed, as HF does, since templates ship with model files.
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+_ENV.globals["raise_exception"] = _raise_exception
+
+
+@cache
 def _compile(source: str):
-    """Templates compiled once; sandboxed, as HF does, since templates ship with model files."""
-    if source not in _TEMPLATES:
-        def raise_exception(message):
-            raise TemplateError(message)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        _TEMPLATES[source] = env.from_string(source)
-    return _TEMPLATES[source]
+    return _ENV.from_string(source)
+
+
+@cache
+def _takes_tools(source: str) -> bool:
+    return "tools" in meta.find_undeclared_variables(_ENV.parse(source))
 
 
 class Detokenizer:

@@ -49,13 +49,14 @@ def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
     return msg, (fds[0] if fds else None)
 
 
-def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, launch: TELaunch, weights, packed,
-          t_fork: float) -> None:
+def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, launch: TELaunch, model: str, weights,
+          packed, t_fork: float) -> None:
     """Runs in the forked process: become one TE, then exit without returning to the template loop."""
     control.close()  # else the main process would not see the template's death while TEs live
     code = 0
     try:
-        serve_engine(te_sock, cfg, launch, weights=weights, packed=packed, t_start=t_fork, warmed_on_cpu=True)
+        # `model` too: the weights are here, but structured outputs read its tokenizer
+        serve_engine(te_sock, cfg, launch, model, weights=weights, packed=packed, t_start=t_fork, warmed_on_cpu=True)
     except BaseException:
         log.exception("forked TE failed")
         code = 1
@@ -125,7 +126,7 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
             t_fork = time.perf_counter()
             pid = os.fork()
             if pid == 0:
-                child(te_sock, control, msg.engine_config, msg.launch, (cfg, tensors),
+                child(te_sock, control, msg.engine_config, msg.launch, model, (cfg, tensors),
                       shards.get(size) if size > 1 else packed, t_fork)
             te_sock.close()
             control.sendall(pack(Forked(msg.te_id, pid)))

@@ -19,7 +19,9 @@ import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
                       ValidationError, field_validator, model_validator)
 
+from flowserve.grammar import JSON_OBJECT, schema_error
 from flowserve.protocol import SamplingParams
+from scheduler.tools import CallDelta, ToolPlan
 
 if TYPE_CHECKING:
     from scheduler.job import Job, LogprobEntry
@@ -33,6 +35,7 @@ DEFAULT_CACHE_TTL_S = 3600      # a context cache lives an hour unless told (as 
 MAX_CACHE_TTL_S = 7 * 86400
 MAX_TOP_LOGPROBS = 20               # chat's top_logprobs (OpenAI's bound)
 MAX_COMPLETION_LOGPROBS = 5         # completions' logprobs (OpenAI's bound)
+MAX_TOOLS = 128                     # OpenAI's bound
 
 # OpenAI's error type and default code for each status we answer with.
 ERROR_KINDS: dict[int, tuple[str, str | None]] = {
@@ -94,10 +97,27 @@ class TextPart(_Strict):
     text: str
 
 
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCall(_Strict):
+    name: ToolName
+    arguments: str                  # a JSON object, as text
+
+
+class ToolCall(_Strict):
+    """A call the model made: in an answer's `message.tool_calls`, and in the assistant turns
+    a client sends back."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: _str_or(str, list[TextPart]) | None = Field(None, validate_default=True)
-    tool_calls: Annotated[list, Field(max_length=0)] | None = None     # not supported
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)  # a tool result: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -107,10 +127,66 @@ class ChatMessage(_Strict):
             raise ValueError("a string or an array of text parts is required")
         return "\n".join(p.text for p in content) if isinstance(content, list) else content or ""
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_calls(cls, calls, info):
+        if calls and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has tool calls")
+        for c in calls:
+            if not isinstance(_json_or_none(c.function.arguments), dict):
+                raise ValueError(f"arguments must be a JSON object, got {c.function.arguments!r:.40}")
+        return calls
 
-def _as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The messages as chat templates read them: {"role", "content"}, developer -> system."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_result(cls, call_id, info):
+        if (call_id is None) == (info.data.get("role") == "tool"):
+            raise ValueError("a tool message needs the id of the call it answers" if call_id is None
+                             else "only a tool message answers a tool call")
+        return call_id
+
+
+def _json_or_none(text: str):
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _as_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as chat templates read them (transformers' shape): role (developer -> system)
+    and content, an assistant's tool calls with their arguments as objects, a tool result's call id."""
+    out = []
+    for m in messages:
+        d = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": orjson.loads(c.function.arguments)}} for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
+
+
+class FunctionDef(_Strict):
+    name: ToolName
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object (None: no arguments)
+    strict: bool | None = None      # arguments always match `parameters` under required or a named choice
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: ToolName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
@@ -121,18 +197,46 @@ class TextFormat(_Strict):
     type: Literal["text"] = "text"
 
 
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Strict):
+    """response_format.json_schema: the schema the answer must match (any of it, `strict` or not:
+    the grammar enforces it all), checked here with the grammar library (flowserve/grammar.py)."""
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict = Field({}, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _compiles(self):
+        if error := schema_error(self.text):
+            raise ValueError(f"the schema cannot be compiled: {error}")
+        return self
+
+    @property
+    def text(self) -> str:
+        return orjson.dumps(self.schema_).decode()
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class _Unsupported(_Strict):
     """Features this server does not implement: accepted at their "off" value only."""
-    tools: Annotated[list, Field(max_length=0)] = []
-    tool_choice: Literal["none"] = "none"
     functions: None = None
     function_call: Literal["none"] = "none"
-    response_format: TextFormat = TextFormat()
     suffix: Literal[""] = ""
     best_of: Literal[1] = 1
 
 
-_OFF = {*_Unsupported.model_fields, "tool_calls"}
+_OFF = set(_Unsupported.model_fields)
 
 
 class GenerationRequest(_Unsupported):
@@ -161,6 +265,7 @@ class GenerationRequest(_Unsupported):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=2)] = 1.0  # vLLM extension; 1: off; >= 0.01 keeps logits finite
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] = {}
     cache_id: str | None = None                     # a context cache from POST /v1/caches: its context comes first
+    response_format: ResponseFormat = TextFormat()  # structured outputs: the answer is JSON (of a schema)
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +298,16 @@ class GenerationRequest(_Unsupported):
         return None
 
     @property
+    def json_schema(self) -> str | None:
+        """The JSON Schema the answer must match, as text (None: free text)."""
+        match self.response_format:
+            case JsonObjectFormat():
+                return JSON_OBJECT
+            case JsonSchemaFormat(json_schema=spec):
+                return spec.text
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -217,7 +332,8 @@ class GenerationRequest(_Unsupported):
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
-                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs)
+                              logprobs=self.num_logprobs, prompt_logprobs=self.num_prompt_logprobs,
+                              json_schema=self.json_schema)
 
 
 class ChatRequest(GenerationRequest):
@@ -227,10 +343,63 @@ class ChatRequest(GenerationRequest):
                         AfterValidator(_as_dicts)]
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0   # with logprobs: alternatives per token
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] = []
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _unique(cls, tools: list[Tool]) -> list[Tool]:
+        names = [t.function.name for t in tools]
+        if len(set(names)) < len(names):
+            raise ValueError("function names must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _declared(cls, choice, info):
+        names = {t.function.name for t in info.data.get("tools", [])}
+        if choice != "none" and not names:
+            raise ValueError("only allowed when 'tools' are given")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"no tool named {choice.function.name!r:.70} was declared")
+        return choice
 
     @property
     def num_logprobs(self) -> int | None:
         return self.top_logprobs if self.logprobs else None
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        """How the tools are used; None ("none", or no tools): not at all, not even shown."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if choice == "none":
+            return None
+        functions = [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in self.tools]
+        if isinstance(choice, NamedToolChoice):
+            return ToolPlan(functions, "named", choice.function.name, self.parallel_tool_calls)
+        return ToolPlan(functions, choice, parallel=self.parallel_tool_calls)
+
+    @property
+    def json_schema(self) -> str | None:
+        """`required` and a named function: the grammar makes the answer the call(s)."""
+        schema = self.tool_plan and self.tool_plan.schema()
+        return orjson.dumps(schema).decode() if schema else super().json_schema
+
+    @model_validator(mode="after")
+    def _enforceable(self):
+        """The calls the grammar enforces: their schemas compile, and are the only constraint."""
+        if self.tool_choice in (None, "none", "auto"):
+            return self
+        if not isinstance(self.response_format, TextFormat):
+            raise invalid("response_format cannot be combined with tool_choice 'required' or a named function",
+                          "response_format")
+        for i, tool in enumerate(self.tools):
+            params = tool.function.parameters
+            if params is not None and (error := schema_error(orjson.dumps(params).decode())):
+                raise invalid(f"the parameters of {tool.function.name!r} cannot be compiled: {error}",
+                              f"tools[{i}].function.parameters")
+        return self
 
 
 class CompletionRequest(GenerationRequest):
@@ -297,7 +466,7 @@ class UnloadLoraRequest(_Strict):
 
 # --- parsing ---------------------------------------------------------------------------
 
-_DEPTH = {"messages": 4, "stream_options": 2}   # how deep a param goes: messages[1].content[0]
+_DEPTH = {"messages": 4, "stream_options": 2, "tools": 4}   # how deep a param goes: messages[1].content[0]
 
 
 def _api_error(e: ValidationError) -> APIError:
@@ -381,7 +550,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None             # None: only tool calls
+    tool_calls: list[ToolCall] | None = _omitted_when_none()
 
 
 class TopLogprob(BaseModel):
@@ -447,9 +617,24 @@ class ChatCompletion(_Generated):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = _omitted_when_none()
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A tool call's fragment in a stream: the first has its id, type and name, then arguments
+    follow piece by piece (clients join them by `index`)."""
+    index: int
+    id: str | None = _omitted_when_none()
+    type: Literal["function"] | None = _omitted_when_none()
+    function: FunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = _omitted_when_none()
     content: str | None = _omitted_when_none()
+    tool_calls: list[ToolCallDelta] | None = _omitted_when_none()
 
 
 class ChatChunkChoice(BaseModel):
@@ -546,11 +731,14 @@ def first_chunks(job: "Job") -> list[ChatCompletionChunk]:
 
 
 def chunk(job: "Job", index: int, text: str, finish: str | None,
-          logprobs: "list[LogprobEntry] | None" = None) -> ChatCompletionChunk | Completion:
-    """A choice's new text and its tokens' logprobs (if asked), or (with `finish`) its end."""
+          logprobs: "list[LogprobEntry] | None" = None, call: CallDelta | None = None) -> ChatCompletionChunk | Completion:
+    """A choice's new text or tool call fragment and its tokens' logprobs (if asked), or (with
+    `finish`) its end."""
     if job.kind == "chat":
-        choice = ChatChunkChoice(index=index, delta=ChatDelta(content=None if finish else text),
-                                 logprobs=chat_logprobs(logprobs), finish_reason=finish)
+        delta = ChatDelta(content=None if finish or (call and not text) else text, tool_calls=call and [ToolCallDelta(
+            index=call.index, id=call.id, type=call.id and "function",
+            function=FunctionDelta(name=call.name, arguments=call.arguments))])
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(logprobs), finish_reason=finish)
         return ChatCompletionChunk(**_head(job), choices=[choice])
     return Completion(**_head(job), choices=[CompletionChoice(index=index, text="" if finish else text,
                                                               logprobs=completion_logprobs(logprobs),
@@ -561,14 +749,25 @@ def usage_chunk(job: "Job", usage: dict) -> ChatCompletionChunk | Completion:
     return (ChatCompletionChunk if job.kind == "chat" else Completion)(**_head(job), choices=[], usage=usage)
 
 
+def _message(text: str, fragments: list[CallDelta]) -> AssistantMessage:
+    """A chat choice's answer: its text, and the tool calls its fragments make up."""
+    calls: dict[int, ToolCall] = {}
+    for d in fragments:
+        if d.id:
+            calls[d.index] = ToolCall(id=d.id, function=FunctionCall(name=d.name, arguments=""))
+        calls[d.index].function.arguments += d.arguments
+    return AssistantMessage(content=text or None, tool_calls=list(calls.values())) if calls else AssistantMessage(content=text)
+
+
 def full_response(job: "Job", texts: list[str], finishes: list[str], usage: dict,
-                  logprobs: "list[list[LogprobEntry] | None] | None" = None) -> ChatCompletion | Completion:
-    """Every choice's text, finish reason and logprobs (None where not asked)."""
-    logprobs = logprobs or [None] * len(texts)
+                  logprobs: "list[list[LogprobEntry] | None] | None" = None,
+                  calls: list[list[CallDelta]] | None = None) -> ChatCompletion | Completion:
+    """Every choice's text, finish reason, logprobs (None where not asked) and tool calls."""
+    logprobs, calls = logprobs or [None] * len(texts), calls or [[]] * len(texts)
     if job.kind == "chat":
         return ChatCompletion(**_head(job), usage=usage, choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=t), logprobs=chat_logprobs(lp), finish_reason=f)
-            for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))])
+            ChatChoice(index=i, message=_message(t, c), logprobs=chat_logprobs(lp), finish_reason=f)
+            for i, (t, f, lp, c) in enumerate(zip(texts, finishes, logprobs, calls))])
     return Completion(**_head(job), usage=usage, choices=[
         CompletionChoice(index=i, text=t, logprobs=completion_logprobs(lp), finish_reason=f)
         for i, (t, f, lp) in enumerate(zip(texts, finishes, logprobs))])

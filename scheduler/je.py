@@ -5,7 +5,8 @@ tokenize here in the main process (TEs see token ids only), put a context cache'
 first when the request names one (`cache_id`, scheduler/caches.py), check the prompt against
 the context length, and build the Job. `start` submits its tasks to the cluster (`scheduler/cluster.py`:
 `dist_sched` places them), and a worker per task turns the TE's token events into text
-with an incremental detokenizer and `StopStrings`; `stream` yields the resulting `Delta`s
+with an incremental detokenizer and `StopStrings` (and a chat's tool calls from that text,
+scheduler/tools.py); `stream` yields the resulting `Delta`s
 for the frontend to format. Whatever ends the job (finish, error, a client that went away),
 `close` aborts its unfinished tasks in their TEs.
 """
@@ -15,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 from flowserve.protocol import Adapter, FinishReason, TokenLogprob
 from flowserve.tokenizer import Detokenizer, Tokenizer
@@ -23,6 +25,7 @@ from scheduler.cluster import Cluster
 from scheduler.job import Job, LogprobEntry, Overloaded, State, Task
 from scheduler.metrics import Metrics
 from scheduler.api import APIError, CacheRequest, ChatRequest, CompletionRequest, GenerationRequest, invalid
+from scheduler.tools import CallDelta, ToolCallStream, hermes_messages
 
 log = logging.getLogger("deepflow.je")
 
@@ -33,8 +36,9 @@ MAX_RETRIES = 2  # placements after a TE death, for a task that has sent no toke
 class Delta:
     index: int
     text: str
-    finish_reason: FinishReason | None = None
+    finish_reason: FinishReason | Literal["tool_calls"] | None = None
     logprobs: list[LogprobEntry] | None = None   # its tokens' (they may run ahead of the text held back)
+    tool_call: CallDelta | None = None           # one fragment a delta, as OpenAI streams them
 
 
 class StopStrings:
@@ -75,8 +79,11 @@ class JobExecutor:
         conversation as sent whole, tokenized whole."""
         cache = req.cache_id and self.caches.get(req.cache_id, "chat")
         messages = cache.context + req.messages if cache else req.messages
-        prompt = self.tok.encode(self._template(messages, "messages"))
-        return self._job("chat", prompt, req, "messages", cache and cache.id, adapter)
+        plan = req.tool_plan
+        prompt = self.tok.encode(self._template(messages, "messages", tools=plan and plan.prompt_tools))
+        job = self._job("chat", prompt, req, "messages", cache and cache.id, adapter)
+        job.tools = plan
+        return job
 
     def completion_job(self, req: CompletionRequest, adapter: Adapter | None = None) -> Job:
         """A completion on a context cache prompts with the cached prompt, then its own (the
@@ -101,9 +108,14 @@ class JobExecutor:
         self._check_length(prompt, "messages" if kind == "chat" else "prompt")
         return kind, context, prompt
 
-    def _template(self, messages: list[dict], param: str, add_generation_prompt: bool = True) -> str:
+    def _template(self, messages: list[dict], param: str, add_generation_prompt: bool = True,
+                  tools: list[dict] | None = None) -> str:
+        """The conversation as the model's template shows it, tools and calls included (in
+        scheduler/tools.py's Hermes format when the template has none of its own)."""
+        if not self.tok.template_takes_tools:
+            messages, tools = hermes_messages(messages, tools), None
         try:
-            return self.tok.apply_chat_template(messages, add_generation_prompt)
+            return self.tok.apply_chat_template(messages, add_generation_prompt, tools)
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise invalid(f"chat template rejected the messages: {e}", param) from e
 
@@ -192,8 +204,9 @@ class JobExecutor:
             job.out.put_nowait(APIError(503, message))
 
     async def _choice(self, job: Job, task: Task, stop: list[str], out: asyncio.Queue) -> None:
-        """One choice: the TE's token events for `task` -> text `Delta`s on `out`."""
+        """One choice: the TE's token events for `task` -> text (and tool call) `Delta`s on `out`."""
         detok, stops = Detokenizer(self.tok, task.prompt_ids), StopStrings(stop)
+        calls = job.tools and ToolCallStream(job.tools)
         offset, echoed = 0, not job.echo  # offset: characters before the next token (completions' text_offset)
         while True:
             ev = await task.events.get()
@@ -213,14 +226,18 @@ class JobExecutor:
                 out.put_nowait(Delta(task.index, self.tok.decode(task.prompt_ids), logprobs=entries))
             entries, offset = self._logprobs(ev.token_ids, ev.logprobs, offset)
             text, stopped = stops.push(detok.push(ev.token_ids), final=ev.finish_reason is not None)
-            if text or entries:
-                out.put_nowait(Delta(task.index, text, logprobs=entries))
+            text, fragments = calls.push(text, final=stopped or ev.finish_reason is not None) if calls else (text, [])
+            if text or entries or fragments:
+                out.put_nowait(Delta(task.index, text, logprobs=entries, tool_call=fragments[0] if fragments else None))
+            for f in fragments[1:]:
+                out.put_nowait(Delta(task.index, "", tool_call=f))
             if stopped or ev.finish_reason:
                 if stopped and not ev.finish_reason:  # the TE is still generating
                     self.cluster.abort([task])
                 task.state, task.t_done = State.FINISHED, time.monotonic()
                 task.finish_reason = FinishReason.STOP if stopped else ev.finish_reason
-                out.put_nowait(Delta(task.index, "", task.finish_reason))
+                called = calls and calls.calls and task.finish_reason is FinishReason.STOP
+                out.put_nowait(Delta(task.index, "", "tool_calls" if called else task.finish_reason))
                 return
 
     def _logprobs(self, ids: list[int], lps: list[TokenLogprob | None] | None, offset: int

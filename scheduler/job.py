@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from flowserve.protocol import Adapter, FinishReason, SamplingParams, TokenLogprob
+from scheduler.tools import ToolPlan
 
 
 class Overloaded(Exception):
@@ -92,6 +93,7 @@ class Job:
     kind: str                      # chat | completion
     model: str
     echo: bool = False             # completions: the prompt's text (and logprobs) comes first
+    tools: ToolPlan | None = None  # chat: the tools its answers may call
     tasks: list[Task] = field(default_factory=list)
     id: str = field(default_factory=lambda: f"job-{next(_ids)}")
     state: State = State.QUEUED

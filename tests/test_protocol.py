@@ -24,6 +24,8 @@ from scheduler.api import (
 from scheduler.openapi import openapi
 
 HI = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f"}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
 def chat(**kw) -> dict:
@@ -39,14 +41,21 @@ BAD = [
     (parse_chat, {"messages": "hi"}, "messages"),
     (parse_chat, {"messages": HI * 257}, "messages"),
     (parse_chat, {"messages": ["hi"]}, "messages[0]"),
-    (parse_chat, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    (parse_chat, {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    (parse_chat, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+    (parse_chat, {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id"),
+    (parse_chat, {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
+    (parse_chat, {"messages": [{"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"name": "f", "arguments": "{oops"}}]}]}, "messages[0].tool_calls"),
+    (parse_chat, {"messages": [{"role": "assistant", "tool_calls": [
+        {**CALL, "function": {"name": "f", "arguments": {"a": 1}}}]}]}, "messages[0].tool_calls[0]"),
     (parse_chat, {"messages": [{"content": "x"}]}, "messages[0].role"),
     (parse_chat, {"messages": [{"role": "user"}]}, "messages[0].content"),
     (parse_chat, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     (parse_chat, {"messages": [*HI, {"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[1].content[0]"),
     (parse_chat, {"messages": [{"role": "assistant", "content": None,
-                                "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls"),
+                                "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls[0]"),
     (parse_chat, chat(model=3), "model"),
     (parse_chat, chat(max_tokens=0), "max_tokens"),
     (parse_chat, chat(max_tokens=True), "max_tokens"),
@@ -87,9 +96,19 @@ BAD = [
     (parse_chat, chat(logprobs=1), "logprobs"),
     (parse_chat, chat(top_logprobs=21), "top_logprobs"),
     (parse_chat, chat(logit_bias={"50256": -101}), "logit_bias"),
-    (parse_chat, chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (parse_chat, chat(tools=[{"type": "function", "function": {"name": "get weather"}}]), "tools[0].function.name"),
+    (parse_chat, chat(tools=[{"type": "function", "function": {"name": "f" * 65}}]), "tools[0].function.name"),
+    (parse_chat, chat(tools=[{"type": "function", "function": {"name": ""}}]), "tools[0].function.name"),
+    (parse_chat, chat(tools=[{"type": "retrieval", "function": {"name": "f"}}]), "tools[0].type"),
+    (parse_chat, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
+     "tools[0].function.parameters"),
+    (parse_chat, chat(tools=[TOOL, TOOL]), "tools"),
     (parse_chat, chat(tool_choice="auto"), "tool_choice"),
-    (parse_chat, chat(response_format={"type": "json_object"}), "response_format"),
+    (parse_chat, chat(tools=[TOOL], tool_choice="always"), "tool_choice"),
+    (parse_chat, chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+    (parse_chat, chat(tools=[TOOL], parallel_tool_calls="no"), "parallel_tool_calls"),
+    (parse_chat, chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
+     "response_format"),
     (parse_chat, chat(functions=[{"name": "f"}]), "functions"),
     (parse_completion, {"model": "m"}, "prompt"),
     (parse_completion, {"prompt": ""}, "prompt"),
