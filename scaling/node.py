@@ -90,9 +90,11 @@ class LocalNode:
 
 
 def local_host(model_path: str, start_mode: str = "fork", prewarmed: int = 1,
-               pool_cfg: EngineConfig | None = None, machine: list[Host] | None = None) -> Host:
-    """This machine as a deployment's one host for `model_path`, its TEs sharing a new DistFlow
-    secret; `machine`: the hosts other base models already have here (it joins them)."""
+               pool_cfg: EngineConfig | None = None, machine: list[Host] | None = None,
+               env: dict | None = None) -> Host:
+    """This machine as a deployment's one host for `model_path`, its TEs sharing a DistFlow
+    secret (`env`, else a new one); `machine`: the hosts other base models already have here
+    (it joins them)."""
     return Host("local", "127.0.0.1", **probe(),
-                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, secret_env()),
+                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, env or secret_env()),
                 machine=machine if machine is not None else [])

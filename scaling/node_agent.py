@@ -20,7 +20,7 @@ import signal
 import socket
 
 from flowserve.config import TELaunch, weights_cache_path
-from flowserve.protocol import Hello, Load, decode_config, pack
+from flowserve.protocol import Hello, Load, decode_config, dial_main, pack
 from scaling.hosts import probe
 from scaling.launch import TemplateHandle, fork_or_spawn
 from scaling.prewarm import PrewarmPool
@@ -65,15 +65,7 @@ class NodeAgent:
         whether it is a fresh interpreter (its imports then count in its start-up).
         `weights_from`: a running TE to stream the weights from (a pre-warmed TE, `peer`)."""
         cfg, launch = decode_config(engine_config), decode_config(te_launch, TELaunch)
-        host, port = main_address.rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)), timeout=10)
-        sock.setblocking(True)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames, sent at once
-        # If the main process's host vanishes without closing the connection, the TE notices
-        # within ~25 s (probes after 10 s idle, every 5 s, 3 missed) and exits, like on EOF.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3)):
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        sock = dial_main(main_address)
         with sock:
             sock.sendall(pack(Hello(te_id, secret)))
             if self.pool and (te := self.pool.take()):

@@ -9,20 +9,16 @@ that fails its ping, takes its TEs with it (`HostPool.remove_host`) and the grou
 A host once lost is not taken back until its raylet re-registers (a new node id). The
 backend knows the cluster (scheduler/cluster.py) only as the `HostPool` it was given.
 
-TEs of every host connect back to `TEListener`, a TCP server on the main process's
-address. A connection counts only if its first frame is `Hello` with the TE's id and the
-secret made for that one start (`secrets.token_bytes`, handed to the agent in the `launch`
-call); anything else is closed unread. Frames are msgspec-typed msgpack: nothing is
-unpickled from a peer.
+TEs of every host connect back to the main process's `TEListener` (`scaling/te_listener.py`,
+on `--te-port`). A connection counts only if its first frame is `Hello` with the TE's id and
+the secret made for that one start (handed to the agent in the `launch` call); anything
+else is closed unread. Frames are msgspec-typed msgpack: nothing is unpickled from a peer.
 
 Only `deepflow.serve` imports this module, and only with `--backend ray`.
 """
 import asyncio
-import hmac
 import logging
 import os
-import secrets
-import socket
 import sys
 from typing import Protocol
 
@@ -31,13 +27,13 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowserve.config import EngineConfig, TELaunch
-from flowserve.protocol import BadFrame, Hello, encode_config, expect, next_frame
+from flowserve.protocol import encode_config
 from scaling.hosts import Host, secret_env
 from scaling.launch import ROOT, Launched
 from scaling.node_agent import NodeAgent
+from scaling.te_listener import HELLO_TIMEOUT_S, TEListener
 
 log = logging.getLogger("deepflow.ray")
-HELLO_TIMEOUT_S = 5
 POLL_S = 1.0
 
 
@@ -47,41 +43,6 @@ class HostPool(Protocol):
     def add_host(self, host: Host) -> None: ...
     def remove_host(self, host: Host, why: str) -> None: ...
     def donor(self) -> str | None: ...
-
-
-class TEListener:
-    def __init__(self, address: str):
-        self.host, self.address = address, ""
-        self.expected: dict[str, tuple[bytes, asyncio.Future]] = {}
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._on_connection, self.host, 0)
-        self.address = f"{self.host}:{self.server.sockets[0].getsockname()[1]}"
-
-    def expect(self, te_id: str) -> tuple[bytes, asyncio.Future]:
-        secret, arrived = secrets.token_bytes(32), asyncio.get_running_loop().create_future()
-        self.expected[te_id] = (secret, arrived)
-        return secret, arrived
-
-    def forget(self, te_id: str) -> None:
-        self.expected.pop(te_id, None)
-
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer, buf = writer.get_extra_info("peername"), bytearray()
-        try:
-            hello = expect(await asyncio.wait_for(next_frame(reader, buf), HELLO_TIMEOUT_S), Hello)
-        except (BadFrame, TimeoutError, ConnectionError) as e:
-            hello, why = None, str(e) or type(e).__name__
-        else:
-            why = "closed before its hello"
-        entry = self.expected.get(hello.te_id) if hello else None
-        if entry is None or not hmac.compare_digest(hello.secret, entry[0]) or entry[1].done():
-            log.warning("TE connection from %s refused: %s", peer, "wrong TE id or secret" if hello else why)
-            writer.close()
-            return
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        entry[1].set_result((reader, writer, buf))
 
 
 class RayNode:
@@ -128,12 +89,13 @@ class RayNode:
 
 class RayBackend:
     def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
-                 pool_cfg: EngineConfig, health_timeout_s: float):
+                 pool_cfg: EngineConfig, health_timeout_s: float, te_port: int = 0):
         """`pool`: where hosts go (the cluster); `start_mode`, `prewarmed`, `pool_cfg`: how each
-        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host."""
+        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host;
+        `te_port`: the TE listener's port (0: a free one)."""
         self.pool, self.address, self.model_path = pool, address, model_path
         self.start_mode, self.prewarmed, self.pool_cfg = start_mode, prewarmed, pool_cfg
-        self.health_timeout_s, self.env = health_timeout_s, secret_env()
+        self.health_timeout_s, self.env, self.te_port = health_timeout_s, secret_env(), te_port
         self.listener: TEListener | None = None
         self.nodes: dict[str, Host] = {}
         self.lost: set[str] = set()
@@ -144,7 +106,7 @@ class RayBackend:
         ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
         self.listener = TEListener(ray.util.get_node_ip_address())
-        await self.listener.start()
+        await self.listener.start(self.te_port)
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
         await self.discover(start_nodes=False)  # the cluster starts the first hosts' agents itself
         if not self.nodes:
@@ -217,6 +179,6 @@ class RayBackend:
         """After the cluster's shutdown, which stopped the agents of the hosts it had."""
         for task in self.watchers:
             task.cancel()
-        if self.listener and self.listener.server:
-            self.listener.server.close()
+        if self.listener:
+            self.listener.close()
         await asyncio.to_thread(ray.shutdown)

@@ -9,7 +9,9 @@ a dataclass below whose fields are its columns: `StateStore.insert/get/select/up
 map rows to and from such dataclasses (a dict or list field is stored as JSON text).
 
 Who writes what: uploaded files (scheduler/files.py: rows here, bytes under `files/`), batches
-and each of their lines' results as it finishes (scheduler/batch.py). The writes are one small
+and each of their lines' results as it finishes (scheduler/batch.py); serving TEs, group
+targets, context caches and DistFlow secrets, for a restarted main process to re-adopt
+(scheduler/restart.py). The writes are one small
 row each: in WAL mode with synchronous=NORMAL a commit is an append to the log without fsync,
 tens of microseconds, so the event loop calls them directly; what can take long (file bytes,
 a batch's output file) runs in a thread (`asyncio.to_thread`), which the lock makes safe.
@@ -47,6 +49,17 @@ MIGRATIONS: list[str] = [
         batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE, line INTEGER NOT NULL,
         custom_id TEXT NOT NULL, ok INTEGER NOT NULL, result TEXT NOT NULL,
         PRIMARY KEY (batch_id, line));
+    """,
+    # 2: what a restarted main process re-adopts (scheduler/restart.py)
+    """
+    CREATE TABLE tes (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, group_name TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+        secret BLOB NOT NULL, engine_config TEXT NOT NULL, start_mode TEXT NOT NULL, main_address TEXT NOT NULL);
+    CREATE TABLE group_targets (id TEXT PRIMARY KEY, target TEXT NOT NULL, by_hand TEXT NOT NULL);
+    CREATE TABLE context_caches (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, kind TEXT NOT NULL, context TEXT NOT NULL, token_ids TEXT NOT NULL,
+        blocks INTEGER NOT NULL, ttl_s INTEGER NOT NULL, created REAL NOT NULL);
+    CREATE TABLE secrets (id TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 ]
 
@@ -102,6 +115,52 @@ class BatchLineRow:
     custom_id: str
     ok: bool
     result: str
+
+
+@dataclass
+class TERow:
+    """A serving TE that may outlive the main process: what the next one needs to re-adopt it."""
+    table: ClassVar[str] = "tes"
+    id: str
+    model: str                      # its base model's path
+    group_name: str
+    host: str                       # its host's name
+    pid: int
+    secret: bytes                   # what it shows when it reconnects (it made it at start)
+    engine_config: dict
+    start_mode: str
+    main_address: str               # the TE listener it reconnects to
+
+
+@dataclass
+class GroupTargetsRow:
+    """A base model's group sizes (`id`: its path), and the groups sized by hand (POST /admin/scale)."""
+    table: ClassVar[str] = "group_targets"
+    id: str
+    target: dict
+    by_hand: list
+
+
+@dataclass
+class ContextCacheRow:
+    """A context cache's metadata (scheduler/caches.py); which TEs pin it, they say themselves."""
+    table: ClassVar[str] = "context_caches"
+    id: str
+    model: str
+    kind: str
+    context: list | str
+    token_ids: list
+    blocks: int
+    ttl_s: int
+    created: float
+
+
+@dataclass
+class SecretRow:
+    """A secret that must outlive the main process (a base model's DistFlow secret: its TEs have it)."""
+    table: ClassVar[str] = "secrets"
+    id: str
+    value: str
 
 
 Row = TypeVar("Row")
