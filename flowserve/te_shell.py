@@ -68,7 +68,7 @@ from flowserve.protocol import (  # noqa: E402
     pack, recv_frame, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
-REJOIN_BACKOFF_S = (0.05, 0.5)  # first and longest wait between dials of a restarting main process
+REJOIN_BACKOFF_S = (0.02, 0.2)  # first and longest wait between dials of a restarting main process
 
 
 class Liveness(threading.Thread):

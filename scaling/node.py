@@ -77,6 +77,17 @@ class LocalNode:
         except ProcessLookupError:
             pass
 
+    def kill_stale(self, pid: int) -> None:
+        """A TE of a previous main process that did not come back to this one (frozen, or past
+        its grace): kill it, if that pid is still a TE (a TE-shell, or a fork of a template)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return
+        if b"flowserve.te_shell" in cmdline or b"scaling.template" in cmdline:
+            self.kill(pid)
+
     async def stop(self) -> None:
         self.closing = True
         if self.template:

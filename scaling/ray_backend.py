@@ -75,6 +75,8 @@ class RayNode:
     def kill(self, pid: int) -> None:
         self.agent.kill.remote(pid)  # fire and forget: on a lost host nothing answers
 
+    kill_stale = kill  # the agent kills only what it started
+
     async def stop(self) -> None:
         try:
             await asyncio.wait_for(self.agent.shutdown.remote(), 10)

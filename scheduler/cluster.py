@@ -64,7 +64,7 @@ HEARTBEAT_S = 1.0
 STEP_BOUND = 30  # health timeouts one engine step may take before its TE counts as hung
 DECISIONS_KEPT = 64
 TE_IDS = itertools.count()  # one numbering for every base model's TEs
-ADOPT_WAIT_S = 2.0  # how long a restarted main process waits for its TEs (they dial every 0.5 s at most)
+ADOPT_WAIT_S = 2.0  # how long a restarted main process waits for its TEs (they dial every 0.2 s at most)
 
 
 class NoRoom(RuntimeError):
@@ -141,19 +141,20 @@ class Cluster:
     async def start(self) -> None:
         """Start the hosts' node agents (templates), then the groups' TEs. After a restart the
         adopted TEs serve at once: the rest happens in the background, missing TEs as refills."""
-        if self.tes:
-            self._in_background(self._start_hosts(refill=True))
+        if self.tes:  # /health says "degraded" until the refills are ready
+            missing = [g for g, n in self.target.items() for _ in range(n - len(self.live(g)))]
+            self.replacing += len(missing)
+            self._in_background(self._start_hosts(refill=missing))
         else:
             await self._start_hosts()
         self.started = True
         self._in_background(self.watch_health())
 
-    async def _start_hosts(self, refill: bool = False) -> None:
+    async def _start_hosts(self, refill: list[str] | None = None) -> None:
         await asyncio.gather(*(host.node.start() for host in self.hosts))
-        if refill:
-            for group, n in self.target.items():
-                for _ in range(n - len(self.live(group))):
-                    self._refill(group)
+        if refill is not None:
+            for group in refill:
+                self._in_background(self._replace(group))
             return
         if (missing := self.target_beyond_room()):
             raise NoRoom(missing)
@@ -288,12 +289,13 @@ class Cluster:
     async def adopt(self, listener: TEListener, wait_s: float = ADOPT_WAIT_S) -> None:
         """After a restart, before `start`: take back the TEs the state dir lists, as they
         reconnect to `listener` within `wait_s` (nothing is forked or loaded), with the context
-        caches they pin, and restore the group targets. A TE that does not come back is
-        forgotten (it exits at the end of its grace)."""
+        caches they pin, and restore the group targets. A TE that does not come back in time
+        is killed (a frozen one would never exit) and replaced by `start`."""
         global TE_IDS
         if row := self.state.get(GroupTargetsRow, self.model_path):
             self.target.update(row.target)
             self.by_hand = set(row.by_hand)
+        t0 = time.perf_counter()
         rows = self.state.select(TERow, "model = ?", (self.model_path,))
         hosts = {h.name: h for h in self.hosts}
         arrivals = {row.id: listener.expect(row.id, row.secret)[1] for row in rows}
@@ -313,6 +315,8 @@ class Cluster:
                 arrived.cancel()
                 if te.writer:
                     te.writer.close()
+                if host:  # frozen, or too late: it must not linger
+                    host.node.kill_stale(row.pid)
                 log.warning("TE %s (pid %d) not adopted: %s", row.id, row.pid, e)
                 self.state.delete(TERow, row.id)
                 continue
@@ -326,6 +330,8 @@ class Cluster:
                      len(ready.pinned))
         for host in self.hosts:
             self.rebalance(host)
+        if rows:
+            log.warning("re-adopted %d of %d TE(s) in %.0f ms", len(self.tes), len(rows), 1e3 * (time.perf_counter() - t0))
         # new TEs are numbered past the adopted ones
         TE_IDS = itertools.count(max([next(TE_IDS), *(int(r.id.removeprefix("te-")) + 1 for r in rows)]))
 

@@ -90,6 +90,24 @@ def test_restart_readopts_tes_with_their_caches(tmp_path):
     assert not any(running(pid) for pid in pids.values()), "a clean stop stops adopted TEs too"
 
 
+def test_a_frozen_te_is_not_adopted_but_killed_and_replaced(tmp_path):
+    args = ("--num-tes", "2", "--state-dir", str(tmp_path))
+    first = Server(*args)
+    try:
+        frozen, live = first.get("/admin/cluster")["tes"]
+        os.kill(frozen["pid"], signal.SIGSTOP)
+    except BaseException:
+        first.stop()
+        raise
+    crash(first)
+    with Server(*args) as second:
+        wait_until(lambda: not running(frozen["pid"]), timeout=5)
+        wait_until(lambda: second.get("/health")["status"] == "ok", timeout=120)
+        tes = second.get("/admin/cluster")["tes"]
+        assert [(te["id"], te["pid"], te["adopted"]) for te in tes] == [(live["id"], live["pid"], True),
+                                                                        ("te-2", tes[1]["pid"], False)]
+
+
 def test_grace_expiry_leaves_no_process(tmp_path):
     s = Server("--num-tes", "2", "--state-dir", str(tmp_path), "--adopt-grace-s", "2")
     try:

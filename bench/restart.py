@@ -1,0 +1,97 @@
+"""Main-process restart against a cold start of the same cluster, in one run (issue 26).
+
+The cluster is `deepflow.py serve --num-tes N` on this host. First a cold start (a fresh
+--state-dir: template, N forked TEs); then, `--restarts` times, its main process is
+SIGKILLed and started again with the same --state-dir, HTTP port and TE port, and re-adopts
+the TEs. For each start: seconds from launching the process to the first answered request
+(a 4-token greedy chat, tried every 20 ms), and for each restart, whether all N TEs came
+back with their pids unchanged. Goal: serving within 2 s of the restart with 8 TEs.
+
+    .venv/bin/python bench/restart.py [--tes 8] [--restarts 3] [--json OUT]
+"""
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.server_util import free_port  # noqa: E402
+
+CHAT = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4, "temperature": 0}).encode()
+
+
+def answered(url: str) -> bool:
+    req = urllib.request.Request(url + "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def start(args: list[str], url: str, log) -> tuple[subprocess.Popen, float]:
+    """Launch the server; return it and the seconds until it answered a request."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "deepflow.py"), "--log-level", "info", "serve", *args],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    while not answered(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+        time.sleep(0.02)
+    return proc, time.perf_counter() - t0
+
+
+def tes(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(url + "/admin/cluster", timeout=10) as r:
+        return {te["id"]: te["pid"] for te in json.loads(r.read())["tes"] if te["state"] == "ready"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tes", type=int, default=8)
+    ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--kv-cache-gb", default="0.25", help="per TE: N of them must fit in this host's memory")
+    ap.add_argument("--json", help="also write the figures here")
+    opts = ap.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="deepflow-restart-") as state:
+        args = ["--port", str(port), "--num-tes", str(opts.tes), "--kv-cache-gb", opts.kv_cache_gb,
+                "--state-dir", state, "--te-port", str(free_port())]
+        log = open(Path(state) / "server.log", "w")
+        proc, cold_s = start(args, url, log)
+        before, restarts, adopted = tes(url), [], []
+        print(f"cold start: {cold_s:.2f} s to the first answer, {len(before)} TEs "
+              f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+        try:
+            for i in range(opts.restarts):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                proc, seconds = start(args, url, log)
+                restarts.append(seconds)
+                adopted.append(tes(url) == before)
+                print(f"restart {i + 1}: {seconds:.2f} s to the first answer, all {len(before)} TEs adopted "
+                      f"with their pids: {adopted[-1]} (load average {os.getloadavg()[0]:.1f})", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    out = {"tes": opts.tes, "cold_start_s": round(cold_s, 2), "restart_s": [round(s, 2) for s in restarts],
+           "restart_median_s": round(statistics.median(restarts), 2), "all_adopted": all(adopted),
+           "speedup": round(cold_s / statistics.median(restarts), 1), "load_average": round(os.getloadavg()[0], 1)}
+    print(json.dumps(out))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
