@@ -5,13 +5,17 @@ The cluster is `deepflow.py serve --num-tes N` on this host. First a cold start 
 SIGKILLed and started again with the same --state-dir, HTTP port and TE port, and re-adopts
 the TEs. For each start: seconds from launching the process to the first answered request
 (a 4-token greedy chat, tried every 20 ms), and for each restart, whether all N TEs came
-back with their pids unchanged. Goal: serving within 2 s of the restart with 8 TEs.
+back with their pids unchanged, and how long its adoption took inside the new process (the
+server log's "re-adopted" line; the rest is the interpreter's start, imports and the
+tokenizer), and the CPU seconds the new main process used until then: on a busy machine
+the wall time is longer by the wait for a core. Goal: serving within 2 s of the restart with 8 TEs.
 
     .venv/bin/python bench/restart.py [--tes 8] [--restarts 3] [--json OUT]
 """
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -51,6 +55,13 @@ def start(args: list[str], url: str, log) -> tuple[subprocess.Popen, float]:
     return proc, time.perf_counter() - t0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) `pid` has used: on an idle machine its start takes about this long."""
+    with open(f"/proc/{pid}/stat") as f:
+        utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
 def tes(url: str) -> dict[str, int]:
     with urllib.request.urlopen(url + "/admin/cluster", timeout=10) as r:
         return {te["id"]: te["pid"] for te in json.loads(r.read())["tes"] if te["state"] == "ready"}
@@ -70,7 +81,7 @@ def main() -> None:
                 "--state-dir", state, "--te-port", str(free_port())]
         log = open(Path(state) / "server.log", "w")
         proc, cold_s = start(args, url, log)
-        before, restarts, adopted = tes(url), [], []
+        before, restarts, adopted, adopt_ms, cpu = tes(url), [], [], [], []
         print(f"cold start: {cold_s:.2f} s to the first answer, {len(before)} TEs "
               f"(load average {os.getloadavg()[0]:.1f})", flush=True)
         try:
@@ -79,14 +90,20 @@ def main() -> None:
                 proc.wait()
                 proc, seconds = start(args, url, log)
                 restarts.append(seconds)
+                cpu.append(cpu_s(proc.pid))
                 adopted.append(tes(url) == before)
-                print(f"restart {i + 1}: {seconds:.2f} s to the first answer, all {len(before)} TEs adopted "
-                      f"with their pids: {adopted[-1]} (load average {os.getloadavg()[0]:.1f})", flush=True)
+                adopt_ms.append(float(re.findall(r"re-adopted \d+ of \d+ TE\(s\) in (\d+) ms",
+                                                 (Path(state) / "server.log").read_text())[-1]))
+                print(f"restart {i + 1}: {seconds:.2f} s to the first answer (adoption {adopt_ms[-1]:.0f} ms, "
+                      f"{cpu[-1]:.2f} CPU s), all "
+                      f"{len(before)} TEs adopted with their pids: {adopted[-1]} (load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
     out = {"tes": opts.tes, "cold_start_s": round(cold_s, 2), "restart_s": [round(s, 2) for s in restarts],
            "restart_median_s": round(statistics.median(restarts), 2), "all_adopted": all(adopted),
+           "adoption_ms": adopt_ms, "restart_cpu_s": cpu,
            "speedup": round(cold_s / statistics.median(restarts), 1), "load_average": round(os.getloadavg()[0], 1)}
     print(json.dumps(out))
     if opts.json:
