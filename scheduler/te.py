@@ -257,4 +257,5 @@ class TEHandle:
                 "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "lora_slots": s.lora_slots, "lora_disk_loads": s.lora_disk_loads,
                 "lora_slot_loads": s.lora_slot_loads, "lora_slot_load_ms": round(s.lora_slot_load_ms, 1),
-                "busy_s": round(self.busy_s, 1), "timeline_ms": self.timings_ms}
+                "busy_s": round(self.busy_s, 1), "weights_addr": self.weights_addr, "kv_addrs": self.kv_addrs,
+                "timeline_ms": self.timings_ms}

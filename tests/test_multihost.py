@@ -98,9 +98,14 @@ async def test_colocated_over_hosts_agent_loss_and_a_fresh_host(hosts, engine_gr
 
 def test_pd_pair_across_hosts(hosts, engine_greedy_reference):
     """A prefill TE and a decode TE on different hosts: the KV crosses over TCP and the text is
-    the colocated text."""
-    with serve_on(hosts, "--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1") as s:
+    the colocated text. Every port DeepFlow opens is the one its flag pins."""
+    with serve_on(hosts, "--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--te-port", "7450",
+                  "--distflow-ports", "7460-7461") as s:
         tes = {te["group"]: te for te in ready(s)}
+        assert f"TEs connect to {hosts.hosts[0]}:7450" in s.output()
+        ports = {int(a.rsplit(":", 1)[1]) for te in tes.values() for a in [te["weights_addr"], *te["kv_addrs"]]
+                 if not a.startswith("unix:")}
+        assert ports == {7460, 7461}  # prefill: weights; decode: weights and KV (on another host)
         assert tes["prefill"]["host"] != tes["decode"]["host"]
         assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
         [task] = s.get("/admin/cluster")["recent_jobs"][0]["tasks"]
