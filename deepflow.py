@@ -134,9 +134,9 @@ class ServeConfig:
     te_port: int = flag("port of the main process's TE listener: TEs of other hosts connect to it (--backend ray), "
                         "and TEs reconnect to it after a main-process restart (0: a free port, kept in the state dir)",
                         0)
-    adopt_grace_s: float = flag("local backend: TEs outlive a crash of the main process this long, for a main process "
-                                "started again with the same --state-dir to re-adopt them (0: they exit with it)",
-                                30.0)
+    adopt_grace_s: float = flag("TEs (and node agents) outlive a crash of the main process this long, for a main "
+                                "process started again with the same --state-dir to re-adopt them (0: they exit "
+                                "with it)", 30.0)
     distflow_ports: str = flag("LO-HI: the TCP ports TEs' DistFlow listeners take on each host (KV between hosts, "
                                "weights to new hosts; each TE takes the first free one or two; empty: any free port)",
                                "")
@@ -543,12 +543,13 @@ def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
     return named
 
 
-async def te_listener(cfg: ServeConfig, store: StateStore) -> TEListener:
-    """Where this host's TEs reconnect if the main process dies: --te-port, else the port the
-    TEs of the previous main process know (the state dir), else a free one."""
+async def te_listener(cfg: ServeConfig, store: StateStore, address: str) -> TEListener:
+    """Where TEs of other hosts connect, and TEs reconnect if the main process dies: --te-port
+    on `address`, else the port the TEs of the previous main process know (the state dir),
+    else a free one."""
     known = [row.main_address for row in store.select(TERow)]
     port = cfg.te_port or (int(known[0].rsplit(":", 1)[1]) if known else 0)
-    listener = TEListener("127.0.0.1")
+    listener = TEListener(address)
     try:
         await listener.start(port)
     except OSError as e:
@@ -593,7 +594,12 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         store = StateStore(cfg.state_dir)
     except StateDirBusy as e:
         raise SystemExit(f"cannot serve: {e}") from None
-    listener = await te_listener(cfg, store) if cfg.backend == "local" and cfg.adopt_grace_s > 0 else None
+    if cfg.backend == "ray":  # imported here only: the default path never loads Ray
+        from scaling.ray_backend import RayBackend, ray_namespace
+        from ray.util import get_node_ip_address
+    listener = None
+    if cfg.backend == "ray" or cfg.adopt_grace_s > 0:
+        listener = await te_listener(cfg, store, get_node_ip_address() if cfg.backend == "ray" else "127.0.0.1")
     machine: list[Host] = []
     shapes = {name: cluster_shape(cfg, engine, None if i == 0 else name) for i, (name, _) in enumerate(named)}
     clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine, store, listener)
@@ -611,28 +617,30 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
             models_.load_adapter(*parse_named(value, "--lora-modules"))
         except APIError as e:
             raise SystemExit(f"--lora-modules {value}: {e.message}") from None
-    if listener:  # after a crash: the TEs that waited for this process, their caches and targets
-        await asyncio.gather(*(c.adopt(listener) for c in clusters.values()))
-    for b in bases:
-        b.je.caches.restore(b.name)
-        for g in b.cluster.by_hand:
-            b.policies[g].min_tes = b.policies[g].max_tes = b.cluster.target[g]
     shutdown = Shutdown()
     shutdown.jes = [b.je for b in bases]
     backend = None
     try:
-        if cfg.backend == "ray":  # imported here only: the default path never loads Ray
-            from scaling.ray_backend import RayBackend
+        if cfg.backend == "ray":
             first = clusters[named[0][0]]
             backend = RayBackend(first, cfg.ray_address, named[0][1], cfg.start_mode, cfg.prewarmed,
-                                 first.engine_cfgs["colocated"], cfg.health_timeout_s, cfg.te_port)
+                                 first.engine_cfgs["colocated"], cfg.health_timeout_s, listener,
+                                 distflow_secret(store, named[0][1]), cfg.adopt_grace_s, ray_namespace(cfg.state_dir))
             await backend.start()
             shutdown.install()
+        if cfg.adopt_grace_s > 0:  # after a crash: the TEs that waited for this process, their caches and targets
+            await asyncio.gather(*(c.adopt(listener) for c in clusters.values()))
+        for b in bases:
+            b.je.caches.restore(b.name)
+            for g in b.cluster.by_hand:
+                b.policies[g].min_tes = b.policies[g].max_tes = b.cluster.target[g]
         await asyncio.gather(*(c.start() for c in clusters.values()))
     except BaseException as e:
         await asyncio.gather(*(c.shutdown() for c in clusters.values()))
         if backend:
             await backend.stop()
+        if listener:
+            listener.close()
         if isinstance(e, NoRoom):
             raise SystemExit(f"cannot start: {e}") from None
         raise

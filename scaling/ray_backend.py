@@ -9,6 +9,10 @@ that fails its ping, takes its TEs with it (`HostPool.remove_host`) and the grou
 A host once lost is not taken back until its raylet re-registers (a new node id). The
 backend knows the cluster (scheduler/cluster.py) only as the `HostPool` it was given.
 
+With an adoption grace, agents are detached actors named after their node, in a Ray
+namespace of the state dir: a restarted main process finds each one again (`_adopt`),
+with its running template and TEs, instead of creating it.
+
 TEs of every host connect back to the main process's `TEListener` (`scaling/te_listener.py`,
 on `--te-port`). A connection counts only if its first frame is `Hello` with the TE's id and
 the secret made for that one start (handed to the agent in the `launch` call); anything
@@ -17,6 +21,7 @@ else is closed unread. Frames are msgspec-typed msgpack: nothing is unpickled fr
 Only `deepflow.serve` imports this module, and only with `--backend ray`.
 """
 import asyncio
+import hashlib
 import logging
 import os
 import sys
@@ -28,13 +33,19 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import encode_config
-from scaling.hosts import Host, secret_env
+from scaling.hosts import Host
 from scaling.launch import ROOT, Launched
 from scaling.node_agent import NodeAgent
 from scaling.te_listener import HELLO_TIMEOUT_S, TEListener
 
 log = logging.getLogger("deepflow.ray")
 POLL_S = 1.0
+
+
+def ray_namespace(state_dir: str) -> str:
+    """The Ray namespace of a deployment (its state dir): where a restarted main process finds
+    the detached node agents of the previous one."""
+    return "deepflow-" + hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
 
 
 class HostPool(Protocol):
@@ -56,7 +67,10 @@ class RayNode:
 
     async def start(self) -> None:
         """Start the host's template (from its DRAM cache, or streamed from a running TE) or
-        its pool of pre-warmed TEs."""
+        its pool of pre-warmed TEs; an agent that outlived the previous main process has them."""
+        if self.info["started"]:
+            self.template_pid = self.info["template_pid"]
+            return
         self.weights_from = None if self.info["has_weights"] else self.pool.donor()
         self.template_pid = await self.agent.start.remote(self.weights_from)
         log.info("node agent on %s ready (template pid %s), weights from %s", self.info["address"],
@@ -91,24 +105,24 @@ class RayNode:
 
 class RayBackend:
     def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
-                 pool_cfg: EngineConfig, health_timeout_s: float, te_port: int = 0):
+                 pool_cfg: EngineConfig, health_timeout_s: float, listener: TEListener, env: dict,
+                 grace_s: float = 0.0, namespace: str | None = None):
         """`pool`: where hosts go (the cluster); `start_mode`, `prewarmed`, `pool_cfg`: how each
         host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host;
-        `te_port`: the TE listener's port (0: a free one)."""
+        `listener`: where TEs connect (started); `env`: the TEs' DistFlow secret; `grace_s`:
+        how long agents outlive the main process (0: not at all), in Ray `namespace`."""
         self.pool, self.address, self.model_path = pool, address, model_path
         self.start_mode, self.prewarmed, self.pool_cfg = start_mode, prewarmed, pool_cfg
-        self.health_timeout_s, self.env, self.te_port = health_timeout_s, secret_env(), te_port
-        self.listener: TEListener | None = None
+        self.health_timeout_s, self.env, self.listener = health_timeout_s, env, listener
+        self.grace_s, self.namespace = grace_s, namespace
         self.nodes: dict[str, Host] = {}
         self.lost: set[str] = set()
         self.watchers: list[asyncio.Task] = []
 
     async def start(self) -> None:
         # Agents import the project from its checkout, at the same path on every host.
-        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False, namespace=self.namespace,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-        self.listener = TEListener(ray.util.get_node_ip_address())
-        await self.listener.start(self.te_port)
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
         await self.discover(start_nodes=False)  # the cluster starts the first hosts' agents itself
         if not self.nodes:
@@ -126,11 +140,17 @@ class RayBackend:
 
     async def _adopt(self, node: dict, start: bool) -> None:
         node_id, address = node["NodeID"], node["NodeManagerAddress"]
-        agent = ray.remote(NodeAgent).options(
-            num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
-                 encode_config(self.pool_cfg))
+        name = f"deepflow-agent-{node_id[:12]}" + ("" if self.grace_s else f"-{os.getpid()}")
+        try:  # one that outlived the previous main process
+            agent = ray.get_actor(name) if self.grace_s else None
+        except ValueError:
+            agent = None
+        if agent is None:
+            agent = ray.remote(NodeAgent).options(
+                num_cpus=0, max_restarts=0, name=name, lifetime="detached" if self.grace_s else None,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
+                     encode_config(self.pool_cfg), self.grace_s)
         try:
             info = {**await agent.probe.remote(), "address": address}
             ray_node = RayNode(node_id, agent, self.listener, self.pool, info)
@@ -181,6 +201,4 @@ class RayBackend:
         """After the cluster's shutdown, which stopped the agents of the hosts it had."""
         for task in self.watchers:
             task.cancel()
-        if self.listener:
-            self.listener.close()
         await asyncio.to_thread(ray.shutdown)

@@ -131,3 +131,25 @@ async def test_ray_cluster_utils_nodes_on_one_address(monkeypatch, engine_greedy
                 assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
     finally:
         ray_cluster.shutdown()
+
+
+def test_main_process_restart_readopts_every_hosts_tes(hosts, engine_greedy_reference, tmp_path):
+    """SIGKILL of the main process: every host's node agent (a detached actor), template and
+    TEs wait for the grace; a main process started again on the same state dir and TE port
+    re-adopts them all: same agents, same TE pids, the same greedy text."""
+    args = ("--num-tes", "2", "--policy", "rr", "--state-dir", str(tmp_path), "--te-port", "7451")
+    first = serve_on(hosts, *args)
+    try:
+        before = {te["id"]: (te["host"], te["pid"]) for te in ready(first)}
+        agents = {h["address"]: h["agent_pid"] for h in first.get("/admin/cluster")["hosts"]}
+        assert len({host for host, _ in before.values()}) == 2
+        os.kill(first.proc.pid, signal.SIGKILL)
+    finally:
+        first.stop()
+    with serve_on(hosts, *args) as second:
+        cluster = second.get("/admin/cluster")
+        assert {te["id"]: (te["host"], te["pid"]) for te in ready(second)} == before
+        assert all(te["adopted"] for te in cluster["tes"])
+        assert {h["address"]: h["agent_pid"] for h in cluster["hosts"]} == agents
+        for _ in range(2):  # round-robin: both adopted TEs
+            assert second.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
