@@ -635,6 +635,8 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
             for g in b.cluster.by_hand:
                 b.policies[g].min_tes = b.policies[g].max_tes = b.cluster.target[g]
         await asyncio.gather(*(c.start() for c in clusters.values()))
+        if listener:
+            listener.settle()
     except BaseException as e:
         await asyncio.gather(*(c.shutdown() for c in clusters.values()))
         if backend:

@@ -361,10 +361,14 @@ class TEShell:
                                                 pinned=list(self.engine.rtc.id_index))
                 sock.sendall(pack(Hello(launch.te_id, self.ready.secret)) + pack(ready))
                 sock.settimeout(max(0.1, deadline - time.monotonic()))
-                first = recv_frame(sock, self.buf)  # its first `Ping`: adopted (None: refused)
+                first = recv_frame(sock, self.buf)  # `Ping`: adopted; `Stop`: unknown there; None: not yet
                 sock.settimeout(None)
             except (OSError, ValueError):  # nobody listens yet, or it went away again
                 first = None
+            if isinstance(first, Stop):
+                log.warning("the main process at %s does not know this TE: it ends", launch.main_address)
+                sock.close()
+                return False
             if first is not None:
                 self.buf[:0] = pack(first)  # served by the loop, like any command
                 with self.write_lock:

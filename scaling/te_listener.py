@@ -6,8 +6,10 @@ main process and reconnects to the restarted one (`flowserve/te_shell.py: TEShel
 A connection counts only if its first frame, within 5 s, is `Hello` with an id the main
 process expects and that id's secret (compared in constant time): the secret made for that
 one start, or the one a TE made at start and reported in its `Ready` (kept in the state dir
-for a restart). Anything else is closed unread. `--te-port` pins the port for firewalls;
-a restart takes the port its TEs know.
+for a restart). Anything else is closed unread; once the main process has re-adopted what
+it will (`settled`), a TE it does not know (failed meanwhile, or its socket broke while this
+main process lived) is told to `Stop` instead of waiting out its grace. `--te-port` pins
+the port for firewalls; a restart takes the port its TEs know.
 """
 import asyncio
 import hmac
@@ -15,7 +17,7 @@ import logging
 import secrets
 import socket
 
-from flowserve.protocol import BadFrame, Hello, expect, next_frame
+from flowserve.protocol import BadFrame, Hello, Stop, expect, next_frame, pack
 
 log = logging.getLogger("deepflow.te_listener")
 HELLO_TIMEOUT_S = 5
@@ -28,6 +30,7 @@ class TEListener:
         self.host, self.address = host, ""
         self.expected: dict[str, tuple[bytes, asyncio.Future[Arrival]]] = {}
         self.server: asyncio.Server | None = None
+        self.settled = False  # the main process adopted the TEs it will: an unknown one is told to stop
 
     async def start(self, port: int = 0) -> None:
         """Listen on `port` of the host's address (0: a free one)."""
@@ -40,6 +43,10 @@ class TEListener:
         secret, arrived = secret or secrets.token_bytes(32), asyncio.get_running_loop().create_future()
         self.expected[te_id] = (secret, arrived)
         return secret, arrived
+
+    def settle(self) -> None:
+        """The main process has adopted the TEs it will: from now on an unknown one is told to stop."""
+        self.settled = True
 
     def forget(self, te_id: str) -> None:
         self.expected.pop(te_id, None)
@@ -55,6 +62,8 @@ class TEListener:
         entry = self.expected.get(hello.te_id) if hello else None
         if entry is None or not hmac.compare_digest(hello.secret, entry[0]) or entry[1].done():
             log.warning("TE connection from %s refused: %s", peer, "wrong TE id or secret" if hello else why)
+            if hello and entry is None and self.settled:
+                writer.write(pack(Stop()))
             writer.close()
             return
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

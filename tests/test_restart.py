@@ -16,6 +16,7 @@ import pytest
 
 from deepflow import ServeConfig
 from flowserve.distflow import tcp_listener
+from flowserve.protocol import Hello, Stop, pack, recv_frame
 from tests.server_util import Server, free_port, wait_until
 
 SYSTEM = ("You are the baker of a small shop in Lyon. You answer in one short sentence, always name the price "
@@ -79,6 +80,9 @@ def test_restart_readopts_tes_with_their_caches(tmp_path):
         assert {te["id"]: te["pid"] for te in after["tes"]} == pids
         assert all(te["adopted"] for te in after["tes"])
         assert [c["holders"] for c in after["context_caches"]] == [holder]  # still pinned there, not rebuilt
+        with socket.create_connection(("127.0.0.1", int(args[-1]))) as stray:  # a TE this process does not know
+            stray.sendall(pack(Hello("te-99", b"\0" * 32)))
+            assert isinstance(recv_frame(stray, bytearray()), Stop)  # is told to stop, not left waiting
         again = chat(second, cache["id"])
         assert again["choices"][0]["message"] == before["choices"][0]["message"]
         assert again["usage"]["prompt_tokens_details"] == before["usage"]["prompt_tokens_details"]
