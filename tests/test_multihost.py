@@ -16,7 +16,7 @@ import pytest
 from flowserve.config import cache_dir
 from tests.conftest import PROMPT
 from tests.netns_cluster import NetnsCluster, can_create_namespaces
-from tests.server_util import Server, data_lines, wait_until
+from tests.server_util import Server, data_lines, running, wait_until
 
 COMMON = ("--backend", "ray", "--kv-cache-gb", "0.1", "--max-model-len", "512", "--health-timeout-s", "3")
 
@@ -153,3 +153,17 @@ def test_main_process_restart_readopts_every_hosts_tes(hosts, engine_greedy_refe
         assert {h["address"]: h["agent_pid"] for h in cluster["hosts"]} == agents
         for _ in range(2):  # round-robin: both adopted TEs
             assert second.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
+
+
+def test_without_a_main_process_every_host_stops_after_the_grace(hosts, tmp_path):
+    """No main process comes back: past the grace each node agent stops its template and TEs
+    and exits; nothing is left on any host."""
+    s = serve_on(hosts, "--num-tes", "2", "--policy", "rr", "--state-dir", str(tmp_path), "--adopt-grace-s", "3")
+    try:
+        cluster = s.get("/admin/cluster")
+        pids = [te["pid"] for te in cluster["tes"]] + [p for h in cluster["hosts"]
+                                                     for p in (h["agent_pid"], h["template_pid"])]
+        os.kill(s.proc.pid, signal.SIGKILL)
+    finally:
+        s.stop()
+    wait_until(lambda: not any(running(pid) for pid in pids), timeout=30)

@@ -17,20 +17,11 @@ import pytest
 from deepflow import ServeConfig
 from flowserve.distflow import tcp_listener
 from flowserve.protocol import Hello, Stop, pack, recv_frame
-from tests.server_util import Server, free_port, wait_until
+from tests.server_util import Server, free_port, running, wait_until
 
 SYSTEM = ("You are the baker of a small shop in Lyon. You answer in one short sentence, always name the price "
           "in euros, and never talk about anything but bread, cakes and tarts. We open at seven.")
 USER = [{"role": "user", "content": "Do you sell tarts?"}]
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (an orphan's parent may reap it late)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def chat(s: Server, cache_id: str) -> dict:
