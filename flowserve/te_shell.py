@@ -107,6 +107,7 @@ class TEShell:
                  launch: TELaunch = TELaunch()):
         self.sock, self.engine, self.kv_listeners, self.launch = sock, engine, list(kv_listeners), launch
         self.ready: Ready | None = None  # as sent at start: sent again (updated) on reconnecting
+        self.known = False  # the main process has sent it a frame: it took this TE into service
         self.write_lock = threading.Lock()
         self.liveness = Liveness(self.send, engine.executor_pids())
         self.buf = bytearray()
@@ -178,6 +179,7 @@ class TEShell:
                 if not data:
                     raise ConnectionResetError("the main process closed its socket")
                 self.buf += data
+                self.known = True
                 self.liveness.busy_since = time.monotonic()  # an `Add` may read an adapter from disk
                 try:
                     if not all(self.handle(msg) for msg in unpack_frames(self.buf)):
@@ -336,11 +338,12 @@ class TEShell:
             self.collect()  # after the first tokens went out: a handoff is never reported before them
 
     def rejoin(self, why: Exception) -> bool:
-        """The main process is gone. Without an adoption grace: False, the TE ends. Else drop
+        """The main process is gone. Without an adoption grace, or if it never took this TE into
+        service (it died, or gave up on it, during the start): False, the TE ends. Else drop
         every request (pinned context caches stay), then dial the main process's TE listener
         with backoff until a restarted main process adopts this TE (True) or the grace is over."""
         launch = self.launch
-        if not (launch.adopt_grace_s > 0 and launch.main_address):
+        if not (launch.adopt_grace_s > 0 and launch.main_address and self.known):
             return False
         with self.write_lock:
             self.sock.close()

@@ -257,6 +257,7 @@ class Cluster:
         self.rebalance(host)  # TEs that joined while this one started
         self._max_model_len = self._max_model_len or te.max_model_len  # all TEs share one config
         self._record(te)
+        te.ping()  # its first frame from here: it counts itself in service (and waits for a restart)
         self._place_pending(group)
         te.timings_ms["scaler_post"] = 1e3 * (time.perf_counter() - te.t_ready)
         te.timings_ms["total"] = 1e3 * (time.perf_counter() - t0)
