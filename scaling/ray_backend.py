@@ -9,20 +9,21 @@ that fails its ping, takes its TEs with it (`HostPool.remove_host`) and the grou
 A host once lost is not taken back until its raylet re-registers (a new node id). The
 backend knows the cluster (scheduler/cluster.py) only as the `HostPool` it was given.
 
-TEs of every host connect back to `TEListener`, a TCP server on the main process's
-address. A connection counts only if its first frame is `Hello` with the TE's id and the
-secret made for that one start (`secrets.token_bytes`, handed to the agent in the `launch`
-call); anything else is closed unread. Frames are msgspec-typed msgpack: nothing is
-unpickled from a peer.
+With an adoption grace, agents are detached actors named after their node, in a Ray
+namespace of the state dir: a restarted main process finds each one again (`_adopt`),
+with its running template and TEs, instead of creating it.
+
+TEs of every host connect back to the main process's `TEListener` (`scaling/te_listener.py`,
+on `--te-port`). A connection counts only if its first frame is `Hello` with the TE's id and
+the secret made for that one start (handed to the agent in the `launch` call); anything
+else is closed unread. Frames are msgspec-typed msgpack: nothing is unpickled from a peer.
 
 Only `deepflow.serve` imports this module, and only with `--backend ray`.
 """
 import asyncio
-import hmac
+import hashlib
 import logging
 import os
-import secrets
-import socket
 import sys
 from typing import Protocol
 
@@ -31,14 +32,20 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowserve.config import EngineConfig, TELaunch
-from flowserve.protocol import BadFrame, Hello, encode_config, expect, next_frame
-from scaling.hosts import Host, secret_env
+from flowserve.protocol import encode_config
+from scaling.hosts import Host
 from scaling.launch import ROOT, Launched
 from scaling.node_agent import NodeAgent
+from scaling.te_listener import HELLO_TIMEOUT_S, TEListener
 
 log = logging.getLogger("deepflow.ray")
-HELLO_TIMEOUT_S = 5
 POLL_S = 1.0
+
+
+def ray_namespace(state_dir: str) -> str:
+    """The Ray namespace of a deployment (its state dir): where a restarted main process finds
+    the detached node agents of the previous one."""
+    return "deepflow-" + hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
 
 
 class HostPool(Protocol):
@@ -47,41 +54,6 @@ class HostPool(Protocol):
     def add_host(self, host: Host) -> None: ...
     def remove_host(self, host: Host, why: str) -> None: ...
     def donor(self) -> str | None: ...
-
-
-class TEListener:
-    def __init__(self, address: str):
-        self.host, self.address = address, ""
-        self.expected: dict[str, tuple[bytes, asyncio.Future]] = {}
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._on_connection, self.host, 0)
-        self.address = f"{self.host}:{self.server.sockets[0].getsockname()[1]}"
-
-    def expect(self, te_id: str) -> tuple[bytes, asyncio.Future]:
-        secret, arrived = secrets.token_bytes(32), asyncio.get_running_loop().create_future()
-        self.expected[te_id] = (secret, arrived)
-        return secret, arrived
-
-    def forget(self, te_id: str) -> None:
-        self.expected.pop(te_id, None)
-
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer, buf = writer.get_extra_info("peername"), bytearray()
-        try:
-            hello = expect(await asyncio.wait_for(next_frame(reader, buf), HELLO_TIMEOUT_S), Hello)
-        except (BadFrame, TimeoutError, ConnectionError) as e:
-            hello, why = None, str(e) or type(e).__name__
-        else:
-            why = "closed before its hello"
-        entry = self.expected.get(hello.te_id) if hello else None
-        if entry is None or not hmac.compare_digest(hello.secret, entry[0]) or entry[1].done():
-            log.warning("TE connection from %s refused: %s", peer, "wrong TE id or secret" if hello else why)
-            writer.close()
-            return
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        entry[1].set_result((reader, writer, buf))
 
 
 class RayNode:
@@ -95,7 +67,10 @@ class RayNode:
 
     async def start(self) -> None:
         """Start the host's template (from its DRAM cache, or streamed from a running TE) or
-        its pool of pre-warmed TEs."""
+        its pool of pre-warmed TEs; an agent that outlived the previous main process has them."""
+        if self.info["started"]:
+            self.template_pid = self.info["template_pid"]
+            return
         self.weights_from = None if self.info["has_weights"] else self.pool.donor()
         self.template_pid = await self.agent.start.remote(self.weights_from)
         log.info("node agent on %s ready (template pid %s), weights from %s", self.info["address"],
@@ -114,6 +89,8 @@ class RayNode:
     def kill(self, pid: int) -> None:
         self.agent.kill.remote(pid)  # fire and forget: on a lost host nothing answers
 
+    kill_stale = kill  # the agent kills only what it started
+
     async def stop(self) -> None:
         try:
             await asyncio.wait_for(self.agent.shutdown.remote(), 10)
@@ -128,23 +105,24 @@ class RayNode:
 
 class RayBackend:
     def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
-                 pool_cfg: EngineConfig, health_timeout_s: float):
+                 pool_cfg: EngineConfig, health_timeout_s: float, listener: TEListener, env: dict,
+                 grace_s: float = 0.0, namespace: str | None = None):
         """`pool`: where hosts go (the cluster); `start_mode`, `prewarmed`, `pool_cfg`: how each
-        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host."""
+        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host;
+        `listener`: where TEs connect (started); `env`: the TEs' DistFlow secret; `grace_s`:
+        how long agents outlive the main process (0: not at all), in Ray `namespace`."""
         self.pool, self.address, self.model_path = pool, address, model_path
         self.start_mode, self.prewarmed, self.pool_cfg = start_mode, prewarmed, pool_cfg
-        self.health_timeout_s, self.env = health_timeout_s, secret_env()
-        self.listener: TEListener | None = None
+        self.health_timeout_s, self.env, self.listener = health_timeout_s, env, listener
+        self.grace_s, self.namespace = grace_s, namespace
         self.nodes: dict[str, Host] = {}
         self.lost: set[str] = set()
         self.watchers: list[asyncio.Task] = []
 
     async def start(self) -> None:
         # Agents import the project from its checkout, at the same path on every host.
-        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False, namespace=self.namespace,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-        self.listener = TEListener(ray.util.get_node_ip_address())
-        await self.listener.start()
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
         await self.discover(start_nodes=False)  # the cluster starts the first hosts' agents itself
         if not self.nodes:
@@ -162,11 +140,17 @@ class RayBackend:
 
     async def _adopt(self, node: dict, start: bool) -> None:
         node_id, address = node["NodeID"], node["NodeManagerAddress"]
-        agent = ray.remote(NodeAgent).options(
-            num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
-                 encode_config(self.pool_cfg))
+        name = f"deepflow-agent-{node_id[:12]}" + ("" if self.grace_s else f"-{os.getpid()}")
+        try:  # one that outlived the previous main process
+            agent = ray.get_actor(name) if self.grace_s else None
+        except ValueError:
+            agent = None
+        if agent is None:
+            agent = ray.remote(NodeAgent).options(
+                num_cpus=0, max_restarts=0, name=name, lifetime="detached" if self.grace_s else None,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
+                     encode_config(self.pool_cfg), self.grace_s)
         try:
             info = {**await agent.probe.remote(), "address": address}
             ray_node = RayNode(node_id, agent, self.listener, self.pool, info)
@@ -217,6 +201,4 @@ class RayBackend:
         """After the cluster's shutdown, which stopped the agents of the hosts it had."""
         for task in self.watchers:
             task.cancel()
-        if self.listener and self.listener.server:
-            self.listener.server.close()
         await asyncio.to_thread(ray.shutdown)

@@ -16,7 +16,7 @@ import pytest
 from flowserve.config import cache_dir
 from tests.conftest import PROMPT
 from tests.netns_cluster import NetnsCluster, can_create_namespaces
-from tests.server_util import Server, data_lines, wait_until
+from tests.server_util import Server, data_lines, running, wait_until
 
 COMMON = ("--backend", "ray", "--kv-cache-gb", "0.1", "--max-model-len", "512", "--health-timeout-s", "3")
 
@@ -98,9 +98,14 @@ async def test_colocated_over_hosts_agent_loss_and_a_fresh_host(hosts, engine_gr
 
 def test_pd_pair_across_hosts(hosts, engine_greedy_reference):
     """A prefill TE and a decode TE on different hosts: the KV crosses over TCP and the text is
-    the colocated text."""
-    with serve_on(hosts, "--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1") as s:
+    the colocated text. Every port DeepFlow opens is the one its flag pins."""
+    with serve_on(hosts, "--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--te-port", "7450",
+                  "--distflow-ports", "7460-7461") as s:
         tes = {te["group"]: te for te in ready(s)}
+        assert f"TEs connect to {hosts.hosts[0]}:7450" in s.output()
+        ports = {int(a.rsplit(":", 1)[1]) for te in tes.values() for a in [te["weights_addr"], *te["kv_addrs"]]
+                 if not a.startswith("unix:")}
+        assert ports == {7460, 7461}  # prefill: weights; decode: weights and KV (on another host)
         assert tes["prefill"]["host"] != tes["decode"]["host"]
         assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
         [task] = s.get("/admin/cluster")["recent_jobs"][0]["tasks"]
@@ -126,3 +131,39 @@ async def test_ray_cluster_utils_nodes_on_one_address(monkeypatch, engine_greedy
                 assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
     finally:
         ray_cluster.shutdown()
+
+
+def test_main_process_restart_readopts_every_hosts_tes(hosts, engine_greedy_reference, tmp_path):
+    """SIGKILL of the main process: every host's node agent (a detached actor), template and
+    TEs wait for the grace; a main process started again on the same state dir and TE port
+    re-adopts them all: same agents, same TE pids, the same greedy text."""
+    args = ("--num-tes", "2", "--policy", "rr", "--state-dir", str(tmp_path), "--te-port", "7451")
+    first = serve_on(hosts, *args)
+    try:
+        before = {te["id"]: (te["host"], te["pid"]) for te in ready(first)}
+        agents = {h["address"]: h["agent_pid"] for h in first.get("/admin/cluster")["hosts"]}
+        assert len({host for host, _ in before.values()}) == 2
+        os.kill(first.proc.pid, signal.SIGKILL)
+    finally:
+        first.stop()
+    with serve_on(hosts, *args) as second:
+        cluster = second.get("/admin/cluster")
+        assert {te["id"]: (te["host"], te["pid"]) for te in ready(second)} == before
+        assert all(te["adopted"] for te in cluster["tes"])
+        assert {h["address"]: h["agent_pid"] for h in cluster["hosts"]} == agents
+        for _ in range(2):  # round-robin: both adopted TEs
+            assert second.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
+
+
+def test_without_a_main_process_every_host_stops_after_the_grace(hosts, tmp_path):
+    """No main process comes back: past the grace each node agent stops its template and TEs
+    and exits; nothing is left on any host."""
+    s = serve_on(hosts, "--num-tes", "2", "--policy", "rr", "--state-dir", str(tmp_path), "--adopt-grace-s", "3")
+    try:
+        cluster = s.get("/admin/cluster")
+        pids = [te["pid"] for te in cluster["tes"]] + [p for h in cluster["hosts"]
+                                                     for p in (h["agent_pid"], h["template_pid"])]
+        os.kill(s.proc.pid, signal.SIGKILL)
+    finally:
+        s.stop()
+    wait_until(lambda: not any(running(pid) for pid in pids), timeout=30)
