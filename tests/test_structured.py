@@ -7,8 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+import torch
 
+from flowserve.grammar import Grammars
 from flowserve.protocol import SamplingParams
+from flowserve.sampler import constrain
+from flowserve.sequence import Sequence
 from tests.server_util import Server
 from tests.test_engine import make_engine
 from tests.test_pd import PDPair
@@ -137,6 +141,22 @@ def test_a_schema_that_does_not_compile_is_a_400(server, path, schema, problem):
     assert status == 400 and answer["error"]["param"] == "response_format", answer
     assert problem in answer["error"]["message"]
     assert chat(server, "hi", max_tokens=2)["finish_reason"] == "length"  # every TE still serves
+
+
+def test_the_mask_allows_exactly_what_the_grammar_accepts(tokenizer):
+    vocab = tokenizer.vocab_size
+    grammars = Grammars(tokenizer.backend.to_str(), vocab, [tokenizer.backend.token_to_id(tokenizer.eos_token)])
+    free, bound = Sequence("a", [1], 1, SamplingParams()), Sequence("b", [1], 1, SamplingParams())
+    bound.grammar = grammars.new(json.dumps(SCHEMAS["review"]))
+    bound.grammar.catch_up(tokenizer.encode('{"sentiment": "'))
+    logits = torch.randn(2, vocab)
+    got = constrain(logits, [free, bound])
+    assert torch.equal(got[0], logits[0]) and constrain(logits, [free]) is logits  # no grammar: untouched, no work
+    allowed = got[1].isfinite().nonzero().flatten().tolist()
+    assert torch.equal(got[1][allowed], logits[1][allowed])
+    texts = {tokenizer.decode([t]) for t in allowed}
+    assert {"pos", "neg", "neutral"} & texts and all("positive".startswith(t) or "negative".startswith(t)
+                                                      or "neutral".startswith(t) for t in texts), texts
 
 
 def test_async_scheduling_and_pd_give_the_same_json(model_path, weights, tokenizer):
