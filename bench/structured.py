@@ -34,6 +34,9 @@ class Timer:
     def __init__(self):
         self.seconds, self.rows = 0.0, 0
 
+    def per_row_us(self, rows: int) -> float:
+        return 1e6 * self.seconds / rows
+
     def wrap(self, fn, count_rows: bool = False):
         def timed(*args):
             t0 = time.perf_counter()
@@ -59,9 +62,10 @@ def main() -> None:
     constrained = SamplingParams(temperature=0, max_tokens=args.steps + 4, json_schema=json.dumps(SCHEMA))
     none = [None] * args.rows
     decode_tokens_per_s(eng, prompts, none, 4, constrained)  # warm-up, and the schema compiled
-    timer = Timer()
-    sampler.constrain = timer.wrap(sampler.constrain, count_rows=True)
-    grammar.Grammar.catch_up = timer.wrap(grammar.Grammar.catch_up)
+    mask, fill, consume = Timer(), Timer(), Timer()  # constrain: the mask filled (fill), and applied
+    sampler.constrain = mask.wrap(sampler.constrain, count_rows=True)
+    grammar.Grammar.fill = fill.wrap(grammar.Grammar.fill)
+    grammar.Grammar.catch_up = consume.wrap(grammar.Grammar.catch_up)
     rates = {"free": [], "json_schema": []}
     for _ in range(args.runs):
         rates["free"].append(decode_tokens_per_s(eng, prompts, none, args.steps, free))
@@ -70,8 +74,10 @@ def main() -> None:
     print(f"device {eng.device}, {args.rows} rows, {args.steps} decode steps, median of {args.runs} runs")
     print(f"free:        {base:8.1f} tokens/s")
     print(f"json_schema: {js:8.1f} tokens/s   ratio {js / base:.3f}x")
-    print(f"grammar cost: {1e6 * timer.seconds / timer.rows:.0f} us per row per step "
-          f"(mask + apply + consume, over {timer.rows} row-steps)")
+    rows = mask.rows
+    print(f"grammar cost per row per step: {mask.per_row_us(rows) + consume.per_row_us(rows):.0f} us = "
+          f"mask filled {fill.per_row_us(rows):.0f} + applied {mask.per_row_us(rows) - fill.per_row_us(rows):.0f} "
+          f"+ token consumed {consume.per_row_us(rows):.0f} (over {rows} row-steps)")
 
 
 if __name__ == "__main__":

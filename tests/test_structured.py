@@ -159,9 +159,10 @@ def test_the_mask_allows_exactly_what_the_grammar_accepts(tokenizer):
                                                       or "neutral".startswith(t) for t in texts), texts
 
 
-def test_async_scheduling_and_pd_give_the_same_json(model_path, weights, tokenizer):
+def test_async_scheduling_pd_and_tp_give_the_same_json(model_path, weights, tokenizer):
     """The mask depends on the token before: async scheduling (that token still in flight) and a
-    decode TE (the first token from the prefill TE) continue the matcher to the same answer."""
+    decode TE (the first token from the prefill TE) continue the matcher to the same answer; a
+    TP master masks the logits its executors gather."""
     cases = CASES[::4]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(messages(p))) for _, p in cases]
     params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, json_schema=json.dumps(SCHEMAS[n])) for n, _ in cases]
@@ -171,3 +172,8 @@ def test_async_scheduling_and_pd_give_the_same_json(model_path, weights, tokeniz
     assert make_engine(model_path, weights, kv_cache_gb=0.2, async_scheduling=True).generate(prompts, params) == colocated
     with PDPair(make_engine(model_path, weights, kv_cache_gb=0.2), make_engine(model_path, weights, kv_cache_gb=0.2)) as pair:
         assert pair.run(prompts, params)[0] == colocated
+    tp = make_engine(model_path, weights, kv_cache_gb=0.2, tensor_parallel_size=3)
+    try:
+        assert tp.generate(prompts, params) == colocated
+    finally:
+        tp.close()
