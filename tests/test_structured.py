@@ -132,6 +132,7 @@ def test_json_object_and_completions(server):
     ("chat/completions", {"type": "foo"}, "foo"),
     ("completions", {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
     ("chat/completions", {"type": "string", "pattern": "(("}, "regex"),
+    ("completions", {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, ""),  # no value satisfies it
 ])
 def test_a_schema_that_does_not_compile_is_a_400(server, path, schema, problem):
     body = {"model": "m", "max_tokens": 5, "response_format": {"type": "json_schema",
