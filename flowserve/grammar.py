@@ -10,6 +10,7 @@ tokenizer), the sampler (`flowserve/sampler.py`) asks it for a token bitmask eac
 async step that needs the token still being resolved, bring it up to date the same way). When
 the grammar is complete (`done`) the sequence ends. Torch-free: the main process imports it too.
 """
+import ctypes
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +22,7 @@ import llguidance
 OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_OBJECT = '{"type": "object"}'   # response_format {"type": "json_object"}: any JSON object
 MAX_CACHED = 256                     # compiled schemas kept per tokenizer
+BYTES = llguidance.LLTokenizer("byte")  # a 256-token tokenizer: checks a schema fast, with no model's
 
 
 def compile_schema(schema: str) -> str:
@@ -33,13 +35,16 @@ def compile_schema(schema: str) -> str:
 
 
 def schema_error(schema: str) -> str | None:
-    """What llguidance cannot compile in `schema` (unknown types, bad $refs or patterns, ...);
-    None if it compiles. Milliseconds, no tokenizer: the check for the main process."""
+    """What llguidance cannot compile in `schema` (unknown types, bad $refs or patterns, a
+    schema no value satisfies, ...); None if it compiles. The main process's check: milliseconds,
+    no model's tokenizer; a first mask computed, since some errors show only then."""
     try:
-        error = llguidance.LLMatcher.validate_grammar(compile_schema(schema), None)
+        matcher = llguidance.LLMatcher(BYTES, compile_schema(schema), log_level=0)
     except ValueError as e:
         return str(e)
-    return error or None
+    if not matcher.is_error():
+        matcher.compute_bitmask()
+    return " ".join(matcher.get_error().split("<state>")[0].split()) or None  # without the parser's state dump
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Grammar:
     def fill(self, address: int, num_bytes: int) -> None:
         """Write the next token's bitmask (bit t of 32-bit word t // 32: token t allowed) at `address`."""
         self.matcher.unsafe_compute_mask_ptr(address, num_bytes)
+        if self.matcher.is_error():  # a parser limit hit: every token allowed, and the row ends (`done`)
+            ctypes.memset(address, 0xFF, num_bytes)
 
 
 class Grammars:
@@ -75,6 +82,8 @@ class Grammars:
 
     def compile(self, schema: str) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, compile_schema(schema), log_level=0)
+        if not matcher.is_error():
+            matcher.compute_bitmask()  # builds the lexer once, for every copy; and some errors show only now
         if matcher.is_error():
             raise ValueError(f"invalid JSON schema: {matcher.get_error()}")
         return matcher

@@ -83,6 +83,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],
     return tokens, lp
 
 
+# [byte, bit]: 0 where the bit is set (allowed), -inf where not
+BYTE_BIAS = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1, 0.0, float("-inf"))
+
+
 def constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """The logits with each grammar row's disallowed tokens at -inf (step 0); the same tensor when
     no row has a grammar. A finished grammar's row (a row async scheduling discards) is left alone."""
@@ -94,10 +98,13 @@ def constrain(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     mask = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=dev.type == "cuda")
     for r, i in enumerate(rows):
         seqs[i].grammar.fill(mask[r].data_ptr(), words * 4)
-    shifts = torch.arange(32, dtype=torch.int32, device=dev)
-    allowed = ((mask.to(dev, non_blocking=True)[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    # little-endian words: byte j's bit k is token 8j + k; one lookup per byte gives its 8 tokens' bias
+    nbytes = mask.view(torch.uint8).to(dev, non_blocking=True).flatten().long()
+    bias = BYTE_BIAS.to(dev).index_select(0, nbytes).view(len(rows), -1)[:, :vocab]
+    if len(rows) == len(seqs):
+        return logits.float() + bias
     idx = torch.tensor(rows).to(dev, non_blocking=True)
-    return logits.float().index_copy(0, idx, logits[idx].float().masked_fill(~allowed, float("-inf")))
+    return logits.float().index_copy(0, idx, logits[idx].float().add_(bias))
 
 
 def process(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int],

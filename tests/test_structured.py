@@ -7,8 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+import torch
 
+from flowserve.grammar import Grammars
 from flowserve.protocol import SamplingParams
+from flowserve.sampler import constrain
+from flowserve.sequence import Sequence
 from tests.server_util import Server
 from tests.test_engine import make_engine
 from tests.test_pd import PDPair
@@ -128,6 +132,7 @@ def test_json_object_and_completions(server):
     ("chat/completions", {"type": "foo"}, "foo"),
     ("completions", {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
     ("chat/completions", {"type": "string", "pattern": "(("}, "regex"),
+    ("completions", {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, ""),  # no value satisfies it
 ])
 def test_a_schema_that_does_not_compile_is_a_400(server, path, schema, problem):
     body = {"model": "m", "max_tokens": 5, "response_format": {"type": "json_schema",
@@ -139,9 +144,26 @@ def test_a_schema_that_does_not_compile_is_a_400(server, path, schema, problem):
     assert chat(server, "hi", max_tokens=2)["finish_reason"] == "length"  # every TE still serves
 
 
-def test_async_scheduling_and_pd_give_the_same_json(model_path, weights, tokenizer):
+def test_the_mask_allows_exactly_what_the_grammar_accepts(tokenizer):
+    vocab = tokenizer.vocab_size
+    grammars = Grammars(tokenizer.backend.to_str(), vocab, [tokenizer.backend.token_to_id(tokenizer.eos_token)])
+    free, bound = Sequence("a", [1], 1, SamplingParams()), Sequence("b", [1], 1, SamplingParams())
+    bound.grammar = grammars.new(json.dumps(SCHEMAS["review"]))
+    bound.grammar.catch_up(tokenizer.encode('{"sentiment": "'))
+    logits = torch.randn(2, vocab)
+    got = constrain(logits, [free, bound])
+    assert torch.equal(got[0], logits[0]) and constrain(logits, [free]) is logits  # no grammar: untouched, no work
+    allowed = got[1].isfinite().nonzero().flatten().tolist()
+    assert torch.equal(got[1][allowed], logits[1][allowed])
+    texts = {tokenizer.decode([t]) for t in allowed}
+    assert {"pos", "neg", "neutral"} & texts and all("positive".startswith(t) or "negative".startswith(t)
+                                                      or "neutral".startswith(t) for t in texts), texts
+
+
+def test_async_scheduling_pd_and_tp_give_the_same_json(model_path, weights, tokenizer):
     """The mask depends on the token before: async scheduling (that token still in flight) and a
-    decode TE (the first token from the prefill TE) continue the matcher to the same answer."""
+    decode TE (the first token from the prefill TE) continue the matcher to the same answer; a
+    TP master masks the logits its executors gather."""
     cases = CASES[::4]
     prompts = [tokenizer.encode(tokenizer.apply_chat_template(messages(p))) for _, p in cases]
     params = [SamplingParams(temperature=0, max_tokens=MAX_TOKENS, json_schema=json.dumps(SCHEMAS[n])) for n, _ in cases]
@@ -151,3 +173,8 @@ def test_async_scheduling_and_pd_give_the_same_json(model_path, weights, tokeniz
     assert make_engine(model_path, weights, kv_cache_gb=0.2, async_scheduling=True).generate(prompts, params) == colocated
     with PDPair(make_engine(model_path, weights, kv_cache_gb=0.2), make_engine(model_path, weights, kv_cache_gb=0.2)) as pair:
         assert pair.run(prompts, params)[0] == colocated
+    tp = make_engine(model_path, weights, kv_cache_gb=0.2, tensor_parallel_size=3)
+    try:
+        assert tp.generate(prompts, params) == colocated
+    finally:
+        tp.close()
