@@ -11,9 +11,11 @@ a DRAM tier where the cost model says copying beats recomputing, swapped out to 
 populated back when it is admitted again.
 
 Low-priority sequences (batch work, `SamplingParams.low_priority`) fill idle capacity: they
-wait behind every other sequence, are admitted only when none of those waits or runs, and
-yield while one does: they stay in the batch with their blocks but compute nothing, unless
-nothing else can run. They are the first preempted, for blocks or for a batch slot.
+wait behind every other sequence, and while one of those waits or computes its prompt they
+are not admitted and yield: they stay in the batch with their blocks but compute nothing
+(unless nothing else can run), so a new request's first token waits for no batch work but
+the step in flight. Beside other sequences' decodes they run, in the rows those leave idle.
+They are the first preempted, for blocks or for a batch slot.
 
 With async scheduling (`flowserve.engine`) the batcher plans a step while the one before is
 still computing: a sequence's token being sampled there counts as uncomputed (`num_pending`),
@@ -59,7 +61,8 @@ class Batcher:
         budget = self.cfg.max_num_batched_tokens
         step: list[tuple[Sequence, int]] = []
         preempted = False
-        urgent = any(not s.params.low_priority for s in (*self.running, *self.waiting))
+        urgent = any(not s.params.low_priority and s.num_computed < s.num_prompt
+                     for s in (*self.running, *self.waiting))  # a first token to compute
         yielded = []  # low-priority sequences that compute nothing this step
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:

@@ -10,7 +10,7 @@ statuses: `validating` (every line has a custom_id, unique; else `failed` with `
 as the HTTP request would (`parse_chat`/`parse_completion`, `chat_job`/`completion_job`), so a
 bad line gets the error that request would get, in the error file. Its tasks are low priority
 (`SamplingParams.low_priority`): the cluster places them only while no other task waits and
-the TE's batcher pauses or preempts them while an interactive sequence waits or runs
+the TE's batcher pauses them while an interactive sequence waits or computes its prompt
 (scheduler/cluster.py, flowserve/batcher.py), and the autoscaler starts no TE for them
 unless nothing else runs (scaling/autoscaler.py). At most `window` lines run at once.
 

@@ -147,31 +147,33 @@ def test_gguf_and_cached_safetensors_give_identical_logits(model_path, weights, 
 
 
 def test_low_priority_sequences_yield_and_finish_unchanged(engine, model_path, weights):
-    """Batch work (low_priority) pauses while an interactive sequence runs, gives up its batch
-    slot to one, and both give what they give alone."""
+    """Batch work (low_priority) computes nothing while an interactive sequence computes its
+    prompt, gives up its batch slot to it, runs beside its decodes, and both give what they
+    give alone."""
     prompts = random_prompts(3, 20, 30, seed=5)
     low = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, low_priority=True)
     expected = alone(engine, prompts[:2], replace(low, low_priority=False)) + alone(engine, prompts[2:])
-    eng = make_engine(model_path, weights, max_num_seqs=2)
+    eng = make_engine(model_path, weights, max_num_seqs=2, max_num_batched_tokens=16)  # "hi"'s prompt: 2 chunks
     out: dict[str, list[int]] = {}
-
-    def step() -> list[str]:
-        outs = eng.step()
-        for o in outs:
-            out.setdefault(o.rid, []).extend(o.token_ids)
-        return [o.rid for o in outs]
-
+    plans: list[list[str]] = []
+    schedule = eng.batcher.schedule
+    eng.batcher.schedule = lambda: plans.append(step := schedule()) or step
     for i in (0, 1):
         eng.add_request(f"low-{i}", prompts[i], low)
+
+    def step() -> None:
+        for o in eng.step():
+            out.setdefault(o.rid, []).extend(o.token_ids)
+
     for _ in range(4):
         step()
     eng.add_request("hi", prompts[2], GREEDY)
-    while "hi" in eng.seqs:
-        ids = step()
-        assert not (len(out.get("hi", [])) > 1 and any(i.startswith("low") for i in ids)), \
-            "a low-priority sequence computed while an interactive one ran"
-    assert eng.batcher.num_preemptions == 1  # a low-priority sequence's batch slot went to it
+    plans.clear()
     while eng.has_work():
         step()
+    ids = [sorted(seq.request_id for seq, _ in plan) for plan in plans]
+    assert ids[:2] == [["hi"], ["hi"]]  # its prompt's two chunks, alone
+    assert ids[2] == ["hi", "low-0"]    # then its decodes with the low-priority one left running
+    assert eng.batcher.num_preemptions == 1  # low-1 gave its batch slot to "hi"
     assert [out["low-0"], out["low-1"], out["hi"]] == expected
     assert_no_leak(eng)
