@@ -14,8 +14,9 @@ Low-priority sequences (batch work, `SamplingParams.low_priority`) fill idle cap
 wait behind every other sequence, and while one of those waits or computes its prompt they
 are not admitted and yield: they stay in the batch with their blocks but compute nothing
 (unless nothing else can run), so a new request's first token waits for no batch work but
-the step in flight. Beside other sequences' decodes they run, in the rows those leave idle.
-They are the first preempted, for blocks or for a batch slot.
+the step in flight, which `LOW_PRIORITY_SHARE` keeps short: low-priority sequences compute at
+most that share of a step's token budget. Beside other sequences' decodes they run, in the
+rows those leave idle. They are the first preempted, for blocks or for a batch slot.
 
 With async scheduling (`flowserve.engine`) the batcher plans a step while the one before is
 still computing: a sequence's token being sampled there counts as uncomputed (`num_pending`),
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from flowserve.config import EngineConfig
 from flowserve.rtc import RTC
 from flowserve.sequence import SeqStatus, Sequence
+
+LOW_PRIORITY_SHARE = 1 / 8   # of max_num_batched_tokens: the batch work in the step a new request waits for
 
 
 class Batcher:
@@ -64,14 +67,16 @@ class Batcher:
         urgent = any(not s.params.low_priority and s.num_computed < s.num_prompt
                      for s in (*self.running, *self.waiting))  # a first token to compute
         yielded = []  # low-priority sequences that compute nothing this step
+        low_budget = int(budget * LOW_PRIORITY_SHARE)
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below by an older sequence in this same loop
-            n = min(seq.num_uncomputed, budget)
-            if n == 0:
-                continue
-            if urgent and seq.params.low_priority:
+            low = seq.params.low_priority
+            n = min(seq.num_uncomputed, budget, low_budget if low else budget)
+            if urgent and low:
                 yielded.append(seq)
+                continue
+            if n == 0:
                 continue
             while not self.rtc.alloc_blocks(seq, n):
                 victim = self._newest_low() or self.running[-1]
@@ -82,23 +87,26 @@ class Batcher:
             if seq.status is SeqStatus.RUNNING:
                 step.append((seq, n))
                 budget -= n
+                low_budget -= n if low else 0
         # Admitting new work right after preempting would only thrash; low-priority work waits
         # for the others to finish, which may take its batch slots and blocks.
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
-            if seq.params.low_priority and urgent:
+            low = seq.params.low_priority
+            if low and (urgent or low_budget <= 0):
                 break
+            cap = min(budget, low_budget) if low else budget
             if not self._room(seq, lambda: len(self.running) < self.cfg.max_num_seqs):
                 break
             if seq.adapter is not None and not self.acquire_lora(seq):
                 break
             if seq.dram_ids:  # swapped out by a preemption: its blocks come back from DRAM
-                n = min(seq.num_uncomputed, budget)
+                n = min(seq.num_uncomputed, cap)
                 if not self._room(seq, lambda: self.rtc.swap_in(seq, n)):
                     break
             else:
                 self.rtc.attach_prefix(seq)
-                n = min(seq.num_uncomputed, budget)
+                n = min(seq.num_uncomputed, cap)
                 if not self._room(seq, lambda: self.rtc.alloc_blocks(seq, n)):
                     self.rtc.free(seq)
                     break
@@ -110,6 +118,7 @@ class Batcher:
             self.running.append(seq)
             step.append((seq, n))
             budget -= n
+            low_budget -= n if low else 0
         if not step:  # what they yield to cannot run (e.g. it waits for a LoRA slot): they go on
             for seq in yielded:
                 n = min(seq.num_uncomputed, budget)
