@@ -92,6 +92,7 @@ class SamplingParams:
     logprobs: int | None = None       # each generated token's logprob and this many top ones (None: none)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
     json_schema: str | None = None    # the output must match this JSON Schema (its text; `flowserve/grammar.py`)
+    low_priority: bool = False        # batch work: yields to the others (flowserve/batcher.py), preempted first
 
 
 class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,8 @@ from scheduler.caches import ContextCaches
 from scheduler.cluster import Cluster
 from scheduler.job import Job, LogprobEntry, Overloaded, State, Task
 from scheduler.metrics import Metrics
-from scheduler.api import APIError, CacheRequest, ChatRequest, CompletionRequest, GenerationRequest, invalid
+from scheduler.api import (APIError, CacheRequest, ChatCompletion, ChatRequest, Completion, CompletionRequest,
+                           GenerationRequest, full_response, invalid)
 from scheduler.tools import CallDelta, ToolCallStream, hermes_messages
 
 log = logging.getLogger("deepflow.je")
@@ -186,6 +188,20 @@ class JobExecutor:
             raise
         finally:
             self.close(job)
+
+    async def complete(self, job: Job) -> ChatCompletion | Completion:
+        """A started job's whole answer, once every choice has finished."""
+        texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
+        logprobs = [[] if t.params.logprobs is not None else None for t in job.tasks]
+        calls: list[list[CallDelta]] = [[] for _ in job.tasks]
+        async with aclosing(self.stream(job)) as deltas:
+            async for d in deltas:
+                texts[d.index] += d.text
+                finishes[d.index] = d.finish_reason or finishes[d.index]
+                calls[d.index] += [d.tool_call] if d.tool_call else []
+                if d.logprobs:
+                    logprobs[d.index] += d.logprobs
+        return full_response(job, texts, finishes, self.usage(job), logprobs, calls)
 
     def close(self, job: Job) -> None:
         for w in job.workers:

@@ -1,6 +1,7 @@
 """The FlowServe engine on the real default model: answers, batching, caching, preemption,
 sampling. Every comparison is exact token equality against the same prompt run alone."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,3 +144,37 @@ def test_gguf_and_cached_safetensors_give_identical_logits(model_path, weights, 
     a = make_engine(model_path, from_gguf).generate([prompt], GREEDY)
     b = make_engine(model_path, from_cache).generate([prompt], GREEDY)
     assert a == b
+
+
+def test_low_priority_sequences_yield_and_finish_unchanged(engine, model_path, weights):
+    """Batch work (low_priority) computes nothing while an interactive sequence computes its
+    prompt, gives up its batch slot to it, runs beside its decodes, and both give what they
+    give alone."""
+    prompts = random_prompts(3, 20, 30, seed=5)
+    low = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, low_priority=True)
+    expected = alone(engine, prompts[:2], replace(low, low_priority=False)) + alone(engine, prompts[2:])
+    eng = make_engine(model_path, weights, max_num_seqs=2, max_num_batched_tokens=64)  # batch work: 8 a step
+    out: dict[str, list[int]] = {}
+    plans: list[list[str]] = []
+    schedule = eng.batcher.schedule
+    eng.batcher.schedule = lambda: plans.append(step := schedule()) or step
+    for i in (0, 1):
+        eng.add_request(f"low-{i}", prompts[i], low)
+
+    def step() -> None:
+        for o in eng.step():
+            out.setdefault(o.rid, []).extend(o.token_ids)
+
+    while len(out) < 2:  # both running, their prompts computed 8 tokens a step
+        step()
+    assert max(n for plan in plans for _, n in plan) == 8
+    eng.add_request("hi", prompts[2], GREEDY)
+    plans.clear()
+    while eng.has_work():
+        step()
+    ids = [sorted(seq.request_id for seq, _ in plan) for plan in plans]
+    assert ids[0] == ["hi"]           # its prompt, alone
+    assert ids[1] == ["hi", "low-0"]  # then its decodes with the low-priority one left running
+    assert eng.batcher.num_preemptions == 1  # low-1 gave its batch slot to "hi"
+    assert [out["low-0"], out["low-1"], out["hi"]] == expected
+    assert_no_leak(eng)
