@@ -45,6 +45,7 @@ from scheduler.models import Models, ServedModel, parse_named
 from scheduler.openapi import openapi
 from scheduler.pd_policy import Heatmap
 from scheduler.pd_profile import add_profile_parser
+from scheduler.state import StateDirBusy, StateStore, default_state_dir
 
 MODEL_HELP = "GGUF file or HF directory (default: packaged SmolLM2-135M-Instruct)"
 
@@ -133,6 +134,9 @@ class ServeConfig:
     cache_budget: float = flag("fraction of a TE's KV cache that context caches (/v1/caches) may pin; past it 507", 0.5)
     max_body_bytes: int = flag("larger request bodies get 413", 4 << 20)
     drain_timeout: float = flag("seconds SIGTERM waits for in-flight jobs", 30.0)
+    state_dir: str = field(default_factory=default_state_dir, metadata={
+        "help": "where what survives a restart lives: SQLite state.db, uploaded files (default: "
+                "$DEEPFLOW_CACHE/state, i.e. ~/.cache/deepflow/state)"})
 
 
 log = logging.getLogger("deepflow")
@@ -542,6 +546,10 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     named = base_models(cfg)
     if cfg.backend == "ray" and len(named) > 1:
         raise SystemExit("--backend ray serves one base model (its adapters too): give --model once")
+    try:
+        store = StateStore(cfg.state_dir)
+    except StateDirBusy as e:
+        raise SystemExit(f"cannot serve: {e}") from None
     machine: list[Host] = []
     shapes = {name: cluster_shape(cfg, engine, None if i == 0 else name) for i, (name, _) in enumerate(named)}
     clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine) for i, (name, path) in enumerate(named)}
@@ -594,6 +602,7 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     await asyncio.gather(*(c.shutdown() for c in clusters.values()))
     if backend:
         await backend.stop()
+    store.close()
     log.warning("stopped")
 
 
