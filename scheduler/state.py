@@ -48,6 +48,21 @@ MIGRATIONS: list[str] = [
         custom_id TEXT NOT NULL, ok INTEGER NOT NULL, result TEXT NOT NULL,
         PRIMARY KEY (batch_id, line));
     """,
+    # 2: fine-tuning jobs, their events and checkpoints (scheduler/fine_tuning.py)
+    """
+    CREATE TABLE fine_tuning_jobs (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT,
+        suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL,
+        created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT, trained_tokens INTEGER,
+        error TEXT, adapter_path TEXT);
+    CREATE TABLE fine_tuning_events (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT);
+    CREATE TABLE fine_tuning_checkpoints (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL, step_number INTEGER NOT NULL, metrics TEXT NOT NULL,
+        fine_tuned_model_checkpoint TEXT NOT NULL);
+    """,
 ]
 
 
@@ -102,6 +117,49 @@ class BatchLineRow:
     custom_id: str
     ok: bool
     result: str
+
+
+@dataclass
+class FineTuningJobRow:
+    """A fine-tuning job (OpenAI's `fine_tuning.job`); `hyperparameters` as resolved at create."""
+    table: ClassVar[str] = "fine_tuning_jobs"
+    id: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    hyperparameters: dict
+    seed: int
+    status: str
+    created_at: int
+    finished_at: int | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    error: dict | None = None
+    adapter_path: str | None = None  # the deployed adapter (its final checkpoint), registered again at start
+
+
+@dataclass
+class FineTuningEventRow:
+    table: ClassVar[str] = "fine_tuning_events"
+    id: str
+    job_id: str
+    created_at: int
+    level: str
+    message: str
+    type: str                       # message | metrics
+    data: dict | None = None
+
+
+@dataclass
+class FineTuningCheckpointRow:
+    table: ClassVar[str] = "fine_tuning_checkpoints"
+    id: str
+    job_id: str
+    created_at: int
+    step_number: int
+    metrics: dict
+    fine_tuned_model_checkpoint: str
 
 
 Row = TypeVar("Row")
