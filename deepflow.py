@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import tomllib
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields, replace
 import orjson
@@ -37,8 +38,10 @@ from scaling.hosts import Host
 from scaling.node import local_host
 from scheduler import api
 from scheduler.api import APIError, parse_chat, parse_completion, parse_json, parse_scale
+from scheduler.batch import Batches, batch_object
 from scheduler.caches import ContextCaches
 from scheduler.cluster import GROUPS, Cluster, NoRoom
+from scheduler.files import Files, file_object
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
 from scheduler.models import Models, ServedModel, parse_named
@@ -134,6 +137,7 @@ class ServeConfig:
     cache_budget: float = flag("fraction of a TE's KV cache that context caches (/v1/caches) may pin; past it 507", 0.5)
     max_body_bytes: int = flag("larger request bodies get 413", 4 << 20)
     drain_timeout: float = flag("seconds SIGTERM waits for in-flight jobs", 30.0)
+    max_file_bytes: int = flag("uploads to /v1/files larger than this get 413", 256 << 20)
     state_dir: str = field(default_factory=default_state_dir, metadata={
         "help": "where what survives a restart lives: SQLite state.db, uploaded files (default: "
                 "$DEEPFLOW_CACHE/state, i.e. ~/.cache/deepflow/state)"})
@@ -152,6 +156,8 @@ class Frontend:
 
 FRONTEND = web.AppKey("frontend", Frontend)
 MODELS = web.AppKey("models", Models)
+FILES = web.AppKey("files", Files)
+BATCHES = web.AppKey("batches", Batches)
 METRICS = web.AppKey("metrics", Metrics)
 DRAINING = web.AppKey("draining", asyncio.Event)
 
@@ -228,15 +234,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def respond(request: web.Request, je: JobExecutor, job, req: api.GenerationRequest) -> web.StreamResponse:
     je.start(job, req.stop_strings)  # 429 here, before any byte is sent
     if not req.stream:
-        texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
-        logprobs = [[] if t.params.logprobs is not None else None for t in job.tasks]
-        async with aclosing(je.stream(job)) as deltas:
-            async for d in deltas:
-                texts[d.index] += d.text
-                finishes[d.index] = d.finish_reason or finishes[d.index]
-                if d.logprobs:
-                    logprobs[d.index] += d.logprobs
-        return json_response(api.full_response(job, texts, finishes, je.usage(job), logprobs))
+        return json_response(await je.complete(job))
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -300,6 +298,84 @@ async def delete_cache(request: web.Request) -> web.Response:
     return json_response(api.ContextCacheDeleted(id=cache_id))
 
 
+def query_int(request: web.Request, name: str, default: int, most: int) -> int:
+    value = request.query.get(name, str(default))
+    if not value.isdecimal() or not 1 <= int(value) <= most:
+        raise APIError(400, f"'{name}' must be an integer from 1 to {most}, got {value!r:.20}", name)
+    return int(value)
+
+
+async def part_chunks(part) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(1 << 16):
+        yield chunk
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    """multipart/form-data with `file` and `purpose` (batch | fine-tune), as OpenAI's."""
+    files = request.app[FILES]
+    if not request.content_type.startswith("multipart/form-data"):
+        raise APIError(400, "expected a multipart/form-data body with the fields 'file' and 'purpose'")
+    if (request.content_length or 0) > files.max_bytes + (1 << 20):  # the file, and room for the form around it
+        raise APIError(413, f"the file exceeds {files.max_bytes} bytes (--max-file-bytes)", "file")
+    purpose, upload = None, None
+    try:
+        async for part in await request.multipart():
+            if part.name == "purpose":
+                purpose = (await part.read_chunk(256)).decode(errors="replace")
+            elif part.name == "file" and upload is None:
+                upload = await files.receive(part_chunks(part), part.filename or "file")
+        if upload is None:
+            raise APIError(400, "the form has no 'file' field", "file")
+        return json_response(file_object(await files.keep(upload, purpose)))
+    finally:
+        if upload:
+            upload.path.unlink(missing_ok=True)
+
+
+async def list_files(request: web.Request) -> web.Response:
+    rows, more = request.app[FILES].page(request.query.get("purpose"), query_int(request, "limit", 10000, 10000),
+                                         request.query.get("after"))
+    return json_response(api.FileList(data=[file_object(r) for r in rows], first_id=rows[0].id if rows else None,
+                                      last_id=rows[-1].id if rows else None, has_more=more))
+
+
+async def get_file(request: web.Request) -> web.Response:
+    return json_response(file_object(request.app[FILES].get(request.match_info["file_id"])))
+
+
+async def file_content(request: web.Request) -> web.FileResponse:
+    path = request.app[FILES].path(request.match_info["file_id"])
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    request.app[FILES].delete(request.match_info["file_id"])
+    return json_response(api.FileDeleted(id=request.match_info["file_id"]))
+
+
+def batch_json(request: web.Request, row) -> web.Response:
+    return json_response(batch_object(row, request.app[BATCHES].counts(row)))
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    return batch_json(request, request.app[BATCHES].create(api.parse_batch(await read_json(request))))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    batches = request.app[BATCHES]
+    rows, more = batches.page(query_int(request, "limit", 20, 100), request.query.get("after"))
+    return json_response(api.BatchList(data=[batch_object(r, batches.counts(r)) for r in rows], has_more=more,
+                                       first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None))
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    return batch_json(request, request.app[BATCHES].get(request.match_info["batch_id"]))
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    return batch_json(request, request.app[BATCHES].cancel(request.match_info["batch_id"]))
+
+
 async def models(request: web.Request) -> web.Response:
     return json_response(api.ModelList(data=request.app[MODELS].cards()))
 
@@ -361,10 +437,12 @@ async def admin_scale(request: web.Request) -> web.Response:
     return json_response(req)
 
 
-def build_app(models_: Models, metrics_: Metrics, api_key: str | None, max_body: int) -> web.Application:
+def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches, api_key: str | None,
+              max_body: int) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
     app[FRONTEND] = Frontend(api_key, max_body)
     app[MODELS], app[METRICS], app[DRAINING] = models_, metrics_, asyncio.Event()
+    app[FILES], app[BATCHES] = files, batches
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -379,6 +457,15 @@ def build_app(models_: Models, metrics_: Metrics, api_key: str | None, max_body:
     app.router.add_post("/admin/scale", admin_scale)
     app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+    app.router.add_post("/v1/files", upload_file)
+    app.router.add_get("/v1/files", list_files)
+    app.router.add_get("/v1/files/{file_id}", get_file)
+    app.router.add_get("/v1/files/{file_id}/content", file_content)
+    app.router.add_delete("/v1/files/{file_id}", delete_file)
+    app.router.add_post("/v1/batches", create_batch)
+    app.router.add_get("/v1/batches", list_batches)
+    app.router.add_get("/v1/batches/{batch_id}", get_batch)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
     return app
 
 
@@ -588,13 +675,19 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     background = [asyncio.create_task(autoscale(b.cluster, g, p, metrics_.recent[b.name]))
                   for b in bases for g, p in b.policies.items()]
     background += [asyncio.create_task(b.je.caches.expire_loop()) for b in bases]
-    app = build_app(models_, metrics_, cfg.api_key, cfg.max_body_bytes)
+    files = Files(store, cfg.max_file_bytes)
+    first = bases[0].cluster  # batch lines in flight: enough to fill the first model's batch slots
+    batches = Batches(store, files, models_, max(first.engine_cfgs[g].max_num_seqs * max(1, n)
+                                                 for g, n in first.target.items()))
+    batches.resume()
+    app = build_app(models_, metrics_, files, batches, cfg.api_key, cfg.max_body_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, cfg.host, cfg.port).start()
     print(banner(cfg, models_), flush=True)
 
     await shutdown.requested.wait()
+    await batches.stop()  # their lines resume at the next start, none recorded as failed for this one
     await shutdown.drain(app, cfg.drain_timeout)
     await runner.cleanup()
     for a in background:

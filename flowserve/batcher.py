@@ -10,6 +10,11 @@ its blocks are freed and it is recomputed later (its prefix is often still cache
 a DRAM tier where the cost model says copying beats recomputing, swapped out to DRAM and
 populated back when it is admitted again.
 
+Low-priority sequences (batch work, `SamplingParams.low_priority`) fill idle capacity: they
+wait behind every other sequence, are admitted only when none of those waits or runs, and
+yield while one does: they stay in the batch with their blocks but compute nothing, unless
+nothing else can run. They are the first preempted, for blocks or for a batch slot.
+
 With async scheduling (`flowserve.engine`) the batcher plans a step while the one before is
 still computing: a sequence's token being sampled there counts as uncomputed (`num_pending`),
 so its decode is scheduled before the token is known; one whose token being sampled is its
@@ -34,22 +39,39 @@ class Batcher:
         self.num_preemptions = 0
         self.num_swaps = 0                  # of which swapped out to DRAM
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue `seq`: behind its own priority's sequences (`front`: before them), always
+        behind every waiting sequence that is not low priority."""
+        if not seq.params.low_priority:
+            self.waiting.insert(0 if front else self._first_low(), seq)
+        else:
+            self.waiting.insert(self._first_low(), seq) if front else self.waiting.append(seq)
+
+    def _first_low(self) -> int:
+        return next((i for i, s in enumerate(self.waiting) if s.params.low_priority), len(self.waiting))
+
+    def _newest_low(self) -> Sequence | None:
+        """The running sequence preempted first: the newest low-priority one."""
+        return next((s for s in reversed(self.running) if s.params.low_priority), None)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The step's work: (sequence, number of new tokens to compute)."""
         budget = self.cfg.max_num_batched_tokens
         step: list[tuple[Sequence, int]] = []
         preempted = False
+        urgent = any(not s.params.low_priority for s in (*self.running, *self.waiting))
+        yielded = []  # low-priority sequences that compute nothing this step
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below by an older sequence in this same loop
             n = min(seq.num_uncomputed, budget)
             if n == 0:
                 continue
+            if urgent and seq.params.low_priority:
+                yielded.append(seq)
+                continue
             while not self.rtc.alloc_blocks(seq, n):
-                victim = self.running[-1]
+                victim = self._newest_low() or self.running[-1]
                 self.preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -57,19 +79,24 @@ class Batcher:
             if seq.status is SeqStatus.RUNNING:
                 step.append((seq, n))
                 budget -= n
-        # Admitting new work right after preempting would only thrash.
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not preempted:
+        # Admitting new work right after preempting would only thrash; low-priority work waits
+        # for the others to finish, which may take its batch slots and blocks.
+        while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
+            if seq.params.low_priority and urgent:
+                break
+            if not self._room(seq, lambda: len(self.running) < self.cfg.max_num_seqs):
+                break
             if seq.adapter is not None and not self.acquire_lora(seq):
                 break
             if seq.dram_ids:  # swapped out by a preemption: its blocks come back from DRAM
                 n = min(seq.num_uncomputed, budget)
-                if not self.rtc.swap_in(seq, n):
+                if not self._room(seq, lambda: self.rtc.swap_in(seq, n)):
                     break
             else:
                 self.rtc.attach_prefix(seq)
                 n = min(seq.num_uncomputed, budget)
-                if not self.rtc.alloc_blocks(seq, n):
+                if not self._room(seq, lambda: self.rtc.alloc_blocks(seq, n)):
                     self.rtc.free(seq)
                     break
             if seq.num_cached is None:  # first admission: what the prefix cache saved
@@ -80,7 +107,23 @@ class Batcher:
             self.running.append(seq)
             step.append((seq, n))
             budget -= n
+        if not step:  # what they yield to cannot run (e.g. it waits for a LoRA slot): they go on
+            for seq in yielded:
+                n = min(seq.num_uncomputed, budget)
+                if seq.status is SeqStatus.RUNNING and n and self.rtc.alloc_blocks(seq, n):
+                    step.append((seq, n))
+                    budget -= n
         return step
+
+    def _room(self, seq: Sequence, fits: Callable[[], bool]) -> bool:
+        """`fits()`, after preempting as many low-priority sequences as it takes if `seq` is
+        not one; False if it still does not fit."""
+        while not fits():
+            victim = self._newest_low()
+            if seq.params.low_priority or victim is None:
+                return False
+            self.preempt(victim)
+        return True
 
     def preempt(self, seq: Sequence) -> None:
         """Swap the blocks out to DRAM where the RTC finds that pays, else free them to
@@ -91,7 +134,7 @@ class Batcher:
         else:
             self.rtc.free(seq)
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.add(seq, front=True)
         self.num_preemptions += 1
 
     def admit_prefilled(self, seq: Sequence) -> bool:
@@ -105,7 +148,7 @@ class Batcher:
             return True
         self.rtc.free(seq)
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self.add(seq)
         return False
 
     def retire(self, seq: Sequence) -> None:

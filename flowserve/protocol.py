@@ -88,6 +88,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: int | None = None       # each generated token's logprob and this many top ones (None: none)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
+    low_priority: bool = False        # batch work: runs when no other sequence waits or runs, preempted first
 
 
 class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):

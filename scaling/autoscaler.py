@@ -160,15 +160,20 @@ def signals(cluster, group: str, latencies: deque | None, p: ScalePolicy, arriva
     now = time.monotonic()
     live = cluster.live(group)
     ready = [te for te in live if te.state == "ready"]
-    held = cluster.pending["prefill" if group == "decode" else group]  # a PD task waits for both halves
+    source = "prefill" if group == "decode" else group  # a PD task waits for both halves
+    held = cluster.pending[source]
+    # batch work (low-priority tasks) alone keeps one TE, or starts one from zero; beside other work it asks nothing
+    interactive = sum(te.load - te.batch_load for te in live)
+    batch_alone = not (held or interactive) and bool(cluster.batch_pending[source] or any(te.batch_load for te in live))
     met = {}
     recent = [x for x in latencies or () if x[0] > now - p.stable_s]
     for k, i, slo in (("ttft", 1, p.slo_ttft_s), ("tpot", 2, p.slo_tpot_s)):
         seen = [x[i] for x in recent if x[i] is not None]
         if slo and seen and k in PD_LATENCY[group]:
             met[k] = sum(v <= slo for v in seen) / len(seen)
-    return Signals(now, cluster.target[group], len(ready), len(live) - len(ready), arrivals, len(held),
-                   sum(te.load for te in live), sum(te.stats.waiting for te in ready),
+    return Signals(now, cluster.target[group], len(ready), len(live) - len(ready), arrivals,
+                   len(held) or int(batch_alone and not live), interactive or int(batch_alone),
+                   sum(max(0, te.stats.waiting - te.batch_load) for te in ready),
                    cluster.engine_cfgs[group].max_num_seqs, cluster.room(group),
                    now - held[0].t_queued if held else 0.0, met.get("ttft"), met.get("tpot"))
 

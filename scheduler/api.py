@@ -348,6 +348,15 @@ class TrainingExample(_Strict):
 
     def as_dicts(self) -> list[dict]:
         return [{**d, "weight": m.weight} for d, m in zip(_as_dicts(self.messages), self.messages)]
+BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+
+
+class BatchRequest(_Strict):
+    """POST /v1/batches: run every line of an uploaded JSONL file (purpose batch) against `endpoint`."""
+    input_file_id: Annotated[str, Field(min_length=1)]
+    endpoint: Literal[BATCH_ENDPOINTS]
+    completion_window: Literal["24h"]
+    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -386,6 +395,7 @@ parse_load_lora: Callable[[object], LoadLoraRequest] = partial(_parse, LoadLoraR
 parse_unload_lora: Callable[[object], UnloadLoraRequest] = partial(_parse, UnloadLoraRequest)
 parse_fine_tuning: Callable[[object], FineTuningRequest] = partial(_parse, FineTuningRequest)
 parse_training_example: Callable[[object], TrainingExample] = partial(_parse, TrainingExample)
+parse_batch: Callable[[object], BatchRequest] = partial(_parse, BatchRequest)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -644,6 +654,70 @@ class FineTuningEventList(FineTuningJobList):
 
 class FineTuningCheckpointList(FineTuningJobList):
     data: list[FineTuningCheckpoint]
+class FileObject(BaseModel):
+    """An uploaded file (POST and GET /v1/files/...)."""
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+
+
+class FileList(BaseModel):
+    """GET /v1/files."""
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchObject(BaseModel):
+    """A batch (POST /v1/batches, GET /v1/batches/...): OpenAI's statuses and times (Unix seconds, null: not yet)."""
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: dict | None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    """GET /v1/batches."""
+    object: Literal["list"] = "list"
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class Health(BaseModel):

@@ -26,7 +26,11 @@ cache goes to a TE that pins it: the cluster keeps the ID index (`pin_started`,
 `holders`, ...; scheduler/caches.py builds the contexts). A task that finds no free slot
 waits until one frees or a TE joins, at most `place_timeout_s`: then it ends with a 503
 that says why. Admission control bounds the tasks held so an overload gets a fast 429
-instead of an ever-growing queue. A TE that dies is replaced, and its tasks that had
+instead of an ever-growing queue. Batch work (low-priority tasks, scheduler/batch.py) waits in
+its own queue (`batch_pending`), placed only while no other task waits and only on batch slots no
+task holds; the slots it holds count for no other task, which takes them back in the TE (its
+batcher pauses or preempts batch sequences), and it is neither admitted nor timed out here.
+A TE that dies is replaced, and its tasks that had
 produced no token yet are placed again (`resubmit`), so their clients never notice.
 """
 import asyncio
@@ -87,6 +91,7 @@ class Cluster:
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
+        self.batch_pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}  # low-priority tasks held
         self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
         self.id_index: dict[str, set[str]] = {}  # context cache id -> ids of the TEs that pin it
         self.policy, self.imbalance = policy, imbalance
@@ -116,9 +121,11 @@ class Cluster:
         """Ready TEs of `group`, or of every group."""
         return [te for te in (self.groups[group] if group else self.tes) if te.state is TEState.READY]
 
-    def free_tes(self, group: str) -> list[TEHandle]:
-        """Ready TEs of `group` with a free batch slot."""
-        return [te for te in self.ready_tes(group) if te.load < te.engine_cfg.max_num_seqs]
+    def free_tes(self, group: str, low_priority: bool = False) -> list[TEHandle]:
+        """Ready TEs of `group` with a free batch slot: one no task holds for a low-priority
+        task, one no other task holds for another (low-priority ones give theirs up)."""
+        return [te for te in self.ready_tes(group)
+                if te.load - (0 if low_priority else te.batch_load) < te.engine_cfg.max_num_seqs]
 
     async def start(self) -> None:
         await asyncio.gather(*(host.node.start() for host in self.hosts))
@@ -262,8 +269,7 @@ class Cluster:
 
     def on_step(self, te: TEHandle) -> None:
         self.trees[te.group].update(te.id, te.stats.cached, te.stats.evicted)
-        if te.load < te.engine_cfg.max_num_seqs:
-            self._place_pending(te.group)
+        self._place_pending(te.group)
 
     def on_free(self, te: TEHandle) -> None:
         self._place_pending(te.group)
@@ -361,18 +367,23 @@ class Cluster:
 
     def admit(self, num_tasks: int) -> None:
         """Refuse work past the bound: tasks beyond what the TEs run at once wait in queues.
-        A PD task holds a decode slot from its placement to its end, so decode TEs count."""
+        A PD task holds a decode slot from its placement to its end, so decode TEs count.
+        Low-priority tasks count for nothing (their JE bounds them)."""
         running_groups = ("colocated", "decode")
         capacity = sum(self.target[g] * self.engine_cfgs[g].max_num_seqs for g in running_groups) + self.max_queued
-        held = sum(te.load for g in running_groups for te in self.groups[g]) + sum(map(len, self.pending.values()))
-        if held + num_tasks > capacity:
+        held = sum(te.load - te.batch_load for g in running_groups for te in self.groups[g]) + \
+            sum(map(len, self.pending.values()))
+        if num_tasks and held + num_tasks > capacity:
             raise Overloaded("server is at capacity")
 
     def submit(self, task: Task) -> None:
         group = self.pd_aware(task)
         task.t_queued = time.monotonic()
-        self.arrived[group] += 1
-        self.pending[group].append(task)
+        if task.params.low_priority:
+            self.batch_pending[group].append(task)
+        else:
+            self.arrived[group] += 1
+            self.pending[group].append(task)
         self._place_pending(group)
 
     def _choose(self, task: Task, tes: list[TEHandle], group: str, locality: bool) -> tuple[TEHandle, dict]:
@@ -390,15 +401,17 @@ class Cluster:
         return by_id[te_id], {**why, **adapter_why}
 
     def _place_pending(self, group: str) -> None:
-        """Hand held tasks to TEs with a free batch slot, oldest first. The rest wait here, not
-        in a TE's queue, so a TE that joins later (a scale-out) shares the backlog. A PD task
-        needs a free prefill TE and a free decode TE; the decode TE hears of it first."""
+        """Hand held tasks to TEs with a free batch slot, oldest first, low-priority ones only
+        once no other waits. The rest wait here, not in a TE's queue, so a TE that joins later
+        (a scale-out) shares the backlog. A PD task needs a free prefill TE and a free decode
+        TE; the decode TE hears of it first."""
         group = "prefill" if group == "decode" else group  # a decode slot freed: PD tasks may go
-        queue, pd = self.pending[group], group == "prefill"
+        low = not self.pending[group]
+        queue, pd = self.batch_pending[group] if low else self.pending[group], group == "prefill"
         while queue:
-            free, free_decode = self.free_tes(group), self.free_tes("decode") if pd else []
+            free, free_decode = self.free_tes(group, low), self.free_tes("decode", low) if pd else []
             if not free or (pd and not free_decode):
-                for g in (group, "decode") if pd else (group,):  # wakes the autoscalers now, not at their next tick
+                for g in () if low else (group, "decode") if pd else (group,):  # wakes the autoscalers now
                     self.work_held[g].set()
                 return
             task = queue.popleft()
@@ -420,6 +433,8 @@ class Cluster:
             decode_te.submit(task.decode)
             te.submit(task, kv_to=decode_te.kv_addr_for(te.host),
                       kv_skip=cached // self.engine_cfgs["decode"].block_size)
+        if not low and self.batch_pending[group]:
+            self._place_pending(group)
 
     def _expire_pending(self, now: float) -> None:
         """End the tasks that waited for a TE past `place_timeout_s` with a 503 and why."""
@@ -453,7 +468,7 @@ class Cluster:
 
     def abort(self, tasks: list[Task]) -> None:
         tasks = tasks + [t.decode for t in tasks if t.decode]
-        for queue in self.pending.values():
+        for queue in (*self.pending.values(), *self.batch_pending.values()):
             for t in tasks:
                 if t in queue:
                     queue.remove(t)
@@ -491,7 +506,7 @@ class Cluster:
         self.closing = True
         for t in list(self._background):
             t.cancel()
-        for queue in self.pending.values():
+        for queue in (*self.pending.values(), *self.batch_pending.values()):
             while queue:
                 queue.popleft().events.put_nowait(TaskEvent([], FinishReason.ERROR, error="server is shutting down",
                                                             status=503))
@@ -505,7 +520,8 @@ class Cluster:
                 "te_cost_gb": {g: round(self.te_cost(g) / GiB, 3) for g in GROUPS},
                 "weights_gb": round(self.weights_bytes / GiB, 3),
                 "groups": {name: {"target": self.target[name], "tes": [te.id for te in tes],
-                                  "pending": len(self.pending[name]), "engine_config": asdict(self.engine_cfgs[name])}
+                                  "pending": len(self.pending[name]),
+                                  "batch_pending": len(self.batch_pending[name]), "engine_config": asdict(self.engine_cfgs[name])}
                            for name, tes in self.groups.items()},
                 "heatmap": self.heatmap and asdict(self.heatmap),
                 "scaling_decisions": list(self.decisions),

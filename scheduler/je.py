@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from flowserve.protocol import Adapter, FinishReason, TokenLogprob
@@ -22,7 +23,8 @@ from scheduler.caches import ContextCaches
 from scheduler.cluster import Cluster
 from scheduler.job import Job, LogprobEntry, Overloaded, State, Task
 from scheduler.metrics import Metrics
-from scheduler.api import APIError, CacheRequest, ChatRequest, CompletionRequest, GenerationRequest, invalid
+from scheduler.api import (APIError, CacheRequest, ChatCompletion, ChatRequest, Completion, CompletionRequest,
+                           GenerationRequest, full_response, invalid)
 
 log = logging.getLogger("deepflow.je")
 
@@ -174,6 +176,18 @@ class JobExecutor:
             raise
         finally:
             self.close(job)
+
+    async def complete(self, job: Job) -> ChatCompletion | Completion:
+        """A started job's whole answer, once every choice has finished."""
+        texts, finishes = [""] * len(job.tasks), [""] * len(job.tasks)
+        logprobs = [[] if t.params.logprobs is not None else None for t in job.tasks]
+        async with aclosing(self.stream(job)) as deltas:
+            async for d in deltas:
+                texts[d.index] += d.text
+                finishes[d.index] = d.finish_reason or finishes[d.index]
+                if d.logprobs:
+                    logprobs[d.index] += d.logprobs
+        return full_response(job, texts, finishes, self.usage(job), logprobs)
 
     def close(self, job: Job) -> None:
         for w in job.workers:

@@ -45,6 +45,8 @@ class Metrics:
 
     def job_done(self, job, base: str) -> None:
         """`job` of base model `base` finished (its `model` may name an adapter over it)."""
+        if any(t.params.low_priority for t in job.tasks):
+            return  # batch work: no SLO's latency
         m = job.model
         for t in job.tasks:
             if t.t_first_token is None:

@@ -256,9 +256,11 @@ class StateStore:
         self.execute(f"{verb} INTO {cls.table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                      tuple(_column(cls, n, getattr(row, n)) for n in names))
 
-    def select(self, cls: type[Row], where: str = "", params: tuple = (), order: str = "") -> list[Row]:
+    def select(self, cls: type[Row], where: str = "", params: tuple = (), order: str = "",
+               limit: int | None = None) -> list[Row]:
         """Rows of `cls`'s table: `where` and `order` are SQL fragments (`params` fill the ?s)."""
-        sql = f"SELECT * FROM {cls.table}" + (f" WHERE {where}" if where else "") + (f" ORDER BY {order}" if order else "")
+        sql = f"SELECT * FROM {cls.table}" + (f" WHERE {where}" if where else "") + \
+            (f" ORDER BY {order}" if order else "") + (f" LIMIT {int(limit)}" if limit is not None else "")
         return [_row(cls, r) for r in self.execute(sql, params)]
 
     def get(self, cls: type[Row], id: str) -> Row | None:

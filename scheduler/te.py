@@ -72,6 +72,11 @@ class TEHandle:
         """Tasks on this TE, counted here (not from its stats), so it is current at once."""
         return len(self.tasks)
 
+    @property
+    def batch_load(self) -> int:
+        """Of `load`, the low-priority (batch) tasks, whose batch slots others may take."""
+        return sum(t.params.low_priority for t in self.tasks.values())
+
     async def start(self, launch: TELaunch, weights_from: str | None = None, timeout: float = 300) -> Ready:
         """Have the host's node agent start the TE process (`weights_from`: a running TE to
         stream the weights from, for a pre-warmed one). Returns its `Ready` once it serves;

@@ -1,6 +1,7 @@
 """The FlowServe engine on the real default model: answers, batching, caching, preemption,
 sampling. Every comparison is exact token equality against the same prompt run alone."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,3 +144,34 @@ def test_gguf_and_cached_safetensors_give_identical_logits(model_path, weights, 
     a = make_engine(model_path, from_gguf).generate([prompt], GREEDY)
     b = make_engine(model_path, from_cache).generate([prompt], GREEDY)
     assert a == b
+
+
+def test_low_priority_sequences_yield_and_finish_unchanged(engine, model_path, weights):
+    """Batch work (low_priority) pauses while an interactive sequence runs, gives up its batch
+    slot to one, and both give what they give alone."""
+    prompts = random_prompts(3, 20, 30, seed=5)
+    low = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, low_priority=True)
+    expected = alone(engine, prompts[:2], replace(low, low_priority=False)) + alone(engine, prompts[2:])
+    eng = make_engine(model_path, weights, max_num_seqs=2)
+    out: dict[str, list[int]] = {}
+
+    def step() -> list[str]:
+        outs = eng.step()
+        for o in outs:
+            out.setdefault(o.rid, []).extend(o.token_ids)
+        return [o.rid for o in outs]
+
+    for i in (0, 1):
+        eng.add_request(f"low-{i}", prompts[i], low)
+    for _ in range(4):
+        step()
+    eng.add_request("hi", prompts[2], GREEDY)
+    while "hi" in eng.seqs:
+        ids = step()
+        assert not (len(out.get("hi", [])) > 1 and any(i.startswith("low") for i in ids)), \
+            "a low-priority sequence computed while an interactive one ran"
+    assert eng.batcher.num_preemptions == 1  # a low-priority sequence's batch slot went to it
+    while eng.has_work():
+        step()
+    assert [out["low-0"], out["low-1"], out["hi"]] == expected
+    assert_no_leak(eng)
