@@ -14,7 +14,8 @@ fine-tuning JE (scheduler/fine_tuning.py) on a host the cluster placed it on. It
 directory holds `spec.json` (`TrainSpec`) and `data.json` (tokenized train and eval
 examples, from the JE's validation). It prints one JSON object a line on stdout: progress
 events the JE records (`{"type": "metrics", "data": {"step", "train_loss", ...}}`), each
-checkpoint (`{"checkpoint": step}`), the validation loss, and `{"done": true}`. Every
+checkpoint (`{"checkpoint": step}`), and last `{"done": true}` with the validation loss and
+the final checkpoint's directory (the adapter to deploy). Every
 `checkpoint_steps` steps (and at the end) it writes `checkpoints/step-NNNNNN/`: the adapter
 in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, what
 `flowserve.lora.read_lora` and peft read) and `optimizer.pt`. A new task on the same
@@ -226,7 +227,7 @@ def run(job_dir: Path) -> None:
             emit({"checkpoint": step, "train_loss": loss.item()})
     emit({"phase": "evaluate"})
     valid = trainer.evaluate([tuple(e) for e in data["eval"]]) if data["eval"] else None
-    emit({"valid_loss": valid, "done": True, "step": total})
+    emit({"valid_loss": valid, "done": True, "step": total, "adapter": str(last_checkpoint(job_dir)[1])})
 
 
 def main() -> None:
