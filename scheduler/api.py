@@ -361,7 +361,7 @@ class BatchRequest(_Strict):
 
 # --- parsing ---------------------------------------------------------------------------
 
-_DEPTH = {"messages": 4, "stream_options": 2}   # how deep a param goes: messages[1].content[0]
+_DEPTH = {"messages": 4, "stream_options": 2, "hyperparameters": 2, "method": 4}   # how deep a param goes: messages[1].content[0]
 
 
 def _api_error(e: ValidationError) -> APIError:
