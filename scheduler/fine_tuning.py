@@ -16,8 +16,9 @@ job moving through OpenAI's statuses:
 3. evaluate: the same task after its last step: the loss on the evaluation examples (an event).
 4. deploy: the final checkpoint, a PEFT adapter, is registered as the model
    `ft:BASE:SUFFIX:JOBID` in the adapter registry (scheduler/models.py, as /v1/load_lora_adapter
-   does) before the job says `succeeded`, so it is served at once; at every start the
-   succeeded jobs' adapters are registered again.
+   does) and warmed into a serving TE's slot by a one-token request before the job says
+   `succeeded`, so it is served at once; at every start the succeeded jobs' adapters are
+   registered again.
 
 Jobs, events and checkpoints are rows of the state store (scheduler/state.py); a job's files
 (spec.json, data.json, checkpoints/) lie under the state dir's `fine_tuning/JOBID/`.
@@ -34,7 +35,8 @@ import orjson
 
 from scaling.hosts import train_bytes
 from scheduler.api import (APIError, FineTuningCheckpoint, FineTuningEvent, FineTuningJob, FineTuningRequest,
-                           Hyperparameters, invalid, model_not_found, parse_training_example)
+                           invalid, model_not_found, parse_completion,
+                           parse_training_example)
 from scheduler.cluster import Cluster, NoRoom
 from scheduler.files import Files, jsonl_lines
 from scheduler.models import Models, ServedModel
@@ -209,7 +211,7 @@ class FineTuning:
                 await asyncio.to_thread(self.validate, row, base, job_dir)
             self.store.update(FineTuningJobRow, job_id, status="queued")
             done = await self.train(row, base.cluster, job_dir)
-            self.deploy(row, done["adapter"])
+            await self.deploy(row, done["adapter"])
         except (JobFailed, APIError) as e:
             code, message = (e.code, str(e)) if isinstance(e, JobFailed) else ("invalid_training_file", e.message)
             log.error("%s failed: %s", job_id, message)
@@ -312,13 +314,23 @@ class FineTuning:
                                {"step": msg["step"], "valid_loss": msg["valid_loss"]})
         return done
 
-    def deploy(self, row: FineTuningJobRow, adapter: str) -> None:
-        """Serve the adapter as the job's model, then say `succeeded`."""
+    async def deploy(self, row: FineTuningJobRow, adapter: str) -> None:
+        """Serve the adapter as the job's model, then say `succeeded`. A one-token request with
+        it first puts it in a serving TE's slot (if the base has a TE ready), so the model's first
+        client request finds it there (dist_sched prefers that TE) rather than on disk."""
         name = model_name(row)
         try:
-            self.models.load_adapter(name, adapter, row.model)
+            lora = self.models.load_adapter(name, adapter, row.model)
         except APIError as e:
             raise JobFailed("deploy_failed", e.message) from None
+        je = lora.base.je
+        if lora.base.cluster.ready_tes():
+            warm = je.completion_job(parse_completion({"prompt": "Hi", "max_tokens": 1}), lora.wire)
+            je.start(warm, [])
+            try:
+                await je.complete(warm)
+            except APIError as e:  # the model is served all the same; its first request reads it from disk
+                log.warning("%s: warming %s failed: %s", row.id, name, e.message)
         self.store.update(FineTuningJobRow, row.id, status="succeeded", finished_at=int(time.time()),
                           fine_tuned_model=name, adapter_path=adapter)
         self.event(row.id, f"The job has successfully completed: {name} is served")
