@@ -86,7 +86,8 @@ def deploy(repeats: int) -> dict:
 def first_token_ms(c, model: str, text: str) -> float:
     """A streamed chat request's first content token, in milliseconds from now."""
     t0 = time.perf_counter()
-    stream = c.chat.completions.create(model=model, stream=True, max_tokens=4, messages=[{"role": "user", "content": text}])
+    stream = c.chat.completions.create(model=model, stream=True, max_tokens=4,
+                                       messages=[{"role": "user", "content": text}])
     next(s for s in stream if s.choices and s.choices[0].delta.content)
     stream.close()
     return 1e3 * (time.perf_counter() - t0)

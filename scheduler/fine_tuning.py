@@ -59,7 +59,8 @@ class JobFailed(Exception):
 
 def job_object(row: FineTuningJobRow) -> FineTuningJob:
     fields = {k: v for k, v in vars(row).items() if k != "adapter_path"}
-    return FineTuningJob(**fields, method={"type": "supervised", "supervised": {"hyperparameters": row.hyperparameters}})
+    method = {"type": "supervised", "supervised": {"hyperparameters": row.hyperparameters}}
+    return FineTuningJob(**fields, method=method)
 
 
 class TrainingTask:

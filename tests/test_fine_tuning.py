@@ -5,6 +5,7 @@ style, and its greedy tokens equal transformers + peft's with the trained adapte
 task resumed from a checkpoint computes what an unbroken one does; a main process killed
 mid-training resumes the job after a restart; bad files get their 404 and 400s."""
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -127,8 +128,8 @@ def run_trainer(job_dir: Path) -> list[dict]:
 def test_a_resumed_training_task_computes_what_an_unbroken_one_does(tmp_path, tokenizer):
     from safetensors.torch import load_file
     tiny = write_tiny_model(tmp_path / "tiny")
-    data = [tokenizer.encode_chat_for_training([{"role": "user", "content": q}, {"role": "assistant", "content": PHRASE}])
-            for q in QUESTIONS]
+    data = [tokenizer.encode_chat_for_training([{"role": "user", "content": q},
+                                                {"role": "assistant", "content": PHRASE}]) for q in QUESTIONS]
     for name in ("whole", "resumed"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "spec.json").write_text(json.dumps({"model_path": str(tiny), "n_epochs": 2, "batch_size": 3,
@@ -137,12 +138,12 @@ def test_a_resumed_training_task_computes_what_an_unbroken_one_does(tmp_path, to
     whole = run_trainer(tmp_path / "whole")
     assert [m["checkpoint"] for m in whole if "checkpoint" in m] == [2, 4, 6]
     # the second starts from the first's step-2 checkpoint, as after a crash there
-    (tmp_path / "resumed" / "checkpoints").mkdir()
-    subprocess.run(["cp", "-r", tmp_path / "whole/checkpoints/step-000002", tmp_path / "resumed/checkpoints"], check=True)
+    shutil.copytree(tmp_path / "whole/checkpoints/step-000002", tmp_path / "resumed/checkpoints/step-000002")
     resumed = run_trainer(tmp_path / "resumed")
     assert resumed[0]["message"] == "Resumed from the checkpoint at step 2"
     assert [m["data"]["step"] for m in resumed if m.get("type") == "metrics"] == [3, 4, 5, 6]
-    a, b = (load_file(str(tmp_path / n / "checkpoints/step-000006/adapter_model.safetensors")) for n in ("whole", "resumed"))
+    a, b = (load_file(str(tmp_path / n / "checkpoints/step-000006/adapter_model.safetensors"))
+            for n in ("whole", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert whole[-1]["valid_loss"] == resumed[-1]["valid_loss"]
 
