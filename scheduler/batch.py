@@ -161,7 +161,9 @@ class Batches:
         if errors:
             self.store.update(BatchRow, row.id, status="failed", failed_at=now, total=len(lines),
                               errors={"object": "list", "data": errors[:100]})
-        elif row.id not in self.cancelling:
+        elif row.id in self.cancelling:
+            self.store.update(BatchRow, row.id, total=len(lines))
+        else:
             self.store.update(BatchRow, row.id, status="in_progress", in_progress_at=now, total=len(lines))
         return self.get(row.id)
 
@@ -192,6 +194,9 @@ class Batches:
             status, ok, body = 200, True, answer.model_dump_json().encode()
         except APIError as e:
             status, ok, body = e.status, False, e.body().model_dump_json().encode()
+        except Exception:  # a bug: this line fails, the others go on
+            log.exception("%s line %d", row.id, i)
+            status, ok, body = 500, False, APIError(500, "internal server error").body().model_dump_json().encode()
         self.store.insert(BatchLineRow(row.id, i, line["custom_id"], ok,
                                        result_line(row, i, line["custom_id"], status, body)))
 
