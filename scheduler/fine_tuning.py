@@ -180,7 +180,10 @@ class FineTuning:
     def examples(self, file_id: str, param: str) -> list[list[dict]]:
         """The chat examples of an uploaded fine-tune file: 404 if it does not exist, 400 for a
         file of another purpose or a line that is not an example."""
-        row = self.files.get(file_id)
+        try:
+            row = self.files.get(file_id)
+        except APIError as e:  # named as the request names it
+            raise APIError(404, e.message, param) from None
         if row.purpose != "fine-tune":
             raise invalid(f"file {file_id} has purpose {row.purpose!r}; fine-tuning takes files uploaded "
                           f"with purpose 'fine-tune'", param)
@@ -190,6 +193,8 @@ class FineTuning:
                 out.append(parse_training_example(orjson.loads(line)).as_dicts())
             except APIError as e:
                 raise invalid(f"{param} {file_id}, example {number}: {e.message}", param) from None
+        if not out:
+            raise invalid(f"{param} {file_id} holds no examples", param)
         return out
 
     def event(self, job_id: str, message: str, type: str = "message", data: dict | None = None,
