@@ -47,6 +47,8 @@ Example = tuple[list[int], list[int]]  # token ids, and 1 where the loss counts
 
 @dataclass
 class TrainSpec:
+    """A training task's settings: the job directory's spec.json, which scheduler/fine_tuning.py
+    writes from the job's hyperparameters."""
     model_path: str
     n_epochs: int = 3
     batch_size: int = 4
