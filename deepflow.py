@@ -43,6 +43,7 @@ from scheduler.batch import Batches, batch_object
 from scheduler.caches import ContextCaches
 from scheduler.cluster import GROUPS, Cluster, NoRoom
 from scheduler.files import Files, file_object
+from scheduler.fine_tuning import FineTuning, job_object
 from scheduler.je import JobExecutor
 from scheduler.metrics import Metrics
 from scheduler.models import Models, ServedModel, parse_named
@@ -176,6 +177,7 @@ FRONTEND = web.AppKey("frontend", Frontend)
 MODELS = web.AppKey("models", Models)
 FILES = web.AppKey("files", Files)
 BATCHES = web.AppKey("batches", Batches)
+FINE_TUNING = web.AppKey("fine_tuning", FineTuning)
 METRICS = web.AppKey("metrics", Metrics)
 DRAINING = web.AppKey("draining", asyncio.Event)
 
@@ -394,6 +396,36 @@ async def cancel_batch(request: web.Request) -> web.Response:
     return batch_json(request, request.app[BATCHES].cancel(request.match_info["batch_id"]))
 
 
+async def create_fine_tuning_job(request: web.Request) -> web.Response:
+    req = api.parse_fine_tuning(await read_json(request))
+    return json_response(job_object(await request.app[FINE_TUNING].create(req)))
+
+
+async def list_fine_tuning_jobs(request: web.Request) -> web.Response:
+    rows, more = request.app[FINE_TUNING].page(query_int(request, "limit", 20, 100), request.query.get("after"))
+    return json_response(api.FineTuningJobList(data=[job_object(r) for r in rows], has_more=more))
+
+
+async def get_fine_tuning_job(request: web.Request) -> web.Response:
+    return json_response(job_object(request.app[FINE_TUNING].get(request.match_info["job_id"])))
+
+
+async def cancel_fine_tuning_job(request: web.Request) -> web.Response:
+    return json_response(job_object(request.app[FINE_TUNING].cancel(request.match_info["job_id"])))
+
+
+async def fine_tuning_events(request: web.Request) -> web.Response:
+    data, more = request.app[FINE_TUNING].events(request.match_info["job_id"], query_int(request, "limit", 20, 1000),
+                                                 request.query.get("after"))
+    return json_response(api.FineTuningEventList(data=data, has_more=more))
+
+
+async def fine_tuning_checkpoints(request: web.Request) -> web.Response:
+    data, more = request.app[FINE_TUNING].checkpoints(request.match_info["job_id"],
+                                                      query_int(request, "limit", 10, 100), request.query.get("after"))
+    return json_response(api.FineTuningCheckpointList(data=data, has_more=more))
+
+
 async def models(request: web.Request) -> web.Response:
     return json_response(api.ModelList(data=request.app[MODELS].cards()))
 
@@ -455,12 +487,12 @@ async def admin_scale(request: web.Request) -> web.Response:
     return json_response(req)
 
 
-def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches, api_key: str | None,
-              max_body: int) -> web.Application:
+def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches, fine_tuning: FineTuning,
+              api_key: str | None, max_body: int) -> web.Application:
     app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
     app[FRONTEND] = Frontend(api_key, max_body)
     app[MODELS], app[METRICS], app[DRAINING] = models_, metrics_, asyncio.Event()
-    app[FILES], app[BATCHES] = files, batches
+    app[FILES], app[BATCHES], app[FINE_TUNING] = files, batches, fine_tuning
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
@@ -484,6 +516,12 @@ def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches
     app.router.add_get("/v1/batches", list_batches)
     app.router.add_get("/v1/batches/{batch_id}", get_batch)
     app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
+    app.router.add_post("/v1/fine_tuning/jobs", create_fine_tuning_job)
+    app.router.add_get("/v1/fine_tuning/jobs", list_fine_tuning_jobs)
+    app.router.add_get("/v1/fine_tuning/jobs/{job_id}", get_fine_tuning_job)
+    app.router.add_post("/v1/fine_tuning/jobs/{job_id}/cancel", cancel_fine_tuning_job)
+    app.router.add_get("/v1/fine_tuning/jobs/{job_id}/events", fine_tuning_events)
+    app.router.add_get("/v1/fine_tuning/jobs/{job_id}/checkpoints", fine_tuning_checkpoints)
     return app
 
 
@@ -769,7 +807,9 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     batches = Batches(store, files, models_, max(first.engine_cfgs[g].max_num_seqs * max(1, n)
                                                  for g, n in first.target.items()))
     batches.resume()
-    app = build_app(models_, metrics_, files, batches, cfg.api_key, cfg.max_body_bytes)
+    fine_tuning = FineTuning(store, files, models_)
+    fine_tuning.resume()
+    app = build_app(models_, metrics_, files, batches, fine_tuning, cfg.api_key, cfg.max_body_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, cfg.host, cfg.port).start()
@@ -777,6 +817,7 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
 
     await shutdown.requested.wait()
     await batches.stop()  # their lines resume at the next start, none recorded as failed for this one
+    await fine_tuning.stop()  # so do training jobs, from their last checkpoints
     await shutdown.drain(app, cfg.drain_timeout)
     await runner.cleanup()
     for a in background:

@@ -169,6 +169,30 @@ class Tokenizer:
         """Whether the chat template renders `tools` itself (else the caller puts them in the messages)."""
         return bool(self.chat_template) and _takes_tools(self.chat_template)
 
+    def encode_chat_for_training(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """A fine-tuning example (flowserve/train.py): the chat's token ids and a mask, 1 on
+        the tokens the loss counts: each assistant message's (its end-of-turn included) unless
+        its `weight` is 0. Each assistant reply is what the template adds past the prompt that
+        asks for it, so the text is rendered in pieces: the template must extend its own
+        renderings (ValueError if it does not)."""
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""  # the text encoded so far
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.apply_chat_template(messages[:i], add_generation_prompt=True)
+            full = self.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+            for text, counted in ((prompt[len(done):], 0), (full[len(prompt):], m.get("weight", 1) != 0)):
+                piece = self.encode(text, add_bos=None if not ids else False)  # a BOS once, first
+                ids += piece
+                mask += [int(counted)] * len(piece)
+            done = full
+        return ids, mask
+
+
 
 def _raise_exception(message):
     raise TemplateError(message)

@@ -9,7 +9,8 @@ A TE's cost is known before it starts (`te_bytes`): its KV pool and its RTC's DR
 (allocated and zeroed at start, so the memory is really committed), its runtime's private
 pages and its activations, and its own copy of the weights when it does not share the
 host's (a cold start reads the model file; a peer start receives a copy). The weights a
-host's template maps count once per host. Placement (`scheduler/cluster.py`) only starts
+host's template maps count once per host. A training task (flowserve/train.py) is counted in
+a host's TEs like one (`train_bytes`), so serving and training share the host's memory and cores. Placement (`scheduler/cluster.py`) only starts
 a TE where it fits; threads follow the host's cores divided among its TEs, re-balanced as
 that count changes.
 """
@@ -25,6 +26,10 @@ GiB, MiB = 1 << 30, 1 << 20
 # anonymous memory (torch's runtime) is ~175 MiB. A 512-token step peaks ~80 MiB above rest.
 RUNTIME_BYTES = {"fork": 32 * MiB, "other": 192 * MiB}
 ACTIVATION_BYTES_PER_TOKEN = 160 << 10
+# A training task (flowserve/train.py, SmolLM2-135M, float32): the activations autograd keeps,
+# ~3.4 MiB per token of a step's batch (measured at 4x48 to 4x512 tokens); the weights are the
+# host's (the same mmap'ed cache as the template's), the LoRA factors and their Adam state ~30 MiB.
+TRAIN_BYTES_PER_TOKEN = 3584 << 10
 HEADROOM = 0.9  # of the memory available at registration: the page cache and the OS keep the rest
 
 
@@ -43,6 +48,12 @@ def te_bytes(cfg: EngineConfig, start_mode: str, weights_bytes: int) -> int:
         own_weights += weights_bytes // 4 if start_mode == "fork" else 3 * weights_bytes // 2
     kv = int(cfg.kv_cache_gb * GiB) + int(cfg.dram_kv_gb * GiB)
     return kv + runtime + cfg.max_num_batched_tokens * ACTIVATION_BYTES_PER_TOKEN + own_weights
+
+
+def train_bytes(tokens_per_step: int) -> int:
+    """Memory a training task commits on its host: a fresh interpreter's runtime, the LoRA
+    state and the activations of its largest step."""
+    return RUNTIME_BYTES["other"] + 32 * MiB + tokens_per_step * TRAIN_BYTES_PER_TOKEN
 
 
 def secret_env() -> dict[str, str]:

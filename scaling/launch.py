@@ -7,7 +7,8 @@ frame it sends before it serves (`Prewarmed` or `Ready`) is read with
 `flowserve.protocol.next_frame`. `TemplateHandle` is the other way in: it starts the warm
 template (`scaling/template.py`), asks it to `fork` a TE onto a given socket, and notices its death
 (its TEs are separate processes and keep serving); `fork_or_spawn` takes that way while the
-template is up, else the first. The socket is a socketpair's end on the main process's host,
+template is up, else the first. `spawn_trainer` starts a training task (flowserve/train.py),
+which is no TE: it talks over pipes. The socket is a socketpair's end on the main process's host,
 or a TCP connection to the main process on another host.
 """
 import asyncio
@@ -64,6 +65,15 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path:
         "--engine-config", encode_config(engine_cfg),
         "--log-level", _log_level(), pass_fds=[te_sock.fileno()], env={**os.environ, **(env or {})}, cwd=ROOT,
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
+
+
+async def spawn_trainer(job_dir: str, threads: int, env: dict | None = None,
+                        python: str = sys.executable) -> asyncio.subprocess.Process:
+    """A training task (`python -m flowserve.train JOB_DIR`): progress lines on its stdout; on
+    its stdin thread counts, and EOF when this process dies (it then exits)."""
+    return await asyncio.create_subprocess_exec(
+        python, "-m", "flowserve.train", job_dir, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)}, cwd=ROOT, start_new_session=True)
 
 
 class TemplateHandle:

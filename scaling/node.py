@@ -17,7 +17,7 @@ import socket
 from flowserve.config import EngineConfig, TELaunch
 from flowserve.protocol import Load, pack
 from scaling.hosts import Host, probe, secret_env
-from scaling.launch import Launched, TemplateHandle, fork_or_spawn
+from scaling.launch import Launched, TemplateHandle, fork_or_spawn, spawn_trainer
 from scaling.prewarm import PrewarmPool
 
 log = logging.getLogger("deepflow.node")
@@ -70,6 +70,10 @@ class LocalNode:
             pid, mode, proc = await fork_or_spawn(self.template, te_id, cfg, launch, theirs, self.model_path, self.env)
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         return Launched(reader, writer, bytearray(), pid, mode, proc, fresh=proc is not None)
+
+    async def launch_training(self, job_dir: str, threads: int) -> asyncio.subprocess.Process:
+        """Start a training task here (scheduler/fine_tuning.py: the cluster counted its memory)."""
+        return await spawn_trainer(job_dir, threads, self.env)
 
     def kill(self, pid: int) -> None:
         try:

@@ -464,6 +464,59 @@ class UnloadLoraRequest(_Strict):
     lora_name: Annotated[str, Field(min_length=1)]
 
 
+Auto = Literal["auto"]
+
+
+class Hyperparameters(_Strict):
+    """A fine-tuning job's: OpenAI's three ("auto": scheduler/fine_tuning.py picks), then LoRA's."""
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+    lora_rank: Annotated[int, Field(ge=1, le=256)] = 8
+    lora_alpha: Annotated[float, Field(gt=0, le=4096)] = 16
+    checkpoint_steps: Annotated[int, Field(ge=1)] = 10
+
+
+class Supervised(_Strict):
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class FineTuningMethod(_Strict):
+    type: Literal["supervised"]     # trained as a LoRA adapter; dpo and reinforcement are not offered
+    supervised: Supervised = Supervised()
+
+
+class FineTuningRequest(_Strict):
+    """POST /v1/fine_tuning/jobs: `hyperparameters` at the top (OpenAI's older form) or in `method`."""
+    model: NonEmpty
+    training_file: NonEmpty
+    validation_file: NonEmpty | None = None
+    suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: FineTuningMethod | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+
+    @property
+    def params(self) -> Hyperparameters:
+        return self.hyperparameters or (self.method.supervised.hyperparameters if self.method else Hyperparameters())
+
+
+class TrainingMessage(ChatMessage):
+    weight: Literal[0, 1] = 1       # an assistant message with 0 is context, not learned
+
+
+class TrainingExample(_Strict):
+    """One line of a fine-tuning file (OpenAI's chat format)."""
+    messages: Annotated[list[TrainingMessage], Field(min_length=2, max_length=MAX_MESSAGES)]
+
+    @model_validator(mode="after")
+    def _learns_something(self):
+        if not any(m.role == "assistant" and m.weight for m in self.messages):
+            raise ValueError("an example needs an assistant message to learn from")
+        return self
+
+    def as_dicts(self) -> list[dict]:
+        return [{**d, "weight": m.weight} for d, m in zip(_as_dicts(self.messages), self.messages)]
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -477,7 +530,7 @@ class BatchRequest(_Strict):
 
 # --- parsing ---------------------------------------------------------------------------
 
-_DEPTH = {"messages": 4, "stream_options": 2, "tools": 4}   # how deep a param goes: messages[1].content[0]
+_DEPTH = {"messages": 4, "stream_options": 2, "tools": 4, "hyperparameters": 2, "method": 4}  # how deep a param goes: messages[1].content[0]
 
 
 def _api_error(e: ValidationError) -> APIError:
@@ -509,6 +562,8 @@ parse_cache: Callable[[object], CacheRequest] = partial(_parse, CacheRequest)
 parse_scale: Callable[[object], ScaleRequest] = partial(_parse, ScaleRequest)
 parse_load_lora: Callable[[object], LoadLoraRequest] = partial(_parse, LoadLoraRequest)
 parse_unload_lora: Callable[[object], UnloadLoraRequest] = partial(_parse, UnloadLoraRequest)
+parse_fine_tuning: Callable[[object], FineTuningRequest] = partial(_parse, FineTuningRequest)
+parse_training_example: Callable[[object], TrainingExample] = partial(_parse, TrainingExample)
 parse_batch: Callable[[object], BatchRequest] = partial(_parse, BatchRequest)
 
 
@@ -723,6 +778,67 @@ class ContextCacheDeleted(BaseModel):
     deleted: bool = True
 
 
+class FineTuningError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    """A fine-tuning job (OpenAI's `fine_tuning.job`)."""
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    model: str
+    created_at: int
+    finished_at: int | None
+    fine_tuned_model: str | None
+    organization_id: str = "org-deepflow"
+    result_files: list[str] = []
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict
+    trained_tokens: int | None
+    error: FineTuningError | None
+    seed: int
+    suffix: str | None
+    estimated_finish: int | None = None
+    integrations: list = []
+    method: dict
+
+
+class FineTuningEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict | None
+
+
+class FineTuningCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningEventList(FineTuningJobList):
+    data: list[FineTuningEvent]
+
+
+class FineTuningCheckpointList(FineTuningJobList):
+    data: list[FineTuningCheckpoint]
 class FileObject(BaseModel):
     """An uploaded file (POST and GET /v1/files/...)."""
     id: str

@@ -226,13 +226,28 @@ class Cluster:
                         f"Lower kv_cache_gb or add hosts.")
         return ""
 
-    def _place(self, group: str) -> Host:
-        cost = self.te_cost(group)
-        fitting = [h for h in self.hosts if h.room(cost)]
-        if not fitting:
-            raise NoRoom(self.target_beyond_room(group, len(self.live(group)) + 1) or f"no room for a {group} TE")
-        # the fewest TEs first (spread the load), then the most free memory
-        return min(fitting, key=lambda h: (len(h.tes), h.used() - h.memory))
+    def _place(self, cost: int, hosts: list[Host] | None = None) -> Host | None:
+        """The host (of `hosts`, default all) for a new process of `cost`, None where none fits:
+        the fewest TEs first (spread the load), then the most free memory."""
+        fitting = [h for h in (self.hosts if hosts is None else hosts) if h.room(cost)]
+        return min(fitting, key=lambda h: (len(h.tes), h.used() - h.memory), default=None)
+
+    def add_process(self, proc) -> Host:
+        """Place a process that is not a TE (a training task: scheduler/fine_tuning.py; it has
+        `id`, `cost`, `set_threads`, `fail`) on a host that can start it, counted there as a TE
+        is: its memory committed and a share of the cores. NoRoom if no host has the memory now."""
+        host = self._place(proc.cost, [h for h in self.hosts if hasattr(h.node, "launch_training")])
+        if host is None:
+            raise NoRoom(f"no host has {proc.cost / GiB:.2f} GiB free for {proc.id}: "
+                         + ("; ".join(h.describe() for h in self.hosts) or "no live host"))
+        host.make_room(proc.cost)
+        host.tes.append(proc)
+        self.rebalance(host)
+        return host
+
+    def remove_process(self, proc, host: Host) -> None:
+        host.tes.remove(proc)
+        self.rebalance(host)
 
     def rebalance(self, host: Host) -> None:
         """Share the machine's cores among its TEs again, every base model's (its TE count changed)."""
@@ -247,7 +262,9 @@ class Cluster:
 
     async def add_te(self, group: str) -> TEHandle:
         t0 = time.perf_counter()
-        host = self._place(group)
+        host = self._place(self.te_cost(group))
+        if host is None:
+            raise NoRoom(self.target_beyond_room(group, len(self.live(group)) + 1) or f"no room for a {group} TE")
         for peer in host.make_room(self.te_cost(group)):
             self.decide("template", 0, 0, "evict_least_likely",
                         {"evicted": peer.model, "for": host.model,

@@ -11,8 +11,8 @@ map rows to and from such dataclasses (a dict or list field is stored as JSON te
 Who writes what: uploaded files (scheduler/files.py: rows here, bytes under `files/`), batches
 and each of their lines' results as it finishes (scheduler/batch.py); serving TEs, group
 targets, context caches and DistFlow secrets, for a restarted main process to re-adopt
-(scheduler/restart.py). The writes are one small
-row each: in WAL mode with synchronous=NORMAL a commit is an append to the log without fsync,
+(scheduler/cluster.py, scheduler/caches.py, deepflow.py); fine-tuning jobs, their events and
+checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode with synchronous=NORMAL a commit is an append to the log without fsync,
 tens of microseconds, so the event loop calls them directly; what can take long (file bytes,
 a batch's output file) runs in a thread (`asyncio.to_thread`), which the lock makes safe.
 SIGKILL loses nothing committed; a power cut may lose the last commits (synchronous=NORMAL).
@@ -50,7 +50,7 @@ MIGRATIONS: list[str] = [
         custom_id TEXT NOT NULL, ok INTEGER NOT NULL, result TEXT NOT NULL,
         PRIMARY KEY (batch_id, line));
     """,
-    # 2: what a restarted main process re-adopts (scheduler/restart.py)
+    # 2: what a restarted main process re-adopts (scheduler/cluster.py, scheduler/caches.py)
     """
     CREATE TABLE tes (
         id TEXT PRIMARY KEY, model TEXT NOT NULL, group_name TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
@@ -60,6 +60,21 @@ MIGRATIONS: list[str] = [
         id TEXT PRIMARY KEY, model TEXT NOT NULL, kind TEXT NOT NULL, context TEXT NOT NULL, token_ids TEXT NOT NULL,
         blocks INTEGER NOT NULL, ttl_s INTEGER NOT NULL, created REAL NOT NULL);
     CREATE TABLE secrets (id TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    # 3: fine-tuning jobs, their events and checkpoints (scheduler/fine_tuning.py)
+    """
+    CREATE TABLE fine_tuning_jobs (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT,
+        suffix TEXT, hyperparameters TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL,
+        created_at INTEGER NOT NULL, finished_at INTEGER, fine_tuned_model TEXT, trained_tokens INTEGER,
+        error TEXT, adapter_path TEXT);
+    CREATE TABLE fine_tuning_events (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL, data TEXT);
+    CREATE TABLE fine_tuning_checkpoints (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES fine_tuning_jobs(id) ON DELETE CASCADE,
+        created_at INTEGER NOT NULL, step_number INTEGER NOT NULL, metrics TEXT NOT NULL,
+        fine_tuned_model_checkpoint TEXT NOT NULL);
     """,
 ]
 
@@ -161,6 +176,49 @@ class SecretRow:
     table: ClassVar[str] = "secrets"
     id: str
     value: str
+
+
+@dataclass
+class FineTuningJobRow:
+    """A fine-tuning job (OpenAI's `fine_tuning.job`); `hyperparameters` as resolved at create."""
+    table: ClassVar[str] = "fine_tuning_jobs"
+    id: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    hyperparameters: dict
+    seed: int
+    status: str
+    created_at: int
+    finished_at: int | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    error: dict | None = None
+    adapter_path: str | None = None  # the deployed adapter (its final checkpoint), registered again at start
+
+
+@dataclass
+class FineTuningEventRow:
+    table: ClassVar[str] = "fine_tuning_events"
+    id: str
+    job_id: str
+    created_at: int
+    level: str
+    message: str
+    type: str                       # message | metrics
+    data: dict | None = None
+
+
+@dataclass
+class FineTuningCheckpointRow:
+    table: ClassVar[str] = "fine_tuning_checkpoints"
+    id: str
+    job_id: str
+    created_at: int
+    step_number: int
+    metrics: dict
+    fine_tuned_model_checkpoint: str
 
 
 Row = TypeVar("Row")
