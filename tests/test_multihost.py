@@ -8,6 +8,7 @@ Without namespaces (not root, no iproute2) those tests skip with the reason; the
 import asyncio
 import os
 import signal
+import time
 
 import aiohttp
 import orjson
@@ -15,7 +16,7 @@ import pytest
 
 from flowserve.config import cache_dir
 from tests.conftest import PROMPT
-from tests.netns_cluster import NetnsCluster, can_create_namespaces
+from tests.netns_cluster import NetnsCluster, _alive, can_create_namespaces
 from tests.server_util import Server, data_lines, wait_until
 
 COMMON = ("--backend", "ray", "--kv-cache-gb", "0.1", "--max-model-len", "512", "--health-timeout-s", "3")
@@ -94,6 +95,46 @@ async def test_colocated_over_hosts_agent_loss_and_a_fresh_host(hosts, engine_gr
         assert sorted(te["host"] for te in ready(s)) == sorted([hosts.hosts[0], hosts.hosts[2]] * 2)
         for _ in range(4):
             assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
+
+
+def test_a_host_cut_off_or_whose_agent_died_comes_back(hosts, engine_greedy_reference):
+    """Host 1's cable is pulled for 15 s, later its node agent is killed: each time it is a host
+    again within 10 s (of the cable plugged back, of the kill), with no manual step; the TE
+    it had is killed first, and a new TE goes there."""
+    with serve_on(hosts, "--num-tes", "2") as s:
+        def host1() -> dict | None:
+            return next((h for h in s.get("/admin/cluster")["hosts"] if h["address"] == hosts.hosts[1]), None)
+
+        before = host1()
+        [stale] = [te["pid"] for te in ready(s) if te["host"] == hosts.hosts[1]]
+        hosts.set_link(1, up=False)
+        try:
+            cut = time.monotonic()
+            wait_until(lambda: host1() is None, 10)  # lost past the health bound (3 s)
+            wait_until(lambda: len(ready(s)) == 2, 30)  # refilled on host 0
+            time.sleep(max(0.0, cut + 15 - time.monotonic()))
+        finally:
+            hosts.set_link(1, up=True)
+        healed = time.monotonic()
+        wait_until(lambda: host1() is not None, 10)
+        print(f"host again {time.monotonic() - healed:.1f} s after its link came back")
+        assert host1()["agent_pid"] != before["agent_pid"]
+        wait_until(lambda: not _alive(stale), 5)
+
+        assert s.post("/admin/scale", {"group": "colocated", "instances": 3})[0] == 200
+        wait_until(lambda: len(ready(s)) == 3, 60)
+        assert [te["host"] for te in ready(s)].count(hosts.hosts[1]) == 1  # the host with the fewest TEs
+        for _ in range(3):
+            assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
+
+        host0 = next(h for h in s.get("/admin/cluster")["hosts"] if h["address"] == hosts.hosts[0])
+        agent = host1()["agent_pid"]
+        os.kill(agent, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: (h := host1()) is not None and h["agent_pid"] != agent, 10)
+        print(f"host again {time.monotonic() - killed:.1f} s after its agent was killed")
+        assert _alive(host0["template_pid"])  # reaping kills only what the lost host ran
+        wait_until(lambda: len(ready(s)) == 3, 60)
 
 
 def test_pd_pair_across_hosts(hosts, engine_greedy_reference):
