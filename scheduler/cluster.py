@@ -265,8 +265,11 @@ class Cluster:
             await self.add_te(group)
         except NoRoom as e:  # a host that joins later refills the group
             log.error("cannot replace a %s TE: %s", group, e)
-        except (RuntimeError, OSError, TimeoutError) as e:
-            log.error("a replacement %s TE failed to start: %s", group, e)
+        except (RuntimeError, OSError, TimeoutError) as e:  # killed mid-start, its template gone, ...
+            log.error("a replacement %s TE failed to start: %s; trying again in %d s", group, e, HEARTBEAT_S)
+            await asyncio.sleep(HEARTBEAT_S)
+            if not self.closing and len(self.live(group)) < self.target[group]:
+                self._refill(group)
         finally:
             self.replacing -= 1
 

@@ -1,0 +1,220 @@
+"""Chaos: random seeded faults under load from the openai client, then invariants (Jepsen-style).
+
+Starts `deepflow.py serve` (or uses --base-url with --server-pid), records the greedy answers
+to a few prompts, then for --seconds runs --concurrency openai clients (streamed chats,
+completions) while a seeded injector hits a random process every ~--gap-s seconds:
+
+- `te_kill` / `te_stop`: SIGKILL, or SIGSTOP (and SIGCONT after a while, or never), of a TE
+- `executor_kill` / `executor_stop`: the same for a TP executor (a TE's child; --tensor-parallel-size > 1)
+- `template_kill` / `template_stop`: the same for a host's warm template
+
+Afterwards, once the cluster has settled, it checks the invariants:
+
+- every request was answered or ended with an error (a 429/503, an error event in the stream),
+  none hung past --bound-s, no 5xx other than 503, no stream that stopped without a finish_reason
+- no leaked process: every pid the server ever ran (TEs, executors, templates) is either one of
+  its current processes or gone, and the server has no other child
+- no leaked KV block or pin: every TE has 0 blocks in use and 0 pinned once idle (/admin/cluster)
+- the same greedy answers as before the faults
+
+    python bench/chaos.py --seconds 300 --seed 1 [--gap-s 3] [--concurrency 8] [-- serve flags...]
+
+tests/test_chaos.py runs the same, shorter. The figures of a run go to docs/RELIABILITY.md.
+"""
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.server_util import Server, children, pid_alive  # noqa: E402
+
+PROMPTS = ["The capital of France is", "Count to ten: one, two,", "def fibonacci(n):"]
+MODEL = [""]  # the served model's name, asked once
+WORDS = ["cat", "river", "seven", "blue", "machine", "story", "cloud", "engine"]
+
+
+@dataclass
+class Chaos:
+    """One run: what was sent and how it ended, what was injected, and every pid seen."""
+    outcomes: Counter = field(default_factory=Counter)
+    bugs: list[str] = field(default_factory=list)
+    longest_s: float = 0.0
+    faults: list[dict] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+
+
+def server_pids(cluster: dict) -> dict[str, list[int]]:
+    """The processes the server runs now, by kind."""
+    tes = [te["pid"] for te in cluster["tes"] if te["pid"] and te["state"] in ("ready", "draining")]
+    return {"te": tes, "executor": [c for pid in tes for c in children(pid)],
+            "template": [h["template_pid"] for h in cluster["hosts"] if h.get("template_pid")]}
+
+
+async def greedy(client: openai.AsyncOpenAI) -> list[str]:
+    answers = []
+    for prompt in PROMPTS:
+        r = await client.completions.create(model=MODEL[0], prompt=prompt, max_tokens=16, temperature=0)
+        answers.append(r.choices[0].text)
+    return answers
+
+
+async def one_request(client: openai.AsyncOpenAI, rng: random.Random) -> str:
+    """Send one random request; 'ok' or 'error:<why>'; raises on what breaks an invariant."""
+    prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 120)))
+    max_tokens, temperature = rng.randint(4, 64), rng.choice([0, 0.8])
+    try:
+        if rng.random() < 0.7:
+            stream = await client.chat.completions.create(
+                model=MODEL[0], messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=temperature, stream=True)
+            finish = None
+            async for chunk in stream:
+                finish = chunk.choices[0].finish_reason if chunk.choices else finish
+            if finish is None:
+                raise AssertionError("a stream ended without a finish_reason or an error")
+        else:
+            r = await client.completions.create(model=MODEL[0], prompt=prompt, max_tokens=max_tokens,
+                                                temperature=temperature)
+            assert r.choices[0].finish_reason in ("stop", "length"), r
+        return "ok"
+    except openai.APIStatusError as e:
+        if e.status_code in (429, 503):
+            return f"error:{e.status_code}"
+        raise AssertionError(f"HTTP {e.status_code}: {e.message}") from None
+    except openai.APIError as e:  # an error event in the stream
+        if isinstance(e, openai.APIConnectionError):
+            raise AssertionError(f"connection: {e}") from None
+        return "error:event"
+
+
+async def load(client: openai.AsyncOpenAI, rng: random.Random, stop_at: float, bound_s: float, run: Chaos) -> None:
+    while time.monotonic() < stop_at:
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(bound_s):
+                run.outcomes[await one_request(client, rng)] += 1
+        except TimeoutError:
+            run.bugs.append(f"a request hung past {bound_s} s")
+        except AssertionError as e:
+            run.bugs.append(str(e))
+        run.longest_s = max(run.longest_s, time.monotonic() - t0)
+
+
+async def inject(get, rng: random.Random, stop_at: float, gap_s: float, health_s: float, run: Chaos) -> None:
+    """Hit a random process of a random kind every ~gap_s seconds; a SIGSTOP is followed by a
+    SIGCONT within 2 health timeouts, or (a third of them) never."""
+    while (now := time.monotonic()) < stop_at:
+        await asyncio.sleep(min(rng.expovariate(1 / gap_s), stop_at - now))
+        pids = server_pids(await asyncio.to_thread(get, "/admin/cluster"))
+        run.seen.update(p for kind in pids.values() for p in kind)
+        kinds = [k for k in sorted(pids) if pids[k]]
+        if not kinds or time.monotonic() >= stop_at:
+            continue
+        kind = rng.choice(kinds)
+        pid, sig = rng.choice(pids[kind]), rng.choice(["kill", "stop"])
+        fault = {"t": round(time.monotonic() - run.started, 1), "fault": f"{kind}_{sig}", "pid": pid}
+        try:
+            os.kill(pid, signal.SIGKILL if sig == "kill" else signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        if sig == "stop" and rng.random() < 2 / 3:
+            fault["cont_after_s"] = round(rng.uniform(0.2, 2 * health_s), 1)
+            asyncio.get_running_loop().call_later(fault["cont_after_s"], resume, pid)
+        run.faults.append(fault)
+
+
+def resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def settled(get) -> bool:
+    """Every group at its target, every TE ready and idle, the server healthy."""
+    try:
+        health, cluster = get("/health"), get("/admin/cluster")
+    except OSError:
+        return False
+    groups = cluster["groups"].values()
+    return health["status"] == "ok" and all(len(g["tes"]) == g["target"] for g in groups) and \
+        all(te["state"] == "ready" and te["tasks"] == 0 for te in cluster["tes"])
+
+
+def invariants(get, server_pid: int, run: Chaos, before: list[str], after: list[str]) -> dict[str, bool]:
+    cluster = get("/admin/cluster")
+    now = server_pids(cluster)
+    current = {p for kind in now.values() for p in kind}
+    run.seen.update(current)
+    leaked = sorted(p for p in run.seen - current if pid_alive(p)) + \
+        sorted(set(children(server_pid)) - current)
+    kv = {te["id"]: (te["kv_usage"], te["pinned_blocks"]) for te in cluster["tes"]}
+    return {"no_request_hung_or_broke": not run.bugs,
+            "every_request_answered_or_ended_with_an_error": sum(run.outcomes.values()) > 0 and not run.bugs,
+            "no_leaked_process": not leaked,
+            "no_leaked_kv_block_or_pin": all(u == 0 and p == 0 for u, p in kv.values()),
+            "same_greedy_answers": before == after,
+            "_details": {"leaked_pids": leaked, "kv": kv}}
+
+
+async def chaos(url: str, get, server_pid: int, seconds: float, seed: int, gap_s: float, concurrency: int,
+                bound_s: float, health_s: float) -> dict:
+    """Run load and faults for `seconds`, let the cluster settle, check the invariants."""
+    rng = random.Random(seed)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=bound_s)
+    MODEL[0] = (await client.models.list()).data[0].id
+    before = await greedy(client)
+    run = Chaos()
+    stop_at = time.monotonic() + seconds
+    await asyncio.gather(inject(get, random.Random(rng.random()), stop_at, gap_s, health_s, run),
+                         *(load(client, random.Random(rng.random()), stop_at, bound_s, run) for _ in range(concurrency)))
+    t0 = time.monotonic()
+    while not await asyncio.to_thread(settled, get):
+        if time.monotonic() - t0 > 60:
+            run.bugs.append("the cluster did not settle within 60 s of the last fault")
+            break
+        await asyncio.sleep(0.5)
+    settle_s = time.monotonic() - t0
+    await asyncio.sleep(2)  # the TEs' next stats (blocks in use) reach /admin/cluster
+    after = await greedy(client)
+    checks = invariants(get, server_pid, run, before, after)
+    return {"seed": seed, "seconds": seconds, "faults": len(run.faults), "fault_kinds": dict(Counter(
+        f["fault"] for f in run.faults)), "requests": sum(run.outcomes.values()) + len(run.bugs),
+        "outcomes": dict(run.outcomes), "bugs": run.bugs[:20], "longest_request_s": round(run.longest_s, 1),
+        "bound_s": bound_s, "settle_s": round(settle_s, 1), "invariants": checks, "fault_log": run.faults}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--gap-s", type=float, default=3.0, help="mean time between faults")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--bound-s", type=float, default=60, help="no request may take longer")
+    ap.add_argument("--health-timeout-s", type=float, default=3)
+    ap.add_argument("--out", default="")
+    ap.add_argument("serve", nargs="*", help="extra serve flags (after --)")
+    args = ap.parse_args()
+    flags = ["--health-timeout-s", str(args.health_timeout_s), "--num-tes", "2", *args.serve]
+    with Server(*flags) as s:
+        report = asyncio.run(chaos(s.url, s.get, s.proc.pid, args.seconds, args.seed, args.gap_s, args.concurrency,
+                                   args.bound_s, args.health_timeout_s))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
