@@ -4,10 +4,15 @@ no request hung or broke, no process, KV block or pin leaked, and greedy answers
 
 A tiny random-weight model (tests/tiny_model.py) keeps steps cheap, so the faults, not the
 compute, set the pace; TP=2 gives every TE an executor to hit."""
+import os
+import signal
+import time
+
 import pytest
 
 from bench.chaos import chaos
-from tests.server_util import Server
+from scaling.launch import FORK_TIMEOUT_S
+from tests.server_util import Server, wait_until
 from tests.tiny_model import write_tiny_model
 
 HEALTH_S = 2
@@ -25,3 +30,21 @@ async def test_random_faults_under_load_break_no_invariant(tmp_path, seed):
     assert {k: v for k, v in report["invariants"].items() if not k.startswith("_")} == \
         dict.fromkeys(["no_request_hung_or_broke", "every_request_answered_or_ended_with_an_error",
                        "no_leaked_process", "no_leaked_kv_block_or_pin", "same_greedy_answers"], True), report
+
+
+def test_a_frozen_template_is_killed_and_tes_start_again(tmp_path):
+    """Found by the chaos run: with the template SIGSTOPped, a TE's replacement waited for its
+    fork forever and the group stayed empty. Now the fork times out, the template is killed
+    and started again, and the replacement comes from it."""
+    tiny = write_tiny_model(tmp_path / "tiny")
+    with Server("--model", str(tiny), "--num-tes", "1", "--kv-cache-gb", "0.05", "--health-timeout-s", "2") as s:
+        cluster = s.get("/admin/cluster")
+        template, te = cluster["template_pid"], cluster["tes"][0]["pid"]
+        os.kill(template, signal.SIGSTOP)
+        os.kill(te, signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_until(lambda: [t for t in s.get("/admin/cluster")["tes"] if t["state"] == "ready" and t["pid"] != te],
+                   FORK_TIMEOUT_S + 20)
+        assert time.monotonic() - t0 > FORK_TIMEOUT_S - 1  # the first fork did wait for its bound
+        assert s.get("/admin/cluster")["template_pid"] not in (None, template)
+        assert s.post("/v1/completions", {"prompt": "Hi", "max_tokens": 4})[0] == 200
