@@ -7,6 +7,9 @@ completions) while a seeded injector hits a random process every ~--gap-s second
 - `te_kill` / `te_stop`: SIGKILL, or SIGSTOP (and SIGCONT after a while, or never), of a TE
 - `executor_kill` / `executor_stop`: the same for a TP executor (a TE's child; --tensor-parallel-size > 1)
 - `template_kill` / `template_stop`: the same for a host's warm template
+- with --hosts N (`--backend ray` over N network namespaces, tests/netns_cluster.py; root):
+  `agent_kill` / `agent_stop` of a node agent, and `link_cut`: a host other than the main
+  process's loses its link for 5-20 s
 
 Afterwards, once the cluster has settled, it checks the invariants:
 
@@ -17,7 +20,10 @@ Afterwards, once the cluster has settled, it checks the invariants:
 - no leaked KV block or pin: every TE has 0 blocks in use and 0 pinned once idle (/admin/cluster)
 - the same greedy answers as before the faults
 
-    python bench/chaos.py --seconds 300 --seed 1 [--gap-s 3] [--concurrency 8] [-- serve flags...]
+    python bench/chaos.py --seconds 300 --seed 1 [--gap-s 3] [--concurrency 8] [--tiny] [-- serve flags...]
+
+--tiny serves a tiny random-weight model (tests/tiny_model.py) with --tensor-parallel-size 2, so
+that faults, not compute, set the pace, and every TE has an executor to hit.
 
 tests/test_chaos.py runs the same, shorter. The figures of a run go to docs/RELIABILITY.md.
 """
@@ -28,6 +34,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,7 +43,9 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.netns_cluster import NetnsCluster  # noqa: E402
 from tests.server_util import Server, children, pid_alive  # noqa: E402
+from tests.tiny_model import write_tiny_model  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Count to ten: one, two,", "def fibonacci(n):"]
 MODEL = [""]  # the served model's name, asked once
@@ -58,7 +67,8 @@ def server_pids(cluster: dict) -> dict[str, list[int]]:
     """The processes the server runs now, by kind."""
     tes = [te["pid"] for te in cluster["tes"] if te["pid"] and te["state"] in ("ready", "draining")]
     return {"te": tes, "executor": [c for pid in tes for c in children(pid)],
-            "template": [h["template_pid"] for h in cluster["hosts"] if h.get("template_pid")]}
+            "template": [h["template_pid"] for h in cluster["hosts"] if h.get("template_pid")],
+            "agent": [h["agent_pid"] for h in cluster["hosts"] if h.get("agent_pid")]}
 
 
 async def greedy(client: openai.AsyncOpenAI) -> list[str]:
@@ -111,17 +121,34 @@ async def load(client: openai.AsyncOpenAI, rng: random.Random, stop_at: float, b
         run.longest_s = max(run.longest_s, time.monotonic() - t0)
 
 
-async def inject(get, rng: random.Random, stop_at: float, gap_s: float, health_s: float, run: Chaos) -> None:
+async def cut_link(hosts: NetnsCluster, i: int, seconds: float) -> None:
+    hosts.set_link(i, up=False)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        hosts.set_link(i, up=True)
+
+
+async def inject(get, rng: random.Random, stop_at: float, gap_s: float, health_s: float, run: Chaos,
+                 hosts: NetnsCluster | None = None) -> None:
     """Hit a random process of a random kind every ~gap_s seconds; a SIGSTOP is followed by a
-    SIGCONT within 2 health timeouts, or (a third of them) never."""
+    SIGCONT within 2 health timeouts, or (a third of them) never. With `hosts`, a host's link
+    may be cut instead (one at a time, never the main process's)."""
+    cuts: list[asyncio.Task] = []
     while (now := time.monotonic()) < stop_at:
         await asyncio.sleep(min(rng.expovariate(1 / gap_s), stop_at - now))
         pids = server_pids(await asyncio.to_thread(get, "/admin/cluster"))
         run.seen.update(p for kind in pids.values() for p in kind)
-        kinds = [k for k in sorted(pids) if pids[k]]
+        kinds = [k for k in sorted(pids) if pids[k]] + (["link"] if hosts and all(c.done() for c in cuts) else [])
         if not kinds or time.monotonic() >= stop_at:
             continue
         kind = rng.choice(kinds)
+        if kind == "link":
+            i, seconds = rng.randrange(1, hosts.n), round(rng.uniform(5, 20), 1)
+            run.faults.append({"t": round(time.monotonic() - run.started, 1), "fault": "link_cut", "host": i,
+                               "seconds": seconds})
+            cuts.append(asyncio.create_task(cut_link(hosts, i, seconds)))
+            continue
         pid, sig = rng.choice(pids[kind]), rng.choice(["kill", "stop"])
         fault = {"t": round(time.monotonic() - run.started, 1), "fault": f"{kind}_{sig}", "pid": pid}
         try:
@@ -132,6 +159,7 @@ async def inject(get, rng: random.Random, stop_at: float, gap_s: float, health_s
             fault["cont_after_s"] = round(rng.uniform(0.2, 2 * health_s), 1)
             asyncio.get_running_loop().call_later(fault["cont_after_s"], resume, pid)
         run.faults.append(fault)
+    await asyncio.gather(*cuts)
 
 
 def resume(pid: int) -> None:
@@ -141,14 +169,14 @@ def resume(pid: int) -> None:
         pass
 
 
-def settled(get) -> bool:
-    """Every group at its target, every TE ready and idle, the server healthy."""
+def settled(get, n_hosts: int) -> bool:
+    """Every host back, every group at its target, every TE ready and idle, the server healthy."""
     try:
         health, cluster = get("/health"), get("/admin/cluster")
     except OSError:
         return False
     groups = cluster["groups"].values()
-    return health["status"] == "ok" and all(len(g["tes"]) == g["target"] for g in groups) and \
+    return health["status"] == "ok" and len(cluster["hosts"]) == n_hosts and all(len(g["tes"]) == g["target"] for g in groups) and \
         all(te["state"] == "ready" and te["tasks"] == 0 for te in cluster["tes"])
 
 
@@ -169,7 +197,7 @@ def invariants(get, server_pid: int, run: Chaos, before: list[str], after: list[
 
 
 async def chaos(url: str, get, server_pid: int, seconds: float, seed: int, gap_s: float, concurrency: int,
-                bound_s: float, health_s: float) -> dict:
+                bound_s: float, health_s: float, hosts: NetnsCluster | None = None) -> dict:
     """Run load and faults for `seconds`, let the cluster settle, check the invariants."""
     rng = random.Random(seed)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=bound_s)
@@ -177,10 +205,10 @@ async def chaos(url: str, get, server_pid: int, seconds: float, seed: int, gap_s
     before = await greedy(client)
     run = Chaos()
     stop_at = time.monotonic() + seconds
-    await asyncio.gather(inject(get, random.Random(rng.random()), stop_at, gap_s, health_s, run),
+    await asyncio.gather(inject(get, random.Random(rng.random()), stop_at, gap_s, health_s, run, hosts),
                          *(load(client, random.Random(rng.random()), stop_at, bound_s, run) for _ in range(concurrency)))
     t0 = time.monotonic()
-    while not await asyncio.to_thread(settled, get):
+    while not await asyncio.to_thread(settled, get, hosts.n if hosts else 1):
         if time.monotonic() - t0 > 60:
             run.bugs.append("the cluster did not settle within 60 s of the last fault")
             break
@@ -195,6 +223,19 @@ async def chaos(url: str, get, server_pid: int, seconds: float, seed: int, gap_s
         "bound_s": bound_s, "settle_s": round(settle_s, 1), "invariants": checks, "fault_log": run.faults}
 
 
+def serve_and_run(flags: list[str], args: argparse.Namespace) -> dict:
+    if not args.hosts:
+        with Server(*flags) as s:
+            return asyncio.run(chaos(s.url, s.get, s.proc.pid, args.seconds, args.seed, args.gap_s, args.concurrency,
+                                     args.bound_s, args.health_timeout_s))
+    env = {i: {"DEEPFLOW_HOST_MEMORY_GB": "3"} for i in range(args.hosts)}
+    with NetnsCluster(args.hosts, prefix="dfc", subnet="10.81.0", env_per_host=env, gcs_port=6410) as hosts:
+        with Server(*flags, "--backend", "ray", "--ray-address", hosts.head_address, env=hosts.driver_env(),
+                    host=hosts.hosts[0], prefix=("ip", "netns", "exec", hosts.namespace(0))) as s:
+            return asyncio.run(chaos(s.url, s.get, s.proc.pid, args.seconds, args.seed, args.gap_s, args.concurrency,
+                                     args.bound_s, args.health_timeout_s, hosts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=300)
@@ -203,13 +244,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--bound-s", type=float, default=60, help="no request may take longer")
     ap.add_argument("--health-timeout-s", type=float, default=3)
+    ap.add_argument("--tiny", action="store_true", help="a tiny random-weight model, TP=2")
+    ap.add_argument("--hosts", type=int, default=0, help="--backend ray over this many namespaces (root)")
     ap.add_argument("--out", default="")
     ap.add_argument("serve", nargs="*", help="extra serve flags (after --)")
     args = ap.parse_args()
     flags = ["--health-timeout-s", str(args.health_timeout_s), "--num-tes", "2", *args.serve]
-    with Server(*flags) as s:
-        report = asyncio.run(chaos(s.url, s.get, s.proc.pid, args.seconds, args.seed, args.gap_s, args.concurrency,
-                                   args.bound_s, args.health_timeout_s))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            flags += ["--model", str(write_tiny_model(Path(tmp) / "tiny")), "--tensor-parallel-size", "2",
+                      "--kv-cache-gb", "0.05"]
+        report = serve_and_run(flags, args)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
