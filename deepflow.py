@@ -33,8 +33,9 @@ from flowserve.config import (EngineConfig, add_flags, cache_dir, check_tensor_p
 from flowserve.protocol import Adapter, SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import ScalePolicy, autoscale
-from scaling.hosts import Host
+from scaling.hosts import Host, secret_env
 from scaling.node import local_host
+from scaling.te_listener import TEListener
 from scheduler import api
 from scheduler.api import APIError, parse_chat, parse_completion, parse_json, parse_scale
 from scheduler.caches import ContextCaches
@@ -45,6 +46,7 @@ from scheduler.models import Models, ServedModel, parse_named
 from scheduler.openapi import openapi
 from scheduler.pd_policy import Heatmap
 from scheduler.pd_profile import add_profile_parser
+from scheduler.state import SecretRow, StateDirBusy, StateStore, TERow, default_state_dir
 
 MODEL_HELP = "GGUF file or HF directory (default: packaged SmolLM2-135M-Instruct)"
 
@@ -129,10 +131,27 @@ class ServeConfig:
     backend: str = flag("local: TEs are this host's processes; ray: on Ray nodes (docs/DEPLOY.md)", "local",
                         choices=["local", "ray"])
     ray_address: str = flag("with --backend ray: the Ray cluster (HEAD_IP:PORT)", "auto")
+    te_port: int = flag("port of the main process's TE listener: TEs of other hosts connect to it (--backend ray), "
+                        "and TEs reconnect to it after a main-process restart (0: a free port, kept in the state dir)",
+                        0)
+    adopt_grace_s: float = flag("TEs (and node agents) outlive a crash of the main process this long, for a main "
+                                "process started again with the same --state-dir to re-adopt them (0: they exit "
+                                "with it)", 30.0)
+    distflow_ports: str = flag("LO-HI: the TCP ports TEs' DistFlow listeners take on each host (KV between hosts, "
+                               "weights to new hosts; each TE takes the first free one or two; empty: any free port)",
+                               "")
     max_queued: int = flag("tasks waiting beyond running ones, then 429", 256)
     cache_budget: float = flag("fraction of a TE's KV cache that context caches (/v1/caches) may pin; past it 507", 0.5)
     max_body_bytes: int = flag("larger request bodies get 413", 4 << 20)
     drain_timeout: float = flag("seconds SIGTERM waits for in-flight jobs", 30.0)
+    state_dir: str = field(default_factory=default_state_dir, metadata={
+        "help": "where what survives a restart lives: SQLite state.db, uploaded files (default: "
+                "$DEEPFLOW_CACHE/state, i.e. ~/.cache/deepflow/state)"})
+
+    def __post_init__(self):
+        lo, _, hi = self.distflow_ports.partition("-")
+        if self.distflow_ports and not (lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi) < 65536):
+            raise ValueError(f"--distflow-ports {self.distflow_ports!r}: give a range LO-HI, e.g. 7100-7163")
 
 
 log = logging.getLogger("deepflow")
@@ -524,32 +543,72 @@ def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
     return named
 
 
+async def te_listener(cfg: ServeConfig, store: StateStore, address: str) -> TEListener:
+    """Where TEs of other hosts connect, and TEs reconnect if the main process dies: --te-port
+    on `address`, else the port the TEs of the previous main process know (the state dir),
+    else a free one."""
+    known = [row.main_address for row in store.select(TERow)]
+    port = cfg.te_port or (int(known[0].rsplit(":", 1)[1]) if known else 0)
+    listener = TEListener(address)
+    try:
+        await listener.start(port)
+    except OSError as e:
+        raise SystemExit(f"cannot serve: the TE listener cannot take port {port}: {e}") from None
+    return listener
+
+
+def distflow_secret(store: StateStore, model_path: str) -> dict[str, str]:
+    """A base model's DistFlow secret (`secret_env`), kept in the state dir: the TEs that outlive
+    a main-process crash hold it, and so must the TEs the next main process starts."""
+    key = "distflow:" + model_path
+    if row := store.get(SecretRow, key):
+        return {"DEEPFLOW_DISTFLOW_SECRET": row.value}
+    env = secret_env()
+    store.insert(SecretRow(key, env["DEEPFLOW_DISTFLOW_SECRET"]))
+    return env
+
+
 def make_cluster(cfg: ServeConfig, path: str, shape: dict[str, tuple[int, EngineConfig]], first: bool,
-                 machine: list[Host]) -> Cluster:
+                 machine: list[Host], store: StateStore, listener: TEListener | None) -> Cluster:
     """A base model's cluster (not started), on this machine (`machine`: the hosts of the
-    bases before it, which share its memory and cores), or on Ray nodes as they join."""
+    bases before it, which share its memory and cores), or on Ray nodes as they join. With a
+    `listener`, its TEs wait for a restarted main process there if this one dies."""
     check_tensor_parallel_sizes(path, shape)
     ray = cfg.backend == "ray"
-    hosts = [] if ray else [local_host(path, cfg.start_mode, cfg.prewarmed, shape["colocated"][1], machine)]
+    hosts = [] if ray else [local_host(path, cfg.start_mode, cfg.prewarmed, shape["colocated"][1], machine,
+                                       distflow_secret(store, path))]
     return Cluster(path, shape, hosts, max_queued=cfg.max_queued, start_mode=cfg.start_mode,
                    policy=cfg.policy, imbalance=cfg.imbalance,
                    kv_transport="unix,tcp" if ray else cfg.kv_transport,
                    heatmap=load_heatmap(cfg, shape) if first else None, threads_per_te=cfg.threads_per_te,
-                   health_timeout_s=cfg.health_timeout_s, place_timeout_s=cfg.place_timeout_s, weights_donors=ray)
+                   health_timeout_s=cfg.health_timeout_s, place_timeout_s=cfg.place_timeout_s, weights_donors=ray,
+                   distflow_ports=cfg.distflow_ports, state=store, main_address=listener.address if listener else "",
+                   adopt_grace_s=cfg.adopt_grace_s if listener else 0.0)
 
 
 async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     named = base_models(cfg)
     if cfg.backend == "ray" and len(named) > 1:
         raise SystemExit("--backend ray serves one base model (its adapters too): give --model once")
+    try:
+        store = StateStore(cfg.state_dir)
+    except StateDirBusy as e:
+        raise SystemExit(f"cannot serve: {e}") from None
+    if cfg.backend == "ray":  # imported here only: the default path never loads Ray
+        from scaling.ray_backend import RayBackend, ray_namespace
+        from ray.util import get_node_ip_address
+    listener = None
+    if cfg.backend == "ray" or cfg.adopt_grace_s > 0:
+        listener = await te_listener(cfg, store, get_node_ip_address() if cfg.backend == "ray" else "127.0.0.1")
     machine: list[Host] = []
     shapes = {name: cluster_shape(cfg, engine, None if i == 0 else name) for i, (name, _) in enumerate(named)}
-    clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine) for i, (name, path) in enumerate(named)}
+    clusters = {name: make_cluster(cfg, path, shapes[name], i == 0, machine, store, listener)
+                for i, (name, path) in enumerate(named)}
     metrics_ = Metrics(clusters, {name: cfg.slo_ttft_ms / 1e3 for name in clusters})
     bases = []
     for i, (name, path) in enumerate(named):  # Tokenizer.load converts a GGUF's vocabulary once
         je = JobExecutor(clusters[name], Tokenizer.load(path), name, metrics_,
-                         ContextCaches(clusters[name], cfg.cache_budget))
+                         ContextCaches(clusters[name], cfg.cache_budget, store))
         bases.append(ServedModel(name, path, read_model_config(path), clusters[name], je,
                                  scale_policies(cfg, shapes[name], i == 0)))
     models_ = Models(bases, engine.max_lora_rank)
@@ -562,18 +621,28 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     shutdown.jes = [b.je for b in bases]
     backend = None
     try:
-        if cfg.backend == "ray":  # imported here only: the default path never loads Ray
-            from scaling.ray_backend import RayBackend
+        if cfg.backend == "ray":
             first = clusters[named[0][0]]
             backend = RayBackend(first, cfg.ray_address, named[0][1], cfg.start_mode, cfg.prewarmed,
-                                 first.engine_cfgs["colocated"], cfg.health_timeout_s)
+                                 first.engine_cfgs["colocated"], cfg.health_timeout_s, listener,
+                                 distflow_secret(store, named[0][1]), cfg.adopt_grace_s, ray_namespace(cfg.state_dir))
             await backend.start()
             shutdown.install()
+        if cfg.adopt_grace_s > 0:  # after a crash: the TEs that waited for this process, their caches and targets
+            await asyncio.gather(*(c.adopt(listener) for c in clusters.values()))
+        for b in bases:
+            b.je.caches.restore(b.name)
+            for g in b.cluster.by_hand:
+                b.policies[g].min_tes = b.policies[g].max_tes = b.cluster.target[g]
         await asyncio.gather(*(c.start() for c in clusters.values()))
+        if listener:
+            listener.settle()
     except BaseException as e:
         await asyncio.gather(*(c.shutdown() for c in clusters.values()))
         if backend:
             await backend.stop()
+        if listener:
+            listener.close()
         if isinstance(e, NoRoom):
             raise SystemExit(f"cannot start: {e}") from None
         raise
@@ -594,6 +663,9 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     await asyncio.gather(*(c.shutdown() for c in clusters.values()))
     if backend:
         await backend.stop()
+    if listener:
+        listener.close()
+    store.close()
     log.warning("stopped")
 
 

@@ -202,6 +202,10 @@ class TELaunch:
     serve_weights: bool = False     # open a DistFlow port that streams this TE's weights to new TEs
     kv_listen: str = ""             # decode TE: receive KV over DistFlow: "unix" (one host), "tcp", or "unix,tcp"
     host: str = "127.0.0.1"         # the address of this TE's host: its DistFlow listeners bind and advertise it
+    ports: str = ""                 # "LO-HI": the TCP ports its DistFlow listeners take (empty: any free port)
+    te_id: str = ""                 # its id in the cluster, which it gives when it reconnects
+    main_address: str = ""          # the main process's TE listener, which it reconnects to if the main process dies
+    adopt_grace_s: float = 0.0      # how long it waits for a restarted main process (0: it exits with the main process)
 
 
 def default_model_path() -> str:

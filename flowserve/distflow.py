@@ -85,11 +85,23 @@ def nbytes(shape: list[int], dtype: torch.dtype) -> int:
     return dtype.itemsize * int(torch.Size(shape).numel())
 
 
-def serve_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], host: str) -> str:
-    """Listen on a free port of `host` and send the weights to every peer that connects, each
+def tcp_listener(host: str, ports: str = "") -> socket.socket:
+    """A TCP listener on `host`: on the first free port of `ports` ("LO-HI", pinned so that a
+    firewall can name them), or on any free port when `ports` is empty."""
+    lo, _, hi = ports.partition("-")
+    for port in range(int(lo), int(hi) + 1) if ports else (0,):
+        try:
+            return socket.create_server((host, port))
+        except OSError:  # taken (another TE of this host): the next one
+            continue
+    raise OSError(f"no free DistFlow port in {ports} on {host}")
+
+
+def serve_weights(cfg: ModelConfig, tensors: dict[str, torch.Tensor], host: str, ports: str = "") -> str:
+    """Listen on a free port of `host` (of `ports`, if given) and send the weights to every peer that connects, each
     in its own daemon thread: one donor feeds many new TEs at once, and socket sends release
     the GIL, so the TE's step loop keeps running. Returns the address, `host:port`."""
-    listener = socket.create_server((host, 0))
+    listener = tcp_listener(host, ports)
     cpu = {name: t.cpu() for name, t in tensors.items()}  # no copy on a CPU TE
     header = pack(WeightsHeader(cfg, [TensorSpec(n, dtype_name(t.dtype), list(t.shape)) for n, t in cpu.items()]))
 
@@ -161,14 +173,15 @@ def _recv_into(conn: socket.socket, buf: bytearray, t: torch.Tensor) -> torch.Te
 
 # ---------------------------------------------------------------------------- KV path
 
-def listen_kv(transports: str, host: str) -> list[tuple[socket.socket, str]]:
+def listen_kv(transports: str, host: str, ports: str = "") -> list[tuple[socket.socket, str]]:
     """A decode TE's KV listeners and the addresses prefill TEs send to, one per transport in
     `transports` ("unix", "tcp" or both, comma-separated): `unix:NAME` for TEs of its host
-    (abstract sockets live in the host's network namespace), `tcp:HOST:PORT` for any."""
+    (abstract sockets live in the host's network namespace), `tcp:HOST:PORT` for any (a port
+    of `ports`, if given)."""
     out = []
     for transport in transports.split(","):
         if transport == "tcp":
-            listener = socket.create_server((host, 0))
+            listener = tcp_listener(host, ports)
             out.append((listener, f"tcp:{host}:{listener.getsockname()[1]}"))
             continue
         name = f"deepflow-kv-{os.getpid()}-{secrets.token_hex(4)}"

@@ -6,7 +6,10 @@
   per engine step (a `TokenOut` per request that moved, and the engine's `Stats`), and
   `Alive` twice a second from its liveness thread. On
   another host the TE's socket is TCP, and its first frame is `Hello`, carrying the secret
-  the main process handed its node agent (`scaling/node_agent.py`).
+  the main process handed its node agent (`scaling/node_agent.py`). A TE that outlived the
+  main process reconnects over TCP (`dial_main`) with `Hello` (the secret it made at start
+  and reported in its `Ready`) and its `Ready` again, saying what it holds; the new main
+  process's first `Ping` tells it that it was adopted.
 - main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
 - TP master <-> its executors (`flowserve/tp.py`, `flowserve/executor.py`): `ExecStart`,
   then `ExecStep`, `ExecKV`, `ExecLora`, `Threads`, each answered by `ExecDone` (but `Threads`).
@@ -239,6 +242,8 @@ class Ready(Message, tag=Op.READY.value):
     weights_bytes: int = 0            # its weights' size: a host counts them once while shared
     weights_addr: str | None = None   # DistFlow: where it streams its weights
     kv_addrs: list[str] = []          # DistFlow: where a decode TE takes KV (unix on its host, tcp)
+    secret: bytes = b""               # what it proves itself with when it reconnects to a restarted main process
+    pinned: list[str] = []            # the context caches it pins (when it reconnects)
 
 
 class Step(Message, tag=Op.STEP.value):
@@ -440,6 +445,20 @@ def expect(msg: Message | None, kind: type) -> Message | None:
     if msg is not None and not isinstance(msg, kind):
         raise BadFrame(f"expected {kind.__name__}, got {type(msg).__name__}")
     return msg
+
+
+def dial_main(address: str, timeout: float = 10) -> socket.socket:
+    """A TCP connection to the main process's TE listener (`HOST:PORT`), blocking, for frames.
+    If the main process's host vanishes without closing it, the TE notices within ~25 s
+    (keepalive probes after 10 s idle, every 5 s, 3 missed) and acts as on EOF."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.setblocking(True)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames, sent at once
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3)):
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return sock
 
 
 def encode_config(cfg: EngineConfig | TELaunch) -> str:

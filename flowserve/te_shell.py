@@ -11,7 +11,14 @@ and send that step's `TokenOut`s plus the engine's `Stats` back in one `Step` fr
 for steps: a thread of its own (`Liveness`) sends `Alive` twice a second with how long the
 current step or command has run, so a long prefill or a slow adapter read is told apart from
 a frozen process, which sends nothing. A frame it cannot decode is logged and answered with
-`Error`; the TE keeps serving. The engine runs on one thread and needs no locks; socket
+`Error`; the TE keeps serving.
+
+When the main process dies (EOF, or a reset), the TE exits, unless it was started with an
+adoption grace (`TELaunch.adopt_grace_s`, `serve --adopt-grace-s`): then it drops its
+requests (their clients were the dead process's), keeps its context caches' pinned blocks,
+and dials the main process's TE listener (`TELaunch.main_address`) with backoff until a
+restarted main process adopts it (`rejoin`: `Hello` with the secret it made at start, then
+its `Ready` again, with the caches it pins), or the grace is over and it exits. The engine runs on one thread and needs no locks; socket
 writes take a lock, since the liveness thread writes too.
 
 PD disaggregation: on a prefill TE an `Add` with `kv_to` (a decode TE's DistFlow address)
@@ -34,6 +41,7 @@ initialised, waiting for a `Load` command that names the model.
 import argparse
 import logging
 import os
+import secrets
 import select
 import socket
 import sys
@@ -44,6 +52,7 @@ from functools import partial
 
 T_START = time.perf_counter()  # before torch is imported: TE-Pre-Load starts here
 
+import msgspec  # noqa: E402
 import torch  # noqa: E402
 
 from flowserve.config import EngineConfig, TELaunch  # noqa: E402
@@ -54,10 +63,12 @@ from flowserve.distflow import (  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.tp import ExecutorLost  # noqa: E402
 from flowserve.protocol import (  # noqa: E402
-    Abort, Add, Alive, BadFrame, Error, FinishReason, KVAck, KVHeader, KVTrailer, Load, Message, Ping, Prewarmed,
-    Ready, SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, Unpin, decode_config, pack, unpack_frames)
+    Abort, Add, Alive, BadFrame, Error, FinishReason, Hello, KVAck, KVHeader, KVTrailer, Load, Message, Ping,
+    Prewarmed, Ready, SamplingParams, StartTimings, Step, Stop, Threads, TokenOut, Unpin, decode_config, dial_main,
+    pack, recv_frame, unpack_frames)
 
 log = logging.getLogger("flowserve.te_shell")
+REJOIN_BACKOFF_S = (0.02, 0.2)  # first and longest wait between dials of a restarting main process
 
 
 class Liveness(threading.Thread):
@@ -79,7 +90,7 @@ class Liveness(threading.Thread):
             try:
                 self.send(Alive(0.0 if since is None else time.monotonic() - since))
             except OSError:
-                return  # the main process is gone; the main thread notices too
+                pass  # the main process is gone; the main thread notices too (and may reconnect)
 
 
 def running(pid: int) -> bool:
@@ -92,8 +103,10 @@ def running(pid: int) -> bool:
 
 
 class TEShell:
-    def __init__(self, sock: socket.socket, engine: Engine, kv_listeners: list[socket.socket] = ()):
-        self.sock, self.engine, self.kv_listeners = sock, engine, list(kv_listeners)
+    def __init__(self, sock: socket.socket, engine: Engine, kv_listeners: list[socket.socket] = (),
+                 launch: TELaunch = TELaunch()):
+        self.sock, self.engine, self.kv_listeners, self.launch = sock, engine, list(kv_listeners), launch
+        self.ready: Ready | None = None  # as sent at start: sent again (updated) on reconnecting
         self.write_lock = threading.Lock()
         self.liveness = Liveness(self.send, engine.executor_pids())
         self.buf = bytearray()
@@ -107,7 +120,8 @@ class TEShell:
 
     def send(self, msg: Message) -> None:
         with self.write_lock:
-            self.sock.sendall(pack(msg))
+            if self.sock is not None:  # None while it waits for a restarted main process
+                self.sock.sendall(pack(msg))
 
     def handle(self, msg: Message | BadFrame) -> bool:
         """Apply one command; False means stop."""
@@ -162,7 +176,7 @@ class TEShell:
             if self.sock in ready:  # commands first: a transfer's `add` may be among them
                 data = self.sock.recv(1 << 20)
                 if not data:
-                    return False  # the main process is gone: nothing left to serve
+                    raise ConnectionResetError("the main process closed its socket")
                 self.buf += data
                 self.liveness.busy_since = time.monotonic()  # an `Add` may read an adapter from disk
                 try:
@@ -293,23 +307,81 @@ class TEShell:
                 self.report(seq.request_id, FinishReason.HANDOFF, kv_ms=1e3 * t.handoff_s, kv_bytes=t.nbytes)
 
     def run(self) -> None:
+        """Serve until told to stop, or until the main process is gone (TimeoutError: its host
+        vanished, per TCP keepalive) and no restarted one adopts this TE within its grace."""
         self.liveness.start()
         try:
-            while self.poll(block=not self.engine.has_work()):
-                if not self.engine.has_work():
-                    continue
-                self.liveness.busy_since = time.monotonic()
-                outs = self.engine.step(self.stream_handoffs if self.engine.cfg.kv_layerwise else None)
-                self.liveness.busy_since = None
-                self.hand_off()
-                if outs:
-                    self.send(Step(outs, self.engine.stats()))
-                self.collect()  # after the first tokens went out: a handoff is never reported before them
+            while True:
+                try:
+                    return self.serve()
+                except (BrokenPipeError, ConnectionResetError, TimeoutError) as e:
+                    if not self.rejoin(e):
+                        return
         finally:
             self.liveness.stopped.set()
             self.kv_sender.close()
             for link in self.kv_links:
                 link.close()
+
+    def serve(self) -> None:
+        while self.poll(block=not self.engine.has_work()):
+            if not self.engine.has_work():
+                continue
+            self.liveness.busy_since = time.monotonic()
+            outs = self.engine.step(self.stream_handoffs if self.engine.cfg.kv_layerwise else None)
+            self.liveness.busy_since = None
+            self.hand_off()
+            if outs:
+                self.send(Step(outs, self.engine.stats()))
+            self.collect()  # after the first tokens went out: a handoff is never reported before them
+
+    def rejoin(self, why: Exception) -> bool:
+        """The main process is gone. Without an adoption grace: False, the TE ends. Else drop
+        every request (pinned context caches stay), then dial the main process's TE listener
+        with backoff until a restarted main process adopts this TE (True) or the grace is over."""
+        launch = self.launch
+        if not (launch.adopt_grace_s > 0 and launch.main_address):
+            return False
+        with self.write_lock:
+            self.sock.close()
+            self.sock = None
+        for rid in list(self.engine.seqs):
+            self.engine.abort(rid)
+        self.awaiting.clear()
+        self.kv_to.clear()
+        self.buf.clear()
+        deadline, wait = time.monotonic() + launch.adopt_grace_s, REJOIN_BACKOFF_S[0]
+        log.warning("the main process is gone (%s): waiting up to %.0f s for a restarted one at %s", why,
+                    launch.adopt_grace_s, launch.main_address)
+        while time.monotonic() < deadline:
+            sock = None
+            try:
+                sock = dial_main(launch.main_address, timeout=1)
+                ready = msgspec.structs.replace(self.ready, stats=self.engine.stats(),
+                                                pinned=list(self.engine.rtc.id_index))
+                sock.sendall(pack(Hello(launch.te_id, self.ready.secret)) + pack(ready))
+                sock.settimeout(max(0.1, deadline - time.monotonic()))
+                first = recv_frame(sock, self.buf)  # `Ping`: adopted; `Stop`: unknown there; None: not yet
+                sock.settimeout(None)
+            except (OSError, ValueError):  # nobody listens yet, or it went away again
+                first = None
+            if isinstance(first, Stop):
+                log.warning("the main process at %s does not know this TE: it ends", launch.main_address)
+                sock.close()
+                return False
+            if first is not None:
+                self.buf[:0] = pack(first)  # served by the loop, like any command
+                with self.write_lock:
+                    self.sock = sock
+                log.warning("adopted by the main process at %s", launch.main_address)
+                return True
+            if sock:
+                sock.close()
+            self.buf.clear()
+            time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            wait = min(2 * wait, REJOIN_BACKOFF_S[1])
+        log.warning("no main process came back within %.0f s: the TE ends", launch.adopt_grace_s)
+        return False
 
 
 def warm_up(engine: Engine) -> None:
@@ -334,22 +406,22 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, launch: TELaunch, model
     engine = Engine(model, cfg, weights=weights, packed=packed, fork_executors=True,
                     use_weight_cache=launch.use_weight_cache)
     tensors, packs = engine.weights()
-    weights_addr = serve_weights(engine.model_cfg, tensors, launch.host) if launch.serve_weights else None
-    kv = listen_kv(launch.kv_listen, launch.host) if launch.kv_listen else []
+    weights_addr = serve_weights(engine.model_cfg, tensors, launch.host, launch.ports) \
+        if launch.serve_weights else None
+    kv = listen_kv(launch.kv_listen, launch.host, launch.ports) if launch.kv_listen else []
     t_loaded = time.perf_counter()
     if engine.tp or not (warmed_on_cpu and engine.device.type == "cpu"):  # TP executors warm up their shapes
         warm_up(engine)
     t_warm = time.perf_counter()
-    shell = TEShell(sock, engine, [listener for listener, _ in kv])
+    shell = TEShell(sock, engine, [listener for listener, _ in kv], launch)
     timings = StartTimings(1e3 * (t_pre - t_start), 1e3 * (t_loaded - t_pre), 1e3 * (t_warm - t_loaded))
     weights_bytes = sum(t.numel() * t.element_size()
                         for t in [*tensors.values(), *(t for p in packs for t in p.values())])
-    shell.send(Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, weights_bytes, weights_addr,
-                     [addr for _, addr in kv]))
+    shell.ready = Ready(os.getpid(), engine.stats(), engine.max_model_len, timings, weights_bytes, weights_addr,
+                        [addr for _, addr in kv], secrets.token_bytes(32) if launch.adopt_grace_s else b"")
+    shell.send(shell.ready)
     try:
         shell.run()
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
-        pass  # the main process is gone (TimeoutError: its host vanished, per TCP keepalive)
     except ExecutorLost as e:
         log.error("%s: the TE ends", e)
     finally:

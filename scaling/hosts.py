@@ -72,7 +72,7 @@ class Host:
     address: str                 # what its TEs bind and advertise (DistFlow listeners)
     cores: int
     memory: int                  # bytes its TEs may commit
-    node: object                 # its node agent: launch(), kill(), stop(), to_dict()
+    node: object                 # its node agent: launch(), kill(), kill_stale(), stop(), to_dict()
     tes: list = field(default_factory=list)   # TEHandles placed here, starting ones included
     alive: bool = True
     machine: list = field(default_factory=list)  # every base model's Host on this machine

@@ -82,7 +82,7 @@ class TemplateHandle:
         self.lock = threading.Lock()  # one fork command and its reply at a time
         self.buf = bytearray()
         self.on_death = on_death
-        self.stopping = False
+        self.stopping = self.ready = False
 
     async def start(self, timeout: float = 300) -> None:
         self.sock, theirs = socket.socketpair()
@@ -96,6 +96,7 @@ class TemplateHandle:
                        TemplateReady)
         if ready is None:
             raise RuntimeError(f"template exited during start-up (exit code {await self.proc.wait()})")
+        self.ready = True  # forks may go now (before, a TE starts as a fresh interpreter)
         log.info("template ready (pid %d) in %.0f ms", self.proc.pid, ready.load_ms)
         asyncio.create_task(self._watch())
 
@@ -127,7 +128,7 @@ class TemplateHandle:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.ready and self.proc.returncode is None
 
     async def stop(self) -> None:
         self.stopping = True

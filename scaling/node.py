@@ -77,6 +77,17 @@ class LocalNode:
         except ProcessLookupError:
             pass
 
+    def kill_stale(self, pid: int) -> None:
+        """A TE of a previous main process that did not come back to this one (frozen, or past
+        its grace): kill it, if that pid is still a TE (a TE-shell, or a fork of a template)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return
+        if b"flowserve.te_shell" in cmdline or b"scaling.template" in cmdline:
+            self.kill(pid)
+
     async def stop(self) -> None:
         self.closing = True
         if self.template:
@@ -90,9 +101,11 @@ class LocalNode:
 
 
 def local_host(model_path: str, start_mode: str = "fork", prewarmed: int = 1,
-               pool_cfg: EngineConfig | None = None, machine: list[Host] | None = None) -> Host:
-    """This machine as a deployment's one host for `model_path`, its TEs sharing a new DistFlow
-    secret; `machine`: the hosts other base models already have here (it joins them)."""
+               pool_cfg: EngineConfig | None = None, machine: list[Host] | None = None,
+               env: dict | None = None) -> Host:
+    """This machine as a deployment's one host for `model_path`, its TEs sharing a DistFlow
+    secret (`env`, else a new one); `machine`: the hosts other base models already have here
+    (it joins them)."""
     return Host("local", "127.0.0.1", **probe(),
-                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, secret_env()),
+                node=LocalNode(model_path, start_mode, prewarmed, pool_cfg, env or secret_env()),
                 machine=machine if machine is not None else [])

@@ -16,14 +16,21 @@ kill, ping, reap): never per-step traffic, never KV or weights.
 
 An agent started on a node that had lost its host (its agent died, its link was cut) first
 `reap`s what its predecessor left there: a TE cut off from the main process may still run.
+
+With an adoption grace (`serve --adopt-grace-s`) the agent is a detached actor: it outlives
+the main process with its template and TEs, and a restarted main process finds it again by
+name (`scaling/ray_backend.py`). Without the main process's ping for the grace, it stops
+them all and exits, as it would have died with the main process.
 """
+import asyncio
 import logging
 import os
 import signal
 import socket
+import time
 
 from flowserve.config import TELaunch, weights_cache_path
-from flowserve.protocol import Hello, Load, decode_config, pack
+from flowserve.protocol import Hello, Load, decode_config, dial_main, pack
 from scaling.hosts import probe
 from scaling.launch import TemplateHandle, fork_or_spawn
 from scaling.prewarm import PrewarmPool
@@ -32,15 +39,18 @@ log = logging.getLogger("deepflow.node_agent")
 
 
 class NodeAgent:
-    def __init__(self, model_path: str, python: str, env: dict, start_mode: str, prewarmed: int, pool_config: str):
+    def __init__(self, model_path: str, python: str, env: dict, start_mode: str, prewarmed: int, pool_config: str,
+                 grace_s: float = 0.0):
         """`python`: the project's interpreter (inside a Ray worker, sys.executable is Ray's
         choice); `env`: added to its TE processes' environment (the cluster's DistFlow secret);
-        `prewarmed`, `pool_config`: the pool's size and engine config (`preloaded`, `peer`)."""
+        `prewarmed`, `pool_config`: the pool's size and engine config (`preloaded`, `peer`);
+        `grace_s`: how long it outlives the main process (its pings)."""
         self.model_path, self.python, self.env, self.start_mode = model_path, python, env, start_mode
         self.template: TemplateHandle | None = None
         self.pool = PrewarmPool(prewarmed, decode_config(pool_config), env, python) \
             if start_mode in ("preloaded", "peer") else None
         self.procs: dict[int, object] = {}   # pid -> its process handle (cold spawns) or None (forks)
+        self.grace_s, self.last_ping, self.started = grace_s, time.monotonic(), False
 
     def probe(self) -> dict:
         """This host's cores, memory for TEs, agent pid, and whether its DRAM cache holds the weights."""
@@ -48,10 +58,14 @@ class NodeAgent:
             has_weights = weights_cache_path(self.model_path).exists()
         except OSError:
             has_weights = False
-        return {**probe(), "pid": os.getpid(), "has_weights": has_weights}
+        return {**probe(), "pid": os.getpid(), "has_weights": has_weights, "started": self.started,
+                "template_pid": self.template.proc.pid if self.template and self.template.alive else None}
 
     async def start(self, weights_from: str | None) -> int | None:
         """Start the template (`fork`; returns its pid) or fill the pre-warmed pool."""
+        self.started = True
+        if self.grace_s:
+            asyncio.create_task(self._watchdog())
         if self.pool:
             self.pool.fill()
             await self.pool.wait_filled()
@@ -68,15 +82,7 @@ class NodeAgent:
         whether it is a fresh interpreter (its imports then count in its start-up).
         `weights_from`: a running TE to stream the weights from (a pre-warmed TE, `peer`)."""
         cfg, launch = decode_config(engine_config), decode_config(te_launch, TELaunch)
-        host, port = main_address.rsplit(":", 1)
-        sock = socket.create_connection((host, int(port)), timeout=10)
-        sock.setblocking(True)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames, sent at once
-        # If the main process's host vanishes without closing the connection, the TE notices
-        # within ~25 s (probes after 10 s idle, every 5 s, 3 missed) and exits, like on EOF.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in ((socket.TCP_KEEPIDLE, 10), (socket.TCP_KEEPINTVL, 5), (socket.TCP_KEEPCNT, 3)):
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        sock = dial_main(main_address)
         with sock:
             sock.sendall(pack(Hello(te_id, secret)))
             if self.pool and (te := self.pool.take()):
@@ -101,6 +107,7 @@ class NodeAgent:
                 pass
 
     def ping(self) -> bool:
+        self.last_ping = time.monotonic()
         return True
 
     def reap(self) -> list[int]:
@@ -122,6 +129,14 @@ class NodeAgent:
         if reaped:
             log.warning("killed %d process(es) an earlier agent left: %s", len(reaped), reaped)
         return reaped
+
+    async def _watchdog(self) -> None:
+        """No ping from a main process for the grace: end as if this agent had died with it."""
+        while time.monotonic() - self.last_ping < self.grace_s:
+            await asyncio.sleep(1)
+        log.warning("no main process for %.0f s: stopping this host's TEs", self.grace_s)
+        await self.shutdown()
+        os._exit(0)
 
     async def shutdown(self) -> None:
         for pid in list(self.procs):

@@ -12,21 +12,22 @@ cut off goes through when the link heals): a new agent first kills what the old 
 left there (`NodeAgent.reap`), then the node is a host again and short groups refill there. The
 backend knows the cluster (scheduler/cluster.py) only as the `HostPool` it was given.
 
-TEs of every host connect back to `TEListener`, a TCP server on the main process's
-address. A connection counts only if its first frame is `Hello` with the TE's id and the
-secret made for that one start (`secrets.token_bytes`, handed to the agent in the `launch`
-call); anything else is closed unread. Frames are msgspec-typed msgpack: nothing is
-unpickled from a peer.
+With an adoption grace, agents are detached actors named after their node, in a Ray
+namespace of the state dir: a restarted main process finds each one again (`_adopt`),
+with its running template and TEs, instead of creating it.
+
+TEs of every host connect back to the main process's `TEListener` (`scaling/te_listener.py`,
+on `--te-port`). A connection counts only if its first frame is `Hello` with the TE's id and
+the secret made for that one start (handed to the agent in the `launch` call); anything
+else is closed unread. Frames are msgspec-typed msgpack: nothing is unpickled from a peer.
 
 Only `deepflow.serve` imports this module, and only with `--backend ray`.
 """
 import asyncio
-import hmac
+import hashlib
 import itertools
 import logging
 import os
-import secrets
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -37,16 +38,22 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from flowserve.config import EngineConfig, TELaunch
-from flowserve.protocol import BadFrame, Hello, encode_config, expect, next_frame
-from scaling.hosts import Host, secret_env
+from flowserve.protocol import encode_config
+from scaling.hosts import Host
 from scaling.launch import ROOT, Launched
 from scaling.node_agent import NodeAgent
+from scaling.te_listener import HELLO_TIMEOUT_S, TEListener
 
 log = logging.getLogger("deepflow.ray")
-HELLO_TIMEOUT_S = 5
 POLL_S = 1.0
 RETRY_S = (0, 1, 2, 4)  # before each try to take a lost node back; the last repeats
 ADOPT_TIMEOUT_S = 60  # a new agent's first answer (a Ray worker starting on a busy host), or reaping
+
+
+def ray_namespace(state_dir: str) -> str:
+    """The Ray namespace of a deployment (its state dir): where a restarted main process finds
+    the detached node agents of the previous one."""
+    return "deepflow-" + hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:12]
 
 
 class HostPool(Protocol):
@@ -55,41 +62,6 @@ class HostPool(Protocol):
     def add_host(self, host: Host) -> None: ...
     def remove_host(self, host: Host, why: str) -> None: ...
     def donor(self) -> str | None: ...
-
-
-class TEListener:
-    def __init__(self, address: str):
-        self.host, self.address = address, ""
-        self.expected: dict[str, tuple[bytes, asyncio.Future]] = {}
-        self.server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._on_connection, self.host, 0)
-        self.address = f"{self.host}:{self.server.sockets[0].getsockname()[1]}"
-
-    def expect(self, te_id: str) -> tuple[bytes, asyncio.Future]:
-        secret, arrived = secrets.token_bytes(32), asyncio.get_running_loop().create_future()
-        self.expected[te_id] = (secret, arrived)
-        return secret, arrived
-
-    def forget(self, te_id: str) -> None:
-        self.expected.pop(te_id, None)
-
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer, buf = writer.get_extra_info("peername"), bytearray()
-        try:
-            hello = expect(await asyncio.wait_for(next_frame(reader, buf), HELLO_TIMEOUT_S), Hello)
-        except (BadFrame, TimeoutError, ConnectionError) as e:
-            hello, why = None, str(e) or type(e).__name__
-        else:
-            why = "closed before its hello"
-        entry = self.expected.get(hello.te_id) if hello else None
-        if entry is None or not hmac.compare_digest(hello.secret, entry[0]) or entry[1].done():
-            log.warning("TE connection from %s refused: %s", peer, "wrong TE id or secret" if hello else why)
-            writer.close()
-            return
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        entry[1].set_result((reader, writer, buf))
 
 
 class RayNode:
@@ -103,7 +75,10 @@ class RayNode:
 
     async def start(self) -> None:
         """Start the host's template (from its DRAM cache, or streamed from a running TE) or
-        its pool of pre-warmed TEs."""
+        its pool of pre-warmed TEs; an agent that outlived the previous main process has them."""
+        if self.info["started"]:
+            self.template_pid = self.info["template_pid"]
+            return
         self.weights_from = None if self.info["has_weights"] else self.pool.donor()
         self.template_pid = await self.agent.start.remote(self.weights_from)
         log.info("node agent on %s ready (template pid %s), weights from %s", self.info["address"],
@@ -123,6 +98,8 @@ class RayNode:
 
     def kill(self, pid: int) -> None:
         self.agent.kill.remote(pid)  # fire and forget: on a lost host nothing answers
+
+    kill_stale = kill  # the agent kills only what it started
 
     async def stop(self) -> None:
         try:
@@ -149,13 +126,16 @@ class Lost:
 
 class RayBackend:
     def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
-                 pool_cfg: EngineConfig, health_timeout_s: float):
+                 pool_cfg: EngineConfig, health_timeout_s: float, listener: TEListener, env: dict,
+                 grace_s: float = 0.0, namespace: str | None = None):
         """`pool`: where hosts go (the cluster); `start_mode`, `prewarmed`, `pool_cfg`: how each
-        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host."""
+        host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host;
+        `listener`: where TEs connect (started); `env`: the TEs' DistFlow secret; `grace_s`:
+        how long agents outlive the main process (0: not at all), in Ray `namespace`."""
         self.pool, self.address, self.model_path = pool, address, model_path
         self.start_mode, self.prewarmed, self.pool_cfg = start_mode, prewarmed, pool_cfg
-        self.health_timeout_s, self.env = health_timeout_s, secret_env()
-        self.listener: TEListener | None = None
+        self.health_timeout_s, self.env, self.listener = health_timeout_s, env, listener
+        self.grace_s, self.namespace = grace_s, namespace
         self.nodes: dict[str, Host] = {}
         self.lost: dict[str, Lost] = {}
         self.adopting: dict[str, asyncio.Task] = {}
@@ -164,10 +144,8 @@ class RayBackend:
 
     async def start(self) -> None:
         # Agents import the project from its checkout, at the same path on every host.
-        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False,
+        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False, namespace=self.namespace,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-        self.listener = TEListener(ray.util.get_node_ip_address())
-        await self.listener.start()
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
         # The cluster starts the first hosts' agents itself.
         await asyncio.gather(*self.discover(await asyncio.to_thread(ray.nodes), start_nodes=False))
@@ -193,12 +171,20 @@ class RayBackend:
 
     async def _adopt(self, node: dict, start: bool) -> None:
         node_id, address = node["NodeID"], node["NodeManagerAddress"]
-        agent = ray.remote(NodeAgent).options(
-            num_cpus=0, max_restarts=0, name=f"deepflow-agent-{node_id[:12]}-{os.getpid()}-{next(self.agent_ids)}",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
-                 encode_config(self.pool_cfg))
+        # With a grace, one name per node: a restarted main process finds the agent that outlived
+        # the last one (never a lost host's: that one was killed).
+        name = f"deepflow-agent-{node_id[:12]}" + ("" if self.grace_s else f"-{os.getpid()}-{next(self.agent_ids)}")
         try:
+            agent = ray.get_actor(name) if self.grace_s and node_id not in self.lost else None
+        except ValueError:
+            agent = None
+        try:
+            if agent is None:
+                agent = ray.remote(NodeAgent).options(
+                    num_cpus=0, max_restarts=0, name=name, lifetime="detached" if self.grace_s else None,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
+                         encode_config(self.pool_cfg), self.grace_s)
             # Begun while a node is cut off, it goes through once the link is back.
             info = {**await asyncio.wait_for(agent.probe.remote(), ADOPT_TIMEOUT_S), "address": address}
             if node_id in self.lost:  # an agent of ours ran there: its TEs, template and pool go first
@@ -206,10 +192,11 @@ class RayBackend:
             ray_node = RayNode(node_id, agent, self.listener, self.pool, info)
             if start:
                 await ray_node.start()
-        except (RayError, TimeoutError) as e:
+        except (RayError, TimeoutError, ValueError) as e:  # ValueError: the old agent's name is not free yet
             log.error("node %s (%s) could not be adopted: %s", node_id[:12], address, type(e).__name__)
             self.lost.setdefault(node_id, Lost()).failed()
-            ray.kill(agent)
+            if agent:
+                ray.kill(agent)
             return
         finally:
             del self.adopting[node_id]
@@ -257,6 +244,4 @@ class RayBackend:
         """After the cluster's shutdown, which stopped the agents of the hosts it had."""
         for task in [*self.watchers, *self.adopting.values()]:
             task.cancel()
-        if self.listener and self.listener.server:
-            self.listener.server.close()
         await asyncio.to_thread(ray.shutdown)

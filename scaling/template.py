@@ -100,12 +100,8 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
         if not readable:
             continue
         data, fd = recv_with_fd(control)
-        if not data:  # the main process is gone (or done): wait for our TEs, which follow it
-            while True:
-                try:
-                    os.waitpid(-1, 0)
-                except ChildProcessError:
-                    return
+        if not data:  # the main process is gone (or done). Our TEs follow it, or wait for a
+            return    # restarted one to adopt them (which starts its own template)
         buf += data
         for msg in unpack_frames(buf):
             if not isinstance(msg, Fork) or fd is None:

@@ -15,17 +15,22 @@ dies or retires takes its pins along: a context no TE holds any more is lost, an
 once-a-second loop (`rebuild_lost`) builds it again from its stored tokens on another TE.
 What contexts pin is bounded per TE by a budget, a fraction of the TE's KV blocks: a
 context past it gets 507.
+
+With a state dir (`state`), each context's metadata (its tokens, TTL) is kept there: after a
+main-process restart, `restore` takes the contexts back; the re-adopted TEs said which ones
+they still pin (`Cluster.adopt`), and a context none pins is rebuilt as above.
 """
 import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from flowserve.protocol import FinishReason, SamplingParams
 from scheduler.cluster import Cluster
 from scheduler.job import Overloaded, Task
 from scheduler.api import APIError, invalid
+from scheduler.state import ContextCacheRow, StateStore
 from scheduler.te import TEHandle
 
 log = logging.getLogger("deepflow.caches")
@@ -55,9 +60,10 @@ class ContextCache:
 
 
 class ContextCaches:
-    def __init__(self, cluster: Cluster, budget: float):
-        """`budget`: the fraction of a TE's KV blocks that contexts may pin."""
-        self.cluster, self.budget = cluster, budget
+    def __init__(self, cluster: Cluster, budget: float, state: StateStore | None = None):
+        """`budget`: the fraction of a TE's KV blocks that contexts may pin; `state`: where
+        contexts are kept for a restart."""
+        self.cluster, self.budget, self.state = cluster, budget, state
         self.caches: dict[str, ContextCache] = {}
         self._building: dict[str, int] = {}  # cache id -> blocks, while its first build runs
 
@@ -84,6 +90,9 @@ class ContextCaches:
         for _ in range(2):  # a TE that dies mid-build: once more, elsewhere
             if await self._build(cache, self._holder_for(cache)):
                 self.caches[cache.id] = cache
+                if self.state:
+                    self.state.insert(ContextCacheRow(**{f.name: getattr(cache, f.name)
+                                                         for f in fields(ContextCacheRow)}))
                 return cache
         raise APIError(503, "the TEs building the context cache died; retry shortly")
 
@@ -142,7 +151,18 @@ class ContextCaches:
         log.info("context cache %s: %d tokens pinned on %s", cache.id, len(cache.token_ids), te.id)
         return True
 
+    def restore(self, model: str) -> None:
+        """After a restart (and `Cluster.adopt`): the contexts of `model` the state dir keeps.
+        A pin that no context claims any more (deleted, or its build cut by the crash) is dropped."""
+        for row in self.state.select(ContextCacheRow, "model = ?", (model,)):
+            self.caches[row.id] = ContextCache(**asdict(row))
+        for cache_id in [c for c in self.cluster.id_index if c not in self.caches]:
+            self.cluster.unpin(cache_id)
+        self.expire()
+
     def _drop(self, cache: ContextCache) -> None:
+        if self.state:
+            self.state.delete(ContextCacheRow, cache.id)
         self.caches.pop(cache.id, None)
         if cache.rebuilding:
             cache.rebuilding.cancel()

@@ -28,6 +28,13 @@ waits until one frees or a TE joins, at most `place_timeout_s`: then it ends wit
 that says why. Admission control bounds the tasks held so an overload gets a fast 429
 instead of an ever-growing queue. A TE that dies is replaced, and its tasks that had
 produced no token yet are placed again (`resubmit`), so their clients never notice.
+
+Restart: with a state dir (`state`) and an adoption grace, every serving TE is recorded
+there (id, group, host, pid, the secret it made at start), with the group targets. TEs
+outlive a main-process crash for the grace (`flowserve/te_shell.py: TEShell.rejoin`); the
+next main process, before `start`, waits for them at the TE listener (`adopt`), takes them
+back with the context caches they pin, and restores the targets; `start` then only refills
+what is missing, while the hosts' templates start in the background.
 """
 import asyncio
 import itertools
@@ -41,10 +48,12 @@ from flowserve.config import EngineConfig, TELaunch, read_model_config, weights_
 from flowserve.lora import hash_seed
 from flowserve.protocol import FinishReason
 from scaling.hosts import GiB, Host, te_bytes
+from scaling.te_listener import TEListener
 from scheduler import dist_sched
 from scheduler.dist_sched import PromptTree
 from scheduler.job import Overloaded, Task, TaskEvent
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
+from scheduler.state import GroupTargetsRow, StateStore, TERow
 from scheduler.te import TEHandle, TEState
 
 log = logging.getLogger("deepflow.cluster")
@@ -55,6 +64,7 @@ HEARTBEAT_S = 1.0
 STEP_BOUND = 30  # health timeouts one engine step may take before its TE counts as hung
 DECISIONS_KEPT = 64
 TE_IDS = itertools.count()  # one numbering for every base model's TEs
+ADOPT_WAIT_S = 2.0  # how long a restarted main process waits for its TEs (they dial every 0.2 s at most)
 
 
 class NoRoom(RuntimeError):
@@ -65,13 +75,18 @@ class Cluster:
     def __init__(self, model_path: str, groups: dict[str, tuple[int, EngineConfig]], hosts: list[Host] | None = None,
                  max_queued: int = 256, start_mode: str = "fork", policy: str = "locality", imbalance: int = 4,
                  kv_transport: str = "unix", heatmap: Heatmap | None = None, threads_per_te: int = 0,
-                 health_timeout_s: float = 10.0, weights_donors: bool = False, place_timeout_s: float = 60.0):
+                 health_timeout_s: float = 10.0, weights_donors: bool = False, place_timeout_s: float = 60.0,
+                 distflow_ports: str = "", state: StateStore | None = None, main_address: str = "",
+                 adopt_grace_s: float = 0.0):
         """`groups`: size and engine config of each of GROUPS (a missing one is empty).
         `hosts`: where TEs run (more may join: `add_host`). `kv_transport`: how prefill TEs
         send KV to decode TEs, unix (shared memory), tcp, or unix,tcp (each pair takes unix
         on one host, tcp across). `threads_per_te`: fixed (0: cores / TEs). `weights_donors`:
         every TE serves its weights (DistFlow) to hosts that lack them. `place_timeout_s`: a
-        task that no TE takes within it fails with 503."""
+        task that no TE takes within it fails with 503. `distflow_ports`: "LO-HI", the TCP
+        ports TEs' DistFlow listeners take (empty: any). `state`: where TEs and targets are
+        recorded for a restart; `main_address`, `adopt_grace_s`: the TE listener that TEs
+        reconnect to if the main process dies, and how long they wait for it (0: not at all)."""
         self.model_path = model_path
         # cold: every TE reads the model file; preloaded, fork: a pre-warmed TE or the warm
         # template maps the loading-optimized cache; peer: weights from a running TE (DistFlow).
@@ -79,13 +94,16 @@ class Cluster:
         self.engine_cfgs = {g: cfg for g, (_, cfg) in groups.items()}
         self.launches = {g: TELaunch(use_weight_cache=start_mode != "cold",
                                      serve_weights=start_mode == "peer" or weights_donors,
-                                     kv_listen=kv_transport if g == "decode" else "") for g in GROUPS}
+                                     kv_listen=kv_transport if g == "decode" else "", ports=distflow_ports,
+                                     main_address=main_address, adopt_grace_s=adopt_grace_s) for g in GROUPS}
+        self.state = state
         self.max_queued, self.start_mode = max_queued, start_mode
         self.hosts: list[Host] = list(hosts or ())
         self.threads_per_te, self.health_timeout_s = threads_per_te, health_timeout_s
         self.place_timeout_s = place_timeout_s
         self.groups: dict[str, list[TEHandle]] = {g: [] for g in GROUPS}
         self.target: dict[str, int] = {g: n for g, (n, _) in groups.items()}
+        self.by_hand: set[str] = set()   # groups whose size POST /admin/scale set (the autoscaler keeps it)
         self.pending: dict[str, deque[Task]] = {g: deque() for g in GROUPS}
         self.trees = {g: PromptTree(self.engine_cfgs[g].block_size) for g in GROUPS}
         self.id_index: dict[str, set[str]] = {}  # context cache id -> ids of the TEs that pin it
@@ -121,12 +139,26 @@ class Cluster:
         return [te for te in self.ready_tes(group) if te.load < te.engine_cfg.max_num_seqs]
 
     async def start(self) -> None:
+        """Start the hosts' node agents (templates), then the groups' TEs. After a restart the
+        adopted TEs serve at once: the rest happens in the background, missing TEs as refills."""
+        if self.tes:  # /health says "degraded" until the refills are ready
+            missing = [g for g, n in self.target.items() for _ in range(n - len(self.live(g)))]
+            self.replacing += len(missing)
+            self._in_background(self._start_hosts(refill=missing))
+        else:
+            await self._start_hosts()
+        self.started = True
+        self._in_background(self.watch_health())
+
+    async def _start_hosts(self, refill: list[str] | None = None) -> None:
         await asyncio.gather(*(host.node.start() for host in self.hosts))
+        if refill is not None:
+            for group in refill:
+                self._in_background(self._replace(group))
+            return
         if (missing := self.target_beyond_room()):
             raise NoRoom(missing)
         await asyncio.gather(*(self.add_te(g) for g, n in self.target.items() for _ in range(n)))
-        self.started = True
-        self._in_background(self.watch_health())
 
     def _in_background(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -215,7 +247,7 @@ class Cluster:
         host.tes.append(te)
         self.rebalance(host)
         try:
-            ready = await te.start(replace(self.launches[group], host=host.address),
+            ready = await te.start(replace(self.launches[group], host=host.address, te_id=te.id),
                                    self.donor() if self.start_mode == "peer" else None)
         except BaseException:  # failed or cancelled mid-start: leave no process behind
             self._forget(te)
@@ -224,6 +256,7 @@ class Cluster:
         self.weights_bytes = host.weights_bytes = ready.weights_bytes or self.weights_bytes
         self.rebalance(host)  # TEs that joined while this one started
         self._max_model_len = self._max_model_len or te.max_model_len  # all TEs share one config
+        self._record(te)
         self._place_pending(group)
         te.timings_ms["scaler_post"] = 1e3 * (time.perf_counter() - te.t_ready)
         te.timings_ms["total"] = 1e3 * (time.perf_counter() - t0)
@@ -232,6 +265,8 @@ class Cluster:
         return te
 
     def _forget(self, te: TEHandle) -> None:
+        if self.state:
+            self.state.delete(TERow, te.id)
         if te in self.groups[te.group]:
             self.groups[te.group].remove(te)
         if te in te.host.tes:
@@ -240,6 +275,65 @@ class Cluster:
         self.trees[te.group].remove_te(te.id)
         for cache_id in self.pins_on(te.id):  # its contexts are lost with it (caches.py rebuilds them)
             self.pin_dropped(cache_id, te.id)
+
+    # ------------------------------------------------------------------ restart (the state dir)
+
+    def _record(self, te: TEHandle) -> None:
+        """Keep a serving TE in the state dir, for the next main process to adopt (if the TE
+        waits for one: it made a secret)."""
+        if self.state and te.secret:
+            self.state.insert(TERow(te.id, self.model_path, te.group, te.host.name, te.pid, te.secret,
+                                    asdict(te.engine_cfg), te.start_mode, self.launches[te.group].main_address),
+                              replace=True)
+
+    async def adopt(self, listener: TEListener, wait_s: float = ADOPT_WAIT_S) -> None:
+        """After a restart, before `start`: take back the TEs the state dir lists, as they
+        reconnect to `listener` within `wait_s` (nothing is forked or loaded), with the context
+        caches they pin, and restore the group targets. A TE that does not come back in time
+        is killed (a frozen one would never exit) and replaced by `start`."""
+        global TE_IDS
+        if row := self.state.get(GroupTargetsRow, self.model_path):
+            self.target.update(row.target)
+            self.by_hand = set(row.by_hand)
+        t0 = time.perf_counter()
+        rows = self.state.select(TERow, "model = ?", (self.model_path,))
+        hosts = {h.name: h for h in self.hosts}
+        arrivals = {row.id: listener.expect(row.id, row.secret)[1] for row in rows}
+        if arrivals:
+            await asyncio.wait(arrivals.values(), timeout=wait_s)
+        for row in rows:
+            listener.forget(row.id)
+            arrived, host = arrivals[row.id], hosts.get(row.host)
+            te = TEHandle(row.id, row.group_name, EngineConfig(**row.engine_config), host, self.te_cost(row.group_name),
+                          observer=self)
+            te.pid, te.start_mode = row.pid, row.start_mode
+            try:
+                if not arrived.done() or host is None:
+                    raise TimeoutError(f"it did not reconnect within {wait_s:g} s")
+                ready = await te.adopt(*arrived.result())
+            except (RuntimeError, OSError, TimeoutError, ValueError) as e:
+                arrived.cancel()
+                if te.writer:
+                    te.writer.close()
+                if host:  # frozen, or too late: it must not linger
+                    host.node.kill_stale(row.pid)
+                log.warning("TE %s (pid %d) not adopted: %s", row.id, row.pid, e)
+                self.state.delete(TERow, row.id)
+                continue
+            self.groups[te.group].append(te)
+            host.tes.append(te)
+            self.weights_bytes = host.weights_bytes = ready.weights_bytes or self.weights_bytes
+            self._max_model_len = self._max_model_len or te.max_model_len
+            for cache_id in ready.pinned:
+                self.pin_started(cache_id, te.id)
+            log.info("TE %s (pid %d) adopted on %s, pinning %d context cache(s)", te.id, te.pid, host.name,
+                     len(ready.pinned))
+        for host in self.hosts:
+            self.rebalance(host)
+        if rows:
+            log.warning("re-adopted %d of %d TE(s) in %.0f ms", len(self.tes), len(rows), 1e3 * (time.perf_counter() - t0))
+        # new TEs are numbered past the adopted ones
+        TE_IDS = itertools.count(max([next(TE_IDS), *(int(r.id.removeprefix("te-")) + 1 for r in rows)]))
 
     # ------------------------------------------------------------------ what TE handles report (TEObserver)
 
@@ -301,6 +395,10 @@ class Cluster:
         self.decision_counts[group, reason] += 1
         log.info("group %s: %d -> %d TEs (%s)", group, self.target[group], instances, reason)
         self.target[group] = instances
+        if reason == "admin":
+            self.by_hand.add(group)
+        if self.state:
+            self.state.insert(GroupTargetsRow(self.model_path, self.target, sorted(self.by_hand)), replace=True)
         live = self.live(group)
         for _ in range(min(instances - len(live), self.room(group))):
             self._in_background(self.add_te(group))
@@ -475,6 +573,8 @@ class Cluster:
 
     async def shutdown(self) -> None:
         self.closing = True
+        if self.state:  # a clean stop: the next main process starts as its flags say
+            self.state.delete(GroupTargetsRow, self.model_path)
         for t in list(self._background):
             t.cancel()
         for queue in self.pending.values():

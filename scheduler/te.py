@@ -11,6 +11,8 @@ past the health bound (`fail`, called by the cluster's heartbeat): every task st
 gets a clean error event at once. A prefill TE's task leaves it with `handoff` (its KV
 went to a decode TE), and a decode TE's task is announced with `await_kv`. The handle
 reports its steps, freed slots and death to the `TEObserver` it was built with (the cluster).
+A TE that outlived the previous main process is taken back with `adopt` instead of `start`:
+it reconnected to the TE listener and sent its `Ready` again.
 """
 import asyncio
 import logging
@@ -64,6 +66,8 @@ class TEHandle:
         self.t_ready = 0.0
         self.weights_addr: str | None = None  # where this TE streams its weights (DistFlow)
         self.kv_addrs: list[str] = []         # a decode TE: where prefill TEs send KV (DistFlow)
+        self.secret = b""                     # what it shows when it reconnects after a main-process restart
+        self.adopted = False                  # taken back after a main-process restart (not started by this one)
         self.last_heard = time.monotonic()    # any frame: the heartbeat's evidence of life
         self.busy_s = 0.0                     # how long its current step has run, as its liveness thread said
 
@@ -80,15 +84,8 @@ class TEHandle:
         launched = await self.host.node.launch(self.id, self.engine_cfg, launch, weights_from)
         self.pid, self.proc, self.start_mode = launched.pid, launched.proc, launched.start_mode
         self.fresh = launched.fresh
-        reader, self.writer, buf = launched.reader, launched.writer, launched.buf
         t_started = time.perf_counter()
-        ready = expect(await asyncio.wait_for(next_frame(reader, buf), timeout), Ready)
-        if ready is None:
-            self.state = TEState.DEAD
-            raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
-        self.t_ready = time.perf_counter()
-        self.stats, self.max_model_len = ready.stats, ready.max_model_len
-        self.weights_addr, self.kv_addrs = ready.weights_addr, ready.kv_addrs
+        ready = await self._serve(launched.reader, launched.writer, launched.buf, timeout)
         te = ready.timings_ms
         # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
         # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and
@@ -97,6 +94,30 @@ class TEHandle:
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
                            "te_pre_load": gap if self.fresh else te.te_pre_load,
                            "te_load": te.te_load, "te_post_load": te.te_post_load}
+        return ready
+
+    async def adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buf: bytearray,
+                    timeout: float = 5) -> Ready:
+        """Take back a TE that outlived the previous main process and reconnected (its `Hello`
+        checked by the TE listener): its `Ready` again says what it holds (the context caches
+        it pins), and the first `Ping` tells it that it is adopted."""
+        self.adopted = True
+        ready = await self._serve(reader, writer, buf, timeout)
+        self.pid = ready.pid
+        self.ping()
+        return ready
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buf: bytearray,
+                     timeout: float) -> Ready:
+        """Wait for the TE's `Ready`, then serve: read its frames from now on."""
+        self.writer = writer
+        ready = expect(await asyncio.wait_for(next_frame(reader, buf), timeout), Ready)
+        if ready is None:
+            self.state = TEState.DEAD
+            raise RuntimeError(f"TE {self.id} (pid {self.pid}) exited during start-up")
+        self.t_ready = time.perf_counter()
+        self.stats, self.max_model_len = ready.stats, ready.max_model_len
+        self.weights_addr, self.kv_addrs, self.secret = ready.weights_addr, ready.kv_addrs, ready.secret
         self.state = TEState.READY
         self.last_heard = time.monotonic()
         self.reader_task = asyncio.create_task(self._read_loop(reader, buf))
@@ -231,9 +252,10 @@ class TEHandle:
         s = self.stats
         return {"id": self.id, "group": self.group, "host": self.host.name, "pid": self.pid, "state": self.state.value,
                 "threads": s.threads, "running": s.running, "waiting": s.waiting, "tasks": self.load,
-                "start_mode": self.start_mode, "fresh_interpreter": self.fresh,
+                "start_mode": self.start_mode, "fresh_interpreter": self.fresh, "adopted": self.adopted,
                 "kv_usage": s.kv_usage, "kv_blocks_total": s.kv_blocks_total, "pinned_blocks": s.pinned_blocks,
                 "prefix_queries": s.prefix_queries, "prefix_hits": s.prefix_hits,
                 "lora_slots": s.lora_slots, "lora_disk_loads": s.lora_disk_loads,
                 "lora_slot_loads": s.lora_slot_loads, "lora_slot_load_ms": round(s.lora_slot_load_ms, 1),
-                "busy_s": round(self.busy_s, 1), "timeline_ms": self.timings_ms}
+                "busy_s": round(self.busy_s, 1), "weights_addr": self.weights_addr, "kv_addrs": self.kv_addrs,
+                "timeline_ms": self.timings_ms}

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +38,9 @@ class Server:
         self.url = f"http://{host}:{self.port}"
         self.log_path = Path(f"/tmp/deepflow-test-{self.port}.log")
         self.log = open(self.log_path, "w+")
+        if "--state-dir" not in args:  # each server its own state (files, batches), gone with the temp dir
+            self.state_dir = tempfile.TemporaryDirectory(prefix="deepflow-state-")
+            args = (*args, "--state-dir", self.state_dir.name)
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, str(ROOT / "deepflow.py"), "--log-level", "info", "serve", "--host", host,
              "--port", str(self.port), *args],

@@ -143,9 +143,14 @@ def test_a_host_cut_off_or_whose_agent_died_comes_back(hosts, engine_greedy_refe
 
 def test_pd_pair_across_hosts(hosts, engine_greedy_reference):
     """A prefill TE and a decode TE on different hosts: the KV crosses over TCP and the text is
-    the colocated text."""
-    with serve_on(hosts, "--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1") as s:
+    the colocated text. Every port DeepFlow opens is the one its flag pins."""
+    with serve_on(hosts, "--num-tes", "0", "--prefill-tes", "1", "--decode-tes", "1", "--te-port", "7450",
+                  "--distflow-ports", "7460-7461") as s:
         tes = {te["group"]: te for te in ready(s)}
+        assert f"TEs connect to {hosts.hosts[0]}:7450" in s.output()
+        ports = {int(a.rsplit(":", 1)[1]) for te in tes.values() for a in [te["weights_addr"], *te["kv_addrs"]]
+                 if not a.startswith("unix:")}
+        assert ports == {7460, 7461}  # prefill: weights; decode: weights and KV (on another host)
         assert tes["prefill"]["host"] != tes["decode"]["host"]
         assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
         [task] = s.get("/admin/cluster")["recent_jobs"][0]["tasks"]
@@ -171,3 +176,25 @@ async def test_ray_cluster_utils_nodes_on_one_address(monkeypatch, engine_greedy
                 assert s.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference
     finally:
         ray_cluster.shutdown()
+
+
+def test_main_process_restart_readopts_every_hosts_tes(hosts, engine_greedy_reference, tmp_path):
+    """SIGKILL of the main process: every host's node agent (a detached actor), template and
+    TEs wait for the grace; a main process started again on the same state dir and TE port
+    re-adopts them all: same agents, same TE pids, the same greedy text."""
+    args = ("--num-tes", "2", "--policy", "rr", "--state-dir", str(tmp_path), "--te-port", "7451")
+    first = serve_on(hosts, *args)
+    try:
+        before = {te["id"]: (te["host"], te["pid"]) for te in ready(first)}
+        agents = {h["address"]: h["agent_pid"] for h in first.get("/admin/cluster")["hosts"]}
+        assert len({host for host, _ in before.values()}) == 2
+        os.kill(first.proc.pid, signal.SIGKILL)
+    finally:
+        first.stop()
+    with serve_on(hosts, *args) as second:
+        cluster = second.get("/admin/cluster")
+        assert {te["id"]: (te["host"], te["pid"]) for te in ready(second)} == before
+        assert all(te["adopted"] for te in cluster["tes"])
+        assert {h["address"]: h["agent_pid"] for h in cluster["hosts"]} == agents
+        for _ in range(2):  # round-robin: both adopted TEs
+            assert second.post("/v1/completions", PROMPT)[1]["choices"][0]["text"] == engine_greedy_reference

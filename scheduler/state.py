@@ -1,0 +1,280 @@
+"""The state store: what must survive a restart of the main process, in SQLite (the standard
+library's sqlite3, WAL) under `--state-dir`.
+
+This module alone owns the schema. `MIGRATIONS` is a numbered list of SQL scripts, applied in
+order on open, each in one transaction with `PRAGMA user_version` set to its number, so a
+state dir written by an older version is brought up to date and a migration never runs
+twice. A new table is a new script APPENDED to the list (never edit one that has shipped) and
+a dataclass below whose fields are its columns: `StateStore.insert/get/select/update/delete`
+map rows to and from such dataclasses (a dict or list field is stored as JSON text).
+
+Who writes what: uploaded files (scheduler/files.py: rows here, bytes under `files/`), batches
+and each of their lines' results as it finishes (scheduler/batch.py); serving TEs, group
+targets, context caches and DistFlow secrets, for a restarted main process to re-adopt
+(scheduler/restart.py). The writes are one small
+row each: in WAL mode with synchronous=NORMAL a commit is an append to the log without fsync,
+tens of microseconds, so the event loop calls them directly; what can take long (file bytes,
+a batch's output file) runs in a thread (`asyncio.to_thread`), which the lock makes safe.
+SIGKILL loses nothing committed; a power cut may lose the last commits (synchronous=NORMAL).
+
+One server per state dir: the store holds an exclusive lock on `lock` (released by the OS
+when the process dies, however it dies), and a second server on the same dir refuses to start.
+"""
+import fcntl
+import json
+import sqlite3
+import threading
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from flowserve.config import cache_dir
+
+MIGRATIONS: list[str] = [
+    # 1: OpenAI files and batches (scheduler/files.py, scheduler/batch.py)
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL);
+    CREATE TABLE batches (
+        id TEXT PRIMARY KEY, input_file_id TEXT NOT NULL, endpoint TEXT NOT NULL,
+        completion_window TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL, metadata TEXT, total INTEGER NOT NULL DEFAULT 0, errors TEXT,
+        output_file_id TEXT, error_file_id TEXT, in_progress_at INTEGER, finalizing_at INTEGER,
+        completed_at INTEGER, failed_at INTEGER, expired_at INTEGER, cancelling_at INTEGER,
+        cancelled_at INTEGER);
+    CREATE TABLE batch_lines (
+        batch_id TEXT NOT NULL REFERENCES batches(id) ON DELETE CASCADE, line INTEGER NOT NULL,
+        custom_id TEXT NOT NULL, ok INTEGER NOT NULL, result TEXT NOT NULL,
+        PRIMARY KEY (batch_id, line));
+    """,
+    # 2: what a restarted main process re-adopts (scheduler/restart.py)
+    """
+    CREATE TABLE tes (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, group_name TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+        secret BLOB NOT NULL, engine_config TEXT NOT NULL, start_mode TEXT NOT NULL, main_address TEXT NOT NULL);
+    CREATE TABLE group_targets (id TEXT PRIMARY KEY, target TEXT NOT NULL, by_hand TEXT NOT NULL);
+    CREATE TABLE context_caches (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, kind TEXT NOT NULL, context TEXT NOT NULL, token_ids TEXT NOT NULL,
+        blocks INTEGER NOT NULL, ttl_s INTEGER NOT NULL, created REAL NOT NULL);
+    CREATE TABLE secrets (id TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+class StateDirBusy(Exception):
+    """Another live process holds this state dir."""
+
+
+# --- the rows ----------------------------------------------------------------------------
+
+@dataclass
+class FileRow:
+    """An uploaded file; its bytes are `StateStore.file_path(id)`."""
+    table: ClassVar[str] = "files"
+    id: str
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: int
+
+
+@dataclass
+class BatchRow:
+    """A batch; its times are Unix seconds (None: not yet), its status OpenAI's."""
+    table: ClassVar[str] = "batches"
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    status: str
+    created_at: int
+    expires_at: int
+    metadata: dict | None = None
+    total: int = 0                  # lines in the input file, once validated
+    errors: dict | None = None      # OpenAI's {"object": "list", "data": [...]} when the input is refused
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+
+
+@dataclass
+class BatchLineRow:
+    """One finished line of a batch: its output line (ok) or error line, as JSON text."""
+    table: ClassVar[str] = "batch_lines"
+    batch_id: str
+    line: int
+    custom_id: str
+    ok: bool
+    result: str
+
+
+@dataclass
+class TERow:
+    """A serving TE that may outlive the main process: what the next one needs to re-adopt it."""
+    table: ClassVar[str] = "tes"
+    id: str
+    model: str                      # its base model's path
+    group_name: str
+    host: str                       # its host's name
+    pid: int
+    secret: bytes                   # what it shows when it reconnects (it made it at start)
+    engine_config: dict
+    start_mode: str
+    main_address: str               # the TE listener it reconnects to
+
+
+@dataclass
+class GroupTargetsRow:
+    """A base model's group sizes (`id`: its path), and the groups sized by hand (POST /admin/scale)."""
+    table: ClassVar[str] = "group_targets"
+    id: str
+    target: dict
+    by_hand: list
+
+
+@dataclass
+class ContextCacheRow:
+    """A context cache's metadata (scheduler/caches.py); which TEs pin it, they say themselves."""
+    table: ClassVar[str] = "context_caches"
+    id: str
+    model: str
+    kind: str
+    context: list | str
+    token_ids: list
+    blocks: int
+    ttl_s: int
+    created: float
+
+
+@dataclass
+class SecretRow:
+    """A secret that must outlive the main process (a base model's DistFlow secret: its TEs have it)."""
+    table: ClassVar[str] = "secrets"
+    id: str
+    value: str
+
+
+Row = TypeVar("Row")
+
+
+def _is_json(tp: Any) -> bool:
+    """A dict or list column (possibly optional) is stored as JSON text."""
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    return any(typing.get_origin(a) in (dict, list) or a in (dict, list) for a in args)
+
+
+def _column(cls: type, name: str, value: Any) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    return json.dumps(value) if value is not None and _is_json(f.type) else value
+
+
+def _row(cls: type[Row], r: sqlite3.Row) -> Row:
+    out = {}
+    for f in fields(cls):
+        v = r[f.name]
+        out[f.name] = json.loads(v) if v is not None and _is_json(f.type) else (bool(v) if f.type is bool else v)
+    return cls(**out)
+
+
+# --- the store -----------------------------------------------------------------------------
+
+@dataclass
+class StateStore:
+    """The open database under `dir` (created if new), migrated to the latest schema."""
+    dir: Path
+    db: sqlite3.Connection = field(init=False, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        self.dir = Path(self.dir).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = open(self.dir / "lock", "w")
+        try:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._dir_lock.close()
+            raise StateDirBusy(f"another server uses the state dir {self.dir}; give another --state-dir") from None
+        # isolation_level None: each statement commits on its own unless inside BEGIN ... COMMIT
+        self.db = sqlite3.connect(self.dir / "state.db", isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        try:
+            for pragma in ("journal_mode = WAL", "synchronous = NORMAL", "foreign_keys = ON", "busy_timeout = 5000"):
+                self.db.execute(f"PRAGMA {pragma}")
+            self.migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> None:
+        """Apply the migrations this database has not seen, each atomically with its number."""
+        if self.version > len(MIGRATIONS):
+            raise RuntimeError(f"{self.dir}: schema version {self.version} is newer than this code's "
+                               f"({len(MIGRATIONS)}); run the newer DeepFlow or give another --state-dir")
+        for number, script in enumerate(MIGRATIONS[self.version:], self.version + 1):
+            try:
+                self.db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+            except sqlite3.Error:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.db.close()
+        self._dir_lock.close()
+
+    def subdir(self, name: str) -> Path:
+        """A folder of the state dir for bytes that do not belong in rows (files, checkpoints)."""
+        path = self.dir / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def file_path(self, file_id: str) -> Path:
+        return self.subdir("files") / file_id
+
+    # ---------------------------------------------------------------- rows
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.db.execute(sql, params).fetchall()
+
+    def insert(self, row: Any, replace: bool = False) -> None:
+        cls = type(row)
+        names = [f.name for f in fields(cls)]
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        self.execute(f"{verb} INTO {cls.table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                     tuple(_column(cls, n, getattr(row, n)) for n in names))
+
+    def select(self, cls: type[Row], where: str = "", params: tuple = (), order: str = "") -> list[Row]:
+        """Rows of `cls`'s table: `where` and `order` are SQL fragments (`params` fill the ?s)."""
+        sql = f"SELECT * FROM {cls.table}" + (f" WHERE {where}" if where else "") + (f" ORDER BY {order}" if order else "")
+        return [_row(cls, r) for r in self.execute(sql, params)]
+
+    def get(self, cls: type[Row], id: str) -> Row | None:
+        rows = self.select(cls, "id = ?", (id,))
+        return rows[0] if rows else None
+
+    def update(self, cls: type, id: str, **changes: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        self.execute(f"UPDATE {cls.table} SET {sets} WHERE id = ?",
+                     (*(_column(cls, k, v) for k, v in changes.items()), id))
+
+    def delete(self, cls: type, id: str) -> bool:
+        with self.lock:
+            return self.db.execute(f"DELETE FROM {cls.table} WHERE id = ?", (id,)).rowcount > 0
+
+
+def default_state_dir() -> str:
+    return str(cache_dir() / "state")
