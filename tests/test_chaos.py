@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bench.chaos import chaos
+from bench.chaos import Main, chaos
 from scaling.launch import FORK_TIMEOUT_S
 from tests.server_util import Server, wait_until
 from tests.tiny_model import write_tiny_model
@@ -21,10 +21,9 @@ HEALTH_S = 2
 @pytest.mark.parametrize("seed", [1])
 async def test_random_faults_under_load_break_no_invariant(tmp_path, seed):
     tiny = write_tiny_model(tmp_path / "tiny")
-    with Server("--model", str(tiny), "--num-tes", "2", "--tensor-parallel-size", "2", "--kv-cache-gb", "0.05",
-                "--health-timeout-s", str(HEALTH_S), "--max-model-len", "512") as s:
-        report = await chaos(s.url, s.get, s.proc.pid, seconds=40, seed=seed, gap_s=2.5, concurrency=6,
-                             bound_s=30, health_s=HEALTH_S)
+    with Main("--model", str(tiny), "--num-tes", "2", "--tensor-parallel-size", "2", "--kv-cache-gb", "0.05",
+              "--health-timeout-s", str(HEALTH_S), "--max-model-len", "512") as main:
+        report = await chaos(main, seconds=40, seed=seed, gap_s=2.5, concurrency=6, bound_s=30, health_s=HEALTH_S)
     print({k: v for k, v in report.items() if k != "fault_log"})
     assert report["faults"] >= 8 and report["requests"] >= 30
     assert {k: v for k, v in report["invariants"].items() if not k.startswith("_")} == \
