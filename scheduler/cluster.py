@@ -53,7 +53,7 @@ from scheduler import dist_sched
 from scheduler.dist_sched import PromptTree
 from scheduler.job import Overloaded, Task, TaskEvent
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
-from scheduler.state import GroupTargetsRow, StateStore, TERow
+from scheduler.state import GroupTargetsRow, StateStore, TERow, best_effort
 from scheduler.te import TEHandle, TEState
 
 log = logging.getLogger("deepflow.cluster")
@@ -266,7 +266,7 @@ class Cluster:
 
     def _forget(self, te: TEHandle) -> None:
         if self.state:
-            self.state.delete(TERow, te.id)
+            best_effort(self.state.delete, TERow, te.id)
         if te in self.groups[te.group]:
             self.groups[te.group].remove(te)
         if te in te.host.tes:
@@ -282,9 +282,9 @@ class Cluster:
         """Keep a serving TE in the state dir, for the next main process to adopt (if the TE
         waits for one: it made a secret)."""
         if self.state and te.secret:
-            self.state.insert(TERow(te.id, self.model_path, te.group, te.host.name, te.pid, te.secret,
-                                    asdict(te.engine_cfg), te.start_mode, self.launches[te.group].main_address),
-                              replace=True)
+            best_effort(self.state.insert, TERow(te.id, self.model_path, te.group, te.host.name, te.pid, te.secret,
+                                                 asdict(te.engine_cfg), te.start_mode,
+                                                 self.launches[te.group].main_address), replace=True)
 
     async def adopt(self, listener: TEListener, wait_s: float = ADOPT_WAIT_S) -> None:
         """After a restart, before `start`: take back the TEs the state dir lists, as they
@@ -318,7 +318,7 @@ class Cluster:
                 if host:  # frozen, or too late: it must not linger
                     host.node.kill_stale(row.pid)
                 log.warning("TE %s (pid %d) not adopted: %s", row.id, row.pid, e)
-                self.state.delete(TERow, row.id)
+                best_effort(self.state.delete, TERow, row.id)
                 continue
             self.groups[te.group].append(te)
             host.tes.append(te)
@@ -398,7 +398,8 @@ class Cluster:
         if reason == "admin":
             self.by_hand.add(group)
         if self.state:
-            self.state.insert(GroupTargetsRow(self.model_path, self.target, sorted(self.by_hand)), replace=True)
+            best_effort(self.state.insert, GroupTargetsRow(self.model_path, self.target, sorted(self.by_hand)),
+                        replace=True)
         live = self.live(group)
         for _ in range(min(instances - len(live), self.room(group))):
             self._in_background(self.add_te(group))
@@ -574,7 +575,7 @@ class Cluster:
     async def shutdown(self) -> None:
         self.closing = True
         if self.state:  # a clean stop: the next main process starts as its flags say
-            self.state.delete(GroupTargetsRow, self.model_path)
+            best_effort(self.state.delete, GroupTargetsRow, self.model_path)
         for t in list(self._background):
             t.cancel()
         for queue in self.pending.values():
