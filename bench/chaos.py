@@ -356,6 +356,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--bound-s", type=float, default=60, help="no request may take longer")
     ap.add_argument("--health-timeout-s", type=float, default=3)
+    ap.add_argument("--num-tes", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="a tiny random-weight model, TP=2")
     ap.add_argument("--hosts", type=int, default=0, help="--backend ray over this many namespaces (root)")
     ap.add_argument("--main-every-s", type=float, default=0,
@@ -364,7 +365,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("serve", nargs="*", help="extra serve flags (after --)")
     args = ap.parse_args()
-    flags = ["--health-timeout-s", str(args.health_timeout_s), "--num-tes", "2", *args.serve]
+    flags = ["--health-timeout-s", str(args.health_timeout_s), "--num-tes", str(args.num_tes), *args.serve]
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
             flags += ["--model", str(write_tiny_model(Path(tmp) / "tiny")), "--tensor-parallel-size", "2",
