@@ -14,6 +14,7 @@ or a TCP connection to the main process on another host.
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -25,6 +26,7 @@ from flowserve.protocol import Fork, Forked, TemplateReady, encode_config, expec
 
 log = logging.getLogger("deepflow.launch")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORK_TIMEOUT_S = 10  # a fork takes milliseconds: a template silent this long is frozen (SIGSTOP, wedged)
 
 
 @dataclass
@@ -118,8 +120,14 @@ class TemplateHandle:
 
     def _fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
         with self.lock:
-            socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg, launch))], [te_sock.fileno()])
-            reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
+            self.sock.settimeout(FORK_TIMEOUT_S)
+            try:
+                socket.send_fds(self.sock, [pack(Fork(te_id, engine_cfg, launch))], [te_sock.fileno()])
+                reply = expect(recv_frame(self.sock, self.buf), Forked)  # BadFrame if it answers Error
+            except TimeoutError:  # killed, it is restarted (or TEs spawn) as after any death
+                os.kill(self.proc.pid, signal.SIGKILL)
+                raise RuntimeError(f"template (pid {self.proc.pid}) did not fork within {FORK_TIMEOUT_S} s: "
+                                   "killed") from None
         if reply is None:
             raise RuntimeError("template is gone")
         return reply.pid

@@ -12,7 +12,10 @@ To start a TE, the agent opens a TCP connection to the main process's TE listene
 TE, and hands that socket (SCM_RIGHTS) to the template's fork, to a pre-warmed TE-shell
 with its `Load`, or to a fresh TE-shell: from then on the TE talks to the main process
 directly, with the project's own frames. Ray carries only these calls (start, launch,
-kill, ping): never per-step traffic, never KV or weights.
+kill, ping, reap): never per-step traffic, never KV or weights.
+
+An agent started on a node that had lost its host (its agent died, its link was cut) first
+`reap`s what its predecessor left there: a TE cut off from the main process may still run.
 
 With an adoption grace (`serve --adopt-grace-s`) the agent is a detached actor: it outlives
 the main process with its template and TEs, and a restarted main process finds it again by
@@ -106,6 +109,26 @@ class NodeAgent:
     def ping(self) -> bool:
         self.last_ping = time.monotonic()
         return True
+
+    def reap(self) -> list[int]:
+        """Kill this deployment's processes left on this host (its TEs, their executors, the
+        template, the pre-warmed pool): those in this host's network namespace whose
+        environment holds the deployment's DistFlow secret. Returns their pids."""
+        marks, net = [f"{k}={v}".encode() for k, v in self.env.items()], os.readlink("/proc/self/ns/net")
+        reaped = []
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    environ = f.read()
+                stale = all(m in environ for m in marks) and os.readlink(f"/proc/{pid}/ns/net") == net
+                if stale:
+                    os.kill(pid, signal.SIGKILL)
+                    reaped.append(pid)
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+        if reaped:
+            log.warning("killed %d process(es) an earlier agent left: %s", len(reaped), reaped)
+        return reaped
 
     async def _watchdog(self) -> None:
         """No ping from a main process for the grace: end as if this agent had died with it."""

@@ -6,7 +6,10 @@ Ray is cluster plumbing here, nothing more: it finds the nodes, pins one node ag
 its template started, from the model's cache or, when that host's DRAM holds no weights,
 streamed from a running TE: `HostPool.donor`; or its pre-warmed pool filled); a node that leaves, or an agent
 that fails its ping, takes its TEs with it (`HostPool.remove_host`) and the groups refill elsewhere.
-A host once lost is not taken back until its raylet re-registers (a new node id). The
+A lost node that Ray still lists as alive (its agent died, or its link was cut and came back)
+is tried again at once, then after 1, 2, and every 4 s (`Lost`; a try begun while the node is
+cut off goes through when the link heals): a new agent first kills what the old one
+left there (`NodeAgent.reap`), then the node is a host again and short groups refill there. The
 backend knows the cluster (scheduler/cluster.py) only as the `HostPool` it was given.
 
 With an adoption grace, agents are detached actors named after their node, in a Ray
@@ -22,9 +25,12 @@ Only `deepflow.serve` imports this module, and only with `--backend ray`.
 """
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 import sys
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import ray
@@ -40,6 +46,8 @@ from scaling.te_listener import HELLO_TIMEOUT_S, TEListener
 
 log = logging.getLogger("deepflow.ray")
 POLL_S = 1.0
+RETRY_S = (0, 1, 2, 4)  # before each try to take a lost node back; the last repeats
+ADOPT_TIMEOUT_S = 60  # a new agent's first answer (a Ray worker starting on a busy host), or reaping
 
 
 def ray_namespace(state_dir: str) -> str:
@@ -82,6 +90,8 @@ class RayNode:
             pid, mode, fresh = await self.agent.launch.remote(te_id, encode_config(cfg), encode_config(launch),
                                                               self.listener.address, secret, weights_from)
             reader, writer, buf = await asyncio.wait_for(arrived, HELLO_TIMEOUT_S)
+        except RayError as e:  # the agent died meanwhile: a TE that failed to start, as on one host
+            raise RuntimeError(f"node agent on {self.info['address']}: {str(e).strip().splitlines()[-1]}") from None
         finally:
             self.listener.forget(te_id)
         return Launched(reader, writer, buf, pid, mode, fresh=fresh)
@@ -103,6 +113,17 @@ class RayNode:
                 "weights_from": self.weights_from or "cache"}
 
 
+@dataclass
+class Lost:
+    """A node whose host was lost while Ray still lists it: when to try it again."""
+    tries: int = 0
+    next_try: float = 0.0
+
+    def failed(self) -> None:
+        self.next_try = time.monotonic() + RETRY_S[min(self.tries, len(RETRY_S) - 1)]
+        self.tries += 1
+
+
 class RayBackend:
     def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
                  pool_cfg: EngineConfig, health_timeout_s: float, listener: TEListener, env: dict,
@@ -116,7 +137,9 @@ class RayBackend:
         self.health_timeout_s, self.env, self.listener = health_timeout_s, env, listener
         self.grace_s, self.namespace = grace_s, namespace
         self.nodes: dict[str, Host] = {}
-        self.lost: set[str] = set()
+        self.lost: dict[str, Lost] = {}
+        self.adopting: dict[str, asyncio.Task] = {}
+        self.agent_ids = itertools.count()  # a lost node's old agent may keep its name a while
         self.watchers: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -124,42 +147,61 @@ class RayBackend:
         ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False, namespace=self.namespace,
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
         log.info("Ray cluster at %s; TEs connect to %s", self.address, self.listener.address)
-        await self.discover(start_nodes=False)  # the cluster starts the first hosts' agents itself
+        # The cluster starts the first hosts' agents itself.
+        await asyncio.gather(*self.discover(await asyncio.to_thread(ray.nodes), start_nodes=False))
         if not self.nodes:
             raise RuntimeError("the Ray cluster has no live node")
         self.watchers = [asyncio.create_task(self.watch_agents()), asyncio.create_task(self.watch_nodes())]
 
-    async def discover(self, start_nodes: bool = True) -> None:
-        """Adopt nodes that joined; drop hosts whose node left."""
-        alive = {n["NodeID"]: n for n in await asyncio.to_thread(ray.nodes) if n["Alive"]}
-        for node_id, host in list(self.nodes.items()):
+    def discover(self, nodes: list[dict], start_nodes: bool = True) -> list[asyncio.Task]:
+        """From `ray.nodes()`: adopt nodes that joined, and lost ones due for another try; drop
+        hosts whose node left. Returns the adoptions under way."""
+        alive = {n["NodeID"]: n for n in nodes if n["Alive"]}
+        for node_id in list(self.nodes):
             if node_id not in alive:
                 self._lose(node_id, "its Ray node left the cluster")
-        new = [n for node_id, n in alive.items() if node_id not in self.nodes and node_id not in self.lost]
-        await asyncio.gather(*(self._adopt(n, start_nodes) for n in new))
+        for node_id in [n for n in self.lost if n not in alive]:  # gone for good: a raylet restarted is a new node
+            del self.lost[node_id]
+        now = time.monotonic()
+        for node_id, node in alive.items():
+            if node_id not in self.nodes and node_id not in self.adopting and \
+                    (node_id not in self.lost or self.lost[node_id].next_try <= now):
+                self.adopting[node_id] = asyncio.create_task(self._adopt(node, start_nodes))
+        return list(self.adopting.values())
 
     async def _adopt(self, node: dict, start: bool) -> None:
         node_id, address = node["NodeID"], node["NodeManagerAddress"]
-        name = f"deepflow-agent-{node_id[:12]}" + ("" if self.grace_s else f"-{os.getpid()}")
-        try:  # one that outlived the previous main process
-            agent = ray.get_actor(name) if self.grace_s else None
+        # With a grace, one name per node: a restarted main process finds the agent that outlived
+        # the last one (never a lost host's: that one was killed).
+        name = f"deepflow-agent-{node_id[:12]}" + ("" if self.grace_s else f"-{os.getpid()}-{next(self.agent_ids)}")
+        try:
+            agent = ray.get_actor(name) if self.grace_s and node_id not in self.lost else None
         except ValueError:
             agent = None
-        if agent is None:
-            agent = ray.remote(NodeAgent).options(
-                num_cpus=0, max_restarts=0, name=name, lifetime="detached" if self.grace_s else None,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-            ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
-                     encode_config(self.pool_cfg), self.grace_s)
         try:
-            info = {**await agent.probe.remote(), "address": address}
+            if agent is None:
+                agent = ray.remote(NodeAgent).options(
+                    num_cpus=0, max_restarts=0, name=name, lifetime="detached" if self.grace_s else None,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                ).remote(self.model_path, sys.executable, self.env, self.start_mode, self.prewarmed,
+                         encode_config(self.pool_cfg), self.grace_s)
+            # Begun while a node is cut off, it goes through once the link is back.
+            info = {**await asyncio.wait_for(agent.probe.remote(), ADOPT_TIMEOUT_S), "address": address}
+            if node_id in self.lost:  # an agent of ours ran there: its TEs, template and pool go first
+                await asyncio.wait_for(agent.reap.remote(), ADOPT_TIMEOUT_S)
             ray_node = RayNode(node_id, agent, self.listener, self.pool, info)
             if start:
                 await ray_node.start()
-        except RayError as e:
-            log.error("node %s (%s) could not be adopted: %s", node_id[:12], address, e)
-            self.lost.add(node_id)
+        except (RayError, TimeoutError, ValueError) as e:  # ValueError: the old agent's name is not free yet
+            log.error("node %s (%s) could not be adopted: %s", node_id[:12], address, type(e).__name__)
+            self.lost.setdefault(node_id, Lost()).failed()
+            if agent:
+                ray.kill(agent)
             return
+        finally:
+            del self.adopting[node_id]
+        if self.lost.pop(node_id, None):
+            log.warning("node %s (%s) is a host again", node_id[:12], address)
         taken = {h.name for h in self.nodes.values()}  # Ray's own test clusters put every node on one IP
         name = address if address not in taken else f"{address}/{node_id[:6]}"
         host = Host(name, address, info["cores"], info["memory"], ray_node)
@@ -168,7 +210,8 @@ class RayBackend:
 
     def _lose(self, node_id: str, why: str) -> None:
         host = self.nodes.pop(node_id)
-        self.lost.add(node_id)
+        self.lost[node_id] = Lost()
+        self.lost[node_id].failed()
         self.pool.remove_host(host, why)
         try:
             ray.kill(host.node.agent)
@@ -189,16 +232,16 @@ class RayBackend:
                     self._lose(node_id, f"its node agent failed: {type(answer).__name__}")
 
     async def watch_nodes(self) -> None:
-        """Every few seconds, look for nodes that came or went."""
+        """Every few seconds, or each second while a node is lost, look for nodes that came or went."""
         while True:
-            await asyncio.sleep(3 * POLL_S)
+            await asyncio.sleep(POLL_S if self.lost else 3 * POLL_S)
             try:
-                await self.discover()
+                self.discover(await asyncio.to_thread(ray.nodes))
             except RayError as e:
                 log.warning("could not list Ray nodes: %s", e)
 
     async def stop(self) -> None:
         """After the cluster's shutdown, which stopped the agents of the hosts it had."""
-        for task in self.watchers:
+        for task in [*self.watchers, *self.adopting.values()]:
             task.cancel()
         await asyncio.to_thread(ray.shutdown)

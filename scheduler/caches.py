@@ -30,7 +30,7 @@ from flowserve.protocol import FinishReason, SamplingParams
 from scheduler.cluster import Cluster
 from scheduler.job import Overloaded, Task
 from scheduler.api import APIError, invalid
-from scheduler.state import ContextCacheRow, StateStore
+from scheduler.state import ContextCacheRow, StateStore, best_effort
 from scheduler.te import TEHandle
 
 log = logging.getLogger("deepflow.caches")
@@ -91,8 +91,8 @@ class ContextCaches:
             if await self._build(cache, self._holder_for(cache)):
                 self.caches[cache.id] = cache
                 if self.state:
-                    self.state.insert(ContextCacheRow(**{f.name: getattr(cache, f.name)
-                                                         for f in fields(ContextCacheRow)}))
+                    best_effort(self.state.insert, ContextCacheRow(**{f.name: getattr(cache, f.name)
+                                                                      for f in fields(ContextCacheRow)}))
                 return cache
         raise APIError(503, "the TEs building the context cache died; retry shortly")
 
@@ -162,7 +162,7 @@ class ContextCaches:
 
     def _drop(self, cache: ContextCache) -> None:
         if self.state:
-            self.state.delete(ContextCacheRow, cache.id)
+            best_effort(self.state.delete, ContextCacheRow, cache.id)
         self.caches.pop(cache.id, None)
         if cache.rebuilding:
             cache.rebuilding.cancel()

@@ -57,7 +57,7 @@ from scheduler import dist_sched
 from scheduler.dist_sched import PromptTree
 from scheduler.job import Overloaded, Task, TaskEvent
 from scheduler.pd_policy import DecodeLengthPredictor, Heatmap
-from scheduler.state import GroupTargetsRow, StateStore, TERow
+from scheduler.state import GroupTargetsRow, StateStore, TERow, best_effort
 from scheduler.te import TEHandle, TEState
 
 log = logging.getLogger("deepflow.cluster")
@@ -295,7 +295,7 @@ class Cluster:
 
     def _forget(self, te: TEHandle) -> None:
         if self.state:
-            self.state.delete(TERow, te.id)
+            best_effort(self.state.delete, TERow, te.id)
         if te in self.groups[te.group]:
             self.groups[te.group].remove(te)
         if te in te.host.tes:
@@ -311,9 +311,9 @@ class Cluster:
         """Keep a serving TE in the state dir, for the next main process to adopt (if the TE
         waits for one: it made a secret)."""
         if self.state and te.secret:
-            self.state.insert(TERow(te.id, self.model_path, te.group, te.host.name, te.pid, te.secret,
-                                    asdict(te.engine_cfg), te.start_mode, self.launches[te.group].main_address),
-                              replace=True)
+            best_effort(self.state.insert, TERow(te.id, self.model_path, te.group, te.host.name, te.pid, te.secret,
+                                                 asdict(te.engine_cfg), te.start_mode,
+                                                 self.launches[te.group].main_address), replace=True)
 
     async def adopt(self, listener: TEListener, wait_s: float = ADOPT_WAIT_S) -> None:
         """After a restart, before `start`: take back the TEs the state dir lists, as they
@@ -347,7 +347,7 @@ class Cluster:
                 if host:  # frozen, or too late: it must not linger
                     host.node.kill_stale(row.pid)
                 log.warning("TE %s (pid %d) not adopted: %s", row.id, row.pid, e)
-                self.state.delete(TERow, row.id)
+                best_effort(self.state.delete, TERow, row.id)
                 continue
             self.groups[te.group].append(te)
             host.tes.append(te)
@@ -387,8 +387,11 @@ class Cluster:
             await self.add_te(group)
         except NoRoom as e:  # a host that joins later refills the group
             log.error("cannot replace a %s TE: %s", group, e)
-        except (RuntimeError, OSError, TimeoutError) as e:
-            log.error("a replacement %s TE failed to start: %s", group, e)
+        except (RuntimeError, OSError, TimeoutError) as e:  # killed mid-start, its template gone, ...
+            log.error("a replacement %s TE failed to start: %s; trying again in %d s", group, e, HEARTBEAT_S)
+            await asyncio.sleep(HEARTBEAT_S)
+            if not self.closing and len(self.live(group)) < self.target[group]:
+                self._refill(group)
         finally:
             self.replacing -= 1
 
@@ -434,7 +437,8 @@ class Cluster:
         if reason == "admin":
             self.by_hand.add(group)
         if self.state:
-            self.state.insert(GroupTargetsRow(self.model_path, self.target, sorted(self.by_hand)), replace=True)
+            best_effort(self.state.insert, GroupTargetsRow(self.model_path, self.target, sorted(self.by_hand)),
+                        replace=True)
         live = self.live(group)
         for _ in range(min(instances - len(live), self.room(group))):
             self._in_background(self.add_te(group))
@@ -619,7 +623,7 @@ class Cluster:
     async def shutdown(self) -> None:
         self.closing = True
         if self.state:  # a clean stop: the next main process starts as its flags say
-            self.state.delete(GroupTargetsRow, self.model_path)
+            best_effort(self.state.delete, GroupTargetsRow, self.model_path)
         for t in list(self._background):
             t.cancel()
         for queue in (*self.pending.values(), *self.batch_pending.values()):

@@ -200,6 +200,10 @@ class NetnsCluster:
         """Start host i's Ray node (a machine joining the running cluster)."""
         self._check_started(i, self._worker(i))
 
+    def set_link(self, i: int, up: bool) -> None:
+        """Unplug host i's cable to the bridge (its processes keep running, cut off), or plug it back."""
+        _ip("link", "set", f"{self.prefix}-v{i}", "up" if up else "down")
+
     def _make_network(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
@@ -216,6 +220,10 @@ class NetnsCluster:
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "route", "add", "default", "via", f"{self.subnet}.1")
+            # TCP's retransmission backoff (up to 120 s) would keep Ray's connections silent for
+            # seconds after a cut link heals; bounded at 2 s (Linux 6.15+; ignored before).
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.tcp_rto_max_ms=2000"],
+                           check=False, capture_output=True)
 
     def _ray_start(self, i: int, args: list[str]) -> subprocess.Popen:
         argv = ["ip", "netns", "exec", self.namespace(i), RAY, "start", *args,
