@@ -74,23 +74,31 @@ REJOIN_BACKOFF_S = (0.02, 0.2)  # first and longest wait between dials of a rest
 class Liveness(threading.Thread):
     """Sends `Alive` each `interval_s`, whatever the main thread is doing (a torch op releases
     the GIL; pure Python yields it every few milliseconds). A TE whose TP executor is stopped
-    or gone is frozen as a whole (its master waits on it): then it falls silent too."""
+    or gone is frozen as a whole (its master waits on it): then it falls silent too. If the
+    main process stays gone past the adoption grace while the main thread is stuck in a step
+    (waiting on a stopped executor, say), nothing else would ever end this TE: it exits."""
 
-    def __init__(self, send: Callable[[Message], None], executors: list[int], interval_s: float = 0.5):
+    def __init__(self, send: Callable[[Message], None], executors: list[int], grace_s: float,
+                 interval_s: float = 0.5):
         super().__init__(daemon=True, name="liveness")
         self.send, self.executors, self.interval_s = send, executors, interval_s
+        self.grace_s = max(grace_s, 2 * interval_s)
         self.busy_since: float | None = None   # set by the main thread around each step and command
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        lost = None  # since when sends to the main process fail
         while not self.stopped.wait(self.interval_s):
-            if any(not running(pid) for pid in self.executors):
-                continue
             since = self.busy_since
             try:
-                self.send(Alive(0.0 if since is None else time.monotonic() - since))
-            except OSError:
-                pass  # the main process is gone; the main thread notices too (and may reconnect)
+                if all(running(pid) for pid in self.executors):
+                    self.send(Alive(0.0 if since is None else time.monotonic() - since))
+                lost = None
+            except OSError:  # the main process is gone; the main thread notices too (and may reconnect)
+                lost = lost or time.monotonic()
+                if since is not None and time.monotonic() - lost > self.grace_s:
+                    log.warning("the main process is gone and this TE is stuck in a step: it ends")
+                    os._exit(1)
 
 
 def running(pid: int) -> bool:
@@ -109,7 +117,7 @@ class TEShell:
         self.ready: Ready | None = None  # as sent at start: sent again (updated) on reconnecting
         self.known = False  # the main process has sent it a frame: it took this TE into service
         self.write_lock = threading.Lock()
-        self.liveness = Liveness(self.send, engine.executor_pids())
+        self.liveness = Liveness(self.send, engine.executor_pids(), launch.adopt_grace_s)
         self.buf = bytearray()
         self.kv_to: dict[str, Add] = {}      # prefill side: request id -> its `Add` (where its KV goes)
         self.sending: dict[str, tuple[Sequence, KVTransfer]] = {}  # prefill side: transfers not yet acked

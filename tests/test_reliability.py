@@ -255,3 +255,23 @@ async def test_second_sigterm_ends_the_drain_at_once():
             assert time.monotonic() - t0 < 10
         assert s.proc.wait(30) == 0
     wait_until(lambda: not any(pid_alive(p) for p in pids), 10)
+
+
+LIVENESS = """
+import sys, time
+from flowserve.te_shell import Liveness
+def send(msg):
+    raise BrokenPipeError  # the main process is gone
+live = Liveness(send, [], grace_s=0.0, interval_s=0.05)
+live.busy_since = time.monotonic() if sys.argv[1] == "stuck" else None
+live.start()
+time.sleep(1.5)
+"""
+
+
+@pytest.mark.parametrize("main_thread, rc", [("stuck", 1), ("idle", 0)])
+def test_a_te_stuck_in_a_step_ends_once_the_main_process_is_gone(main_thread, rc):
+    """Nobody else would end a TE whose main thread is stuck (a hung executor) after the main
+    process died: its liveness thread does, past the grace; an idle TE's main thread rejoins."""
+    done = subprocess.run([sys.executable, "-c", LIVENESS, main_thread], timeout=30)
+    assert done.returncode == rc
