@@ -132,7 +132,7 @@ class ChatMessage(_Strict):
     def _assistant_calls(cls, calls, info):
         if calls and info.data.get("role") != "assistant":
             raise ValueError("only an assistant message has tool calls")
-        for c in calls:
+        for c in calls or ():
             if not isinstance(_json_or_none(c.function.arguments), dict):
                 raise ValueError(f"arguments must be a JSON object, got {c.function.arguments!r:.40}")
         return calls

@@ -45,6 +45,7 @@ BAD = [
     (parse_chat, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     (parse_chat, {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id"),
     (parse_chat, {"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
+    (parse_chat, {"messages": [{"role": "system", "content": None, "tool_calls": None}]}, "messages[0].content"),  # fuzzing found a 500
     (parse_chat, {"messages": [{"role": "assistant", "tool_calls": [
         {**CALL, "function": {"name": "f", "arguments": "{oops"}}]}]}, "messages[0].tool_calls"),
     (parse_chat, {"messages": [{"role": "assistant", "tool_calls": [
