@@ -336,7 +336,8 @@ def test_models_health_metrics(server, client):
     e2e = after["deepflow:e2e_request_latency_seconds_sum"] - before.get("deepflow:e2e_request_latency_seconds_sum", 0)
     assert 0 < e2e < 60
     assert after["deepflow:kv_cache_usage_perc"] == 0 and after["deepflow:num_requests_waiting"] == 0
-    assert after["deepflow:num_tes_ready"] == 1
+    ready = [te for te in server.get("/admin/cluster")["tes"] if te["state"] == "ready"]  # the autoscaler may add one
+    assert after["deepflow:num_tes_ready"] == len(ready) >= 1
     te = server.get("/admin/cluster")["tes"][0]
     steps = {k.split("step=")[1].split(",")[0]: v for k, v in after.items()
              if k.startswith("deepflow:te_start_step_milliseconds")}
