@@ -23,6 +23,9 @@ Afterwards, once the cluster has settled, it checks the invariants:
   its current processes or gone, and the server has no other child
 - no leaked KV block or pin: every TE has 0 blocks in use and 0 pinned once idle (/admin/cluster)
 - the same greedy answers as before the faults
+- a batch (`BATCH_LINES` greedy completion lines, created before the faults and run at low
+  priority through them) ends completed with every `custom_id` exactly once in its output and
+  error files
 
     python bench/chaos.py --seconds 300 --seed 1 [--gap-s 3] [--concurrency 8] [--tiny] [-- serve flags...]
 
@@ -54,6 +57,7 @@ from tests.tiny_model import write_tiny_model  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Count to ten: one, two,", "def fibonacci(n):"]
 MODEL = [""]  # the served model's name, asked once
+BATCH_LINES = 24
 WORDS = ["cat", "river", "seven", "blue", "machine", "story", "cloud", "engine"]
 
 
@@ -276,7 +280,37 @@ def cmdline(pid: int) -> str:
         return "(gone)"
 
 
-def invariants(main: Main, run: Chaos, before: list[str], after: list[str]) -> dict[str, bool]:
+async def start_batch(client: openai.AsyncOpenAI) -> str:
+    """A batch of greedy completion lines, to run beside the load and through the faults."""
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": MODEL[0], "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 8, "temperature": 0}}
+             for i in range(BATCH_LINES)]
+    upload = await client.files.create(file=("chaos.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()),
+                                       purpose="batch")
+    batch = await client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    return batch.id
+
+
+async def batch_outcome(main: Main, bound_s: float, batch_id: str, wait_s: float = 120) -> tuple[str, list[str]]:
+    """The batch's status once it has ended (or after `wait_s`), and the custom ids in its
+    output and error files."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        client = main.client(bound_s)  # the main process's address changes when it restarts
+        batch = await client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled") or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    ids = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:
+            text = (await client.files.content(file_id)).text
+            ids += [json.loads(line)["custom_id"] for line in text.splitlines() if line]
+    return batch.status, ids
+
+
+def invariants(main: Main, run: Chaos, before: list[str], after: list[str],
+               batch: tuple[str, list[str]]) -> dict[str, bool]:
     cluster = main.get("/admin/cluster")
     now = server_pids(cluster)
     current = {p for kind in now.values() for p in kind}
@@ -289,7 +323,9 @@ def invariants(main: Main, run: Chaos, before: list[str], after: list[str]) -> d
             "no_leaked_process": not leaked,
             "no_leaked_kv_block_or_pin": all(u == 0 and p == 0 for u, p in kv.values()),
             "same_greedy_answers": before == after,
-            "_details": {"leaked": {pid: cmdline(pid) for pid in leaked}, "kv": kv}}
+            "batch_lines_exactly_once": batch[0] == "completed" and
+            sorted(batch[1]) == sorted(f"line-{i}" for i in range(BATCH_LINES)),
+            "_details": {"leaked": {pid: cmdline(pid) for pid in leaked}, "kv": kv, "batch_status": batch[0]}}
 
 
 async def chaos(main: Main, seconds: float, seed: int, gap_s: float, concurrency: int, bound_s: float,
@@ -299,6 +335,7 @@ async def chaos(main: Main, seconds: float, seed: int, gap_s: float, concurrency
     rng = random.Random(seed)
     MODEL[0] = (await main.client(bound_s).models.list()).data[0].id
     before = await greedy(main.client(bound_s))
+    batch_id = await start_batch(main.client(bound_s))
     run = Chaos()
     stop_at = time.monotonic() + seconds
     await asyncio.gather(inject(main, random.Random(rng.random()), stop_at, gap_s, health_s, run, hosts, main_every_s, disk),
@@ -312,7 +349,7 @@ async def chaos(main: Main, seconds: float, seed: int, gap_s: float, concurrency
     settle_s = time.monotonic() - t0
     await asyncio.sleep(2)  # the TEs' next stats (blocks in use) reach /admin/cluster
     after = await greedy(main.client(bound_s))
-    checks = invariants(main, run, before, after)
+    checks = invariants(main, run, before, after, await batch_outcome(main, bound_s, batch_id))
     return {"seed": seed, "seconds": seconds, "faults": len(run.faults), "fault_kinds": dict(Counter(
         f["fault"] for f in run.faults)), "requests": sum(run.outcomes.values()) + len(run.bugs),
         "outcomes": dict(run.outcomes), "bugs": run.bugs[:20], "longest_request_s": round(run.longest_s, 1),

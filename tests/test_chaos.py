@@ -1,6 +1,7 @@
 """The chaos suite, bounded (bench/chaos.py runs it longer): under load from the openai client,
 seeded random SIGKILLs and SIGSTOPs of TEs, TP executors and the warm template; afterwards
-no request hung or broke, no process, KV block or pin leaked, and greedy answers are unchanged.
+no request hung or broke, no process, KV block or pin leaked, greedy answers are unchanged,
+and a batch run through the faults has every line exactly once.
 
 A tiny random-weight model (tests/tiny_model.py) keeps steps cheap, so the faults, not the
 compute, set the pace; TP=2 gives every TE an executor to hit."""
@@ -29,7 +30,8 @@ async def test_random_faults_under_load_break_no_invariant(tmp_path, seed):
     assert report["faults"] >= 8 and report["requests"] >= 30
     assert {k: v for k, v in report["invariants"].items() if not k.startswith("_")} == \
         dict.fromkeys(["no_request_hung_or_broke", "every_request_answered_or_ended_with_an_error",
-                       "no_leaked_process", "no_leaked_kv_block_or_pin", "same_greedy_answers"], True), report
+                       "no_leaked_process", "no_leaked_kv_block_or_pin", "same_greedy_answers",
+                       "batch_lines_exactly_once"], True), report
 
 
 def test_a_frozen_template_is_killed_and_tes_start_again(tmp_path):
