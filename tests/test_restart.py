@@ -128,8 +128,20 @@ def test_without_grace_tes_exit_with_the_main_process(tmp_path):
     wait_until(lambda: not any(running(pid) for pid in pids), timeout=5)
 
 
+def free_pair() -> int:
+    """A free port whose next one is free too (the range under test)."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
 def test_distflow_ports_are_taken_from_the_range():
-    port = free_port()
+    port = free_pair()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))  # another process's port: skipped
         with tcp_listener("127.0.0.1", f"{port}-{port + 1}") as listener:
