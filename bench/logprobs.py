@@ -7,13 +7,12 @@ their copy to the host with the tokens; the JE's formatting is not in it.
 """
 import argparse
 import random
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lora import decode_tokens_per_s  # noqa: E402
+from bench.lora import alternated, decode_tokens_per_s  # noqa: E402
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import SamplingParams  # noqa: E402
@@ -32,13 +31,9 @@ def main() -> None:
     prompts = [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
     plain = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
     scored = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True, logprobs=args.top)
-    none = [None] * args.rows
-    decode_tokens_per_s(eng, prompts, none, 4, scored)  # warm-up
-    rates = {"plain": [], "logprobs": []}
-    for _ in range(args.runs):
-        rates["plain"].append(decode_tokens_per_s(eng, prompts, none, args.steps, plain))
-        rates["logprobs"].append(decode_tokens_per_s(eng, prompts, none, args.steps, scored))
-    base, lp = statistics.median(rates["plain"]), statistics.median(rates["logprobs"])
+    decode_tokens_per_s(eng, prompts, [None] * args.rows, 4, scored)  # warm-up
+    rates = alternated(eng, prompts, {"plain": plain, "logprobs": scored}, args.steps, args.runs)
+    base, lp = rates["plain"], rates["logprobs"]
     print(f"device {eng.device}, {args.rows} rows, {args.steps} decode steps, median of {args.runs} runs")
     print(f"without logprobs: {base:8.1f} tokens/s")
     print(f"logprobs, top {args.top}: {lp:8.1f} tokens/s   ratio {lp / base:.3f}x")

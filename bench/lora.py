@@ -65,6 +65,17 @@ def decode_tokens_per_s(eng: Engine, prompts: list[list[int]], adapters: list, s
     return rate
 
 
+def alternated(eng: Engine, prompts: list[list[int]], params: dict[str, SamplingParams], steps: int,
+               runs: int) -> dict[str, float]:
+    """Median decode tokens/s of `prompts` (no adapter) under each of `params`, their runs
+    alternated so that the machine's drift weighs on all alike."""
+    rates: dict[str, list[float]] = {name: [] for name in params}
+    for _ in range(runs):
+        for name, p in params.items():
+            rates[name].append(decode_tokens_per_s(eng, prompts, [None] * len(prompts), steps, p))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=32)

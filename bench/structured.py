@@ -10,14 +10,13 @@ enum) keeps every row in its grammar for all the timed steps.
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lora import decode_tokens_per_s  # noqa: E402
+from bench.lora import alternated, decode_tokens_per_s  # noqa: E402
 from flowserve import grammar, sampler  # noqa: E402
 from flowserve.config import EngineConfig, default_model_path  # noqa: E402
 from flowserve.engine import Engine  # noqa: E402
@@ -60,17 +59,13 @@ def main() -> None:
     prompts = [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
     free = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
     constrained = SamplingParams(temperature=0, max_tokens=args.steps + 4, json_schema=json.dumps(SCHEMA))
-    none = [None] * args.rows
-    decode_tokens_per_s(eng, prompts, none, 4, constrained)  # warm-up, and the schema compiled
+    decode_tokens_per_s(eng, prompts, [None] * args.rows, 4, constrained)  # warm-up, and the schema compiled
     mask, fill, consume = Timer(), Timer(), Timer()  # constrain: the mask filled (fill), and applied
     sampler.constrain = mask.wrap(sampler.constrain, count_rows=True)
     grammar.Grammar.fill = fill.wrap(grammar.Grammar.fill)
     grammar.Grammar.catch_up = consume.wrap(grammar.Grammar.catch_up)
-    rates = {"free": [], "json_schema": []}
-    for _ in range(args.runs):
-        rates["free"].append(decode_tokens_per_s(eng, prompts, none, args.steps, free))
-        rates["json_schema"].append(decode_tokens_per_s(eng, prompts, none, args.steps, constrained))
-    base, js = statistics.median(rates["free"]), statistics.median(rates["json_schema"])
+    rates = alternated(eng, prompts, {"free": free, "json_schema": constrained}, args.steps, args.runs)
+    base, js = rates["free"], rates["json_schema"]
     print(f"device {eng.device}, {args.rows} rows, {args.steps} decode steps, median of {args.runs} runs")
     print(f"free:        {base:8.1f} tokens/s")
     print(f"json_schema: {js:8.1f} tokens/s   ratio {js / base:.3f}x")
