@@ -85,9 +85,7 @@ class Batches:
 
     def page(self, limit: int, after: str | None) -> tuple[list[BatchRow], bool]:
         """The newest first, `limit` of them after the batch `after`; and whether more follow."""
-        where = "(created_at, id) < (SELECT created_at, id FROM batches WHERE id = ?)" if after else ""
-        rows = self.store.select(BatchRow, where, (after,) if after else (), "created_at DESC, id DESC", limit + 1)
-        return rows[:limit], len(rows) > limit
+        return self.store.page(BatchRow, limit, after)
 
     def cancel(self, batch_id: str) -> BatchRow:
         """Stop a batch: no line starts any more, the running ones are aborted (they count

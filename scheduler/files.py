@@ -111,15 +111,8 @@ class Files:
 
     def page(self, purpose: str | None, limit: int, after: str | None) -> tuple[list[FileRow], bool]:
         """The newest first, `limit` of them after the file `after`; and whether more follow."""
-        where, params = ["1"], []
-        if purpose:
-            where.append("purpose = ?")
-            params.append(purpose)
-        if after:
-            where.append("(created_at, id) < (SELECT created_at, id FROM files WHERE id = ?)")
-            params.append(after)
-        rows = self.store.select(FileRow, " AND ".join(where), tuple(params), "created_at DESC, id DESC", limit + 1)
-        return rows[:limit], len(rows) > limit
+        return self.store.page(FileRow, limit, after, where="purpose = ?" if purpose else "",
+                               params=(purpose,) if purpose else ())
 
     def delete(self, file_id: str) -> None:
         self.get(file_id)

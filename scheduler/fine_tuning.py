@@ -122,28 +122,19 @@ class FineTuning:
 
     def page(self, limit: int, after: str | None) -> tuple[list[FineTuningJobRow], bool]:
         """The newest first, `limit` of them after the job `after`; and whether more follow."""
-        where = "(created_at, id) < (SELECT created_at, id FROM fine_tuning_jobs WHERE id = ?)" if after else ""
-        rows = self.store.select(FineTuningJobRow, where, (after,) if after else (), "created_at DESC, id DESC",
-                                 limit + 1)
-        return rows[:limit], len(rows) > limit
+        return self.store.page(FineTuningJobRow, limit, after)
 
     def events(self, job_id: str, limit: int, after: str | None) -> tuple[list[FineTuningEvent], bool]:
         """The newest first (OpenAI's order), `limit` of them after the event `after`."""
         self.get(job_id)
-        where = "job_id = ?" + (" AND rowid < (SELECT rowid FROM fine_tuning_events WHERE id = ?)" if after else "")
-        rows = self.store.select(FineTuningEventRow, where, (job_id, after) if after else (job_id,), "rowid DESC",
-                                 limit + 1)
-        return [FineTuningEvent(**{k: v for k, v in vars(r).items() if k != "job_id"}) for r in rows[:limit]], \
-            len(rows) > limit
+        rows, more = self.store.page(FineTuningEventRow, limit, after, "rowid", "job_id = ?", (job_id,))
+        return [FineTuningEvent(**{k: v for k, v in vars(r).items() if k != "job_id"}) for r in rows], more
 
     def checkpoints(self, job_id: str, limit: int, after: str | None) -> tuple[list[FineTuningCheckpoint], bool]:
         self.get(job_id)
-        where = "job_id = ?" + (" AND step_number < (SELECT step_number FROM fine_tuning_checkpoints "
-                                "WHERE id = ?)" if after else "")
-        rows = self.store.select(FineTuningCheckpointRow, where, (job_id, after) if after else (job_id,),
-                                 "step_number DESC", limit + 1)
+        rows, more = self.store.page(FineTuningCheckpointRow, limit, after, "step_number", "job_id = ?", (job_id,))
         return [FineTuningCheckpoint(**{k: v for k, v in vars(r).items() if k != "job_id"}, fine_tuning_job_id=job_id)
-                for r in rows[:limit]], len(rows) > limit
+                for r in rows], more
 
     def cancel(self, job_id: str) -> FineTuningJobRow:
         """Stop a job that has not finished: its training task is killed; its checkpoints stay."""

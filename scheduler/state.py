@@ -12,7 +12,8 @@ Who writes what: uploaded files (scheduler/files.py: rows here, bytes under `fil
 and each of their lines' results as it finishes (scheduler/batch.py); serving TEs, group
 targets, context caches and DistFlow secrets, for a restarted main process to re-adopt
 (scheduler/cluster.py, scheduler/caches.py, deepflow.py); fine-tuning jobs, their events and
-checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode with synchronous=NORMAL a commit is an append to the log without fsync,
+checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode
+with synchronous=NORMAL a commit is an append to the log without fsync,
 tens of microseconds, so the event loop calls them directly; what can take long (file bytes,
 a batch's output file) runs in a thread (`asyncio.to_thread`), which the lock makes safe.
 SIGKILL loses nothing committed; a power cut may lose the last commits (synchronous=NORMAL).
@@ -323,6 +324,16 @@ class StateStore:
         sql = f"SELECT * FROM {cls.table}" + (f" WHERE {where}" if where else "") + \
             (f" ORDER BY {order}" if order else "") + (f" LIMIT {int(limit)}" if limit is not None else "")
         return [_row(cls, r) for r in self.execute(sql, params)]
+
+    def page(self, cls: type[Row], limit: int, after: str | None, key: str = "created_at, id",
+             where: str = "", params: tuple = ()) -> tuple[list[Row], bool]:
+        """A list endpoint's page: `limit` rows of `cls` (those `where` allows), newest first by
+        `key` (its columns), after the row whose id is `after`; and whether more follow."""
+        if after:
+            cursor = f"({key}) < (SELECT {key} FROM {cls.table} WHERE id = ?)"
+            where, params = " AND ".join(filter(None, (where, cursor))), (*params, after)
+        rows = self.select(cls, where, params, ", ".join(f"{k.strip()} DESC" for k in key.split(",")), limit + 1)
+        return rows[:limit], len(rows) > limit
 
     def get(self, cls: type[Row], id: str) -> Row | None:
         rows = self.select(cls, "id = ?", (id,))

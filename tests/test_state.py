@@ -48,3 +48,16 @@ def test_one_server_per_state_dir(tmp_path):
         StateStore(tmp_path)
     store.close()
     StateStore(tmp_path).close()
+
+
+def test_pages_run_newest_first_after_a_cursor(tmp_path):
+    """The list endpoints' pagination (files, batches, fine-tuning jobs, events, checkpoints):
+    newest first, ties broken by id, `after` a row's id, a filter kept across pages."""
+    store = StateStore(str(tmp_path))
+    for i in range(5):
+        store.insert(FileRow(f"file-{i}", "batch" if i % 2 else "fine-tune", "x", 1, 100 + i // 2))
+    ids = lambda page: ([r.id for r in page[0]], page[1])  # noqa: E731
+    assert ids(store.page(FileRow, 2, None)) == (["file-4", "file-3"], True)
+    assert ids(store.page(FileRow, 2, "file-3")) == (["file-2", "file-1"], True)
+    assert ids(store.page(FileRow, 2, "file-1")) == (["file-0"], False)
+    assert ids(store.page(FileRow, 1, "file-3", where="purpose = ?", params=("batch",))) == (["file-1"], False)
