@@ -1,15 +1,15 @@
 """Every message between DeepFlow's processes, defined once, and the one place they are framed.
 
 - main process -> TE (`scheduler/te.py` -> `flowserve/te_shell.py`): `Add`, `Abort`, `Stop`,
-  `Ping` (the heartbeat, answered by an empty `Step`), `Threads` (its host's TE count
-  changed), `Unpin` (context caches), `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then one `Step`
-  per engine step (a `TokenOut` per request that moved, and the engine's `Stats`), and
-  `Alive` twice a second from its liveness thread. On
-  another host the TE's socket is TCP, and its first frame is `Hello`, carrying the secret
-  the main process handed its node agent (`scaling/node_agent.py`). A TE that outlived the
-  main process reconnects over TCP (`dial_main`) with `Hello` (the secret it made at start
-  and reported in its `Ready`) and its `Ready` again, saying what it holds; the new main
-  process's first `Ping` tells it that it was adopted.
+  `Ping` (the heartbeat, answered by an empty `Step`), `Threads` (its host's TE count changed),
+  `Unpin` (context caches), `Load` (to a pre-warmed TE); TE -> main: `Prewarmed`, `Ready`, then
+  one `Step` per engine step (a `TokenOut` per request that moved, and the engine's `Stats`),
+  and `Alive` twice a second from its liveness thread. On another host the TE's socket is TCP,
+  and its first frame is `Hello`, carrying the secret the main process handed its node agent
+  (`scaling/node_agent.py`). A TE that outlived the main process reconnects over TCP
+  (`dial_main`) with `Hello` (the secret it made at start and reported in its `Ready`) and its
+  `Ready` again, saying what it holds; the new main process's first `Ping` tells it that it was
+  adopted.
 - main process <-> warm template (`scaling/template.py`): `Fork`; `TemplateReady`, `Forked`.
 - TP master <-> its executors (`flowserve/tp.py`, `flowserve/executor.py`): `ExecStart`,
   then `ExecStep`, `ExecKV`, `ExecLora`, `Threads`, each answered by `ExecDone` (but `Threads`).
@@ -28,6 +28,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Union
 
 import msgspec
 
@@ -35,34 +36,6 @@ from flowserve.config import EngineConfig, ModelConfig, TELaunch
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
-
-
-class Op(str, Enum):
-    ADD = "add"
-    ABORT = "abort"
-    STOP = "stop"
-    LOAD = "load"
-    PREWARMED = "prewarmed"
-    READY = "ready"
-    STEP = "step"
-    FORK = "fork"
-    FORKED = "forked"
-    TEMPLATE_READY = "template_ready"
-    PING = "ping"
-    ALIVE = "alive"
-    THREADS = "threads"
-    UNPIN = "unpin"
-    HELLO = "hello"
-    KV_HEADER = "kv_header"
-    KV_TRAILER = "kv_trailer"
-    KV_ACK = "kv_ack"
-    WEIGHTS_HEADER = "weights_header"
-    ERROR = "error"
-    EXEC_START = "exec_start"
-    EXEC_STEP = "exec_step"
-    EXEC_KV = "exec_kv"
-    EXEC_LORA = "exec_lora"
-    EXEC_DONE = "exec_done"
 
 
 class FinishReason(str, Enum):
@@ -96,7 +69,7 @@ class SamplingParams:
 
 
 class Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
-    pass
+    """A frame's body; each kind names its `op` tag (its name on the wire)."""
 
 
 class Adapter(msgspec.Struct):
@@ -109,7 +82,7 @@ class Adapter(msgspec.Struct):
     digest: str
 
 
-class Add(Message, tag=Op.ADD.value):
+class Add(Message, tag="add"):
     """Run a request. `kv_to` (prefill TE): after its first token, send its KV to that decode
     TE's DistFlow address, where it is `kv_rid`. `await_kv` (decode TE): start it when its
     KV arrives. `cache_id`, `pin`: explicit context caching (`flowserve.rtc`)."""
@@ -125,36 +98,36 @@ class Add(Message, tag=Op.ADD.value):
     adapter: Adapter | None = None    # a LoRA adapter (None: the base model)
 
 
-class Abort(Message, tag=Op.ABORT.value):
+class Abort(Message, tag="abort"):
     rids: list[str]
 
 
-class Stop(Message, tag=Op.STOP.value):
+class Stop(Message, tag="stop"):
     pass
 
 
-class Ping(Message, tag=Op.PING.value):
+class Ping(Message, tag="ping"):
     pass
 
 
-class Alive(Message, tag=Op.ALIVE.value):
+class Alive(Message, tag="alive"):
     """TE -> main process, twice a second from a thread of its own (`flowserve.te_shell.Liveness`),
     even while a long step runs: the process is alive, and has been in its current step (or
     command) for `busy_s` seconds (0: between steps). Only a frozen process falls silent."""
     busy_s: float
 
 
-class Unpin(Message, tag=Op.UNPIN.value):
+class Unpin(Message, tag="unpin"):
     """Release these context caches' pinned blocks (TTL ended, or deleted); answered by a `Step`."""
     cache_ids: list[str]
 
 
-class Threads(Message, tag=Op.THREADS.value):
+class Threads(Message, tag="threads"):
     """Use `n` torch threads: the host's cores are shared by however many TEs it runs now."""
     n: int
 
 
-class Hello(Message, tag=Op.HELLO.value):
+class Hello(Message, tag="hello"):
     """The first frame on a TE's TCP connection to the main process (who it is, and the
     secret made for its start), or on a weights fetch from a DistFlow donor (`te_id`
     "weights", the cluster's DistFlow secret)."""
@@ -162,7 +135,7 @@ class Hello(Message, tag=Op.HELLO.value):
     secret: bytes
 
 
-class Load(Message, tag=Op.LOAD.value):
+class Load(Message, tag="load"):
     """To a pre-warmed TE: become a TE of `model`, weights streamed from `weights_from` if set."""
     model: str
     engine_config: EngineConfig
@@ -232,11 +205,11 @@ class StartTimings(msgspec.Struct):
     te_post_load: float
 
 
-class Prewarmed(Message, tag=Op.PREWARMED.value):
+class Prewarmed(Message, tag="prewarmed"):
     pid: int
 
 
-class Ready(Message, tag=Op.READY.value):
+class Ready(Message, tag="ready"):
     pid: int
     stats: Stats
     max_model_len: int
@@ -248,7 +221,7 @@ class Ready(Message, tag=Op.READY.value):
     pinned: list[str] = []            # the context caches it pins (when it reconnects)
 
 
-class Step(Message, tag=Op.STEP.value):
+class Step(Message, tag="step"):
     outs: list[TokenOut]
     stats: Stats
     error: str | None = None          # with an ERROR finish: what went wrong
@@ -256,7 +229,7 @@ class Step(Message, tag=Op.STEP.value):
     kv_bytes: int | None = None       # with a HANDOFF finish: the KV payload bytes sent
 
 
-class Fork(Message, tag=Op.FORK.value):
+class Fork(Message, tag="fork"):
     """Fork a TE; its socket comes along as SCM_RIGHTS (a socketpair's end, or a TCP
     connection to the main process that a node agent opened)."""
     te_id: str
@@ -264,17 +237,17 @@ class Fork(Message, tag=Op.FORK.value):
     launch: TELaunch
 
 
-class Forked(Message, tag=Op.FORKED.value):
+class Forked(Message, tag="forked"):
     te_id: str
     pid: int
 
 
-class TemplateReady(Message, tag=Op.TEMPLATE_READY.value):
+class TemplateReady(Message, tag="template_ready"):
     pid: int
     load_ms: float
 
 
-class KVHeader(Message, tag=Op.KV_HEADER.value):
+class KVHeader(Message, tag="kv_header"):
     """Opens one request's KV transfer: its payload (`ModelRunner.kv_shape` of the blocks past
     `kv_skip`) follows layer by layer, as bytes (tcp) or as a one-byte mark per layer of the
     memfd that came with this frame (unix); then a `KVTrailer`."""
@@ -288,13 +261,13 @@ class KVHeader(Message, tag=Op.KV_HEADER.value):
     secret: bytes = b""               # the cluster's DistFlow secret, checked on every transfer
 
 
-class KVTrailer(Message, tag=Op.KV_TRAILER.value):
+class KVTrailer(Message, tag="kv_trailer"):
     """Closes a KV transfer, once the prefill TE has sampled the request's first token."""
     token_id: int | None              # None: the request ended on the prefill TE (a stop, an abort): drop it
     rng_state: bytes | None = None    # a seeded request's generator, after the first token
 
 
-class KVAck(Message, tag=Op.KV_ACK.value):
+class KVAck(Message, tag="kv_ack"):
     ok: bool
     error: str | None = None
     send_all: bool = False            # the decode TE lost the prefix it was to keep: send every block
@@ -306,12 +279,12 @@ class TensorSpec(msgspec.Struct, array_like=True):
     shape: list[int]
 
 
-class WeightsHeader(Message, tag=Op.WEIGHTS_HEADER.value):
+class WeightsHeader(Message, tag="weights_header"):
     config: ModelConfig
     tensors: list[TensorSpec]         # their bytes follow, in this order
 
 
-class Error(Message, tag=Op.ERROR.value):
+class Error(Message, tag="error"):
     message: str
 
 
@@ -335,7 +308,7 @@ class StepPlan(msgspec.Struct, array_like=True):
     lora: list[list[int]] = []             # [slot, first row, rows] per sequence with a LoRA adapter
 
 
-class ExecStart(Message, tag=Op.EXEC_START.value):
+class ExecStart(Message, tag="exec_start"):
     """TP master -> an executor it started (`flowserve/tp.py`), its first frame: its rank,
     and where the others and the shared arena are (file descriptors it inherited)."""
     rank: int
@@ -352,13 +325,13 @@ class ExecStart(Message, tag=Op.EXEC_START.value):
     model: str | None = None          # a spawned executor maps this model's weights (a forked one has them)
 
 
-class ExecStep(Message, tag=Op.EXEC_STEP.value):
+class ExecStep(Message, tag="exec_step"):
     """TP master -> every executor: run this step, each rank writing its vocabulary slice of
     the logits into the arena."""
     plan: StepPlan
 
 
-class ExecKV(Message, tag=Op.EXEC_KV.value):
+class ExecKV(Message, tag="exec_kv"):
     """TP master -> every executor: one layer's K/V of `block_ids` between each rank's cache
     and its KV heads' slice of the arena (`write`: arena to cache; else cache to arena)."""
     block_ids: list[int]
@@ -366,21 +339,19 @@ class ExecKV(Message, tag=Op.EXEC_KV.value):
     write: bool
 
 
-class ExecLora(Message, tag=Op.EXEC_LORA.value):
+class ExecLora(Message, tag="exec_lora"):
     """TP master -> every executor: read this adapter (`flowserve.lora_slots.load_lora`) and
     put its shard into `slot`."""
     slot: int
     adapter: Adapter
 
 
-class ExecDone(Message, tag=Op.EXEC_DONE.value):
+class ExecDone(Message, tag="exec_done"):
     """Executor -> master: started, or the last `ExecStep`/`ExecKV` is done."""
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Add | Abort | Stop | Ping | Alive | Threads | Unpin | Hello | Load | Prewarmed | Ready | Step | Fork | Forked
-                                   | TemplateReady | KVHeader | KVTrailer | KVAck | WeightsHeader | Error | ExecStart
-                                   | ExecStep | ExecKV | ExecLora | ExecDone)
+_decoder = msgspec.msgpack.Decoder(Union[tuple(Message.__subclasses__())])  # every message above
 
 
 class BadFrame(ValueError):
