@@ -286,10 +286,8 @@ class KVSender:
 
     def completed(self) -> list[KVTransfer]:
         """The transfers acked or failed since the last call."""
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(self.wake, 1 << 16)
-        except BlockingIOError:
-            pass
         with self.cond:
             done, self.done = self.done, []
         return done
@@ -493,7 +491,6 @@ class KVReceiver:
         self.kv: torch.Tensor | None = None  # its payload, `head.shape`
         self.layer = 0                        # its layers whole in `kv`
         self.got = 0                          # bytes of the next one (tcp)
-        self.served = 0                       # transfers this link carried
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -519,7 +516,6 @@ class KVReceiver:
             else:
                 trailer = expect(msg, KVTrailer)
                 self.head = self.kv = None
-                self.served += 1
                 yield trailer
 
     def reply(self, ack: KVAck) -> None:

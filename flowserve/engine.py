@@ -118,10 +118,8 @@ class Engine:
             torch.set_num_threads(cfg.num_threads)
         self.device = pick_device(cfg.device)
         self.dtype = compute_dtype(self.device, cfg.dtype)
-        t0 = time.perf_counter()
         self.model_cfg, tensors = weights or load_weights(model_path, self.dtype, use_weight_cache)
         tensors = {k: v.to(self.dtype) for k, v in tensors.items()}  # no copy when it already matches
-        self.load_seconds = time.perf_counter() - t0
         self.max_model_len = min(cfg.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
         if self.tp:  # a master: its executors hold the model, and it samples on the host
             self.runner = TPRunner(self.model_cfg, cfg, tensors, self.dtype, model_path, packed, fork_executors)
@@ -275,6 +273,7 @@ class Engine:
         if seq.adapter is not None:
             self.lora.release(seq.adapter.digest, seq.lora_slot)
             seq.lora_slot = None
+
     def unpin(self, cache_id: str) -> None:
         """Release a context cache's pinned blocks (`RTC.unpin`)."""
         self.rtc.unpin(cache_id)
