@@ -1,12 +1,12 @@
 """FlowServe engine: the microkernel step loop of one TE.
 
-The engine wires independent modules and calls them in order, once per step:
-batcher (what runs) -> RTC (blocks) -> model runner (forward) -> RTC (index the blocks now
-full) -> `sample` (next tokens and the logprobs asked for, `flowserve/sampler.py`) -> finish checks (RTC frees finished sequences). It
-sees token ids only; tokenization and detokenization live with the caller (the JE in the main process, or
-`deepflow.py generate`). Its API: `add_request`, `abort`, `step` (a `TokenOut` per request
-that got a token or finished: the same struct the TE-shell sends, `flowserve/protocol.py`),
-`generate`, `stats`.
+The engine wires independent modules and calls them in order, once per step: batcher (what runs)
+-> RTC (blocks) -> model runner (forward) -> RTC (index the blocks now full) -> `sample` (next
+tokens and the logprobs asked for, `flowserve/sampler.py`) -> finish checks (RTC frees finished
+sequences). It sees token ids only; tokenization and detokenization live with the caller (the JE
+in the main process, or `deepflow.py generate`). Its API: `add_request`, `abort`, `step` (a
+`TokenOut` per request that got a token or finished: the same struct the TE-shell sends,
+`flowserve/protocol.py`), `generate`, `stats`.
 
 Each step is launched, then resolved. Launch: the forward and the sampling are enqueued on the
 device, the sampled tokens stay there, and a copy of them to host memory is started. Resolve:
@@ -34,13 +34,13 @@ rows have a grammar and a token still in flight waits for that step's copy befor
 its forward is enqueued by then, so the device stays busy. On a PD decode TE the matcher
 starts from the prefill TE's first token the same way, and a TP master samples as any engine.
 
-PD disaggregation. On a prefill TE a request added with `handoff=True` stops after its
-first token with its blocks still held (`take_handoffs`), until the TE-shell has sent them to
-a decode TE (`flowserve.distflow`, reading them with `read_kv`) and calls `release`; given
-`stream_handoffs`, the step that computes such a request's last prompt chunk tells the TE-shell as each layer's K/V is
-written, so the transfer overlaps the rest of the forward. On the decode TE a transfer's
-header makes a sequence that holds blocks for the KV (`add_prefilled`: the cached prefix the
-sender skipped, fresh blocks for the rest), each layer is written as it lands
+PD disaggregation. On a prefill TE a request added with `handoff=True` stops after its first
+token with its blocks still held (`take_handoffs`), until the TE-shell has sent them to a decode
+TE (`flowserve.distflow`, reading them with `read_kv`) and calls `release`; given
+`stream_handoffs`, the step that computes such a request's last prompt chunk tells the TE-shell
+as each layer's K/V is written, so the transfer overlaps the rest of the forward. On the decode
+TE a transfer's header makes a sequence that holds blocks for the KV (`add_prefilled`: the
+cached prefix the sender skipped, fresh blocks for the rest), each layer is written as it lands
 (`write_prefilled`), and the first token starts it (`start_prefilled`): its prompt is not
 computed again.
 

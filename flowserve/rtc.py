@@ -229,13 +229,9 @@ class RTC:
             self._index(block_id, h, tokens)
         self.dram_populated += len(populated)
 
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        total = -(-(seq.num_computed + num_new_tokens) // self.block_size)
-        return max(0, total - len(seq.block_ids))
-
     def alloc_blocks(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow the block table to hold `num_new_tokens` more tokens; False if the pool is short."""
-        need = self.blocks_needed(seq, num_new_tokens)
+        need = -(-(seq.num_computed + num_new_tokens) // self.block_size) - len(seq.block_ids)
         if need > len(self.free_blocks):
             return False
         for _ in range(need):

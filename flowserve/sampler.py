@@ -28,6 +28,7 @@ import torch
 from flowserve.protocol import SamplingParams, TokenLogprob
 from flowserve.sequence import Sequence
 
+GREEDY_BELOW = 1e-5  # a lower temperature samples as greedy (vLLM's eps): dividing by it would overflow
 
 @dataclass
 class StepLogprobs:
@@ -46,9 +47,6 @@ class StepLogprobs:
         return [TokenLogprob(lp, ids[:k], lps[:k]) for lp, ids, lps, k in
                 zip(self.chosen.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist(), ks)]
 
-
-
-GREEDY_BELOW = 1e-5  # a lower temperature samples as greedy (vLLM's eps): dividing by it would overflow
 
 def processed(p: SamplingParams) -> bool:
     """Whether a row's logits go through a processor (min_tokens aside: it depends on the step)."""

@@ -14,12 +14,12 @@ a frozen process, which sends nothing. A frame it cannot decode is logged and an
 `Error`; the TE keeps serving.
 
 When the main process dies (EOF, or a reset), the TE exits, unless it was started with an
-adoption grace (`TELaunch.adopt_grace_s`, `serve --adopt-grace-s`): then it drops its
-requests (their clients were the dead process's), keeps its context caches' pinned blocks,
-and dials the main process's TE listener (`TELaunch.main_address`) with backoff until a
-restarted main process adopts it (`rejoin`: `Hello` with the secret it made at start, then
-its `Ready` again, with the caches it pins), or the grace is over and it exits. The engine runs on one thread and needs no locks; socket
-writes take a lock, since the liveness thread writes too.
+adoption grace (`TELaunch.adopt_grace_s`, `serve --adopt-grace-s`): then it drops its requests
+(their clients were the dead process's), keeps its context caches' pinned blocks, and dials the
+main process's TE listener (`TELaunch.main_address`) with backoff until a restarted main process
+adopts it (`rejoin`: `Hello` with the secret it made at start, then its `Ready` again, with the
+caches it pins), or the grace is over and it exits. The engine runs on one thread and needs no
+locks; socket writes take a lock, since the liveness thread writes too.
 
 PD disaggregation: on a prefill TE an `Add` with `kv_to` (a decode TE's DistFlow address)
 and `kv_rid` (the request's id there) runs the prompt and first token, and the shell sends

@@ -193,7 +193,6 @@ class Tokenizer:
         return ids, mask
 
 
-
 def _raise_exception(message):
     raise TemplateError(message)
 

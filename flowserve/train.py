@@ -145,12 +145,12 @@ class LoraTrainer:
         return total / max(count, 1)
 
 
-
 # -------------------------------------------------------------------- checkpoints (PEFT format)
 
-def peft_key(layer: int, module: str) -> str:
+def peft_keys(layer: int, module: str) -> tuple[str, str]:
+    """The names of a module's LoRA A and B in PEFT's safetensors file."""
     part = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"base_model.model.model.layers.{layer}.{part}.{module}"
+    return tuple(f"base_model.model.model.layers.{layer}.{part}.{module}.lora_{ab}.weight" for ab in "AB")
 
 
 def save_checkpoint(path: Path, trainer: LoraTrainer, optimizer: torch.optim.Optimizer) -> None:
@@ -158,10 +158,8 @@ def save_checkpoint(path: Path, trainer: LoraTrainer, optimizer: torch.optim.Opt
     aside and renamed, so a task killed mid-write leaves no half checkpoint."""
     spec, tmp = trainer.spec, path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for (i, module), (a, b) in trainer.lora.items():
-        tensors[peft_key(i, module) + ".lora_A.weight"] = a.detach().contiguous()
-        tensors[peft_key(i, module) + ".lora_B.weight"] = b.detach().contiguous()
+    tensors = {key: t.detach().contiguous() for (i, module), pair in trainer.lora.items()
+               for key, t in zip(peft_keys(i, module), pair)}
     save_file(tensors, str(tmp / WEIGHTS_FILE))
     (tmp / CONFIG_FILE).write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
@@ -179,9 +177,9 @@ def last_checkpoint(job_dir: Path) -> tuple[int, Path | None]:
 def load_checkpoint(path: Path, trainer: LoraTrainer, optimizer: torch.optim.Optimizer) -> None:
     tensors = load_file(str(path / WEIGHTS_FILE))
     with torch.no_grad():
-        for (i, module), (a, b) in trainer.lora.items():
-            a.copy_(tensors[peft_key(i, module) + ".lora_A.weight"])
-            b.copy_(tensors[peft_key(i, module) + ".lora_B.weight"])
+        for (i, module), pair in trainer.lora.items():
+            for key, t in zip(peft_keys(i, module), pair):
+                t.copy_(tensors[key])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt"))
 
 
