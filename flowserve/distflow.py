@@ -492,6 +492,7 @@ class KVReceiver:
         self.kv: torch.Tensor | None = None  # its payload, `head.shape`
         self.layer = 0                        # its layers whole in `kv`
         self.got = 0                          # bytes of the next one (tcp)
+        self.served = 0                       # transfers this link carried
 
     def fileno(self) -> int:
         return self.conn.fileno()
@@ -517,6 +518,7 @@ class KVReceiver:
             else:
                 trailer = expect(msg, KVTrailer)
                 self.head = self.kv = None
+                self.served += 1
                 yield trailer
 
     def reply(self, ack: KVAck) -> None:
