@@ -17,10 +17,10 @@ decode TE's `KVAck`, after which the prefill TE frees the blocks. A prefill TE s
 transfer while it computes the prompt's last chunk (each layer goes out once the forward has
 written it) or after that step; the trailer waits for the token either way. Two transports
 behind one address format:
-- `unix:` (one host): the link's staging memfd travels with each header as SCM_RIGHTS and the decode
-  TE maps it; each layer is then a one-byte mark (written: copy it). Nothing is named on disk, so
-  nothing leaks when a TE dies, and the listener only accepts peers running as the same user
-  (SO_PEERCRED).
+- `unix:` (one host): the link's staging memfd travels with each header as SCM_RIGHTS and the
+  decode TE maps it; each layer is then a one-byte mark (written: copy it). Nothing is named on
+  disk, so nothing leaks when a TE dies, and the listener only accepts peers running as the same
+  user (SO_PEERCRED).
 - `tcp:` (any hosts): each layer's raw bytes follow the header on the stream.
 Plain bytes and `flowserve/protocol.py` frames on both paths, no pickle. Listeners bind
 their host's address, so a peer of another host can reach them: a fetcher opens with a

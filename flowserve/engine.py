@@ -275,7 +275,6 @@ class Engine:
             seq.lora_slot = None
 
     def unpin(self, cache_id: str) -> None:
-        """Release a context cache's pinned blocks (`RTC.unpin`)."""
         self.rtc.unpin(cache_id)
 
     def weights(self) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -290,7 +289,6 @@ class Engine:
         return self.runner.pidfds if self.tp else []
 
     def executor_pids(self) -> list[int]:
-        """TP: its executors' process ids."""
         return self.runner.pids if self.tp else []
 
     def close(self) -> None:
