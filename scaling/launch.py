@@ -69,13 +69,13 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path:
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
 
 
-async def spawn_trainer(job_dir: str, threads: int, env: dict | None = None,
-                        python: str = sys.executable) -> asyncio.subprocess.Process:
+async def spawn_trainer(job_dir: str, threads: int, env: dict) -> asyncio.subprocess.Process:
     """A training task (`python -m flowserve.train JOB_DIR`): progress lines on its stdout; on
     its stdin thread counts, and EOF when this process dies (it then exits)."""
     return await asyncio.create_subprocess_exec(
-        python, "-m", "flowserve.train", job_dir, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)}, cwd=ROOT, start_new_session=True)
+        sys.executable, "-m", "flowserve.train", job_dir, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, **env, "OMP_NUM_THREADS": str(threads)}, cwd=ROOT,
+        start_new_session=True)
 
 
 class TemplateHandle:
