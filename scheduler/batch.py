@@ -3,10 +3,10 @@ as low-priority work that fills idle capacity.
 
 A batch names an uploaded JSONL file (scheduler/files.py, purpose batch) whose lines are
 `{"custom_id", "method": "POST", "url", "body": {...}}`, url /v1/chat/completions or
-/v1/completions (OpenAI wants every line's to be the batch's `endpoint`; here they may mix). It moves through OpenAI's
-statuses: `validating` (every line has a custom_id, unique; else `failed` with `errors`) ->
-`in_progress` -> `finalizing` -> `completed` (or `cancelling` -> `cancelled`, `expired` past its
-24 h window). In progress, each line becomes a job of its model's JE (scheduler/je.py) exactly
+/v1/completions (OpenAI wants every line's to be the batch's `endpoint`; here they may mix).
+It moves through OpenAI's statuses: `validating` (every line has a custom_id, unique; else
+`failed` with `errors`) -> `in_progress` -> `finalizing` -> `completed` (or `cancelling` ->
+`cancelled`, `expired` past its 24 h window). In progress, each line becomes a job of its model's JE (scheduler/je.py) exactly
 as the HTTP request would (`parse_chat`/`parse_completion`, `chat_job`/`completion_job`), so a
 bad line gets the error that request would get, in the error file. Its tasks are low priority
 (`SamplingParams.low_priority`): the cluster places them only while no other task waits and

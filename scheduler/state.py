@@ -12,10 +12,10 @@ Who writes what: uploaded files (scheduler/files.py: rows here, bytes under `fil
 and each of their lines' results as it finishes (scheduler/batch.py); serving TEs, group
 targets, context caches and DistFlow secrets, for a restarted main process to re-adopt
 (scheduler/cluster.py, scheduler/caches.py, deepflow.py); fine-tuning jobs, their events and
-checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode
-with synchronous=NORMAL a commit is an append to the log without fsync,
-tens of microseconds, so the event loop calls them directly; what can take long (file bytes,
-a batch's output file) runs in a thread (`asyncio.to_thread`), which the lock makes safe.
+checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode with
+synchronous=NORMAL a commit is an append to the log without fsync, tens of microseconds, so
+the event loop calls them directly; what can take long (file bytes, a batch's output file)
+runs in a thread (`asyncio.to_thread`), which the lock makes safe.
 SIGKILL loses nothing committed; a power cut may lose the last commits (synchronous=NORMAL).
 
 One server per state dir: the store holds an exclusive lock on `lock` (released by the OS
