@@ -9,10 +9,10 @@ A TE's cost is known before it starts (`te_bytes`): its KV pool and its RTC's DR
 (allocated and zeroed at start, so the memory is really committed), its runtime's private
 pages and its activations, and its own copy of the weights when it does not share the
 host's (a cold start reads the model file; a peer start receives a copy). The weights a
-host's template maps count once per host. A training task (flowserve/train.py) is counted in
-a host's TEs like one (`train_bytes`), so serving and training share the host's memory and cores. Placement (`scheduler/cluster.py`) only starts
-a TE where it fits; threads follow the host's cores divided among its TEs, re-balanced as
-that count changes.
+host's template maps count once per host. A training task (flowserve/train.py) counts among
+a host's TEs (`train_bytes`), so serving and training share its memory and cores. Placement
+(`scheduler/cluster.py`) only starts a TE where it fits; threads follow the host's cores
+divided among its TEs, re-balanced as that count changes.
 """
 import os
 import secrets

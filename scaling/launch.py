@@ -69,13 +69,13 @@ async def spawn_te_shell(engine_cfg: EngineConfig, env: dict | None, model_path:
         start_new_session=True)  # Ctrl-C reaches the main process only: it drains, then stops the TEs
 
 
-async def spawn_trainer(job_dir: str, threads: int, env: dict | None = None,
-                        python: str = sys.executable) -> asyncio.subprocess.Process:
+async def spawn_trainer(job_dir: str, threads: int, env: dict) -> asyncio.subprocess.Process:
     """A training task (`python -m flowserve.train JOB_DIR`): progress lines on its stdout; on
     its stdin thread counts, and EOF when this process dies (it then exits)."""
     return await asyncio.create_subprocess_exec(
-        python, "-m", "flowserve.train", job_dir, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads)}, cwd=ROOT, start_new_session=True)
+        sys.executable, "-m", "flowserve.train", job_dir, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, **env, "OMP_NUM_THREADS": str(threads)}, cwd=ROOT,
+        start_new_session=True)
 
 
 class TemplateHandle:
@@ -118,7 +118,9 @@ class TemplateHandle:
         if self.on_death:
             self.on_death()
 
-    def _fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
+    def fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
+        """Fork a new TE from the template, talking over `te_sock`; returns its pid. Blocks: run
+        it in a thread."""
         with self.lock:
             self.sock.settimeout(FORK_TIMEOUT_S)
             try:
@@ -131,10 +133,6 @@ class TemplateHandle:
         if reply is None:
             raise RuntimeError("template is gone")
         return reply.pid
-
-    async def fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
-        """Fork a new TE from the template, talking over `te_sock`; returns its pid."""
-        return await asyncio.to_thread(self._fork, te_id, engine_cfg, launch, te_sock)
 
     @property
     def alive(self) -> bool:
@@ -154,7 +152,7 @@ async def fork_or_spawn(template: TemplateHandle | None, te_id: str, cfg: Engine
     """A TE on `te_sock`, forked from the warm template or, while it is down, a fresh
     TE-shell: its pid, start mode, and process handle (None for a fork)."""
     if template and template.alive:
-        return await template.fork(te_id, cfg, launch, te_sock), "fork", None
+        return await asyncio.to_thread(template.fork, te_id, cfg, launch, te_sock), "fork", None
     env = {**env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
     proc = await spawn_te_shell(cfg, env, model_path, te_sock, python, launch)
     return proc.pid, "preloaded" if launch.use_weight_cache else "cold", proc

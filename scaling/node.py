@@ -9,6 +9,7 @@ interpreter (`cold`, and the fallback while the template is down or the pool is 
 `local_host` is this machine as a cluster's one host, with such a node agent.
 """
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -76,10 +77,8 @@ class LocalNode:
         return await spawn_trainer(job_dir, threads, self.env)
 
     def kill(self, pid: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def kill_stale(self, pid: int) -> None:
         """A TE of a previous main process that did not come back to this one (frozen, or past

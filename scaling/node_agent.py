@@ -23,6 +23,7 @@ name (`scaling/ray_backend.py`). Without the main process's ping for the grace, 
 them all and exits, as it would have died with the main process.
 """
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -101,10 +102,8 @@ class NodeAgent:
     def kill(self, pid: int) -> None:
         if pid in self.procs:  # only what this agent started
             del self.procs[pid]
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def ping(self) -> bool:
         self.last_ping = time.monotonic()

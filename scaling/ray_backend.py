@@ -17,13 +17,13 @@ namespace of the state dir: a restarted main process finds each one again (`_ado
 with its running template and TEs, instead of creating it.
 
 TEs of every host connect back to the main process's `TEListener` (`scaling/te_listener.py`,
-on `--te-port`). A connection counts only if its first frame is `Hello` with the TE's id and
-the secret made for that one start (handed to the agent in the `launch` call); anything
-else is closed unread. Frames are msgspec-typed msgpack: nothing is unpickled from a peer.
+on `--te-port`) with the secret made for that one start, which `launch` hands their agent.
+Frames are msgspec-typed msgpack: nothing is unpickled from a peer.
 
 Only `deepflow.serve` imports this module, and only with `--backend ray`.
 """
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -102,14 +102,12 @@ class RayNode:
     kill_stale = kill  # the agent kills only what it started
 
     async def stop(self) -> None:
-        try:
+        with contextlib.suppress(RayError, TimeoutError):
             await asyncio.wait_for(self.agent.shutdown.remote(), 10)
-        except (RayError, TimeoutError):
-            pass
         ray.kill(self.agent)
 
     def to_dict(self) -> dict:
-        return {"node_id": self.node_id[:12], "agent_pid": self.info.get("pid"), "template_pid": self.template_pid,
+        return {"node_id": self.node_id[:12], "agent_pid": self.info["pid"], "template_pid": self.template_pid,
                 "weights_from": self.weights_from or "cache"}
 
 
@@ -127,7 +125,7 @@ class Lost:
 class RayBackend:
     def __init__(self, pool: HostPool, address: str, model_path: str, start_mode: str, prewarmed: int,
                  pool_cfg: EngineConfig, health_timeout_s: float, listener: TEListener, env: dict,
-                 grace_s: float = 0.0, namespace: str | None = None):
+                 grace_s: float, namespace: str):
         """`pool`: where hosts go (the cluster); `start_mode`, `prewarmed`, `pool_cfg`: how each
         host's agent starts TEs; `health_timeout_s`: an agent silent this long loses its host;
         `listener`: where TEs connect (started); `env`: the TEs' DistFlow secret; `grace_s`:
@@ -213,10 +211,8 @@ class RayBackend:
         self.lost[node_id] = Lost()
         self.lost[node_id].failed()
         self.pool.remove_host(host, why)
-        try:
+        with contextlib.suppress(RayError):
             ray.kill(host.node.agent)
-        except RayError:
-            pass
 
     async def watch_agents(self) -> None:
         """Each second, ping every agent: one that fails, or stays silent past the

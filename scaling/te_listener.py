@@ -45,7 +45,6 @@ class TEListener:
         return secret, arrived
 
     def settle(self) -> None:
-        """The main process has adopted the TEs it will: from now on an unknown one is told to stop."""
         self.settled = True
 
     def forget(self, te_id: str) -> None:

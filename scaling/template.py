@@ -22,6 +22,7 @@ weights to its device after the fork.
                                                       (started by `scaling.launch.TemplateHandle`)
 """
 import argparse
+import contextlib
 import logging
 import os
 import select
@@ -42,11 +43,6 @@ from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
 
 log = logging.getLogger("scaling.template")
-
-
-def recv_with_fd(sock: socket.socket) -> tuple[bytes, int | None]:
-    msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
-    return msg, (fds[0] if fds else None)
 
 
 def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, launch: TELaunch, model: str, weights,
@@ -91,16 +87,13 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
     buf = bytearray()
     while True:
         readable, _, _ = select.select([control], [], [], 1.0)
-        while True:  # reap finished TEs so none lingers as a zombie
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        with contextlib.suppress(ChildProcessError):  # reap finished TEs so none lingers as a zombie
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
         if not readable:
             continue
-        data, fd = recv_with_fd(control)
+        data, fds, _, _ = socket.recv_fds(control, 1 << 16, 1)
+        fd = fds[0] if fds else None
         if not data:  # the main process is gone (or done). Our TEs follow it, or wait for a
             return    # restarted one to adopt them (which starts its own template)
         buf += data

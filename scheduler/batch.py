@@ -3,10 +3,10 @@ as low-priority work that fills idle capacity.
 
 A batch names an uploaded JSONL file (scheduler/files.py, purpose batch) whose lines are
 `{"custom_id", "method": "POST", "url", "body": {...}}`, url /v1/chat/completions or
-/v1/completions (OpenAI wants every line's to be the batch's `endpoint`; here they may mix). It moves through OpenAI's
-statuses: `validating` (every line has a custom_id, unique; else `failed` with `errors`) ->
-`in_progress` -> `finalizing` -> `completed` (or `cancelling` -> `cancelled`, `expired` past its
-24 h window). In progress, each line becomes a job of its model's JE (scheduler/je.py) exactly
+/v1/completions (OpenAI wants every line's to be the batch's `endpoint`; here they may mix).
+It moves through OpenAI's statuses: `validating` (every line has a custom_id, unique; else
+`failed` with `errors`) -> `in_progress` -> `finalizing` -> `completed` (or `cancelling` ->
+`cancelled`, `expired` past its 24 h window). In progress, each line becomes a job of its model's JE (scheduler/je.py) exactly
 as the HTTP request would (`parse_chat`/`parse_completion`, `chat_job`/`completion_job`), so a
 bad line gets the error that request would get, in the error file. Its tasks are low priority
 (`SamplingParams.low_priority`): the cluster places them only while no other task waits and
@@ -31,7 +31,7 @@ from scheduler.api import (BATCH_ENDPOINTS, APIError, BatchObject, BatchRequest,
                            RequestCounts, invalid, parse_chat, parse_completion)
 from scheduler.files import Files, jsonl_lines
 from scheduler.models import Models
-from scheduler.state import BatchLineRow, BatchRow, StateStore
+from scheduler.state import BatchLineRow, BatchRow, Resumable, StateStore
 
 log = logging.getLogger("deepflow.batch")
 
@@ -51,14 +51,14 @@ def result_line(row: BatchRow, line: int, custom_id: str, status: int, body: byt
                                       "body": orjson.Fragment(body)}, "error": None}).decode()
 
 
-class Batches:
+class Batches(Resumable[BatchRow]):
+    row_type, missing = BatchRow, ("Batch object", "batch_id")
+
     def __init__(self, store: StateStore, files: Files, models: Models, window: int):
-        self.store, self.files, self.models, self.window = store, files, models, window
-        self.runs: dict[str, asyncio.Task] = {}
+        super().__init__(store)
+        self.files, self.models, self.window = files, models, window
         self.inflight: dict[str, set[asyncio.Task]] = {}   # batch id -> its lines running now
         self.cancelling: set[str] = set()
-
-    # ---------------------------------------------------------------- the API
 
     def create(self, req: BatchRequest) -> BatchRow:
         f = self.files.get(req.input_file_id)
@@ -72,20 +72,10 @@ class Batches:
         self._start(row.id)
         return row
 
-    def get(self, batch_id: str) -> BatchRow:
-        row = self.store.get(BatchRow, batch_id)
-        if row is None:
-            raise APIError(404, f"No such Batch object: {batch_id}", "batch_id")
-        return row
-
     def counts(self, row: BatchRow) -> RequestCounts:
         done = dict(self.store.execute("SELECT ok, count(*) FROM batch_lines WHERE batch_id = ? GROUP BY ok",
                                        (row.id,)))
         return RequestCounts(total=row.total, completed=done.get(1, 0), failed=done.get(0, 0))
-
-    def page(self, limit: int, after: str | None) -> tuple[list[BatchRow], bool]:
-        """The newest first, `limit` of them after the batch `after`; and whether more follow."""
-        return self.store.page(BatchRow, limit, after)
 
     def cancel(self, batch_id: str) -> BatchRow:
         """Stop a batch: no line starts any more, the running ones are aborted (they count
@@ -101,8 +91,6 @@ class Batches:
             t.cancel()
         return self.get(batch_id)
 
-    # ---------------------------------------------------------------- runs
-
     def resume(self) -> None:
         """At start: carry on every batch a previous run of the server left unfinished."""
         for row in self.store.select(BatchRow, f"status IN ({', '.join('?' * len(ACTIVE))})", ACTIVE):
@@ -110,17 +98,6 @@ class Batches:
             if row.status == "cancelling":
                 self.cancelling.add(row.id)
             self._start(row.id)
-
-    async def stop(self) -> None:
-        """At shutdown: stop the runs before the cluster does, so no line is recorded as failed
-        for it; the batches stay as they are in the store, for the next start to resume."""
-        for run in self.runs.values():
-            run.cancel()
-        await asyncio.gather(*self.runs.values(), return_exceptions=True)
-
-    def _start(self, batch_id: str) -> None:
-        self.runs[batch_id] = asyncio.create_task(self._run(batch_id))
-        self.runs[batch_id].add_done_callback(lambda _: self.runs.pop(batch_id, None))
 
     async def _run(self, batch_id: str) -> None:
         try:

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, fields
 
 from flowserve.protocol import FinishReason, SamplingParams
 from scheduler.cluster import Cluster
@@ -38,17 +37,9 @@ log = logging.getLogger("deepflow.caches")
 REBUILD_RETRY_S = 1.0
 
 
-@dataclass
-class ContextCache:
-    model: str
-    kind: str                         # chat | completion: the endpoint it prefixes
-    context: list[dict] | str | list[int]  # the messages, or the prompt, as created
-    token_ids: list[int]
-    blocks: int                       # full KV blocks it pins on a TE
-    ttl_s: int
-    id: str = field(default_factory=lambda: "cache-" + secrets.token_hex(12))
-    created: float = field(default_factory=time.time)
-    rebuilding: asyncio.Task | None = field(default=None, repr=False)
+class ContextCache(ContextCacheRow):
+    """A context cache: its row in the state dir (`kind`: the endpoint it prefixes; `context`:
+    the messages or prompt as created; `blocks`: the full KV blocks it pins on a TE)."""
 
     @property
     def expires_at(self) -> float:
@@ -66,6 +57,7 @@ class ContextCaches:
         self.cluster, self.budget, self.state = cluster, budget, state
         self.caches: dict[str, ContextCache] = {}
         self._building: dict[str, int] = {}  # cache id -> blocks, while its first build runs
+        self.rebuilding: dict[str, asyncio.Task] = {}  # cache id -> its rebuild on another TE
 
     def get(self, cache_id: str, kind: str | None = None) -> ContextCache:
         """The live cache `cache_id` (404 if unknown or expired), for an endpoint of `kind`."""
@@ -82,7 +74,8 @@ class ContextCaches:
         """Build a context on the TE with the most pinning room and register it once its
         blocks are pinned; 507 past the budget, 429 at capacity."""
         bs = self.cluster.engine_cfgs[self.cluster.cache_group()].block_size
-        cache = ContextCache(model, kind, context, token_ids, len(token_ids) // bs, ttl_s)
+        cache = ContextCache("cache-" + secrets.token_hex(12), model, kind, context, token_ids, len(token_ids) // bs,
+                             ttl_s, time.time())
         try:
             self.cluster.admit(1)
         except Overloaded as e:
@@ -91,8 +84,7 @@ class ContextCaches:
             if await self._build(cache, self._holder_for(cache)):
                 self.caches[cache.id] = cache
                 if self.state:
-                    best_effort(self.state.insert, ContextCacheRow(**{f.name: getattr(cache, f.name)
-                                                                      for f in fields(ContextCacheRow)}))
+                    best_effort(self.state.insert, cache)
                 return cache
         raise APIError(503, "the TEs building the context cache died; retry shortly")
 
@@ -154,28 +146,27 @@ class ContextCaches:
     def restore(self, model: str) -> None:
         """After a restart (and `Cluster.adopt`): the contexts of `model` the state dir keeps.
         A pin that no context claims any more (deleted, or its build cut by the crash) is dropped."""
-        for row in self.state.select(ContextCacheRow, "model = ?", (model,)):
-            self.caches[row.id] = ContextCache(**asdict(row))
+        self.caches.update((c.id, c) for c in self.state.select(ContextCache, "model = ?", (model,)))
         for cache_id in [c for c in self.cluster.id_index if c not in self.caches]:
             self.cluster.unpin(cache_id)
         self.expire()
 
     def _drop(self, cache: ContextCache) -> None:
         if self.state:
-            best_effort(self.state.delete, ContextCacheRow, cache.id)
+            best_effort(self.state.delete, ContextCache, cache.id)
         self.caches.pop(cache.id, None)
-        if cache.rebuilding:
-            cache.rebuilding.cancel()
+        if rebuilding := self.rebuilding.pop(cache.id, None):
+            rebuilding.cancel()
         self.cluster.unpin(cache.id)
 
     def rebuild_lost(self) -> None:
         """Build again, elsewhere, the contexts whose last TE is gone."""
         for cache in self.caches.values():
-            if self.cluster.holders(cache.id) or self.cluster.closing or (
-                    cache.rebuilding and not cache.rebuilding.done()):
+            rebuilding = self.rebuilding.get(cache.id)
+            if self.cluster.holders(cache.id) or self.cluster.closing or (rebuilding and not rebuilding.done()):
                 continue
             log.warning("context cache %s lost with its TE: rebuilding it", cache.id)
-            cache.rebuilding = asyncio.create_task(self._rebuild(cache))
+            self.rebuilding[cache.id] = asyncio.create_task(self._rebuild(cache))
 
     async def _rebuild(self, cache: ContextCache) -> None:
         while self.caches.get(cache.id) is cache:

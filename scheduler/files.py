@@ -104,10 +104,7 @@ class Files:
         return row
 
     def get(self, file_id: str) -> FileRow:
-        row = self.store.get(FileRow, file_id)
-        if row is None:
-            raise APIError(404, f"No such File object: {file_id}", "file_id")
-        return row
+        return self.store.need(FileRow, file_id, "File object", "file_id")
 
     def page(self, purpose: str | None, limit: int, after: str | None) -> tuple[list[FileRow], bool]:
         """The newest first, `limit` of them after the file `after`; and whether more follow."""

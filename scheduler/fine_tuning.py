@@ -40,7 +40,7 @@ from scheduler.api import (APIError, FineTuningCheckpoint, FineTuningEvent, Fine
 from scheduler.cluster import Cluster, NoRoom
 from scheduler.files import Files, jsonl_lines
 from scheduler.models import Models, ServedModel
-from scheduler.state import FineTuningCheckpointRow, FineTuningEventRow, FineTuningJobRow, StateStore
+from scheduler.state import FineTuningCheckpointRow, FineTuningEventRow, FineTuningJobRow, Resumable, StateStore
 
 log = logging.getLogger("deepflow.fine_tuning")
 
@@ -52,9 +52,7 @@ ACTIVE = ("validating_files", "queued", "running")
 
 
 class JobFailed(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+    """A job ends as `failed`: its args are OpenAI's error code and the message."""
 
 
 def job_object(row: FineTuningJobRow) -> FineTuningJob:
@@ -83,12 +81,12 @@ class TrainingTask:
             self.proc.kill()
 
 
-class FineTuning:
-    def __init__(self, store: StateStore, files: Files, models: Models):
-        self.store, self.files, self.models = store, files, models
-        self.runs: dict[str, asyncio.Task] = {}
+class FineTuning(Resumable[FineTuningJobRow]):
+    row_type, missing = FineTuningJobRow, ("fine-tuning job", "fine_tuning_job_id")
 
-    # ---------------------------------------------------------------- the API
+    def __init__(self, store: StateStore, files: Files, models: Models):
+        super().__init__(store)
+        self.files, self.models = files, models
 
     async def create(self, req: FineTuningRequest) -> FineTuningJobRow:
         """Check the request and its files (404 for a missing file, 400 for a wrong purpose or a
@@ -113,16 +111,6 @@ class FineTuning:
         self.event(row.id, f"Validating training file: {req.training_file}")
         self._start(row.id)
         return row
-
-    def get(self, job_id: str) -> FineTuningJobRow:
-        row = self.store.get(FineTuningJobRow, job_id)
-        if row is None:
-            raise APIError(404, f"No such fine-tuning job: {job_id}", "fine_tuning_job_id")
-        return row
-
-    def page(self, limit: int, after: str | None) -> tuple[list[FineTuningJobRow], bool]:
-        """The newest first, `limit` of them after the job `after`; and whether more follow."""
-        return self.store.page(FineTuningJobRow, limit, after)
 
     def events(self, job_id: str, limit: int, after: str | None) -> tuple[list[FineTuningEvent], bool]:
         """The newest first (OpenAI's order), `limit` of them after the event `after`."""
@@ -160,14 +148,6 @@ class FineTuning:
                 self.event(row.id, "The server restarted: resuming the job from its last checkpoint")
                 self._start(row.id)
 
-    async def stop(self) -> None:
-        """At shutdown: the training tasks stop; their jobs resume at the next start."""
-        for run in self.runs.values():
-            run.cancel()
-        await asyncio.gather(*self.runs.values(), return_exceptions=True)
-
-    # ---------------------------------------------------------------- the jobs
-
     def examples(self, file_id: str, param: str) -> list[list[dict]]:
         """The chat examples of an uploaded fine-tune file: 404 if it does not exist, 400 for a
         file of another purpose or a line that is not an example."""
@@ -193,10 +173,6 @@ class FineTuning:
         self.store.insert(FineTuningEventRow(f"ftevent-{secrets.token_hex(12)}", job_id, int(time.time()), level,
                                              message, type, data))
 
-    def _start(self, job_id: str) -> None:
-        self.runs[job_id] = asyncio.create_task(self._run(job_id))
-        self.runs[job_id].add_done_callback(lambda _: self.runs.pop(job_id, None))
-
     async def _run(self, job_id: str) -> None:
         row = self.get(job_id)
         base = self.models.bases.get(row.model)
@@ -210,7 +186,7 @@ class FineTuning:
             done = await self.train(row, base.cluster, job_dir)
             await self.deploy(row, done["adapter"])
         except (JobFailed, APIError) as e:
-            code, message = (e.code, str(e)) if isinstance(e, JobFailed) else ("invalid_training_file", e.message)
+            code, message = e.args if isinstance(e, JobFailed) else ("invalid_training_file", e.message)
             log.error("%s failed: %s", job_id, message)
             self.store.update(FineTuningJobRow, job_id, status="failed", finished_at=int(time.time()),
                               error={"code": code, "message": message, "param": None})

@@ -3,12 +3,12 @@
 The chat JE applies the chat template, the completion JE takes the prompt as is; both
 tokenize here in the main process (TEs see token ids only), put a context cache's context
 first when the request names one (`cache_id`, scheduler/caches.py), check the prompt against
-the context length, and build the Job. `start` submits its tasks to the cluster (`scheduler/cluster.py`:
-`dist_sched` places them), and a worker per task turns the TE's token events into text
-with an incremental detokenizer and `StopStrings` (and a chat's tool calls from that text,
-scheduler/tools.py); `stream` yields the resulting `Delta`s
-for the frontend to format. Whatever ends the job (finish, error, a client that went away),
-`close` aborts its unfinished tasks in their TEs.
+the context length, and build the Job. `start` submits its tasks to the cluster
+(scheduler/cluster.py: `dist_sched` places them), and a worker per task turns the TE's token
+events into text with an incremental detokenizer and `StopStrings` (and a chat's tool calls
+from that text, scheduler/tools.py); `stream` yields the resulting `Delta`s for the frontend
+to format. Whatever ends the job (finish, error, a client that went away), `close` aborts
+its unfinished tasks in their TEs.
 """
 import asyncio
 import logging
@@ -74,17 +74,15 @@ class JobExecutor:
         self.active: dict[str, Job] = {}
         self.recent: deque[Job] = deque(maxlen=64)
 
-    # ---------------------------------------------------------------- request -> job
-
     def chat_job(self, req: ChatRequest, adapter: Adapter | None = None) -> Job:
         """A chat request on a context cache is the cached messages, then its own: the same
         conversation as sent whole, tokenized whole."""
         cache = req.cache_id and self.caches.get(req.cache_id, "chat")
         messages = cache.context + req.messages if cache else req.messages
-        plan = req.tool_plan
-        prompt = self.tok.encode(self._template(messages, "messages", tools=plan and plan.prompt_tools))
-        job = self._job("chat", prompt, req, "messages", cache and cache.id, adapter)
-        job.tools = plan
+        tools = req.tool_plan and req.tool_plan.prompt_tools
+        job = self._job("chat", self.tok.encode(self._template(messages, "messages", tools=tools)), req, "messages",
+                        cache and cache.id, adapter)
+        job.tools = req.tool_plan
         return job
 
     def completion_job(self, req: CompletionRequest, adapter: Adapter | None = None) -> Job:
@@ -138,8 +136,8 @@ class JobExecutor:
 
     def _job(self, kind: str, prompt: list[int], req: GenerationRequest, param: str, cache_id: str | None,
              adapter: Adapter | None) -> Job:
-        limit = self.cluster.max_model_len
         self._check_length(prompt, param)
+        limit = self.cluster.max_model_len
         if req.logit_bias and max(req.logit_bias) >= self.tok.vocab_size:
             raise invalid(f"token id {max(req.logit_bias)} is outside the vocabulary ({self.tok.vocab_size})",
                           "logit_bias")
@@ -148,12 +146,9 @@ class JobExecutor:
             raise invalid(f"max_tokens={max_tokens} plus {len(prompt)} prompt tokens exceeds the "
                           f"context length of {limit}", "max_tokens")
         job = Job(kind, adapter.name if adapter else self.model_name)
-        for i in range(req.n):
-            job.tasks.append(Task(job.id, i, prompt, req.to_sampling_params(max_tokens, i), cache_id=cache_id,
-                                  adapter=adapter))
+        job.tasks = [Task(job.id, i, prompt, req.to_sampling_params(max_tokens, i), cache_id=cache_id, adapter=adapter)
+                     for i in range(req.n)]
         return job
-
-    # ---------------------------------------------------------------- run
 
     def start(self, job: Job, stop: list[str]) -> None:
         """Admit the job and place its tasks on TEs; raises APIError 429 when at capacity."""
@@ -281,8 +276,7 @@ class JobExecutor:
             return False
 
     def usage(self, job: Job) -> dict:
-        prompt = len(job.tasks[0].prompt_ids)
-        completion = sum(t.num_output for t in job.tasks)
+        prompt, completion = len(job.tasks[0].prompt_ids), sum(t.num_output for t in job.tasks)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": job.tasks[0].num_cached}}
 

@@ -82,10 +82,9 @@ class Task:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "index": self.index, "state": self.state.value, "te": self.te_id,
-                "decode_te": self.decode and self.decode.te_id,
-                "retries": self.retries, "placement": self.placement,
-                "adapter": self.adapter and self.adapter.name, "prompt_tokens": len(self.prompt_ids), "cached_tokens": self.num_cached,
-                "output_tokens": self.num_output, "finish_reason": self.finish_reason}
+                "decode_te": self.decode and self.decode.te_id, "retries": self.retries, "placement": self.placement,
+                "adapter": self.adapter and self.adapter.name, "prompt_tokens": len(self.prompt_ids),
+                "cached_tokens": self.num_cached, "output_tokens": self.num_output, "finish_reason": self.finish_reason}
 
 
 @dataclass

@@ -8,6 +8,7 @@ stale copies. Each base model's recent (time, TTFT, TPOT) feed its autoscalers' 
 """
 import time
 from collections import deque
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,8 +16,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 P = "deepflow:"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
-
-
 RECENT_KEPT = 512  # latencies per base model the autoscalers look back on
 
 
@@ -29,18 +28,15 @@ class Metrics:
         self.recent: dict[str, deque] = {m: deque(maxlen=RECENT_KEPT) for m in clusters}
         self.slo_met = {m: [0, 0] for m in clusters}  # requests within the TTFT SLO, requests
         labels = ["model_name"]
-        self.ttft = Histogram(P + "time_to_first_token_seconds", "Time to first token", labels,
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram(P + "time_per_output_token_seconds", "Time per output token after the first",
-                              labels, buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram(P + "e2e_request_latency_seconds", "End-to-end request latency", labels,
-                             buckets=LATENCY_BUCKETS, registry=r)
+        latency = partial(Histogram, labelnames=labels, buckets=LATENCY_BUCKETS, registry=r)
+        per_token = partial(Histogram, labelnames=labels, buckets=TOKEN_BUCKETS, registry=r)
+        self.ttft = latency(P + "time_to_first_token_seconds", "Time to first token")
+        self.tpot = per_token(P + "time_per_output_token_seconds", "Time per output token after the first")
+        self.e2e = latency(P + "e2e_request_latency_seconds", "End-to-end request latency")
+        self.kv_transfer = per_token(P + "kv_transfer_seconds", "KV transfer, prefill TE to decode TE (PD)")
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed", labels, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated", labels, registry=r)
-        self.kv_transfer = Histogram(P + "kv_transfer_seconds", "KV transfer, prefill TE to decode TE (PD)", labels,
-                                     buckets=TOKEN_BUCKETS, registry=r)
-        self.requests = Counter(P + "request_success", "Finished requests", labels + ["finished_reason"],
-                                registry=r)
+        self.requests = Counter(P + "request_success", "Finished requests", labels + ["finished_reason"], registry=r)
         r.register(self)  # collect() below: engine-side figures
 
     def job_done(self, job, base: str) -> None:

@@ -70,8 +70,7 @@ class Models:
         """The base model and adapter a request's `model` names (none: the default base)."""
         if name is None or name in self.bases:
             base, lora = self.bases.get(name, self.default), None
-        elif name in self.adapters:
-            lora = self.adapters[name]
+        elif lora := self.adapters.get(name):
             base = lora.base
         else:
             raise model_not_found(name)

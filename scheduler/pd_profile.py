@@ -5,8 +5,8 @@ prefill TE plus a decode TE (KV over DistFlow). For each cell of the grid (promp
 decode/prefill ratio) both get the same batch of requests, as the paper profiles it:
 `burst` concurrent requests of the cell's shape (fresh random prompts, so no prefix-cache
 hits; greedy decoding to exactly the cell's decode length), one cluster right after the
-other, and the mean job completion time of each is recorded. The heatmap is saved as JSON (serve reads it) and printed as a table;
-`--show` prints a saved one.
+other, and the mean job completion time of each is recorded. The heatmap is saved as JSON
+(serve reads it) and printed as a table; `--show` prints a saved one.
 """
 import argparse
 import asyncio
@@ -49,24 +49,20 @@ async def profile(args: argparse.Namespace) -> Heatmap:
     try:
         for c in (colocated, disagg):
             await c.start()
-        table_c, table_d = [], []
-        for p in args.prefill_lens:
-            row_c, row_d = [], []
+        table_c, table_d = [[] for _ in args.prefill_lens], [[] for _ in args.prefill_lens]
+        for i, p in enumerate(args.prefill_lens):
             for r in args.ratios:
                 d = max(1, round(p * r))
-                row_c.append(await burst_jct_ms(colocated, p, d, args.burst, rng))
-                row_d.append(await burst_jct_ms(disagg, p, d, args.burst, rng))
-                print(f"prefill {p:5d}  decode {d:4d}: colocated {row_c[-1]:8.0f} ms  "
-                      f"disaggregated {row_d[-1]:8.0f} ms", flush=True)
-            table_c.append(row_c)
-            table_d.append(row_d)
+                table_c[i].append(await burst_jct_ms(colocated, p, d, args.burst, rng))
+                table_d[i].append(await burst_jct_ms(disagg, p, d, args.burst, rng))
+                print(f"prefill {p:5d}  decode {d:4d}: colocated {table_c[i][-1]:8.0f} ms  "
+                      f"disaggregated {table_d[i][-1]:8.0f} ms", flush=True)
     finally:
         for c in (colocated, disagg):
             await c.shutdown()
     setup = (f"setup: bursts of {args.burst} requests; colocated = 2 colocated TEs, disaggregated = 1 prefill + "
              f"1 decode TE ({args.kv_transport}); {max(1, (os.cpu_count() or 1) // 2)} thread(s) per TE, "
-             f"{os.cpu_count()} cores; "
-             f"{time.strftime('%Y-%m-%d %H:%M')}")
+             f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
     return Heatmap(list(args.prefill_lens), list(args.ratios), table_c, table_d, setup)
 
 

@@ -12,15 +12,16 @@ Who writes what: uploaded files (scheduler/files.py: rows here, bytes under `fil
 and each of their lines' results as it finishes (scheduler/batch.py); serving TEs, group
 targets, context caches and DistFlow secrets, for a restarted main process to re-adopt
 (scheduler/cluster.py, scheduler/caches.py, deepflow.py); fine-tuning jobs, their events and
-checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode
-with synchronous=NORMAL a commit is an append to the log without fsync,
-tens of microseconds, so the event loop calls them directly; what can take long (file bytes,
-a batch's output file) runs in a thread (`asyncio.to_thread`), which the lock makes safe.
+checkpoints (scheduler/fine_tuning.py). The writes are one small row each: in WAL mode with
+synchronous=NORMAL a commit is an append to the log without fsync, tens of microseconds, so
+the event loop calls them directly; what can take long (file bytes, a batch's output file)
+runs in a thread (`asyncio.to_thread`), which the lock makes safe.
 SIGKILL loses nothing committed; a power cut may lose the last commits (synchronous=NORMAL).
 
 One server per state dir: the store holds an exclusive lock on `lock` (released by the OS
 when the process dies, however it dies), and a second server on the same dir refuses to start.
 """
+import asyncio
 import fcntl
 import json
 import logging
@@ -31,9 +32,10 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from flowserve.config import cache_dir
+from scheduler.api import APIError
 
 MIGRATIONS: list[str] = [
     # 1: OpenAI files and batches (scheduler/files.py, scheduler/batch.py)
@@ -339,6 +341,12 @@ class StateStore:
         rows = self.select(cls, "id = ?", (id,))
         return rows[0] if rows else None
 
+    def need(self, cls: type[Row], id: str, what: str, param: str) -> Row:
+        """The row `id` of `cls`, or the 404 a client gets for it (`what`: OpenAI's name of the object)."""
+        if (row := self.get(cls, id)) is None:
+            raise APIError(404, f"No such {what}: {id}", param)
+        return row
+
     def update(self, cls: type, id: str, **changes: Any) -> None:
         sets = ", ".join(f"{k} = ?" for k in changes)
         self.execute(f"UPDATE {cls.table} SET {sets} WHERE id = ?",
@@ -347,6 +355,35 @@ class StateStore:
     def delete(self, cls: type, id: str) -> bool:
         with self.lock:
             return self.db.execute(f"DELETE FROM {cls.table} WHERE id = ?", (id,)).rowcount > 0
+
+
+class Resumable(Generic[Row]):
+    """The shape of the batch and fine-tuning JEs: each of their objects is a row of `row_type`
+    (`missing`: `need`'s words for an unknown id) and, while active, an asyncio task (`_run`).
+    At shutdown `stop` cancels the runs before the cluster stops (so nothing is recorded as
+    failed for it) and leaves their rows as they are, for the next start to resume."""
+    row_type: ClassVar[type]
+    missing: ClassVar[tuple[str, str]]
+
+    def __init__(self, store: StateStore):
+        self.store = store
+        self.runs: dict[str, asyncio.Task] = {}
+
+    def get(self, id: str) -> Row:
+        return self.store.need(self.row_type, id, *self.missing)
+
+    def page(self, limit: int, after: str | None) -> tuple[list[Row], bool]:
+        """The newest first, `limit` of them after the one `after`; and whether more follow."""
+        return self.store.page(self.row_type, limit, after)
+
+    def _start(self, id: str) -> None:
+        self.runs[id] = asyncio.create_task(self._run(id))
+        self.runs[id].add_done_callback(lambda _: self.runs.pop(id, None))
+
+    async def stop(self) -> None:
+        for run in self.runs.values():
+            run.cancel()
+        await asyncio.gather(*self.runs.values(), return_exceptions=True)
 
 
 def best_effort(write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -236,8 +236,7 @@ class TEHandle:
         self._send(Stop())
         self.state = TEState.DRAINING if self.state is not TEState.DEAD else self.state
         try:  # EOF on the socket: the process has exited (a forked TE is the template's child)
-            await asyncio.wait_for(asyncio.shield(self.reader_task) if self.reader_task else self._wait_proc(),
-                                   timeout)
+            await asyncio.wait_for(asyncio.shield(self.reader_task or self._wait_proc()), timeout)
         except TimeoutError:
             self.kill()
         if self.reader_task:
