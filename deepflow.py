@@ -545,10 +545,9 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
     overrides: dict[str, dict] = {g: {} for g in GROUPS}
     doc = cluster_file(cfg)
     per_model = doc.pop("model", {})
+    tables = doc if first else {g: t for g, t in per_model.get(model, {}).items() if g not in SLO_KEYS}
     known = {f.name for f in fields(EngineConfig) if "help" in f.metadata}
-    for group, table in (doc if first else per_model.get(model, {})).items():
-        if not first and group in SLO_KEYS:
-            continue
+    for group, table in tables.items():
         where = f"[{group}]" if first else f"[model.{model}.{group}]"
         if group not in GROUPS or not isinstance(table, dict):
             raise SystemExit(f"{cfg.cluster}: unknown table {where}; groups are {', '.join(GROUPS)}")
@@ -594,14 +593,11 @@ def model_slos(cfg: ServeConfig, name: str) -> dict[str, float]:
 def check_tensor_parallel_sizes(model: str, shape: dict[str, tuple[int, EngineConfig]]) -> None:
     """Refuse, before anything starts, a TP size the model does not split into (any group's:
     an empty one may be scaled up later)."""
-    sizes = {cfg.tensor_parallel_size for _, cfg in shape.values()} - {1}
-    if sizes:
-        model_cfg = read_model_config(model)
-        for size in sorted(sizes):
-            try:
-                check_tensor_parallel(model_cfg, size)
-            except ValueError as e:
-                raise SystemExit(f"cannot run: {e}") from None
+    try:
+        for size in sorted({cfg.tensor_parallel_size for _, cfg in shape.values()} - {1}):
+            check_tensor_parallel(read_model_config(model), size)
+    except ValueError as e:
+        raise SystemExit(f"cannot run: {e}") from None
 
 
 def load_heatmap(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]]) -> Heatmap | None:
