@@ -247,7 +247,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def respond(request: web.Request, req: api.GenerationRequest, make_job: Callable) -> web.StreamResponse:
-    """The job `make_job` (the chat or completion JE's) builds for `req`, run on the model it names."""
+    """`req` run as a job (`make_job`: `JobExecutor.chat_job` or `completion_job`) on the model it
+    names, answered with one JSON body or, with stream=true, server-sent events."""
     base, adapter = resolve(request, req)
     je, job = base.je, make_job(base.je, req, adapter)
     je.start(job, req.stop_strings)  # 429 here, before any byte is sent

@@ -457,13 +457,13 @@ class ScaleRequest(_Strict):
 class LoadLoraRequest(_Strict):
     """POST /v1/load_lora_adapter (vLLM's): register a PEFT adapter directory as a model."""
     lora_name: Annotated[str, Field(min_length=1, max_length=256)]
-    lora_path: Annotated[str, Field(min_length=1)]
+    lora_path: NonEmpty
     base_model_name: str | None = None   # default: the first base model
 
 
 class UnloadLoraRequest(_Strict):
     """POST /v1/unload_lora_adapter: requests in flight finish, new ones get 404."""
-    lora_name: Annotated[str, Field(min_length=1)]
+    lora_name: NonEmpty
 
 
 Auto = Literal["auto"]
@@ -526,7 +526,7 @@ BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 class BatchRequest(_Strict):
     """POST /v1/batches: run every line of an uploaded JSONL file (purpose batch) against `endpoint`."""
-    input_file_id: Annotated[str, Field(min_length=1)]
+    input_file_id: NonEmpty
     endpoint: Literal[BATCH_ENDPOINTS]
     completion_window: Literal["24h"]
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
