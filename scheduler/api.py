@@ -534,7 +534,7 @@ class BatchRequest(_Strict):
 
 # --- parsing ---------------------------------------------------------------------------
 
-M = TypeVar("M", bound=BaseModel)
+Model = TypeVar("Model", bound=BaseModel)
 _DEPTH = {"messages": 4, "stream_options": 2, "tools": 4, "hyperparameters": 2, "method": 4}  # how deep a param goes: messages[1].content[0]
 
 
@@ -552,7 +552,7 @@ def _api_error(e: ValidationError) -> APIError:
     return invalid(f"Invalid '{param}': {err['msg'].removeprefix('Value error, ')}{got}.", param)
 
 
-def parse(model: type[M], body: object) -> M:
+def parse(model: type[Model], body: object) -> Model:
     """`body` validated as `model`, or the 400 that says what is wrong with it."""
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object.")
