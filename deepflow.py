@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields, replace
 import orjson
@@ -230,8 +230,7 @@ async def read_json(request: web.Request) -> dict:
     return parse_json(raw)
 
 
-def resolve(request: web.Request,
-            req: api.ChatRequest | api.CompletionRequest | api.CacheRequest) -> tuple[ServedModel, Adapter | None]:
+def resolve(request: web.Request, req: api.GenerationRequest | api.CacheRequest) -> tuple[ServedModel, Adapter | None]:
     """The base model (and LoRA adapter) the request's `model` names; 404 if none."""
     if getattr(req, "ignored_fields", None):  # accepted, as OpenAI's API evolves, but said
         log.info("%s: ignoring unknown fields %s", request.path, req.ignored_fields)
@@ -240,22 +239,21 @@ def resolve(request: web.Request,
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = parse_chat(await read_json(request))
-    base, adapter = resolve(request, req)
-    return await respond(request, base.je, base.je.chat_job(req, adapter), req)
+    return await respond(request, parse_chat(await read_json(request)), JobExecutor.chat_job)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = parse_completion(await read_json(request))
+    return await respond(request, parse_completion(await read_json(request)), JobExecutor.completion_job)
+
+
+async def respond(request: web.Request, req: api.GenerationRequest, make_job: Callable) -> web.StreamResponse:
+    """`req` run as a job (`make_job`: `JobExecutor.chat_job` or `completion_job`) on the model it
+    names, answered with one JSON body or, with stream=true, server-sent events."""
     base, adapter = resolve(request, req)
-    return await respond(request, base.je, base.je.completion_job(req, adapter), req)
-
-
-async def respond(request: web.Request, je: JobExecutor, job, req: api.GenerationRequest) -> web.StreamResponse:
+    je, job = base.je, make_job(base.je, req, adapter)
     je.start(job, req.stop_strings)  # 429 here, before any byte is sent
     if not req.stream:
         return json_response(await je.complete(job))
-
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
 
@@ -280,7 +278,7 @@ async def respond(request: web.Request, je: JobExecutor, job, req: api.Generatio
 async def create_cache(request: web.Request) -> web.Response:
     """`{"model", "messages" | "prompt", "ttl_seconds"}`: a context cache, computed and pinned
     before the answer; chat and completion requests use it by `"cache_id"`."""
-    req = api.parse_cache(await read_json(request))
+    req = api.parse(api.CacheRequest, await read_json(request))
     base, adapter = resolve(request, req)
     if adapter:
         raise APIError(400, "context caches hold a base model's KV; name the base model", "model")
@@ -318,11 +316,12 @@ async def delete_cache(request: web.Request) -> web.Response:
     return json_response(api.ContextCacheDeleted(id=cache_id))
 
 
-def query_int(request: web.Request, name: str, default: int, most: int) -> int:
-    value = request.query.get(name, str(default))
-    if not value.isdecimal() or not 1 <= int(value) <= most:
-        raise APIError(400, f"'{name}' must be an integer from 1 to {most}, got {value!r:.20}", name)
-    return int(value)
+def page_query(request: web.Request, default: int, most: int) -> tuple[int, str | None]:
+    """A list route's `limit` (1 to `most`) and `after`, the last id the client has seen."""
+    limit = request.query.get("limit", str(default))
+    if not limit.isdecimal() or not 1 <= int(limit) <= most:
+        raise APIError(400, f"'limit' must be an integer from 1 to {most}, got {limit!r:.20}", "limit")
+    return int(limit), request.query.get("after")
 
 
 async def part_chunks(part) -> AsyncIterator[bytes]:
@@ -353,24 +352,23 @@ async def upload_file(request: web.Request) -> web.Response:
 
 
 async def list_files(request: web.Request) -> web.Response:
-    rows, more = request.app[FILES].page(request.query.get("purpose"), query_int(request, "limit", 10000, 10000),
-                                         request.query.get("after"))
+    rows, more = request.app[FILES].page(request.query.get("purpose"), *page_query(request, 10000, 10000))
     return json_response(api.FileList(data=[file_object(r) for r in rows], first_id=rows[0].id if rows else None,
                                       last_id=rows[-1].id if rows else None, has_more=more))
 
 
 async def get_file(request: web.Request) -> web.Response:
-    return json_response(file_object(request.app[FILES].get(request.match_info["file_id"])))
+    return json_response(file_object(request.app[FILES].get(request.match_info["id"])))
 
 
 async def file_content(request: web.Request) -> web.FileResponse:
-    path = request.app[FILES].path(request.match_info["file_id"])
+    path = request.app[FILES].path(request.match_info["id"])
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 
 async def delete_file(request: web.Request) -> web.Response:
-    request.app[FILES].delete(request.match_info["file_id"])
-    return json_response(api.FileDeleted(id=request.match_info["file_id"]))
+    request.app[FILES].delete(request.match_info["id"])
+    return json_response(api.FileDeleted(id=request.match_info["id"]))
 
 
 def batch_json(request: web.Request, row) -> web.Response:
@@ -378,51 +376,49 @@ def batch_json(request: web.Request, row) -> web.Response:
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    return batch_json(request, request.app[BATCHES].create(api.parse_batch(await read_json(request))))
+    return batch_json(request, request.app[BATCHES].create(api.parse(api.BatchRequest, await read_json(request))))
 
 
 async def list_batches(request: web.Request) -> web.Response:
     batches = request.app[BATCHES]
-    rows, more = batches.page(query_int(request, "limit", 20, 100), request.query.get("after"))
+    rows, more = batches.page(*page_query(request, 20, 100))
     return json_response(api.BatchList(data=[batch_object(r, batches.counts(r)) for r in rows], has_more=more,
                                        first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None))
 
 
 async def get_batch(request: web.Request) -> web.Response:
-    return batch_json(request, request.app[BATCHES].get(request.match_info["batch_id"]))
+    return batch_json(request, request.app[BATCHES].get(request.match_info["id"]))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
-    return batch_json(request, request.app[BATCHES].cancel(request.match_info["batch_id"]))
+    return batch_json(request, request.app[BATCHES].cancel(request.match_info["id"]))
 
 
 async def create_fine_tuning_job(request: web.Request) -> web.Response:
-    req = api.parse_fine_tuning(await read_json(request))
+    req = api.parse(api.FineTuningRequest, await read_json(request))
     return json_response(job_object(await request.app[FINE_TUNING].create(req)))
 
 
 async def list_fine_tuning_jobs(request: web.Request) -> web.Response:
-    rows, more = request.app[FINE_TUNING].page(query_int(request, "limit", 20, 100), request.query.get("after"))
+    rows, more = request.app[FINE_TUNING].page(*page_query(request, 20, 100))
     return json_response(api.FineTuningJobList(data=[job_object(r) for r in rows], has_more=more))
 
 
 async def get_fine_tuning_job(request: web.Request) -> web.Response:
-    return json_response(job_object(request.app[FINE_TUNING].get(request.match_info["job_id"])))
+    return json_response(job_object(request.app[FINE_TUNING].get(request.match_info["id"])))
 
 
 async def cancel_fine_tuning_job(request: web.Request) -> web.Response:
-    return json_response(job_object(request.app[FINE_TUNING].cancel(request.match_info["job_id"])))
+    return json_response(job_object(request.app[FINE_TUNING].cancel(request.match_info["id"])))
 
 
 async def fine_tuning_events(request: web.Request) -> web.Response:
-    data, more = request.app[FINE_TUNING].events(request.match_info["job_id"], query_int(request, "limit", 20, 1000),
-                                                 request.query.get("after"))
+    data, more = request.app[FINE_TUNING].events(request.match_info["id"], *page_query(request, 20, 1000))
     return json_response(api.FineTuningEventList(data=data, has_more=more))
 
 
 async def fine_tuning_checkpoints(request: web.Request) -> web.Response:
-    data, more = request.app[FINE_TUNING].checkpoints(request.match_info["job_id"],
-                                                      query_int(request, "limit", 10, 100), request.query.get("after"))
+    data, more = request.app[FINE_TUNING].checkpoints(request.match_info["id"], *page_query(request, 10, 100))
     return json_response(api.FineTuningCheckpointList(data=data, has_more=more))
 
 
@@ -431,14 +427,14 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def load_lora_adapter(request: web.Request) -> web.Response:
-    req = api.parse_load_lora(await read_json(request))
+    req = api.parse(api.LoadLoraRequest, await read_json(request))
     lora = request.app[MODELS].load_adapter(req.lora_name, req.lora_path, req.base_model_name)
     log.warning("LoRA adapter %s loaded from %s over %s", lora.name, lora.spec.path, lora.base.name)
     return json_response(next(c for c in request.app[MODELS].cards() if c.id == lora.name))
 
 
 async def unload_lora_adapter(request: web.Request) -> web.Response:
-    req = api.parse_unload_lora(await read_json(request))
+    req = api.parse(api.UnloadLoraRequest, await read_json(request))
     request.app[MODELS].unload_adapter(req.lora_name)
     return json_response(api.ModelDeleted(id=req.lora_name))
 
@@ -446,9 +442,8 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     clusters = [b.cluster for b in request.app[MODELS].bases.values()]
     ok = all(c.healthy() for c in clusters) and not request.app[DRAINING].is_set()
-    return json_response(api.Health(status="ok" if ok else "degraded", tes_ready=sum(len(c.ready_tes())
-                                                                                  for c in clusters)),
-                         200 if ok else 503)
+    tes_ready = sum(len(c.ready_tes()) for c in clusters)
+    return json_response(api.Health(status="ok" if ok else "degraded", tes_ready=tes_ready), 200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -473,17 +468,17 @@ async def admin_scale(request: web.Request) -> web.Response:
     """`{"model": NAME, "group": "colocated", "instances": N}`: set a group's size by hand (0
     allowed); the autoscaler keeps it there (its min and max become N)."""
     req = parse_scale(await read_json(request))
-    if req.model is not None and req.model not in request.app[MODELS].bases:
-        raise APIError(400, f"no base model {req.model!r}; bases: {sorted(request.app[MODELS].bases)}", "model")
-    base = request.app[MODELS].bases.get(req.model) or request.app[MODELS].default
-    cluster = base.cluster
-    if req.group not in cluster.groups:
-        raise APIError(400, f"unknown group {req.group!r}; groups: {sorted(cluster.groups)}", "group")
-    if why := cluster.target_beyond_room(req.group, req.instances):  # the serving TEs are left alone
+    bases = request.app[MODELS].bases
+    if req.model is not None and req.model not in bases:
+        raise APIError(400, f"no base model {req.model!r}; bases: {sorted(bases)}", "model")
+    base = bases.get(req.model) or request.app[MODELS].default
+    if req.group not in base.cluster.groups:
+        raise APIError(400, f"unknown group {req.group!r}; groups: {sorted(base.cluster.groups)}", "group")
+    if why := base.cluster.target_beyond_room(req.group, req.instances):  # the serving TEs are left alone
         raise APIError(409, why, "instances", code="insufficient_capacity")
     policy = base.policies[req.group]
     policy.min_tes = policy.max_tes = req.instances  # a size set by hand holds until the next one
-    cluster.scale_to(req.group, req.instances)
+    base.cluster.scale_to(req.group, req.instances)
     return json_response(req)
 
 
@@ -493,35 +488,37 @@ def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches
     app[FRONTEND] = Frontend(api_key, max_body)
     app[MODELS], app[METRICS], app[DRAINING] = models_, metrics_, asyncio.Event()
     app[FILES], app[BATCHES], app[FINE_TUNING] = files, batches, fine_tuning
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/caches", create_cache)
-    app.router.add_get("/v1/caches", list_caches)
-    app.router.add_get("/v1/caches/{cache_id}", get_cache)
-    app.router.add_delete("/v1/caches/{cache_id}", delete_cache)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/admin/cluster", admin_cluster)
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_post("/admin/scale", admin_scale)
-    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
-    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
-    app.router.add_post("/v1/files", upload_file)
-    app.router.add_get("/v1/files", list_files)
-    app.router.add_get("/v1/files/{file_id}", get_file)
-    app.router.add_get("/v1/files/{file_id}/content", file_content)
-    app.router.add_delete("/v1/files/{file_id}", delete_file)
-    app.router.add_post("/v1/batches", create_batch)
-    app.router.add_get("/v1/batches", list_batches)
-    app.router.add_get("/v1/batches/{batch_id}", get_batch)
-    app.router.add_post("/v1/batches/{batch_id}/cancel", cancel_batch)
-    app.router.add_post("/v1/fine_tuning/jobs", create_fine_tuning_job)
-    app.router.add_get("/v1/fine_tuning/jobs", list_fine_tuning_jobs)
-    app.router.add_get("/v1/fine_tuning/jobs/{job_id}", get_fine_tuning_job)
-    app.router.add_post("/v1/fine_tuning/jobs/{job_id}/cancel", cancel_fine_tuning_job)
-    app.router.add_get("/v1/fine_tuning/jobs/{job_id}/events", fine_tuning_events)
-    app.router.add_get("/v1/fine_tuning/jobs/{job_id}/checkpoints", fine_tuning_checkpoints)
+    app.add_routes([
+        web.post("/v1/chat/completions", chat_completions),
+        web.post("/v1/completions", completions),
+        web.get("/v1/models", models),
+        web.post("/v1/load_lora_adapter", load_lora_adapter),
+        web.post("/v1/unload_lora_adapter", unload_lora_adapter),
+        web.post("/v1/caches", create_cache),
+        web.get("/v1/caches", list_caches),
+        web.get("/v1/caches/{cache_id}", get_cache),
+        web.delete("/v1/caches/{cache_id}", delete_cache),
+        web.post("/v1/files", upload_file),
+        web.get("/v1/files", list_files),
+        web.get("/v1/files/{id}", get_file),
+        web.get("/v1/files/{id}/content", file_content),
+        web.delete("/v1/files/{id}", delete_file),
+        web.post("/v1/batches", create_batch),
+        web.get("/v1/batches", list_batches),
+        web.get("/v1/batches/{id}", get_batch),
+        web.post("/v1/batches/{id}/cancel", cancel_batch),
+        web.post("/v1/fine_tuning/jobs", create_fine_tuning_job),
+        web.get("/v1/fine_tuning/jobs", list_fine_tuning_jobs),
+        web.get("/v1/fine_tuning/jobs/{id}", get_fine_tuning_job),
+        web.post("/v1/fine_tuning/jobs/{id}/cancel", cancel_fine_tuning_job),
+        web.get("/v1/fine_tuning/jobs/{id}/events", fine_tuning_events),
+        web.get("/v1/fine_tuning/jobs/{id}/checkpoints", fine_tuning_checkpoints),
+        web.get("/health", health),
+        web.get("/metrics", metrics),
+        web.get("/openapi.json", openapi_json),
+        web.get("/admin/cluster", admin_cluster),
+        web.post("/admin/scale", admin_scale),
+    ])
     return app
 
 
@@ -549,10 +546,9 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
     overrides: dict[str, dict] = {g: {} for g in GROUPS}
     doc = cluster_file(cfg)
     per_model = doc.pop("model", {})
+    tables = doc if first else {g: t for g, t in per_model.get(model, {}).items() if g not in SLO_KEYS}
     known = {f.name for f in fields(EngineConfig) if "help" in f.metadata}
-    for group, table in (doc if first else per_model.get(model, {})).items():
-        if not first and group in SLO_KEYS:
-            continue
+    for group, table in tables.items():
         where = f"[{group}]" if first else f"[model.{model}.{group}]"
         if group not in GROUPS or not isinstance(table, dict):
             raise SystemExit(f"{cfg.cluster}: unknown table {where}; groups are {', '.join(GROUPS)}")
@@ -598,14 +594,11 @@ def model_slos(cfg: ServeConfig, name: str) -> dict[str, float]:
 def check_tensor_parallel_sizes(model: str, shape: dict[str, tuple[int, EngineConfig]]) -> None:
     """Refuse, before anything starts, a TP size the model does not split into (any group's:
     an empty one may be scaled up later)."""
-    sizes = {cfg.tensor_parallel_size for _, cfg in shape.values()} - {1}
-    if sizes:
-        model_cfg = read_model_config(model)
-        for size in sorted(sizes):
-            try:
-                check_tensor_parallel(model_cfg, size)
-            except ValueError as e:
-                raise SystemExit(f"cannot run: {e}") from None
+    try:
+        for size in sorted({cfg.tensor_parallel_size for _, cfg in shape.values()} - {1}):
+            check_tensor_parallel(read_model_config(model), size)
+    except ValueError as e:
+        raise SystemExit(f"cannot run: {e}") from None
 
 
 def load_heatmap(cfg: ServeConfig, shape: dict[str, tuple[int, EngineConfig]]) -> Heatmap | None:
@@ -655,9 +648,8 @@ class Shutdown:
     """SIGINT/SIGTERM: the first starts a drain (in-flight jobs may finish, new ones get 503);
     a second ends every job now."""
 
-    def __init__(self):
-        self.requested, self.signals = asyncio.Event(), 0
-        self.jes: list[JobExecutor] = []
+    def __init__(self, jes: list[JobExecutor]):
+        self.requested, self.signals, self.jes = asyncio.Event(), 0, jes
         self.install()
 
     def install(self) -> None:
@@ -769,8 +761,7 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
             models_.load_adapter(*parse_named(value, "--lora-modules"))
         except APIError as e:
             raise SystemExit(f"--lora-modules {value}: {e.message}") from None
-    shutdown = Shutdown()
-    shutdown.jes = [b.je for b in bases]
+    shutdown = Shutdown([b.je for b in bases])
     backend = None
     try:
         if cfg.backend == "ray":
@@ -789,45 +780,39 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         await asyncio.gather(*(c.start() for c in clusters.values()))
         if listener:
             listener.settle()
-    except BaseException as e:
+        board = Board()  # the machine's groups, every base model's: fair shares of its cores
+        background = [asyncio.create_task(autoscale(b.cluster, g, p, metrics_.recent[b.name], board, b.name))
+                      for b in bases for g, p in b.policies.items()]
+        background += [asyncio.create_task(b.je.caches.expire_loop()) for b in bases]
+        files = Files(store, cfg.max_file_bytes)
+        first = bases[0].cluster  # batch lines in flight: enough to fill the first model's batch slots
+        batches = Batches(store, files, models_, max(first.engine_cfgs[g].max_num_seqs * max(1, n)
+                                                     for g, n in first.target.items()))
+        batches.resume()
+        fine_tuning = FineTuning(store, files, models_)
+        fine_tuning.resume()
+        app = build_app(models_, metrics_, files, batches, fine_tuning, cfg.api_key, cfg.max_body_bytes)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        print(banner(cfg, models_), flush=True)
+
+        await shutdown.requested.wait()
+        await batches.stop()  # their lines resume at the next start, none recorded as failed for this one
+        await fine_tuning.stop()  # so do training jobs, from their last checkpoints
+        await shutdown.drain(app, cfg.drain_timeout)
+        await runner.cleanup()
+        for a in background:
+            a.cancel()
+    except NoRoom as e:  # the TEs at start do not fit
+        raise SystemExit(f"cannot start: {e}") from None
+    finally:
         await asyncio.gather(*(c.shutdown() for c in clusters.values()))
         if backend:
             await backend.stop()
         if listener:
             listener.close()
-        if isinstance(e, NoRoom):
-            raise SystemExit(f"cannot start: {e}") from None
-        raise
-    board = Board()  # the machine's groups, every base model's: fair shares of its cores
-    background = [asyncio.create_task(autoscale(b.cluster, g, p, metrics_.recent[b.name], board, b.name))
-                  for b in bases for g, p in b.policies.items()]
-    background += [asyncio.create_task(b.je.caches.expire_loop()) for b in bases]
-    files = Files(store, cfg.max_file_bytes)
-    first = bases[0].cluster  # batch lines in flight: enough to fill the first model's batch slots
-    batches = Batches(store, files, models_, max(first.engine_cfgs[g].max_num_seqs * max(1, n)
-                                                 for g, n in first.target.items()))
-    batches.resume()
-    fine_tuning = FineTuning(store, files, models_)
-    fine_tuning.resume()
-    app = build_app(models_, metrics_, files, batches, fine_tuning, cfg.api_key, cfg.max_body_bytes)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, cfg.host, cfg.port).start()
-    print(banner(cfg, models_), flush=True)
-
-    await shutdown.requested.wait()
-    await batches.stop()  # their lines resume at the next start, none recorded as failed for this one
-    await fine_tuning.stop()  # so do training jobs, from their last checkpoints
-    await shutdown.drain(app, cfg.drain_timeout)
-    await runner.cleanup()
-    for a in background:
-        a.cancel()
-    await asyncio.gather(*(c.shutdown() for c in clusters.values()))
-    if backend:
-        await backend.stop()
-    if listener:
-        listener.close()
-    store.close()
+        store.close()
     log.warning("stopped")
 
 

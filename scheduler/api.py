@@ -13,7 +13,7 @@ answer with the models below them. Both directions' JSON schemas are `GET /opena
 """
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar, Union
 
 import orjson
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag,
@@ -85,6 +85,7 @@ def _str_or(text, array):
 NonEmpty = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+Prompt = _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)])  # text or token ids
 
 
 class _Strict(BaseModel):
@@ -166,6 +167,10 @@ def _as_dicts(messages: list[ChatMessage]) -> list[dict]:
             d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
+
+
+# validated into the {"role", "content"} dicts that chat templates read
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES), AfterValidator(_as_dicts)]
 
 
 class FunctionDef(_Strict):
@@ -338,9 +343,7 @@ class GenerationRequest(_Unsupported):
 
 class ChatRequest(GenerationRequest):
     """POST /v1/chat/completions. Unknown fields are ignored; null means the default."""
-    # validated into the {"role", "content"} dicts that chat templates read
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES),
-                        AfterValidator(_as_dicts)]
+    messages: Messages
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0   # with logprobs: alternatives per token
     tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] = []
@@ -405,7 +408,7 @@ class ChatRequest(GenerationRequest):
 class CompletionRequest(GenerationRequest):
     """POST /v1/completions: one prompt, as text or token ids (or a batch of one of either).
     Unknown fields are ignored; null means the default."""
-    prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)])
+    prompt: Prompt
     max_tokens: MaxTokens | None = COMPLETION_DEFAULT_MAX_TOKENS
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None  # alternatives per token
     echo: bool = False              # the prompt comes first in the text (and its tokens in logprobs)
@@ -433,9 +436,8 @@ class CacheRequest(_Strict):
     """POST /v1/caches: a context to keep computed, chat `messages` or a completion `prompt`;
     requests name it by the id in the answer (`cache_id`)."""
     model: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES),
-                        AfterValidator(_as_dicts)] | None = None
-    prompt: _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)]) | None = None
+    messages: Messages | None = None
+    prompt: Prompt | None = None
     ttl_seconds: Annotated[int, Field(ge=1, le=MAX_CACHE_TTL_S)] = DEFAULT_CACHE_TTL_S
 
     @model_validator(mode="after")
@@ -455,13 +457,13 @@ class ScaleRequest(_Strict):
 class LoadLoraRequest(_Strict):
     """POST /v1/load_lora_adapter (vLLM's): register a PEFT adapter directory as a model."""
     lora_name: Annotated[str, Field(min_length=1, max_length=256)]
-    lora_path: Annotated[str, Field(min_length=1)]
+    lora_path: NonEmpty
     base_model_name: str | None = None   # default: the first base model
 
 
 class UnloadLoraRequest(_Strict):
     """POST /v1/unload_lora_adapter: requests in flight finish, new ones get 404."""
-    lora_name: Annotated[str, Field(min_length=1)]
+    lora_name: NonEmpty
 
 
 Auto = Literal["auto"]
@@ -517,12 +519,14 @@ class TrainingExample(_Strict):
 
     def as_dicts(self) -> list[dict]:
         return [{**d, "weight": m.weight} for d, m in zip(_as_dicts(self.messages), self.messages)]
+
+
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
 
 class BatchRequest(_Strict):
     """POST /v1/batches: run every line of an uploaded JSONL file (purpose batch) against `endpoint`."""
-    input_file_id: Annotated[str, Field(min_length=1)]
+    input_file_id: NonEmpty
     endpoint: Literal[BATCH_ENDPOINTS]
     completion_window: Literal["24h"]
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
@@ -530,6 +534,7 @@ class BatchRequest(_Strict):
 
 # --- parsing ---------------------------------------------------------------------------
 
+Model = TypeVar("Model", bound=BaseModel)
 _DEPTH = {"messages": 4, "stream_options": 2, "tools": 4, "hyperparameters": 2, "method": 4}  # how deep a param goes: messages[1].content[0]
 
 
@@ -547,7 +552,8 @@ def _api_error(e: ValidationError) -> APIError:
     return invalid(f"Invalid '{param}': {err['msg'].removeprefix('Value error, ')}{got}.", param)
 
 
-def _parse(model: type[BaseModel], body: object):
+def parse(model: type[Model], body: object) -> Model:
+    """`body` validated as `model`, or the 400 that says what is wrong with it."""
     if not isinstance(body, dict):
         raise invalid("Request body must be a JSON object.")
     try:
@@ -556,15 +562,10 @@ def _parse(model: type[BaseModel], body: object):
         raise _api_error(e) from None
 
 
-parse_chat: Callable[[object], ChatRequest] = partial(_parse, ChatRequest)
-parse_completion: Callable[[object], CompletionRequest] = partial(_parse, CompletionRequest)
-parse_cache: Callable[[object], CacheRequest] = partial(_parse, CacheRequest)
-parse_scale: Callable[[object], ScaleRequest] = partial(_parse, ScaleRequest)
-parse_load_lora: Callable[[object], LoadLoraRequest] = partial(_parse, LoadLoraRequest)
-parse_unload_lora: Callable[[object], UnloadLoraRequest] = partial(_parse, UnloadLoraRequest)
-parse_fine_tuning: Callable[[object], FineTuningRequest] = partial(_parse, FineTuningRequest)
-parse_training_example: Callable[[object], TrainingExample] = partial(_parse, TrainingExample)
-parse_batch: Callable[[object], BatchRequest] = partial(_parse, BatchRequest)
+parse_chat: Callable[[object], ChatRequest] = partial(parse, ChatRequest)
+parse_completion: Callable[[object], CompletionRequest] = partial(parse, CompletionRequest)
+parse_scale: Callable[[object], ScaleRequest] = partial(parse, ScaleRequest)
+parse_training_example: Callable[[object], TrainingExample] = partial(parse, TrainingExample)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -588,8 +589,8 @@ def parse_json(raw: bytes) -> dict:
 # Serialized field by field as OpenAI does: `logprobs` is always there (null); a stream
 # delta and a chunk's `usage` only when they hold something.
 
-def _omitted_when_none(default=None):
-    return Field(default, exclude_if=lambda v: v is None)
+def _omitted_when_none():
+    return Field(None, exclude_if=lambda v: v is None)
 
 
 class ErrorDetail(BaseModel):
@@ -839,6 +840,8 @@ class FineTuningEventList(FineTuningJobList):
 
 class FineTuningCheckpointList(FineTuningJobList):
     data: list[FineTuningCheckpoint]
+
+
 class FileObject(BaseModel):
     """An uploaded file (POST and GET /v1/files/...)."""
     id: str

@@ -2,8 +2,8 @@
 
 Generated: the request and response bodies are the JSON schemas of the pydantic models that
 validate and serialize them (scheduler/api.py), so it cannot drift from what the server accepts
-and answers. It lists every route of deepflow.py's `build_app` with the statuses it answers,
-bearer auth where the server has a key. Clients and fuzzers (tests/test_reliability.py runs
+and answers. It lists the routes of deepflow.py's `build_app` (but files, batches and
+fine-tuning jobs) with the statuses they answer, bearer auth where the server has a key. Clients and fuzzers (tests/test_reliability.py runs
 schemathesis, which checks each answer against its schema) read it from the running server, so
 the model name and context length in it are the served ones.
 """
