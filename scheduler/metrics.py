@@ -94,7 +94,7 @@ class Metrics:
             slo.add_metric([model], met / n if n else 1.0)
         yield slo
 
-        steps = GaugeMetricFamily(P + "te_start_step_milliseconds", "Start-up timeline of each TE (five steps)",
+        steps = GaugeMetricFamily(P + "te_start_step_milliseconds", "Start-up timeline of each TE, step by step",
                                   labels=["te", "start_mode", "step"])
         for cluster in self.clusters.values():
             for te in cluster.tes:

@@ -340,7 +340,7 @@ def test_models_health_metrics(server, client):
     assert after["deepflow:num_tes_ready"] == len(ready) >= 1
     te = server.get("/admin/cluster")["tes"][0]
     steps = {k.split("step=")[1].split(",")[0]: v for k, v in after.items()
-             if k.startswith("deepflow:te_start_step_milliseconds")}
+             if k.startswith("deepflow:te_start_step_milliseconds") and k.endswith(f"te={te['id']}}}")}
     assert steps == te["timeline_ms"] and len(steps) == 6 and all(v > 0 for v in steps.values()), steps
 
 
