@@ -689,6 +689,8 @@ def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
     named = [parse_named(m, "--model") if "=" in m else (None, m) for m in cfg.model or [default_model_path()]]
     named[0] = (cfg.served_model_name or named[0][0], named[0][1])
     named = [(name or os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for name, path in named]
+    if missing := [path for _, path in named if not os.path.exists(path)]:
+        raise SystemExit(f"cannot serve: no model at {missing[0]} (--model takes a GGUF file or an HF directory)")
     if len({name for name, _ in named}) < len(named):
         raise SystemExit(f"two base models have one name: {[name for name, _ in named]}")
     return named

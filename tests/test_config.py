@@ -45,3 +45,8 @@ def test_pd_flags_alone_make_a_pd_only_cluster(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         deepflow.load_heatmap(cfg, deepflow.cluster_shape(cfg, engine))
     assert all(s in str(e.value) for s in ("both colocated TEs", "--num-tes", "profile-pd", "--pd-heatmap"))
+
+
+def test_a_missing_model_path_is_a_message_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="no model at .*nope"):
+        deepflow.base_models(configs("--model", "a=" + str(tmp_path / "nope"))[0])
