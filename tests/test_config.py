@@ -50,3 +50,8 @@ def test_pd_flags_alone_make_a_pd_only_cluster(tmp_path, monkeypatch):
 def test_a_missing_model_path_is_a_message_not_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match="no model at .*nope"):
         deepflow.base_models(configs("--model", "a=" + str(tmp_path / "nope"))[0])
+
+
+def test_profile_pd_show_without_a_heatmap_says_how_to_make_one(tmp_path):
+    with pytest.raises(SystemExit, match="run `python deepflow.py profile-pd` first"):
+        deepflow.main(["profile-pd", "--show", "--out", str(tmp_path / "none.json")])
