@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import tomllib
@@ -743,6 +744,10 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     named = base_models(cfg)
     if cfg.backend == "ray" and len(named) > 1:
         raise SystemExit("--backend ray serves one base model (its adapters too): give --model once")
+    try:  # a port in use ends it here, before any process starts
+        socket.create_server((cfg.host, cfg.port)).close()
+    except OSError as e:
+        raise SystemExit(f"cannot serve on {cfg.host}:{cfg.port}: {e.strerror}") from None
     try:
         store = StateStore(cfg.state_dir)
     except StateDirBusy as e:

@@ -1,6 +1,8 @@
 """The command line made from the config dataclasses (flowserve/config.py: `flag`,
 `add_flags`): the flags and their defaults, one per setting, and the cluster a set of flags
 gives (no server)."""
+import socket
+
 import pytest
 
 import deepflow
@@ -55,3 +57,11 @@ def test_a_missing_model_path_is_a_message_not_a_traceback(tmp_path):
 def test_profile_pd_show_without_a_heatmap_says_how_to_make_one(tmp_path):
     with pytest.raises(SystemExit, match="run `python deepflow.py profile-pd` first"):
         deepflow.main(["profile-pd", "--show", "--out", str(tmp_path / "none.json")])
+
+
+def test_serve_on_a_port_in_use_stops_before_starting_anything(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port}: Address already in use"):
+            deepflow.main(["serve", "--port", str(port), "--state-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # the state dir untouched
