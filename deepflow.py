@@ -431,6 +431,13 @@ async def models(request: web.Request) -> web.Response:
     return json_response(api.ModelList(data=request.app[MODELS].cards()))
 
 
+async def model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if card := next((c for c in request.app[MODELS].cards() if c.id == name), None):
+        return json_response(card)
+    raise api.model_not_found(name)
+
+
 async def load_lora_adapter(request: web.Request) -> web.Response:
     req = api.parse_load_lora(await read_json(request))
     lora = request.app[MODELS].load_adapter(req.lora_name, req.lora_path, req.base_model_name)
@@ -497,6 +504,7 @@ def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", model)  # a fine-tuned model's name has colons, an HF one slashes
     app.router.add_post("/v1/caches", create_cache)
     app.router.add_get("/v1/caches", list_caches)
     app.router.add_get("/v1/caches/{cache_id}", get_cache)

@@ -293,7 +293,7 @@ def test_openapi_document(auth):
     assert doc["openapi"] == "3.1.0" and "96" in doc["info"]["description"]
     ops = {(method.upper(), path): op for path, item in doc["paths"].items() for method, op in item.items()}
     assert set(ops) == {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-                        ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+                        ("GET", "/v1/models/{model}"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
                         ("GET", "/admin/cluster"), ("POST", "/admin/scale"), ("POST", "/v1/caches"),
                         ("GET", "/v1/caches"), ("GET", "/v1/caches/{cache_id}"), ("DELETE", "/v1/caches/{cache_id}"),
                         ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")}
