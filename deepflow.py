@@ -19,6 +19,7 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import tomllib
@@ -426,6 +427,13 @@ async def models(request: web.Request) -> web.Response:
     return json_response(api.ModelList(data=request.app[MODELS].cards()))
 
 
+async def model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if card := next((c for c in request.app[MODELS].cards() if c.id == name), None):
+        return json_response(card)
+    raise api.model_not_found(name)
+
+
 async def load_lora_adapter(request: web.Request) -> web.Response:
     req = api.parse(api.LoadLoraRequest, await read_json(request))
     lora = request.app[MODELS].load_adapter(req.lora_name, req.lora_path, req.base_model_name)
@@ -492,6 +500,7 @@ def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches
         web.post("/v1/chat/completions", chat_completions),
         web.post("/v1/completions", completions),
         web.get("/v1/models", models),
+        web.get("/v1/models/{model:.+}", model),  # a fine-tuned model's name has colons, an HF one slashes
         web.post("/v1/load_lora_adapter", load_lora_adapter),
         web.post("/v1/unload_lora_adapter", unload_lora_adapter),
         web.post("/v1/caches", create_cache),
@@ -681,6 +690,8 @@ def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
     named = [parse_named(m, "--model") if "=" in m else (None, m) for m in cfg.model or [default_model_path()]]
     named[0] = (cfg.served_model_name or named[0][0], named[0][1])
     named = [(name or os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for name, path in named]
+    if missing := [path for _, path in named if not os.path.exists(path)]:
+        raise SystemExit(f"cannot serve: no model at {missing[0]} (--model takes a GGUF file or an HF directory)")
     if len({name for name, _ in named}) < len(named):
         raise SystemExit(f"two base models have one name: {[name for name, _ in named]}")
     return named
@@ -733,6 +744,10 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
     named = base_models(cfg)
     if cfg.backend == "ray" and len(named) > 1:
         raise SystemExit("--backend ray serves one base model (its adapters too): give --model once")
+    try:  # a port in use ends it here, before any process starts
+        socket.create_server((cfg.host, cfg.port)).close()
+    except OSError as e:
+        raise SystemExit(f"cannot serve on {cfg.host}:{cfg.port}: {e.strerror}") from None
     try:
         store = StateStore(cfg.state_dir)
     except StateDirBusy as e:

@@ -424,6 +424,7 @@ def serve_engine(sock: socket.socket, cfg: EngineConfig, launch: TELaunch, model
     if engine.tp or not (warmed_on_cpu and engine.device.type == "cpu"):  # TP executors warm up their shapes
         warm_up(engine)
     t_warm = time.perf_counter()
+    torch.seed()  # unseeded sampling: each TE its own stream, not the one every fork inherits from the template
     shell = TEShell(sock, engine, [listener for listener, _ in kv], launch)
     timings = StartTimings(1e3 * (t_pre - t_start), 1e3 * (t_loaded - t_pre), 1e3 * (t_warm - t_loaded))
     weights_bytes = sum(t.numel() * t.element_size()

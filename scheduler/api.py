@@ -538,7 +538,7 @@ Model = TypeVar("Model", bound=BaseModel)
 _DEPTH = {"messages": 4, "stream_options": 2, "tools": 4, "hyperparameters": 2, "method": 4}  # how deep a param goes: messages[1].content[0]
 
 
-def _api_error(e: ValidationError) -> APIError:
+def _api_error(e: ValidationError, model: type[BaseModel]) -> APIError:
     """pydantic's first error as OpenAI's 400, its `loc` as the param the client knows."""
     err = e.errors(include_url=False)[0]
     if not err["loc"]:  # a rule over the whole body
@@ -546,7 +546,7 @@ def _api_error(e: ValidationError) -> APIError:
     loc = [x for x in err["loc"] if x not in ("str", "list")][:_DEPTH.get(err["loc"][0], 1)]
     param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".")
     name = [x for x in loc if isinstance(x, str)][-1]
-    if name in _OFF:
+    if name in _OFF and issubclass(model, _Unsupported):  # a fine-tuning `suffix` is supported
         return invalid(f"{name} is not supported by this server.", param)
     got = f", got {err['input']!r:.40}" if isinstance(err["input"], (str, int, float)) else ""
     return invalid(f"Invalid '{param}': {err['msg'].removeprefix('Value error, ')}{got}.", param)
@@ -559,7 +559,7 @@ def parse(model: type[Model], body: object) -> Model:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        raise _api_error(e) from None
+        raise _api_error(e, model) from None
 
 
 parse_chat: Callable[[object], ChatRequest] = partial(parse, ChatRequest)

@@ -16,6 +16,7 @@ from scheduler.api import (CacheRequest, ChatCompletion, ChatCompletionChunk, Ch
 
 REF = "#/components/schemas/{model}"
 CACHE_ID = {"name": "cache_id", "in": "path", "required": True, "schema": {"type": "string"}}
+MODEL_ID = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
 ANY = {"application/json": {"schema": {"type": "object"}}}
 RESPONSES = (ChatCompletion, ChatCompletionChunk, Completion, ModelList, ContextCacheInfo, ContextCacheList,
              ContextCacheDeleted, Health, ErrorResponse, ModelCard, ModelDeleted)
@@ -64,6 +65,8 @@ def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
             "/v1/completions": {"post": _op("text completion", _answer(Completion, Completion),
                                             *generate, body=CompletionRequest, auth=auth)},
             "/v1/models": {"get": _op("the base models and LoRA adapters served", _json(ModelList), 503, auth=auth)},
+            "/v1/models/{model}": {"get": {**_op("one served model", _json(ModelCard), 404, 503, auth=auth),
+                                           "parameters": [MODEL_ID]}},
             "/v1/load_lora_adapter": {"post": _op("register a PEFT LoRA adapter directory as a model",
                                                   _json(ModelCard), 400, 503, body=LoadLoraRequest, auth=auth)},
             "/v1/unload_lora_adapter": {"post": _op("unregister an adapter (requests in flight finish)",

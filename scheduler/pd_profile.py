@@ -81,6 +81,8 @@ def add_profile_parser(sub, default_path) -> None:
     def run(args: argparse.Namespace) -> None:
         path = args.out or default_path()
         if args.show:
+            if not os.path.exists(path):
+                raise SystemExit(f"no PD heatmap at {path}: run `python deepflow.py profile-pd` first")
             print(Heatmap.load(path).table())
             return
         heatmap = asyncio.run(profile(args))

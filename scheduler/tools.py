@@ -16,7 +16,7 @@ from typing import Literal
 
 CALL_OPEN = "<tool_call>"
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.S)  # the last may be cut off by the end
-NO_PARAMETERS = {"type": "object", "properties": {}}  # a function declared without `parameters`
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # declared without `parameters`: takes none
 
 # The Hermes / Qwen2.5 convention, for templates that have no tool support of their own.
 TOOLS_PROMPT = """You are a function calling AI model. You may call one or more functions to assist with the user query. Here are the available tools:

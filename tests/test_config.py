@@ -1,6 +1,8 @@
 """The command line made from the config dataclasses (flowserve/config.py: `flag`,
 `add_flags`): the flags and their defaults, one per setting, and the cluster a set of flags
 gives (no server)."""
+import socket
+
 import pytest
 
 import deepflow
@@ -45,3 +47,21 @@ def test_pd_flags_alone_make_a_pd_only_cluster(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         deepflow.load_heatmap(cfg, deepflow.cluster_shape(cfg, engine))
     assert all(s in str(e.value) for s in ("both colocated TEs", "--num-tes", "profile-pd", "--pd-heatmap"))
+
+
+def test_a_missing_model_path_is_a_message_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="no model at .*nope"):
+        deepflow.base_models(configs("--model", "a=" + str(tmp_path / "nope"))[0])
+
+
+def test_profile_pd_show_without_a_heatmap_says_how_to_make_one(tmp_path):
+    with pytest.raises(SystemExit, match="run `python deepflow.py profile-pd` first"):
+        deepflow.main(["profile-pd", "--show", "--out", str(tmp_path / "none.json")])
+
+
+def test_serve_on_a_port_in_use_stops_before_starting_anything(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port}: Address already in use"):
+            deepflow.main(["serve", "--port", str(port), "--state-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # the state dir untouched

@@ -17,6 +17,7 @@ from scheduler.api import (
     model_not_found,
     parse_chat,
     parse_completion,
+    parse_fine_tuning,
     parse_json,
     parse_scale,
     usage_chunk,
@@ -146,6 +147,12 @@ def test_bad_bodies_are_400(parse, body, param):
     assert err.message and isinstance(err.message, str)
     assert err.body().model_dump() == {"error": {"message": err.message, "type": "invalid_request_error",
                                                  "param": param, "code": None}}
+
+
+def test_fine_tuning_suffix_is_supported_so_its_error_says_the_rule():
+    with pytest.raises(APIError) as e:
+        parse_fine_tuning({"model": "m", "training_file": "file-1", "suffix": "x" * 65})
+    assert e.value.param == "suffix" and "not supported" not in e.value.message and "64" in e.value.message
 
 
 @pytest.mark.parametrize("raw", [b"", b"\xff\xfe{}", b"{\"a\": ", b"[1, 2]", b"\"s\"", b"null",
@@ -286,7 +293,7 @@ def test_openapi_document(auth):
     assert doc["openapi"] == "3.1.0" and "96" in doc["info"]["description"]
     ops = {(method.upper(), path): op for path, item in doc["paths"].items() for method, op in item.items()}
     assert set(ops) == {("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-                        ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+                        ("GET", "/v1/models/{model}"), ("GET", "/health"), ("GET", "/metrics"), ("GET", "/openapi.json"),
                         ("GET", "/admin/cluster"), ("POST", "/admin/scale"), ("POST", "/v1/caches"),
                         ("GET", "/v1/caches"), ("GET", "/v1/caches/{cache_id}"), ("DELETE", "/v1/caches/{cache_id}"),
                         ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")}

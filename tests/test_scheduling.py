@@ -1,6 +1,7 @@
 """dist_sched over two TEs: requests that share a system prompt land on the TE that caches
 it (and hit its prefix cache more often than round-robin would), and once that TE is busier
-than the imbalance allows, new requests go to the other one."""
+than the imbalance allows, new requests go to the other one; and each TE samples from its own
+random stream."""
 import contextlib
 
 import aiohttp
@@ -50,3 +51,17 @@ async def test_saturated_te_sends_new_requests_elsewhere():
             assert tasks[1]["placement"]["policy"] == "locality" and tasks[1]["placement"]["matched_tokens"] > 0
             assert tasks[3]["te"] != holder  # loads 3-0: imbalanced, the least loaded wins
             assert tasks[3]["placement"]["policy"] == "load" and not tasks[3]["placement"]["balanced"]
+
+
+async def test_tes_forked_from_one_template_sample_differently():
+    """Unseeded requests on two TEs forked from the same template: not the same "random" tokens."""
+    with Server("--num-tes", "2", "--policy", "rr", "--max-model-len", "512", "--kv-cache-gb", "0.05") as s:
+        async with aiohttp.ClientSession() as http:
+            answers, tes = [], []
+            for _ in range(4):  # round-robin: TE a, TE b, TE a, TE b
+                body = chat("You write random words.", "Write ten random words.", max_tokens=16, temperature=1.5)
+                async with http.post(s.url + "/v1/chat/completions", json=body) as r:
+                    answers.append((await r.json())["choices"][0]["message"]["content"])
+                tes.append(s.get("/admin/cluster")["recent_jobs"][0]["tasks"][0]["te"])
+        assert tes[0] != tes[1] and tes[:2] == tes[2:]
+        assert answers[0] != answers[1] or answers[2] != answers[3], answers  # same step on each TE, other tokens

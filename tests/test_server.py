@@ -307,6 +307,9 @@ def scrape(server: Server) -> dict[str, float]:
 
 def test_models_health_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL) == client.models.list().data[0]
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.models.retrieve("nope")
     assert server.get("/health")["status"] == "ok"
     before = scrape(server)
     prompt = "Once upon a time " * 20

@@ -99,6 +99,13 @@ def test_call_schemas_accept_the_calls_and_nothing_else():
     assert ToolPlan([TIME], "auto").schema() is None
 
 
+def test_a_function_without_parameters_takes_no_arguments():
+    schema = ToolPlan([{"name": "now"}], "named", "now").schema()
+    jsonschema.validate({}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"city": "Paris"}, schema)
+
+
 def test_hermes_rendering_for_a_template_without_tools():
     tok = Tokenizer.load(default_model_path())
     assert not tok.template_takes_tools   # SmolLM2's ChatML template knows no tools
