@@ -28,6 +28,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, fields, replace
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel
 
 from flowserve.config import (EngineConfig, add_flags, cache_dir, check_tensor_parallel, default_model_path, flag,
@@ -339,11 +340,14 @@ async def upload_file(request: web.Request) -> web.Response:
         raise APIError(413, f"the file exceeds {files.max_bytes} bytes (--max-file-bytes)", "file")
     purpose, upload = None, None
     try:
-        async for part in await request.multipart():
-            if part.name == "purpose":
-                purpose = (await part.read_chunk(256)).decode(errors="replace")
-            elif part.name == "file" and upload is None:
-                upload = await files.receive(part_chunks(part), part.filename or "file")
+        try:
+            async for part in await request.multipart():
+                if part.name == "purpose":
+                    purpose = (await part.read_chunk(256)).decode(errors="replace")
+                elif part.name == "file" and upload is None:
+                    upload = await files.receive(part_chunks(part), part.filename or "file")
+        except (HttpProcessingError, ValueError) as e:  # a form aiohttp cannot parse
+            raise APIError(400, f"malformed multipart/form-data body: {getattr(e, 'message', e)!s:.200}") from None
         if upload is None:
             raise APIError(400, "the form has no 'file' field", "file")
         return json_response(file_object(await files.keep(upload, purpose)))
