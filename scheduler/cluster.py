@@ -43,6 +43,7 @@ what is missing, while the hosts' templates start in the background.
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections import Counter, deque
@@ -52,6 +53,7 @@ from flowserve.config import EngineConfig, TELaunch, read_model_config, weights_
 from flowserve.lora import hash_seed
 from flowserve.protocol import FinishReason
 from scaling.hosts import GiB, Host, te_bytes
+from scaling.prewarm import PrewarmPool
 from scaling.te_listener import TEListener
 from scheduler import dist_sched
 from scheduler.dist_sched import PromptTree
@@ -428,6 +430,22 @@ class Cluster:
         self.autoscaler[group] = state
         for host in self.hosts if demand is not None else ():
             host.demand = demand
+        self.prewarm()
+
+    def prewarm(self) -> None:
+        """Size each host's pool of pre-warmed TEs (scaling/prewarm.py) by prediction: the TEs this
+        model's groups are expected to need within a start (the sum of their autoscalers' `need_p`),
+        rounded up from a tenth, at least the pool's floor, at most what fits. A pool refills only
+        while none of the host's TEs is starting (its forks would queue ahead of theirs)."""
+        expected = sum(a.get("need_p", 0.0) for a in self.autoscaler.values())
+        for host in self.hosts:
+            if not isinstance(pool := getattr(host.node, "pool", None), PrewarmPool):
+                continue
+            room = host.room(max(map(self.te_cost, GROUPS)))
+            n = max(pool.floor, min(math.ceil(expected - 0.1), room))
+            if n != pool.size:
+                self.decide("prewarm", pool.size, n, "predicted", {"expected": round(expected, 3), "room": room})
+            pool.resize(n, refill=not any(te.state is TEState.STARTING for te in host.tes))
 
     def scale_to(self, group: str, instances: int, reason: str = "admin", inputs: dict | None = None) -> None:
         """Set the group's size: start TEs (as many as fit), or retire idle ones first (busy
