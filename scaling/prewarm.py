@@ -3,17 +3,17 @@
 Where the host's warm template is up (`--start-mode fork`), each is a standby forked from it
 (`scaling/template.py`): it holds the model's weights and CPU kernels already, and builds
 only its engine when taken, so the fork (the serial part of a start: the template copies its
-page tables, ~15-35 ms a TE on a 2-core box) happened before the request came. Otherwise
-(`preloaded`, `peer`, or while the template is down) each is a model-agnostic
+page tables, ~15-35 ms a TE on a 2-core box) happened before the request came (none is
+forked while the template is down or evicted). With `preloaded` or `peer` each is a model-agnostic
 `flowserve.te_shell` started without `--model`: the interpreter is up, torch is imported, the
 device is initialised. Either says `prewarmed`; taken (the node agent, `scaling/node.py`), it
 becomes a TE on `Load`, whose weights come from the template's pages or the mmap'ed cache.
 
 How many to keep is the cluster's call (`resize`, from the autoscalers' predictions:
-`Cluster.prewarm`), never below `floor` (`--prewarmed`). A take does not refill at once: the
-next `resize` does, when no TE of the host is starting, so a refill never queues at the
-template ahead of a burst's own forks (a Ray node's agent, `scaling/node_agent.py`, refills
-its pool of `floor` at each take).
+`Cluster.prewarm`), never below `floor` (`--prewarmed`). A take does not refill at once: a
+later `resize` does, a second after the host's last TE start, so a refill neither queues at
+the template ahead of a burst's own forks nor takes cores from their first steps (a Ray
+node's agent, `scaling/node_agent.py`, refills its pool of `floor` at each take).
 """
 import asyncio
 import logging
