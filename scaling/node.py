@@ -5,8 +5,9 @@ Each TE gets a fresh socketpair with the main process, and comes from one of thr
 it dies), a standby forked ahead of time first; a pre-warmed process told to `Load`, from
 the mmap'ed cache (`preloaded`) or streamed from a running TE (`peer`); both from the pool
 (`scaling/prewarm.py`); or a fresh interpreter (`cold`, and the fallback while the
-template is down or the pool is empty). `scaling/node_agent.py` is the same role on a Ray node, where the TE's socket is TCP.
-`local_host` is this machine as a cluster's one host, with such a node agent.
+template is down or the pool is empty). `scaling/node_agent.py` is the same role on a Ray
+node, where the TE's socket is TCP. `local_host` is this machine as a cluster's one host,
+with such a node agent.
 """
 import asyncio
 import logging
