@@ -133,7 +133,8 @@ class ServeConfig:
     policy: str = flag("dist_sched: longest cached prefix while loads are balanced, else least loaded; least loaded; "
                        "round-robin", "locality", choices=["locality", "load", "rr"])
     imbalance: int = flag("loads count as balanced while the busiest TE has at most this many more tasks", 4)
-    prewarmed: int = flag("pool of pre-warmed TEs (--start-mode preloaded or peer)", 1)
+    prewarmed: int = flag("pre-warmed TEs kept per host at least (fork: standbys forked from the template; "
+                          "preloaded, peer: model-agnostic processes); more by prediction (scaling/prewarm.py)", 1)
     threads_per_te: int = flag("torch threads per TE (0: its host's cores / its TEs, re-balanced as TEs come, go)", 0)
     health_timeout_s: float = flag("a TE silent this long (no heartbeat, no progress) is killed and replaced", 10.0)
     place_timeout_s: float = flag("a task no TE can take within this long ends with 503 and the reason", 60.0)

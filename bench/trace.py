@@ -20,12 +20,14 @@ Each part starts `deepflow.py serve` on a free loopback port (tests/server_util.
    (cold starts), and a plot of each model's TEs over time against the arrivals.
 2. burst: 32 concurrent streaming requests to a cluster at zero TEs (`--num-tes 0
    --min-tes 0`, 8 batch slots per TE, so the burst needs several TEs), then the same burst
-   to a cluster started with as many TEs as the first one's autoscaler started; the TTFT p99
-   ratio.
+   to a cluster started with as many TEs as the first one's autoscaler started; `--repeat`
+   such pairs, and the median of their TTFT p99 ratios; once with the default pool of one
+   pre-warmed TE (a standby forked from the template) and once with `--prewarmed 4`.
 3. scale: at default flags (kv_cache_gb 1.0), POST /admin/scale to every TE that fits
    (the count a 409 names) and time until all are ready; the TEs' own timelines too.
 
-    python bench/trace.py [--parts trace,burst,scale] [--policies queue,kpa,capacity] [--out bench/results/trace.json]
+    python bench/trace.py [--parts trace,burst,scale] [--policies queue,kpa,capacity] [--repeat 3] [--prewarmed 1,4]
+                          [--out bench/results/trace.json]
 """
 import argparse
 import asyncio
@@ -125,7 +127,7 @@ async def replay(s: Server, trace: list[tuple[float, str]]) -> dict:
     ttfts = [r for r, _ in results if r is not None]
     met = [r is not None and r <= SLO_TTFT_MS[BASE[m]] / 1e3 for (r, _), (_, m) in zip(results, trace)]
     views = s.get("/admin/cluster")["models"]
-    decisions = [d for v in views.values() for d in v["scaling_decisions"] if d["group"] != "template"]
+    decisions = [d for v in views.values() for d in v["scaling_decisions"] if d["group"] not in ("template", "prewarm")]
     te_s = sum((b[0] - a[0]) * sum(a[1].values()) for a, b in zip(samples, samples[1:]))
     return {"requests": len(trace), "failed": len(trace) - len(ttfts), "slo_attainment": sum(met) / len(trace),
             "slo_attainment_by_model": {b: sum(x for x, (_, m) in zip(met, trace) if BASE[m] == b) /
@@ -198,20 +200,41 @@ async def burst(s: Server, n: int = 32) -> list[float]:
         return [t for t in await asyncio.gather(*(stream_ttft(http, s.url, i) for i in range(n))) if t is not None]
 
 
-def burst_part(out: dict) -> None:
-    with Server("--autoscaler", "capacity", "--num-tes", "0", "--min-tes", "0", *BURST_FLAGS) as s:
+def burst_pair(prewarmed: int) -> dict:
+    """The burst at zero TEs (`prewarmed` standbys forked from the template: scaling/prewarm.py),
+    then on a cluster started with the TEs the first one's autoscaler started."""
+    with Server("--autoscaler", "capacity", "--num-tes", "0", "--min-tes", "0", "--prewarmed", str(prewarmed),
+                *BURST_FLAGS) as s:
         cold = asyncio.run(burst(s))
-        started = max(d["to"] for d in s.get("/admin/cluster")["scaling_decisions"])
-        first = s.get("/admin/cluster")["scaling_decisions"][0]
-    n = str(started)
+        view = s.get("/admin/cluster")
+    decisions = [d for d in view["scaling_decisions"] if d["group"] == "colocated"]
+    n = str(max(d["to"] for d in decisions))
     with Server("--num-tes", n, "--min-tes", n, "--max-tes", n, *BURST_FLAGS) as s:
+        wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"], 30)  # its pool refilled, not in the burst
         asyncio.run(burst(s, 1))  # the warm TE has served once, as a TE kept alive has
         warm = asyncio.run(burst(s))
-    out["burst"] = r = {"tes": started, "first_decision": {k: first[k] for k in ("from", "to", "reason")},
-                        "cold_p50_ms": 1e3 * pct(cold, 0.5), "cold_p99_ms": 1e3 * pct(cold, 0.99),
-                        "warm_p50_ms": 1e3 * pct(warm, 0.5), "warm_p99_ms": 1e3 * pct(warm, 0.99),
-                        "p99_ratio": pct(cold, 0.99) / pct(warm, 0.99), "served": [len(cold), len(warm)]}
-    print("burst:", r, flush=True)
+    return {"tes": int(n), "decisions": [f"{d['from']}->{d['to']} {d['reason']}" for d in decisions],
+            "cold_te_ms": [{k: round(te["timeline_ms"][k]) for k in ("scaler_pre", "total")} | {"mode": te["start_mode"]}
+                           for te in view["tes"]],
+            "cold_p50_ms": 1e3 * pct(cold, 0.5), "cold_p99_ms": 1e3 * pct(cold, 0.99),
+            "warm_p50_ms": 1e3 * pct(warm, 0.5), "warm_p99_ms": 1e3 * pct(warm, 0.99),
+            "p99_ratio": pct(cold, 0.99) / pct(warm, 0.99), "served": [len(cold), len(warm)]}
+
+
+def burst_part(out: dict, repeat: int, prewarmed: list[int]) -> None:
+    """`repeat` pairs for each pool floor, one after the other; the median of the pairs' p99
+    ratios (the two sides of a pair run within seconds, so a neighbour's load hits both more
+    often than it hits two pairs alike)."""
+    out["burst"] = {}
+    for k in prewarmed:
+        pairs = []
+        for _ in range(repeat):
+            pairs.append(burst_pair(k))
+            print(f"burst, --prewarmed {k}:", pairs[-1], flush=True)
+        ratio = pct([p["p99_ratio"] for p in pairs], 0.5)
+        out["burst"][f"prewarmed_{k}"] = {"pairs": pairs, "p99_ratio": ratio}
+        print(f"burst, --prewarmed {k}: p99 ratios {[round(p['p99_ratio'], 2) for p in pairs]}, median {ratio:.2f}",
+              flush=True)
 
 
 def scale_part(out: dict) -> None:
@@ -235,13 +258,16 @@ def main() -> None:
     ap.add_argument("--parts", default="trace,burst,scale")
     ap.add_argument("--policies", default="queue,kpa,capacity")
     ap.add_argument("--out", default="bench/results/trace.json")
+    ap.add_argument("--repeat", type=int, default=3, help="burst: pairs of runs (medians reported)")
+    ap.add_argument("--prewarmed", default="1,4", help="burst: the cold side's pool floors, one series each")
     args = ap.parse_args()
     out = {}
     for part in args.parts.split(","):
         if part == "trace":
             trace_part(out, args.policies.split(","))
         else:
-            {"burst": burst_part, "scale": scale_part}[part](out)
+            burst_part(out, args.repeat, [int(k) for k in args.prewarmed.split(",")]) if part == "burst" \
+                else scale_part(out)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
 

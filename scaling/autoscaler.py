@@ -113,18 +113,28 @@ def ewma(value: float, sample: float, dt: float, tau: float) -> float:
     return value + (1 - math.exp(-dt / tau)) * (sample - value)
 
 
-def p_next(rate: float, horizon_s: float) -> float:
-    """Probability of an arrival within `horizon_s` at a Poisson `rate`."""
-    return 1 - math.exp(-rate * horizon_s)
+def p_next(rate: float, horizon_s: float, free: int = 0) -> float:
+    """Probability of more than `free` arrivals within `horizon_s` at a Poisson `rate`."""
+    mean = rate * horizon_s
+    term = below = math.exp(-mean)
+    for k in range(1, free + 1):
+        term *= mean / k
+        below += term
+    return max(0.0, 1 - below)
 
 
-def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
-    """The `capacity` or `kpa` policy's size for the group (module docstring)."""
+def observe(p: ScalePolicy, st: ScaleState, s: Signals) -> None:
+    """Update the arrival-rate EWMAs with the tick's arrivals."""
     dt = s.now - st.t if st.t is not None else p.interval_s
     st.t = s.now
     if dt > 0:
         st.rate = ewma(st.rate, s.arrivals / dt, dt, p.rate_tau_s)
         st.rate_long = ewma(st.rate_long, s.arrivals / dt, dt, p.predict_tau_s)
+
+
+def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
+    """The `capacity` or `kpa` policy's size for the group (module docstring)."""
+    observe(p, st, s)
     capacity = p.kind == "capacity"
     concurrency = s.held + s.running
     ahead = st.rate * p.start_s
@@ -175,6 +185,7 @@ def decide(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
 
 def decide_queue(p: ScalePolicy, st: ScaleState, s: Signals) -> Decision:
     """The `queue` policy's size: one TE at a time on queue depth, one fewer after `idle_s` idle."""
+    observe(p, st, s)  # its rates only predict (pre-warmed TEs)
     if s.held or s.running:
         st.busy_t = s.now
     inputs = asdict(s)
@@ -277,9 +288,12 @@ async def autoscale(cluster, group: str, policy: ScalePolicy, latencies: deque |
         d = DECIDE[policy.kind](policy, state, s)
         board.wants[key] = d.want
         board.starved[key] = bool(s.held and not s.ready + s.starting and not s.room)
+        # the chance that the next start time brings more arrivals than the group has free slots
+        free = max(0, (s.ready + s.starting) * s.slots - s.held - s.running)
         cluster.note_autoscaler(group, {"policy": policy.kind, "want": d.want, "share": s.share,
                                         "rate": round(state.rate, 2), "rate_long": round(state.rate_long, 3),
                                         "p_next": round(p_next(state.rate_long, policy.idle_s), 3),
+                                        "need_p": round(p_next(state.rate_long, policy.start_s, free), 3),
                                         "slo_ttft_s": policy.slo_ttft_s, "ttft_met": s.ttft_met,
                                         "slo_tpot_s": policy.slo_tpot_s, "tpot_met": s.tpot_met},
                                 state.rate_long if group == source else None)

@@ -2,11 +2,12 @@
 
 Each TE gets a fresh socketpair with the main process, and comes from one of three places
 (`--start-mode`): forked from the warm template (`scaling/template.py`, restarted here if
-it dies); a pre-warmed process from the pool (`scaling/prewarm.py`) told to `Load`, from
-the mmap'ed cache (`preloaded`) or streamed from a running TE (`peer`); or a fresh
-interpreter (`cold`, and the fallback while the template is down or the pool is empty).
-`scaling/node_agent.py` is the same role on a Ray node, where the TE's socket is TCP.
-`local_host` is this machine as a cluster's one host, with such a node agent.
+it dies), a standby forked ahead of time first; a pre-warmed process told to `Load`, from
+the mmap'ed cache (`preloaded`) or streamed from a running TE (`peer`); both from the pool
+(`scaling/prewarm.py`); or a fresh interpreter (`cold`, and the fallback while the
+template is down or the pool is empty). `scaling/node_agent.py` is the same role on a Ray
+node, where the TE's socket is TCP. `local_host` is this machine as a cluster's one host,
+with such a node agent.
 """
 import asyncio
 import contextlib
@@ -29,8 +30,9 @@ class LocalNode:
                  pool_cfg: EngineConfig | None = None, env: dict | None = None):
         self.model_path, self.start_mode, self.env = model_path, start_mode, env or {}
         self.template: TemplateHandle | None = None
-        self.pool = PrewarmPool(prewarmed, pool_cfg or EngineConfig(), self.env) \
-            if start_mode in ("preloaded", "peer") else None
+        self.pool = PrewarmPool(prewarmed, pool_cfg or EngineConfig(), self.env,
+                                template=(lambda: self.template) if start_mode == "fork" else None) \
+            if start_mode != "cold" else None
         self.closing = self.evicted = False
         self._stopping: asyncio.Task | None = None
 
@@ -53,15 +55,17 @@ class LocalNode:
     def evict(self) -> None:
         """Another base model needs this DRAM: the warm template exits (the next launch starts it again)."""
         if self.template:
+            self.pool.resize(0)  # standbys forked from it hold its pages too
             self.evicted = True
             self._stopping = asyncio.create_task(self.template.stop())
             self.template = None
 
     async def launch(self, te_id: str, cfg: EngineConfig, launch: TELaunch, weights_from: str | None) -> Launched:
         """Start one TE process; it is not serving yet (the caller waits for its `Ready`)."""
-        if self.pool and (te := self.pool.take()):
+        # a standby holds the packed linears of a TP size 1 TE
+        if self.pool and (cfg.tensor_parallel_size == 1 or self.start_mode != "fork") and (te := self.pool.take()):
             te.writer.write(pack(Load(self.model_path, cfg, launch, weights_from)))
-            te.start_mode = "peer" if weights_from else "preloaded"
+            te.start_mode = "peer" if weights_from else te.start_mode
             return te
         if self.evicted:  # back in DRAM first: the page cache may still hold the weights' file
             self.evicted = False
@@ -100,7 +104,8 @@ class LocalNode:
 
     def to_dict(self) -> dict:
         return {"template_pid": self.template.proc.pid if self.template and self.template.alive else None,
-                "prewarmed_ready": len(self.pool.ready) if self.pool else 0}
+                "prewarmed_ready": len(self.pool.ready) if self.pool else 0,
+                "prewarmed_target": self.pool.size if self.pool else 0}
 
 
 def local_host(model_path: str, start_mode: str = "fork", prewarmed: int = 1,

@@ -91,6 +91,7 @@ class NodeAgent:
                 with pair:  # its `Load`, and the socket it serves on from then on
                     socket.send_fds(pair, [pack(Load(self.model_path, cfg, launch, weights_from))], [sock.fileno()])
                 te.writer.close()
+                self.pool.fill()  # no cluster sizes this pool: it refills at once
                 pid, mode, proc, fresh = te.pid, "peer" if weights_from else "preloaded", te.proc, False
             else:
                 pid, mode, proc = await fork_or_spawn(self.template, te_id, cfg, launch, sock, self.model_path,

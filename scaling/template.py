@@ -39,20 +39,26 @@ from flowserve.engine import Engine  # noqa: E402
 from flowserve.model import Llama  # noqa: E402
 from flowserve.protocol import Error, Fork, Forked, TemplateReady, pack, unpack_frames  # noqa: E402
 from flowserve.distflow import fetch_weights  # noqa: E402
-from flowserve.te_shell import serve_engine, warm_up  # noqa: E402
+from flowserve.te_shell import serve_engine, wait_for_model, warm_up  # noqa: E402
 from flowserve.weights import load_weights  # noqa: E402
 
 log = logging.getLogger("scaling.template")
 
 
 def child(te_sock: socket.socket, control: socket.socket, cfg: EngineConfig, launch: TELaunch, model: str, weights,
-          packed, t_fork: float) -> None:
-    """Runs in the forked process: become one TE, then exit without returning to the template loop."""
+          packed, t_fork: float, standby: bool = False) -> None:
+    """Runs in the forked process: become one TE (`standby`: once a `Load` says which), then exit
+    without returning to the template loop."""
     control.close()  # else the main process would not see the template's death while TEs live
     code = 0
     try:
+        if standby:  # forked ahead of demand (scaling/prewarm.py): its TE's config comes with `Load`
+            load, t_fork, te_sock = wait_for_model(te_sock, cfg)
+            cfg, launch = load.engine_config, load.launch
         # `model` too: the weights are here, but structured outputs read its tokenizer
         serve_engine(te_sock, cfg, launch, model, weights=weights, packed=packed, t_start=t_fork, warmed_on_cpu=True)
+    except SystemExit as e:  # a standby whose pool went away
+        code = e.code or 0
     except BaseException:
         log.exception("forked TE failed")
         code = 1
@@ -116,7 +122,7 @@ def run_template(control: socket.socket, model: str, weights_from: str | None = 
             pid = os.fork()
             if pid == 0:
                 child(te_sock, control, msg.engine_config, msg.launch, model, (cfg, tensors),
-                      shards.get(size) if size > 1 else packed, t_fork)
+                      shards.get(size) if size > 1 else packed, t_fork, standby=not msg.te_id)
             te_sock.close()
             control.sendall(pack(Forked(msg.te_id, pid)))
             fd = None

@@ -94,10 +94,11 @@ class TEHandle:
         te = ready.timings_ms
         # Scaler-Pre: spawning the interpreter, the template's fork round trip, or sending a
         # pre-warmed TE its model. TE-Pre-Load: for a fresh interpreter, its start-up and
-        # imports, i.e. all the time before the load that the TE did not report.
+        # imports, i.e. all the time before the load that the TE did not report (for a standby,
+        # its `Load` on the way).
         gap = 1e3 * (self.t_ready - t_started) - te.te_load - te.te_post_load
         self.timings_ms = {"scaler_pre": 1e3 * (t_started - t0),
-                           "te_pre_load": gap if self.fresh else te.te_pre_load,
+                           "te_pre_load": gap if self.fresh else max(gap, te.te_pre_load),
                            "te_load": te.te_load, "te_post_load": te.te_post_load}
         return ready
 

@@ -213,3 +213,35 @@ def test_the_template_least_likely_to_be_needed_leaves_first():
     a, rare, hot = (Host(n, "127.0.0.1", 2, 20, Node(), machine=machine, weights_bytes=6, last_used=t, demand=r,
                          model=n) for n, t, r in (("a", 3.0, 0.0), ("rare", 2.0, 0.01), ("hot", 1.0, 0.5)))
     assert a.make_room(4) == [rare] and not rare.weights_resident and hot.weights_resident
+
+
+def test_pre_warmed_tes_follow_the_predicted_need_within_room():
+    """A host keeps its pool's floor of pre-warmed TEs while the model is unlikely to need a new
+    TE within a start, as many as its groups' chances add up to when it is likely, never more
+    than fit, and each change is a decision with its inputs."""
+    from flowserve.config import EngineConfig
+    from scaling.autoscaler import p_next
+    from scaling.hosts import Host
+    from scaling.prewarm import PrewarmPool
+    from scheduler.cluster import Cluster
+
+    assert p_next(2.0, 0.5) == pytest.approx(1 - 2.718281828 ** -1) and p_next(2.0, 0.5, free=8) < 1e-5
+
+    class Node:
+        pool = PrewarmPool(1, EngineConfig(), template=lambda: None)  # its template is down: none starts
+
+    cluster = Cluster("/nonexistent.gguf", {"colocated": (0, EngineConfig())})
+    cost = max(map(cluster.te_cost, ("colocated", "prefill", "decode")))
+    cluster.hosts.append(Host("h", "127.0.0.1", 2, 2 * cost, Node()))  # two TEs fit
+    pool = Node.pool
+    cluster.note_autoscaler("colocated", {"need_p": 0.05}, 0.0)
+    assert pool.size == 1 and not cluster.decisions  # the floor
+    cluster.note_autoscaler("colocated", {"need_p": 0.9}, 1.0)
+    cluster.note_autoscaler("prefill", {"need_p": 0.6}, None)
+    assert pool.size == 2 and cluster.decisions[-1]["reason"] == "predicted"
+    assert cluster.decisions[-1]["group"] == "prewarm" and cluster.decisions[-1]["inputs"]["expected"] == 1.5
+    cluster.note_autoscaler("decode", {"need_p": 1.0}, None)
+    assert pool.size == 2  # 2.5 expected, 2 fit
+    for g in ("colocated", "prefill", "decode"):
+        cluster.note_autoscaler(g, {"need_p": 0.0}, 0.0)
+    assert pool.size == 1 and cluster.decisions[-1]["to"] == 1

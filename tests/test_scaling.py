@@ -82,6 +82,8 @@ def test_admin_scale_and_template_restart():
         assert s.post("/admin/scale", {"instances": 2})[0] == 200  # forks from the new template
         wait_until(lambda: sum(te["state"] == "ready" for te in s.get("/admin/cluster")["tes"]) == 2)
         assert all(te["start_mode"] == "fork" for te in s.get("/admin/cluster")["tes"])
+        # and a standby forked from it (scaling/prewarm.py) waits for the next start
+        wait_until(lambda: s.get("/admin/cluster")["prewarmed_ready"] == 1, 30)
 
 
 def test_peer_start_streams_weights_from_a_running_te(engine_greedy_reference):
