@@ -118,9 +118,11 @@ class TemplateHandle:
         if self.on_death:
             self.on_death()
 
-    def fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
-        """Fork a new TE from the template, talking over `te_sock`; returns its pid. Blocks: run
-        it in a thread."""
+    async def fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
+        """Fork a new TE from the template, talking over `te_sock`; returns its pid."""
+        return await asyncio.to_thread(self._fork, te_id, engine_cfg, launch, te_sock)
+
+    def _fork(self, te_id: str, engine_cfg: EngineConfig, launch: TELaunch, te_sock: socket.socket) -> int:
         with self.lock:
             self.sock.settimeout(FORK_TIMEOUT_S)
             try:
@@ -152,7 +154,7 @@ async def fork_or_spawn(template: TemplateHandle | None, te_id: str, cfg: Engine
     """A TE on `te_sock`, forked from the warm template or, while it is down, a fresh
     TE-shell: its pid, start mode, and process handle (None for a fork)."""
     if template and template.alive:
-        return await asyncio.to_thread(template.fork, te_id, cfg, launch, te_sock), "fork", None
+        return await template.fork(te_id, cfg, launch, te_sock), "fork", None
     env = {**env, "OMP_NUM_THREADS": str(cfg.num_threads or 1)}
     proc = await spawn_te_shell(cfg, env, model_path, te_sock, python, launch)
     return proc.pid, "preloaded" if launch.use_weight_cache else "cold", proc
