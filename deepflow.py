@@ -568,6 +568,8 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
             raise SystemExit(f"{cfg.cluster}: unknown table {where}; groups are {', '.join(GROUPS)}")
         table = dict(table)
         sizes[group] = table.pop("instances", sizes[group])
+        if sizes[group] is not None and (type(sizes[group]) is not int or sizes[group] < 0):
+            raise SystemExit(f"{cfg.cluster}: {where} instances must be a whole number >= 0, not {sizes[group]!r}")
         if unknown := set(table) - known:
             raise SystemExit(f"{cfg.cluster}: {where} has unknown keys {sorted(unknown)}")
         overrides[group] = table
@@ -588,8 +590,11 @@ def cluster_file(cfg: ServeConfig) -> dict:
     """The `--cluster` TOML file's tables (none without one)."""
     if not cfg.cluster:
         return {}
-    with open(cfg.cluster, "rb") as f:
-        return tomllib.load(f)
+    try:
+        with open(cfg.cluster, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"--cluster {cfg.cluster}: {e}") from None
 
 
 def model_slos(cfg: ServeConfig, name: str) -> dict[str, float]:

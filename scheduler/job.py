@@ -11,6 +11,7 @@ so `/admin/cluster` can show where every job is and where it ran.
 import asyncio
 import itertools
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -94,7 +95,7 @@ class Job:
     echo: bool = False             # completions: the prompt's text (and logprobs) comes first
     tools: ToolPlan | None = None  # chat: the tools its answers may call
     tasks: list[Task] = field(default_factory=list)
-    id: str = field(default_factory=lambda: f"job-{next(_ids)}")
+    id: str = field(default_factory=lambda: f"job-{uuid.uuid4().hex[:24]}")  # unique across restarts, as OpenAI's ids
     state: State = State.QUEUED
     created: float = field(default_factory=time.time)
     t_arrival: float = field(default_factory=time.monotonic)

@@ -65,3 +65,14 @@ def test_serve_on_a_port_in_use_stops_before_starting_anything(tmp_path):
         with pytest.raises(SystemExit, match=f"cannot serve on 127.0.0.1:{port}: Address already in use"):
             deepflow.main(["serve", "--port", str(port), "--state-dir", str(tmp_path)])
     assert not list(tmp_path.iterdir())  # the state dir untouched
+
+
+@pytest.mark.parametrize("text,words", [(None, "No such file"), ("[colocated", "Expected ']'"),
+                                        ("[colocated]\ninstances = -1", "instances must be a whole number"),
+                                        ("[decode]\ninstances = \"2\"", "instances must be a whole number")])
+def test_a_bad_cluster_file_is_a_message_not_a_traceback(tmp_path, text, words):
+    path = tmp_path / "cluster.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match=words):
+        shape("--cluster", str(path))

@@ -1,6 +1,8 @@
 """Unit tests for scheduler/api.py: OpenAI request parsing and validation, the response
 bodies as they go on the wire, and the OpenAPI document generated from its models (no server)."""
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +25,7 @@ from scheduler.api import (
     usage_chunk,
 )
 from scheduler.openapi import openapi
+from tests.server_util import ROOT
 
 HI = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f"}}
@@ -153,6 +156,14 @@ def test_fine_tuning_suffix_is_supported_so_its_error_says_the_rule():
     with pytest.raises(APIError) as e:
         parse_fine_tuning({"model": "m", "training_file": "file-1", "suffix": "x" * 65})
     assert e.value.param == "suffix" and "not supported" not in e.value.message and "64" in e.value.message
+
+
+def test_response_ids_are_not_reused_by_the_next_server_process():
+    """A completion's id is "chatcmpl-" + its job's id: a restarted server must not hand out the same ones."""
+    def first_id() -> str:
+        return subprocess.run([sys.executable, "-c", "from scheduler.job import Job; print(Job('chat', 'm').id)"],
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert first_id() != first_id()
 
 
 @pytest.mark.parametrize("raw", [b"", b"\xff\xfe{}", b"{\"a\": ", b"[1, 2]", b"\"s\"", b"null",
