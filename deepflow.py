@@ -32,7 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel
 
 from flowserve.config import (EngineConfig, add_flags, cache_dir, check_tensor_parallel, default_model_path, flag,
-                              from_args, read_model_config)
+                              flag_type, from_args, read_model_config)
 from flowserve.protocol import Adapter, SamplingParams
 from flowserve.tokenizer import Tokenizer
 from scaling.autoscaler import Board, ScalePolicy, autoscale
@@ -68,12 +68,18 @@ class GenerateConfig:
     seed: int | None = flag("sampling seed")
 
 
+def existing_model(path: str) -> str:
+    if not os.path.exists(path):
+        raise SystemExit(f"cannot run: no model at {path} (--model takes a GGUF file or an HF directory)")
+    return path
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from flowserve.engine import Engine
     from flowserve.tokenizer import Detokenizer
 
     opts, cfg = from_args(GenerateConfig, args), from_args(EngineConfig, args)
-    model = opts.model or default_model_path()
+    model = existing_model(opts.model or default_model_path())
     tok = Tokenizer.load(model)
     check_tensor_parallel_sizes(model, {"colocated": (1, cfg)})
     engine = Engine(model, cfg, fork_executors=True)  # a fresh interpreter that has computed nothing yet
@@ -561,7 +567,7 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
     doc = cluster_file(cfg)
     per_model = doc.pop("model", {})
     tables = doc if first else {g: t for g, t in per_model.get(model, {}).items() if g not in SLO_KEYS}
-    known = {f.name for f in fields(EngineConfig) if "help" in f.metadata}
+    known = {f.name: (flag_type(f), f.metadata.get("choices")) for f in fields(EngineConfig) if "help" in f.metadata}
     for group, table in tables.items():
         where = f"[{group}]" if first else f"[model.{model}.{group}]"
         if group not in GROUPS or not isinstance(table, dict):
@@ -570,8 +576,13 @@ def cluster_shape(cfg: ServeConfig, engine: EngineConfig, model: str | None = No
         sizes[group] = table.pop("instances", sizes[group])
         if sizes[group] is not None and (type(sizes[group]) is not int or sizes[group] < 0):
             raise SystemExit(f"{cfg.cluster}: {where} instances must be a whole number >= 0, not {sizes[group]!r}")
-        if unknown := set(table) - known:
+        if unknown := set(table) - set(known):
             raise SystemExit(f"{cfg.cluster}: {where} has unknown keys {sorted(unknown)}")
+        for key, value in table.items():  # as its flag would parse it
+            kind, choices = known[key]
+            if not (type(value) is kind or kind is float and type(value) is int) or choices and value not in choices:
+                raise SystemExit(f"{cfg.cluster}: {where} {key} must be {' | '.join(choices or [kind.__name__])}, "
+                                 f"not {value!r:.40}")
         overrides[group] = table
     if sizes["colocated"] is None:  # PD TEs alone make a PD-only cluster
         sizes["colocated"] = 0 if sizes["prefill"] or sizes["decode"] else 1
@@ -700,8 +711,8 @@ def base_models(cfg: ServeConfig) -> list[tuple[str, str]]:
     named = [parse_named(m, "--model") if "=" in m else (None, m) for m in cfg.model or [default_model_path()]]
     named[0] = (cfg.served_model_name or named[0][0], named[0][1])
     named = [(name or os.path.basename(path.rstrip("/")).removesuffix(".gguf"), path) for name, path in named]
-    if missing := [path for _, path in named if not os.path.exists(path)]:
-        raise SystemExit(f"cannot serve: no model at {missing[0]} (--model takes a GGUF file or an HF directory)")
+    for _, path in named:
+        existing_model(path)
     if len({name for name, _ in named}) < len(named):
         raise SystemExit(f"two base models have one name: {[name for name, _ in named]}")
     return named

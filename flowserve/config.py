@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import struct
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
@@ -127,6 +127,11 @@ def flag(help: str, default=None, **argparse_kw) -> Any:
     return field(default=default, metadata={"help": help, **argparse_kw})
 
 
+def flag_type(f: Field) -> type:
+    """The type a setting's values have (`int` for `int | None`)."""
+    return next(t for t in get_args(f.type) or (f.type,) if t is not type(None))
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """A flag for each field of dataclass `cls` made with `flag` (but those in `skip`): its
     type (a bool is --x/--no-x), default, help and choices."""
@@ -135,7 +140,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             continue
         kw = dict(f.metadata)
         name = kw.pop("flag", "--" + f.name.replace("_", "-"))
-        kind = next(t for t in get_args(f.type) or (f.type,) if t is not type(None))
+        kind = flag_type(f)
         if kw.get("action") == "append":  # a repeatable flag: a list of its values
             kind = get_args(kind)[0]
         default = f.default_factory() if f.default_factory is not MISSING else f.default
