@@ -57,6 +57,8 @@ class JobFailed(Exception):
 
 def job_object(row: FineTuningJobRow) -> FineTuningJob:
     fields = {k: v for k, v in vars(row).items() if k != "adapter_path"}
+    if row.status != "succeeded":  # as OpenAI: null until the job has trained them all
+        fields["trained_tokens"] = None
     method = {"type": "supervised", "supervised": {"hyperparameters": row.hyperparameters}}
     return FineTuningJob(**fields, method=method)
 

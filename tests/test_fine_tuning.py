@@ -160,7 +160,8 @@ def test_a_job_resumes_from_its_checkpoint_after_the_main_process_is_killed(tmp_
         f = c.files.create(file=("p.jsonl", examples()), purpose="fine-tune")
         job = c.fine_tuning.jobs.create(model="tiny", training_file=f.id, hyperparameters=hp)
         wait_until(lambda: c.fine_tuning.jobs.checkpoints.list(job.id).data, 120, interval=0.05)
-        assert c.fine_tuning.jobs.retrieve(job.id).status == "running"
+        running = c.fine_tuning.jobs.retrieve(job.id)
+        assert running.status == "running" and running.trained_tokens is None
         server.proc.kill()
         server.proc.wait()
     finally:
