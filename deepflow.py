@@ -113,6 +113,7 @@ class ServeConfig:
                                           "the first base model; repeatable", action="append")
     api_key: str | None = field(default_factory=lambda: os.environ.get("DEEPFLOW_API_KEY"), metadata={
         "help": "require `Authorization: Bearer KEY` on /v1 routes (default: $DEEPFLOW_API_KEY)"})
+    allowed_origin: str = flag("origin whose browser pages may call the API (CORS; '': none)", "*")
     num_tes: int | None = flag("colocated TEs at start (default: 1; 0 with --prefill-tes and --decode-tes)")
     prefill_tes: int = flag("prefill TEs (PD disaggregation; with --decode-tes)", 0)
     decode_tes: int = flag("decode TEs (PD disaggregation; with --prefill-tes)", 0)
@@ -177,9 +178,10 @@ BODY_TIMEOUT_S = 30
 
 @dataclass
 class Frontend:
-    """What the routes know besides the models: the limits on a request."""
+    """What the routes know besides the models: the limits on a request, who may call."""
     api_key: str | None
     max_body: int
+    allowed_origin: str
 
 
 FRONTEND = web.AppKey("frontend", Frontend)
@@ -206,13 +208,18 @@ def json_response(body: BaseModel | dict, status: int = 200, headers: dict | Non
 async def errors_and_auth(request: web.Request, handler):
     """Every failure leaves as OpenAI's error JSON with the right status, never a traceback."""
     app = request.app
+    if request.method == "OPTIONS" and app[FRONTEND].allowed_origin:  # a browser's CORS preflight: no key
+        return web.Response(status=204, headers={"Access-Control-Allow-Methods": "GET, POST, DELETE",
+                                                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                                 "Access-Control-Max-Age": "600"})
     try:
         if request.path.startswith("/v1/") or (request.path.startswith("/admin/") and request.method == "POST"):
             if app[DRAINING].is_set():
                 raise APIError(503, "server is shutting down")
             if app[FRONTEND].api_key:
-                given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(given.encode(), app[FRONTEND].api_key.encode()):
+                scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                          app[FRONTEND].api_key.encode()):
                     raise APIError(401, "Incorrect or missing API key")
         return await handler(request)
     except APIError as e:
@@ -501,10 +508,17 @@ async def admin_scale(request: web.Request) -> web.Response:
     return json_response(req)
 
 
+async def allow_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, streams too (this runs as their headers go out), names the allowed origin."""
+    if origin := request.app[FRONTEND].allowed_origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+
+
 def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches, fine_tuning: FineTuning,
-              api_key: str | None, max_body: int) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=max_body)
-    app[FRONTEND] = Frontend(api_key, max_body)
+              frontend: Frontend) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=frontend.max_body)
+    app.on_response_prepare.append(allow_origin)
+    app[FRONTEND] = frontend
     app[MODELS], app[METRICS], app[DRAINING] = models_, metrics_, asyncio.Event()
     app[FILES], app[BATCHES], app[FINE_TUNING] = files, batches, fine_tuning
     app.add_routes([
@@ -827,7 +841,8 @@ async def serve(cfg: ServeConfig, engine: EngineConfig) -> None:
         batches.resume()
         fine_tuning = FineTuning(store, files, models_)
         fine_tuning.resume()
-        app = build_app(models_, metrics_, files, batches, fine_tuning, cfg.api_key, cfg.max_body_bytes)
+        app = build_app(models_, metrics_, files, batches, fine_tuning,
+                        Frontend(cfg.api_key, cfg.max_body_bytes, cfg.allowed_origin))
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, cfg.host, cfg.port).start()

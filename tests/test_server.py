@@ -164,6 +164,7 @@ BAD = [  # (name, path, raw body or dict, headers, status, param)
     ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-9"}, AUTH, 404, "model"),
     ("missing auth", "/v1/chat/completions", GOOD, {"Content-Type": "application/json"}, 401, None),
     ("wrong auth", "/v1/chat/completions", GOOD, {**AUTH, "Authorization": "Bearer nope"}, 401, None),
+    ("key without its scheme", "/v1/chat/completions", GOOD, {**AUTH, "Authorization": "sekrit"}, 401, None),
     ("oversized body", "/v1/chat/completions", b"{" + b" " * (5 << 20) + b"}", AUTH, 413, None),
     ("prompt over context", "/v1/chat/completions",
      {**GOOD, "messages": [{"role": "user", "content": "hello " * 3000}]}, AUTH, 400, "messages"),
@@ -189,6 +190,22 @@ async def test_bad_input_gets_openai_error(server, name, path, body, headers, st
                 assert err["param"] == param
         async with s.post(server.url + "/v1/chat/completions", json=GOOD, headers=AUTH) as r:
             assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
+
+
+async def test_browsers_may_call_it(server):
+    """CORS: a preflight needs no key; every answer, a stream's too, names the allowed origin;
+    the key's scheme is case-insensitive, as HTTP's are."""
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    async with aiohttp.ClientSession() as s:
+        async with s.options(server.url + "/v1/chat/completions", headers=preflight) as r:
+            assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        headers = {**AUTH, "Authorization": "bearer sekrit", "Origin": "http://app.example"}
+        async with s.post(server.url + "/v1/chat/completions", json={**GOOD, "stream": True}, headers=headers) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+            assert (await r.read()).endswith(b"data: [DONE]\n\n")
 
 
 async def stream_text(session, url, body) -> tuple[str, str]:
