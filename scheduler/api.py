@@ -83,6 +83,7 @@ def _str_or(text, array):
 
 
 NonEmpty = Annotated[str, Field(min_length=1)]
+Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]  # OpenAI's limits
 TokenId = Annotated[int, Field(ge=0)]
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 Prompt = _str_or(NonEmpty, Annotated[list[TokenId], Field(min_length=1)])  # text or token ids
@@ -492,6 +493,7 @@ class FineTuningRequest(_Strict):
     """POST /v1/fine_tuning/jobs: `hyperparameters` at the top (OpenAI's older form) or in `method`."""
     model: NonEmpty
     training_file: NonEmpty
+    metadata: Metadata | None = None
     validation_file: NonEmpty | None = None
     suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] | None = None
     hyperparameters: Hyperparameters | None = None
@@ -529,7 +531,7 @@ class BatchRequest(_Strict):
     input_file_id: NonEmpty
     endpoint: Literal[BATCH_ENDPOINTS]
     completion_window: Literal["24h"]
-    metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
+    metadata: Metadata | None = None
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -806,6 +808,7 @@ class FineTuningJob(BaseModel):
     estimated_finish: int | None = None
     integrations: list = []
     method: dict
+    metadata: dict[str, str] | None = None
 
 
 class FineTuningEvent(BaseModel):

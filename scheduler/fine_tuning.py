@@ -108,7 +108,7 @@ class FineTuning(Resumable[FineTuningJobRow]):
         resolved["batch_size"] = min(resolved["batch_size"], len(examples))
         row = FineTuningJobRow(f"ftjob-{secrets.token_hex(12)}", req.model, req.training_file, req.validation_file,
                                req.suffix, resolved, req.seed if req.seed is not None else secrets.randbelow(2**31),
-                               "validating_files", int(time.time()))
+                               "validating_files", int(time.time()), metadata=req.metadata)
         self.store.insert(row)
         self.event(row.id, f"Validating training file: {req.training_file}")
         self._start(row.id)

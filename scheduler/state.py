@@ -81,6 +81,10 @@ MIGRATIONS: list[str] = [
         created_at INTEGER NOT NULL, step_number INTEGER NOT NULL, metrics TEXT NOT NULL,
         fine_tuned_model_checkpoint TEXT NOT NULL);
     """,
+    # 4: a fine-tuning job's metadata, as OpenAI's
+    """
+    ALTER TABLE fine_tuning_jobs ADD COLUMN metadata TEXT;
+    """,
 ]
 
 
@@ -201,6 +205,7 @@ class FineTuningJobRow:
     trained_tokens: int | None = None
     error: dict | None = None
     adapter_path: str | None = None  # the deployed adapter (its final checkpoint), registered again at start
+    metadata: dict | None = None
 
 
 @dataclass

@@ -372,3 +372,11 @@ def test_completion_bodies_on_the_wire():
     assert full_response(job, ["Hi"], ["stop"], USAGE).model_dump_json().encode() == (
         head + b',"choices":[{"index":0,"text":"Hi","logprobs":null,"finish_reason":"stop"}],"usage":'
                b'{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":0}}}')
+
+
+def test_fine_tuning_metadata_is_kept_within_openai_limits():
+    ok = {"model": "m", "training_file": "file-1", "metadata": {"team": "pirates"}}
+    assert parse(FineTuningRequest, ok).metadata == {"team": "pirates"}
+    with pytest.raises(APIError) as e:
+        parse(FineTuningRequest, {**ok, "metadata": {str(i): "v" for i in range(17)}})
+    assert e.value.param == "metadata"
