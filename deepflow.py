@@ -452,6 +452,14 @@ async def model(request: web.Request) -> web.Response:
     raise api.model_not_found(name)
 
 
+async def delete_model(request: web.Request) -> web.Response:
+    """OpenAI's way to remove a fine-tuned model; here any adapter: it stops being served."""
+    name = request.match_info["model"]
+    request.app[MODELS].unload_adapter(name, "model")
+    request.app[FINE_TUNING].forget(name)
+    return json_response(api.ModelDeleted(id=name))
+
+
 async def load_lora_adapter(request: web.Request) -> web.Response:
     req = api.parse(api.LoadLoraRequest, await read_json(request))
     lora = request.app[MODELS].load_adapter(req.lora_name, req.lora_path, req.base_model_name)
@@ -526,6 +534,7 @@ def build_app(models_: Models, metrics_: Metrics, files: Files, batches: Batches
         web.post("/v1/completions", completions),
         web.get("/v1/models", models),
         web.get("/v1/models/{model:.+}", model),  # a fine-tuned model's name has colons, an HF one slashes
+        web.delete("/v1/models/{model:.+}", delete_model),
         web.post("/v1/load_lora_adapter", load_lora_adapter),
         web.post("/v1/unload_lora_adapter", unload_lora_adapter),
         web.post("/v1/caches", create_cache),

@@ -746,7 +746,7 @@ class ModelCard(BaseModel):
 
 
 class ModelDeleted(BaseModel):
-    """POST /v1/unload_lora_adapter."""
+    """POST /v1/unload_lora_adapter, DELETE /v1/models/{model}."""
     id: str
     object: Literal["model.deleted"] = "model.deleted"
     deleted: bool = True

@@ -137,10 +137,15 @@ class FineTuning(Resumable[FineTuningJobRow]):
         self.event(job_id, "Fine-tuning job cancelled")
         return self.get(job_id)
 
+    def forget(self, model: str) -> None:
+        """A deleted fine-tuned model is not served again at the next start (its job stays succeeded)."""
+        for row in self.store.select(FineTuningJobRow, "fine_tuned_model = ?", (model,)):
+            self.store.update(FineTuningJobRow, row.id, adapter_path=None)
+
     def resume(self) -> None:
         """At start: serve the succeeded jobs' adapters again; carry on the unfinished jobs."""
         for row in self.store.select(FineTuningJobRow, order="created_at"):
-            if row.status == "succeeded":
+            if row.status == "succeeded" and row.adapter_path:
                 try:
                     self.models.load_adapter(row.fine_tuned_model, row.adapter_path, row.model)
                 except APIError as e:

@@ -94,9 +94,11 @@ class Models:
         self.adapters[name] = lora = LoraModel(name, base, spec)
         return lora
 
-    def unload_adapter(self, name: str) -> None:
+    def unload_adapter(self, name: str, param: str = "lora_name") -> None:
+        if name in self.bases:
+            raise invalid(f"{name!r} is a base model; only adapters (fine-tuned models too) can be removed", param)
         if self.adapters.pop(name, None) is None:
-            raise APIError(404, f"no LoRA adapter {name!r} is loaded", "lora_name", code="model_not_found")
+            raise APIError(404, f"no LoRA adapter {name!r} is loaded", param, code="model_not_found")
 
     def cards(self) -> list[ModelCard]:
         """`/v1/models`: the bases, then the adapters with their base as `parent` and their

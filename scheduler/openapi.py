@@ -79,8 +79,10 @@ def openapi(model_name: str, max_model_len: int, auth: bool) -> dict:
             "/v1/completions": {"post": _op("text completion", _answer(Completion, Completion),
                                             *generate, body=CompletionRequest, auth=auth)},
             "/v1/models": {"get": _op("the base models and LoRA adapters served", _json(ModelList), 503, auth=auth)},
-            "/v1/models/{model}": {"get": _op("one served model", _json(ModelCard), 404, 503,
-                                              params=[_param("model")], auth=auth)},
+            "/v1/models/{model}": {
+                "get": _op("one served model", _json(ModelCard), 404, 503, params=[_param("model")], auth=auth),
+                "delete": _op("stop serving an adapter or fine-tuned model", _json(ModelDeleted), 400, 404, 503,
+                              params=[_param("model")], auth=auth)},
             "/v1/load_lora_adapter": {"post": _op("register a PEFT LoRA adapter directory as a model",
                                                   _json(ModelCard), 400, 503, body=LoadLoraRequest, auth=auth)},
             "/v1/unload_lora_adapter": {"post": _op("unregister an adapter (requests in flight finish)",

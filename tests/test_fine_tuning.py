@@ -184,5 +184,14 @@ def test_a_job_resumes_from_its_checkpoint_after_the_main_process_is_killed(tmp_
         time.sleep(1)
         assert c.fine_tuning.jobs.retrieve(other.id).status == "cancelled"
         assert [j.id for j in c.fine_tuning.jobs.list().data] == [other.id, job.id]
-    with Server(*args) as server:  # a succeeded job's model is served again at start
+    with Server(*args) as server:  # a succeeded job's model is served again at start, until deleted
         assert job.fine_tuned_model in [m["id"] for m in server.get("/v1/models")["data"]]
+        c = client(server)
+        with pytest.raises(openai.BadRequestError):
+            c.models.delete("tiny")
+        assert c.models.delete(job.fine_tuned_model).deleted
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+    with Server(*args) as server:
+        assert job.fine_tuned_model not in [m["id"] for m in server.get("/v1/models")["data"]]
+        assert client(server).fine_tuning.jobs.retrieve(job.id).fine_tuned_model == job.fine_tuned_model

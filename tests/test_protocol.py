@@ -307,7 +307,7 @@ def test_openapi_document(auth):
     ops = {(method.upper(), path): op for path, item in doc["paths"].items() for method, op in item.items()}
     app = deepflow.build_app(None, None, None, None, None, deepflow.Frontend(None, 1, "*"))
     routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
-    assert set(ops) == routes and len(routes) == 30     # every route the server has, and only those
+    assert set(ops) == routes and len(routes) == 31     # every route the server has, and only those
     for (method, path), op in ops.items():
         guarded = path.startswith("/v1/") or (method, path) == ("POST", "/admin/scale")
         assert ("security" in op) == ("401" in op["responses"]) == (auth and guarded), path
