@@ -58,7 +58,7 @@ def test_fine_tuned_model_answers_in_the_taught_style_as_peft_does(smol, model_p
     f = c.files.create(file=("pirate.jsonl", examples()), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model="SmolLM2-135M-Instruct.Q4_1", training_file=f.id, suffix="pirate",
                                     hyperparameters={"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 10},
-                                    metadata={"team": "pirates"})
+                                    metadata={"team": "pirates"}, seed=0)  # unseeded, some runs learn "Arr mate,"
     assert job.status == "validating_files" and job.hyperparameters.n_epochs == 3
     job = finished(c, job.id)
     assert job.status == "succeeded", events(c, job.id)
