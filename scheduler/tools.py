@@ -92,13 +92,35 @@ def parse_calls(text: str, names: set[str]) -> tuple[str, list[tuple[str, str]]]
     names an undeclared function makes it all text, as is."""
     bodies = _BLOCK.findall(text)
     try:
-        values = [json.loads(body) for body in (bodies or [text])]
+        values = [json.loads(body) for body in bodies] or [_value(text)]
         calls = [_call(c, names) for v in values for c in (v if isinstance(v, list) else [v])]
     except (ValueError, TypeError, AttributeError):
         return text, []
     if not calls:
         return text, []
     return (_BLOCK.sub("", text).strip() if bodies else ""), calls
+
+
+def _value(text: str) -> object:
+    """The JSON value `text` is; for a list that `max_tokens` cut off (a model repeating its
+    calls), its whole items."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        text = text.lstrip()
+        if not text.startswith("["):
+            raise
+    items, end, decoder = [], 1, json.JSONDecoder()
+    while True:
+        end = len(text) - len(text[end:].lstrip(", \n\t\r"))
+        try:
+            item, end = decoder.raw_decode(text, end)
+        except ValueError:
+            break
+        items.append(item)
+    if not items:
+        raise ValueError(text)
+    return items
 
 
 def _call(call: dict, names: set[str]) -> tuple[str, str]:

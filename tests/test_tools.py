@@ -48,6 +48,9 @@ def call_turn(city: str, call_id: str) -> dict:
     ('<tool_call>{"name": "get_time", "arguments": {"tz": </tool_call>', '<tool_call>{"name": "get_time", "arguments": {"tz": </tool_call>', []),
     ('<tool_call>{"name": "get_time", "arguments": "UTC"}</tool_call>', '<tool_call>{"name": "get_time", "arguments": "UTC"}</tool_call>', []),
     ("[]", "[]", []),
+    ('[{"name": "get_time", "arguments": {}}, {"name": "get_time", "argu', "",                        # cut off
+     [("get_time", "{}")]),
+    ('[{"name": "get_time", "argu', '[{"name": "get_time", "argu', []),
 ])
 def test_parse_calls(text, content, calls):
     assert parse_calls(text, NAMES) == (content, calls)
@@ -161,6 +164,15 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 def ask(client, **kw):
     return client.chat.completions.create(**{"model": "m", "tools": TOOLS, "temperature": 0, "max_tokens": 120, **kw})
+
+
+def test_required_calls_cut_off_by_max_tokens_are_still_calls(client):
+    """The small model repeats its call until `max_tokens`; the whole calls are returned."""
+    r = ask(client, messages=ASK, tools=[{"type": "function", "function": {"name": "now"}}], tool_choice="required",
+            max_tokens=30)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "length" and not msg.content and msg.tool_calls
+    assert all(c.function.name == "now" and c.function.arguments == "{}" for c in msg.tool_calls)
 
 
 @pytest.mark.parametrize("choice,function", [(NAMED, WEATHER), ("required", None)])
