@@ -39,10 +39,11 @@ class PrewarmPool:
         self._filling: set[asyncio.Task] = set()
 
     def fill(self) -> None:
-        if self.template and not ((t := self.template()) and t.alive):
+        template = self.template() if self.template else None
+        if self.template and not (template and template.alive):
             return  # its template is starting (or evicted): standbys come from it
         for _ in range(self.size - len(self.ready) - len(self._filling)):
-            task = asyncio.create_task(self._spawn())
+            task = asyncio.create_task(self._spawn(template))
             self._filling.add(task)
             task.add_done_callback(self._filling.discard)
 
@@ -57,16 +58,17 @@ class PrewarmPool:
     async def wait_filled(self) -> None:
         await asyncio.gather(*self._filling, return_exceptions=True)
 
-    async def _spawn(self) -> None:
+    async def _spawn(self, template: TemplateHandle | None) -> None:
+        """One standby forked from `template`, or (None) one pre-warmed TE-shell."""
         ours, theirs = socket.socketpair()
         try:
             with theirs:
-                if self.template:
-                    pid, proc = await self.template().fork("", self.engine_cfg, TELaunch(), theirs), None
+                if template:  # RuntimeError once it has gone away
+                    pid, proc = await template.fork("", self.engine_cfg, TELaunch(), theirs), None
                 else:
                     proc = await spawn_te_shell(self.engine_cfg, self.env, None, theirs, self.python)
                     pid = proc.pid
-        except (RuntimeError, OSError, AttributeError) as e:  # AttributeError: its template went away
+        except (RuntimeError, OSError) as e:
             ours.close()
             log.error("pre-warmed TE failed to start: %s", e)
             return
