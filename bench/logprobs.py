@@ -6,29 +6,19 @@ their copy to the host with the tokens; the JE's formatting is not in it.
     .venv/bin/python bench/logprobs.py [--rows 32] [--top 5] [--steps 32] [--runs 3] [--device auto]
 """
 import argparse
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lora import alternated, decode_tokens_per_s  # noqa: E402
-from flowserve.config import EngineConfig, default_model_path  # noqa: E402
-from flowserve.engine import Engine  # noqa: E402
+from bench.lora import alternated, decode_tokens_per_s, sampling_bench  # noqa: E402
 from flowserve.protocol import SamplingParams  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--top", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    eng = Engine(default_model_path(), EngineConfig(device=args.device, num_kv_blocks=1024, max_num_seqs=args.rows))
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
+    args, eng, prompts = sampling_bench(ap)
     plain = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
     scored = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True, logprobs=args.top)
     decode_tokens_per_s(eng, prompts, [None] * args.rows, 4, scored)  # warm-up

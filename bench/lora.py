@@ -9,6 +9,7 @@ modules), so peft is not needed.
 """
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,19 @@ def alternated(eng: Engine, prompts: list[list[int]], params: dict[str, Sampling
         for name, p in params.items():
             rates[name].append(decode_tokens_per_s(eng, prompts, [None] * len(prompts), steps, p))
     return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def sampling_bench(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, Engine, list[list[int]]]:
+    """What the one-engine sampling benchmarks (bench/logprobs.py, bench/structured.py) share:
+    their common flags parsed (after `ap`'s own), the engine, and `--rows` seeded random prompts."""
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    eng = Engine(default_model_path(), EngineConfig(device=args.device, num_kv_blocks=1024, max_num_seqs=args.rows))
+    rng = random.Random(0)
+    return args, eng, [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
 
 
 def main() -> None:

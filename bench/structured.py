@@ -9,17 +9,14 @@ enum) keeps every row in its grammar for all the timed steps.
 """
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lora import alternated, decode_tokens_per_s  # noqa: E402
+from bench.lora import alternated, decode_tokens_per_s, sampling_bench  # noqa: E402
 from flowserve import grammar, sampler  # noqa: E402
-from flowserve.config import EngineConfig, default_model_path  # noqa: E402
-from flowserve.engine import Engine  # noqa: E402
 from flowserve.protocol import SamplingParams  # noqa: E402
 
 SCHEMA = {"type": "array", "minItems": 64, "items": {
@@ -48,15 +45,7 @@ class Timer:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--device", default="auto")
-    args = ap.parse_args()
-    eng = Engine(default_model_path(), EngineConfig(device=args.device, num_kv_blocks=1024, max_num_seqs=args.rows))
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 20000) for _ in range(32)] for _ in range(args.rows)]
+    args, eng, prompts = sampling_bench(argparse.ArgumentParser())
     free = SamplingParams(temperature=0, max_tokens=args.steps + 4, ignore_eos=True)
     constrained = SamplingParams(temperature=0, max_tokens=args.steps + 4, json_schema=json.dumps(SCHEMA))
     decode_tokens_per_s(eng, prompts, [None] * args.rows, 4, constrained)  # warm-up, and the schema compiled

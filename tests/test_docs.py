@@ -82,8 +82,9 @@ def deepflow_flags() -> dict[str | None, set[str]]:
 
 
 def script_flags(script: str | None) -> set[str]:
-    """A script's flags: a .py's add_argument calls; a .sh's own and those of the programs it
-    runs (its arguments go through to them). A missing script is reported as a path."""
+    """A script's flags: a .py's add_argument calls, its own and those of the bench modules it
+    imports (a shared parser's); a .sh's own and those of the programs it runs (its arguments
+    go through to them). A missing script is reported as a path."""
     path = ROOT / (script or "-")
     if not path.is_file():
         return set()
@@ -91,8 +92,12 @@ def script_flags(script: str | None) -> set[str]:
         text = path.read_text()
         return set(re.findall(r"--[\w-]+", text)).union(*map(script_flags, re.findall(r"bench/\w+\.py", text)),
                                                          deepflow_flags()["serve"] if "deepflow.py serve" in text else ())
-    return {a.value for n in ast.walk(ast.parse(path.read_text())) if getattr(getattr(n, "func", None), "attr", "")
-            == "add_argument" for a in n.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
+    nodes = list(ast.walk(ast.parse(path.read_text())))
+    shared = [f"bench/{n.module.removeprefix('bench.')}.py" for n in nodes
+              if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("bench.")]
+    return {a.value for n in nodes if getattr(getattr(n, "func", None), "attr", "") == "add_argument"
+            for a in n.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}.union(
+        *map(script_flags, shared))
 
 
 def scopes(text: str):
